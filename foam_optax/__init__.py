@@ -1,0 +1,29 @@
+"""foam_optax: FOAM, Shampoo and SOAP as optax gradient transformations."""
+
+from foam_optax._src.alias import foam
+from foam_optax._src.alias import scale_by_shampoo
+from foam_optax._src.alias import scale_by_soap
+from foam_optax._src.alias import shampoo
+from foam_optax._src.alias import soap
+from foam_optax._src.diagnostics import stats
+from foam_optax._src.factors import FactorState
+from foam_optax._src.transform import GroupState
+from foam_optax._src.transform import LeafState
+from foam_optax._src.transform import scale_by_foam
+from foam_optax._src.transform import ScaleByFoamState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FactorState",
+    "GroupState",
+    "LeafState",
+    "ScaleByFoamState",
+    "foam",
+    "scale_by_foam",
+    "scale_by_shampoo",
+    "scale_by_soap",
+    "shampoo",
+    "soap",
+    "stats",
+]

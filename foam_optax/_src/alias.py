@@ -1,0 +1,244 @@
+"""Optimizers: `scale_by_*` transformations and their learning-rate aliases.
+
+Each alias is ``optax.chain(scale_by_X(...), add_decayed_weights(wd, mask),
+scale_by_learning_rate(lr))``. Signatures are explicit so that
+`optax.inject_hyperparams` can inject any numeric argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import optax
+
+from foam_optax._src import config
+from foam_optax._src.transform import from_config, scale_by_foam
+
+ScalarOrSchedule = Union[float, Any, Callable[[Any], Any]]
+MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+
+
+def _alias(scale_by, arguments):
+  """chain(scale_by(**rest), add_decayed_weights, scale_by_learning_rate)."""
+  arguments = dict(arguments)
+  learning_rate = arguments.pop("learning_rate")
+  weight_decay = arguments.pop("weight_decay")
+  weight_decay_mask = arguments.pop("weight_decay_mask")
+  config.check_learning_rate(learning_rate)
+  config.check_weight_decay(weight_decay)
+  return optax.chain(
+      scale_by(**arguments),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def foam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.995,
+    epsilon: float = 1e-9,
+    max_epsilon: float = 3e-7,
+    threshold: float = 0.75,
+    check_frequency: int = 20,
+    exponent: float = 2,
+    block_size: Optional[int] = 1024,
+    max_precond_dim: Optional[int] = None,
+    start_preconditioning_step: Optional[int] = None,
+    grafting: str = "adam",
+    graft_b2: float = 0.995,
+    graft_eps: float = 1e-9,
+    controller: str = "foam",
+    residual_tol: float = 0.1,
+    precondition_1d: bool = False,
+    preconditioner: str = "root_inverse",
+    refresh_method: str = "eigh",
+    stagger: bool = True,
+    grouping: str = "map",
+    skip_nonfinite: bool = True,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  """FOAM: Shampoo with adaptive damping and adaptive eigendecomposition.
+
+  ``optax.chain(scale_by_foam(...), add_decayed_weights(weight_decay,
+  weight_decay_mask), scale_by_learning_rate(learning_rate))``; the defaults
+  are the FOAM paper's main configuration. See `scale_by_foam` for the update
+  and every other argument.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    weight_decay: decoupled weight decay (multiplied by the learning rate).
+    weight_decay_mask: pytree of bools or a callable of the params choosing
+      the leaves that decay; None decays all.
+
+  Example:
+    >>> import jax.numpy as jnp, foam_optax as fo
+    >>> opt = fo.foam(1e-3, weight_decay=1e-4)
+    >>> state = opt.init({'w': jnp.zeros((8, 4))})
+
+  References:
+    The FOAM paper, ICML 2026; Gupta et al., Shampoo, ICML 2018.
+  """
+  return _alias(scale_by_foam, locals())
+
+
+def scale_by_shampoo(
+    b1: float = 0.95,
+    b2: float = 0.995,
+    epsilon: float = 1e-9,
+    check_frequency: int = 20,
+    exponent: float = 2,
+    block_size: Optional[int] = 1024,
+    max_precond_dim: Optional[int] = None,
+    start_preconditioning_step: Optional[int] = None,
+    grafting: str = "adam",
+    graft_b2: float = 0.995,
+    graft_eps: float = 1e-9,
+    precondition_1d: bool = False,
+    stagger: bool = True,
+    grouping: str = "map",
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Classic Shampoo with a fixed eigendecomposition frequency.
+
+  The baseline FOAM improves on: every check step (every `check_frequency`
+  steps) recomputes every factor's eigendecomposition and the damping stays
+  `epsilon`. Same update and arguments as `scale_by_foam` with
+  ``controller='stale'``; defaults match `scale_by_foam` so the two compare
+  like for like (use ``exponent=4`` for the original Shampoo's ``-1/4`` root
+  of matrices).
+
+  Example:
+    >>> import jax.numpy as jnp, foam_optax as fo
+    >>> state = fo.scale_by_shampoo(check_frequency=100).init(jnp.zeros((4, 4)))
+
+  References:
+    Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
+    Optimization, ICML 2018.
+  """
+  return scale_by_foam(controller="stale", **locals())
+
+
+def shampoo(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.995,
+    epsilon: float = 1e-9,
+    check_frequency: int = 20,
+    exponent: float = 2,
+    block_size: Optional[int] = 1024,
+    max_precond_dim: Optional[int] = None,
+    start_preconditioning_step: Optional[int] = None,
+    grafting: str = "adam",
+    graft_b2: float = 0.995,
+    graft_eps: float = 1e-9,
+    precondition_1d: bool = False,
+    stagger: bool = True,
+    grouping: str = "map",
+    skip_nonfinite: bool = True,
+    weight_decay: float = 0.0,
+    weight_decay_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  """Stale Shampoo (`scale_by_shampoo`) with weight decay and learning rate.
+
+  Example:
+    >>> import foam_optax as fo
+    >>> opt = fo.shampoo(1e-3, check_frequency=100)
+  """
+  return _alias(scale_by_shampoo, locals())
+
+
+def scale_by_soap(
+    b1: float = 0.95,
+    b2: float = 0.95,
+    epsilon: float = 1e-8,
+    check_frequency: int = 10,
+    max_precond_dim: Optional[int] = 10000,
+    block_size: Optional[int] = None,
+    start_preconditioning_step: int = 1,
+    refresh_method: str = "power_qr",
+    controller: str = "stale",
+    controller_epsilon: float = 1e-9,
+    max_epsilon: float = 3e-7,
+    threshold: float = 0.75,
+    residual_tol: float = 0.1,
+    precondition_1d: bool = False,
+    stagger: bool = True,
+    grouping: str = "map",
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
+
+  .. math::
+
+    \tilde G = Q_L^\top G Q_R, \quad
+    V_t = b_2 V_{t-1} + (1-b_2)\,\tilde G \odot \tilde G, \quad
+    P_t = Q_L \big(Q_L^\top M_t Q_R \oslash (\sqrt{V_t/(1-b_2^t)} + \epsilon)
+    \big) Q_R^\top
+
+  The bases are refreshed on check steps by SOAP's warm-started power step and
+  QR (``refresh_method='power_qr'``, the first basis a full ``eigh``) or by a
+  fresh ``eigh``; which check steps refresh is the controller's choice:
+  ``'stale'`` (all, SOAP), ``'residual'`` (Purifying Shampoo's tolerance) or
+  ``'foam'`` (FOAM's staleness proxy applied to the eigenbasis, with its own
+  damping ``controller_epsilon``..``max_epsilon`` and ``threshold``). Sides
+  longer than `max_precond_dim` stay unrotated; parameters with no factor at
+  all (and vectors unless `precondition_1d`) get plain Adam.
+
+  Args:
+    b1, b2: Adam's decays; `b2` also decays the factor statistics.
+    epsilon: Adam's epsilon in the eigenbasis.
+    check_frequency: steps between basis checks.
+    controller_epsilon, max_epsilon, threshold: FOAM controller settings.
+    Others: as in `scale_by_foam`.
+
+  Example:
+    >>> import jax.numpy as jnp, foam_optax as fo
+    >>> state = fo.scale_by_soap().init({'w': jnp.zeros((8, 4))})
+
+  References:
+    Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025.
+    Eschenhagen et al., Purifying Shampoo: Investigating Shampoo's Heuristics
+    by Decomposing its Preconditioner, 2025.
+  """
+  return from_config(config.validate(config.Config(
+      b1=b1, b2=b2, epsilon=controller_epsilon, max_epsilon=max_epsilon,
+      threshold=threshold, check_frequency=check_frequency,
+      block_size=block_size, max_precond_dim=max_precond_dim,
+      start_preconditioning_step=start_preconditioning_step,
+      grafting="adam", graft_b2=b2, graft_eps=epsilon, controller=controller,
+      residual_tol=residual_tol, precondition_1d=precondition_1d,
+      preconditioner="eigenvalue_corrected", refresh_method=refresh_method,
+      stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite)))
+
+
+def soap(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    epsilon: float = 1e-8,
+    check_frequency: int = 10,
+    max_precond_dim: Optional[int] = 10000,
+    block_size: Optional[int] = None,
+    start_preconditioning_step: int = 1,
+    refresh_method: str = "power_qr",
+    controller: str = "stale",
+    controller_epsilon: float = 1e-9,
+    max_epsilon: float = 3e-7,
+    threshold: float = 0.75,
+    residual_tol: float = 0.1,
+    precondition_1d: bool = False,
+    stagger: bool = True,
+    grouping: str = "map",
+    skip_nonfinite: bool = True,
+    weight_decay: float = 0.01,
+    weight_decay_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  """SOAP (`scale_by_soap`) with decoupled weight decay and learning rate.
+
+  Example:
+    >>> import foam_optax as fo
+    >>> opt = fo.soap(3e-3)
+  """
+  return _alias(scale_by_soap, locals())

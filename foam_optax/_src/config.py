@@ -1,0 +1,154 @@
+"""Hyperparameters of the Shampoo family and their validation.
+
+One frozen dataclass carries every option of the core transformation, so the
+numerical modules read named fields instead of long argument lists. Numeric
+fields may hold traced arrays when the transformation is wrapped in
+`optax.inject_hyperparams`; validation only checks values it can see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+
+CONTROLLERS = ("stale", "foam", "foam_fixed_damping", "foam_no_refresh", "residual")
+GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
+PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
+REFRESH_METHODS = ("eigh", "power_qr")
+GROUPINGS = ("map", "bucket")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """All options of `scale_by_foam`; see its docstring for their meaning."""
+
+  b1: Any = 0.95
+  b2: Any = 0.995
+  epsilon: Any = 1e-9
+  max_epsilon: Any = 3e-7
+  threshold: Any = 0.75
+  check_frequency: Any = 20
+  exponent: Any = 2
+  block_size: Optional[int] = 1024
+  max_precond_dim: Optional[int] = None
+  start_preconditioning_step: Any = None
+  grafting: str = "adam"
+  graft_b2: Any = 0.995
+  graft_eps: Any = 1e-9
+  controller: str = "foam"
+  residual_tol: Any = 0.1
+  precondition_1d: bool = False
+  preconditioner: str = "root_inverse"
+  refresh_method: str = "eigh"
+  stagger: bool = True
+  grouping: str = "map"
+  skip_nonfinite: bool = True
+
+  @property
+  def first_check_step(self):
+    """`s0`: the step of every factor's first check (and fresh EVD)."""
+    if self.start_preconditioning_step is None:
+      return self.check_frequency
+    return self.start_preconditioning_step
+
+  @property
+  def eigenvalue_corrected(self) -> bool:
+    return self.preconditioner == "eigenvalue_corrected"
+
+
+def _known(value) -> Optional[float]:
+  """The value as a float when it is concrete, else None (traced)."""
+  if value is None:
+    return None
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return None
+
+
+def _check_range(name, value, low, high, low_open=False, high_open=False):
+  v = _known(value)
+  if v is None:
+    return
+  too_low = v <= low if low_open else v < low
+  too_high = v >= high if high_open else v > high
+  if math.isnan(v) or too_low or too_high:
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    raise ValueError(
+        f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}.")
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _check_int(name, value, minimum, allow_none=False):
+  if value is None and allow_none:
+    return
+  v = _known(value)
+  if isinstance(value, bool) or (
+      v is not None and (math.isnan(v) or v < minimum or v != int(v))):
+    none = " or None" if allow_none else ""
+    raise ValueError(
+        f"{name} must be an integer >= {minimum}{none}, got {value!r}.")
+
+
+def static_int(name, value):
+  """A structural integer (it decides shapes) as a Python int or None."""
+  if value is None:
+    return None
+  v = _known(value)
+  if v is None:
+    raise ValueError(
+        f"{name} decides the optimizer state's shapes and cannot be traced; "
+        f"with optax.inject_hyperparams pass static_args=({name!r},).")
+  return int(v)
+
+
+def validate(cfg: Config) -> Config:
+  """Raises ValueError naming the first invalid argument; returns `cfg`."""
+  _check_range("b1", cfg.b1, 0.0, 1.0, high_open=True)
+  _check_range("b2", cfg.b2, 0.0, 1.0, high_open=True)
+  _check_range("graft_b2", cfg.graft_b2, 0.0, 1.0, high_open=True)
+  _check_range("epsilon", cfg.epsilon, 0.0, math.inf, low_open=True)
+  _check_range("graft_eps", cfg.graft_eps, 0.0, math.inf)
+  _check_range("threshold", cfg.threshold, 0.0, math.inf, low_open=True)
+  _check_range("exponent", cfg.exponent, 0.0, math.inf, low_open=True)
+  _check_range("residual_tol", cfg.residual_tol, 0.0, 1.0)
+  eps, max_eps = _known(cfg.epsilon), _known(cfg.max_epsilon)
+  _check_range("max_epsilon", cfg.max_epsilon, 0.0, math.inf, low_open=True)
+  if eps is not None and max_eps is not None and max_eps < eps:
+    raise ValueError(
+        f"max_epsilon must be >= epsilon ({cfg.epsilon!r}), got "
+        f"{cfg.max_epsilon!r}.")
+  _check_int("check_frequency", cfg.check_frequency, 1)
+  _check_int("start_preconditioning_step", cfg.start_preconditioning_step, 1,
+             allow_none=True)
+  _check_int("block_size", cfg.block_size, 1, allow_none=True)
+  _check_int("max_precond_dim", cfg.max_precond_dim, 1, allow_none=True)
+  _check_choice("controller", cfg.controller, CONTROLLERS)
+  _check_choice("grafting", cfg.grafting, GRAFTINGS)
+  _check_choice("preconditioner", cfg.preconditioner, PRECONDITIONERS)
+  _check_choice("refresh_method", cfg.refresh_method, REFRESH_METHODS)
+  _check_choice("grouping", cfg.grouping, GROUPINGS)
+  for flag in ("precondition_1d", "stagger", "skip_nonfinite"):
+    if not isinstance(getattr(cfg, flag), bool):
+      raise ValueError(f"{flag} must be a bool, got {getattr(cfg, flag)!r}.")
+  return cfg
+
+
+def check_learning_rate(learning_rate) -> None:
+  """Aliases accept a non-negative float, an array or an optax schedule."""
+  if callable(learning_rate):
+    return
+  _check_range("learning_rate", learning_rate, 0.0, math.inf)
+
+
+def check_weight_decay(weight_decay) -> None:
+  _check_range("weight_decay", weight_decay, 0.0, math.inf)

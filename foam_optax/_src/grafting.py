@@ -1,0 +1,39 @@
+"""Grafting: the diagonal optimizer whose per-block step norm Shampoo borrows.
+
+The preconditioned direction fixes the *direction* of each block's step; the
+grafting optimizer fixes its *size*: ``P · ‖a‖_F / (‖P‖_F + tiny)``. Leaves
+that are not preconditioned (and every leaf before the first check step) use
+the grafting direction `a` itself.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from foam_optax._src.config import Config
+
+USES_SECOND_MOMENT = ("adam", "rmsprop")
+
+
+def direction(second_moment, grad, momentum, step, cfg: Config):
+  """Grafting direction `a_t` and the new second moment (None if unused).
+
+  `momentum` is the bias-corrected `M_t` shared with the preconditioner.
+  """
+  if cfg.grafting not in USES_SECOND_MOMENT:   # 'sgd' and 'none'
+    return momentum, second_moment
+  b2 = jnp.asarray(cfg.graft_b2, grad.dtype)
+  second_moment = b2 * second_moment + (1 - b2) * grad * grad
+  scale = second_moment
+  if cfg.grafting == "adam":
+    scale = second_moment / (1 - b2 ** step)
+  return momentum / (jnp.sqrt(scale) + cfg.graft_eps), second_moment
+
+
+def rescale(blocks, graft_blocks, cfg: Config):
+  """Give each (m, n) block of a (k, m, n) stack its grafting norm."""
+  if cfg.grafting == "none":
+    return blocks
+  tiny = jnp.finfo(blocks.dtype).tiny
+  norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(1, 2), keepdims=True))
+  return blocks * (norm(graft_blocks) / (norm(blocks) + tiny))

@@ -1,0 +1,59 @@
+"""Preconditioners: *what* is applied to a block's momentum.
+
+* `root_inverse` (Shampoo, FOAM): ``P = X_L · M · X_R`` with
+  ``X = Q diag((D + ε)^(-1/p)) Qᵀ`` rebuilt from the cached eigenbasis. It is
+  applied as ``Q_L (w_L w_Rᵀ ⊙ (Q_Lᵀ M Q_R)) Q_Rᵀ``, so no inverse root is
+  stored.
+* `eigenvalue_corrected` (SOAP, Purifying Shampoo): Adam in the factors'
+  eigenbasis, ``P = Q_L (M̃ ⊘ (sqrt(V̂) + eps)) Q_Rᵀ`` with a second moment `V`
+  of the rotated gradients.
+
+Both take the same factor states, so any controller can drive either.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from foam_optax._src import linalg
+from foam_optax._src.config import Config
+
+
+def _basis(fs):
+  return None if fs is None else fs.basis
+
+
+def root_inverse(momentum, left, right, cfg: Config):
+  """X_L · M · X_R for a (k, m, n) stack; a None factor is the identity."""
+  rotated = linalg.rotate(momentum, _basis(left), _basis(right))
+  if left is not None:
+    rotated = rotated * linalg.inverse_root_weights(
+        left.eigvals, left.damping, cfg.exponent)[:, :, None]
+  if right is not None:
+    rotated = rotated * linalg.inverse_root_weights(
+        right.eigvals, right.damping, cfg.exponent)[:, None, :]
+  return linalg.unrotate(rotated, _basis(left), _basis(right))
+
+
+def _permute(second_moment, left_order, right_order):
+  """Make the rotated second moment follow reordered basis columns."""
+  if left_order is not None:
+    second_moment = jnp.take_along_axis(
+        second_moment, left_order[:, :, None], axis=1)
+  if right_order is not None:
+    second_moment = jnp.take_along_axis(
+        second_moment, right_order[:, None, :], axis=2)
+  return second_moment
+
+
+def eigenvalue_corrected(grad, momentum, second_moment, left, right,
+                         left_order, right_order, step, cfg: Config):
+  """Adam in the eigenbasis; returns (direction, new second moment)."""
+  left_basis, right_basis = _basis(left), _basis(right)
+  second_moment = _permute(second_moment, left_order, right_order)
+  rotated_grad = linalg.rotate(grad, left_basis, right_basis)
+  b2 = jnp.asarray(cfg.b2, grad.dtype)
+  second_moment = b2 * second_moment + (1 - b2) * rotated_grad ** 2
+  denom = jnp.sqrt(second_moment / (1 - b2 ** step)) + cfg.graft_eps
+  rotated = linalg.rotate(momentum, left_basis, right_basis) / denom
+  return linalg.unrotate(rotated, left_basis, right_basis), second_moment

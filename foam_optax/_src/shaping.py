@@ -1,0 +1,128 @@
+"""How a parameter leaf becomes a matrix and the matrix becomes blocks.
+
+Rules (all static, decided from the leaf's shape):
+
+* Size-1 dimensions are squeezed. What remains decides the treatment:
+  rank 0 (scalars) and zero-size leaves are never preconditioned; rank 1 is
+  preconditioned only with ``precondition_1d=True``, as a ``1 x n`` matrix;
+  rank 2 is used as is; rank >= 3 is reshaped to a matrix by merging the
+  leading ``k`` dimensions into rows and the rest into columns, with ``k``
+  chosen to make the matrix as square as possible (smallest larger side; on
+  a tie the later split). A conv kernel ``(kh, kw, cin, cout)`` becomes
+  ``(kh*kw*cin, cout)`` and an attention kernel ``(d, heads, head_dim)``
+  becomes ``(d, heads*head_dim)``.
+* The matrix is cut into blocks of at most ``block_size x block_size``; the
+  last row/column of blocks may be smaller. Blocks of equal shape form a
+  *group* (at most four per leaf) whose statistics are stacked along a
+  leading axis, so they are updated with batched matrix products.
+* A matrix side longer than ``max_precond_dim``, or a block side of length 1,
+  is not preconditioned: that factor is the identity and has no state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGroup:
+  """Blocks of one shape inside a leaf's matrix view."""
+
+  row_start: int
+  num_row_blocks: int
+  rows: int
+  col_start: int
+  num_col_blocks: int
+  cols: int
+  left: bool   # whether the left (rows x rows) factor is preconditioned
+  right: bool  # whether the right (cols x cols) factor is preconditioned
+
+  @property
+  def count(self) -> int:
+    return self.num_row_blocks * self.num_col_blocks
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+  """Static block structure of one leaf (kept in the state's tree structure,
+  so `update` never re-derives shapes from possibly traced hyperparameters)."""
+
+  shape: tuple
+  matrix_shape: Optional[tuple]
+  groups: tuple
+
+  @property
+  def preconditioned(self) -> bool:
+    return any(g.left or g.right for g in self.groups)
+
+
+def matrix_shape(shape: Sequence[int], precondition_1d: bool):
+  """The (rows, cols) matrix view of a leaf, or None for grafting only."""
+  dims = [int(d) for d in shape if d != 1]
+  if any(d == 0 for d in shape) or not dims:
+    return None
+  if len(dims) == 1:
+    return (1, dims[0]) if precondition_1d else None
+  if len(dims) == 2:
+    return tuple(dims)
+  best = None
+  for k in range(1, len(dims)):
+    rows, cols = math.prod(dims[:k]), math.prod(dims[k:])
+    if best is None or max(rows, cols) <= max(best):
+      best = (rows, cols)
+  return best
+
+
+def _parts(size: int, block_size: Optional[int]):
+  """[(start, num_blocks, block_len)] covering range(size)."""
+  if block_size is None or block_size >= size:
+    return [(0, 1, size)]
+  full, rem = divmod(size, block_size)
+  parts = [(0, full, block_size)]
+  if rem:
+    parts.append((full * block_size, 1, rem))
+  return parts
+
+
+def leaf_layout(shape, block_size, max_precond_dim, precondition_1d):
+  shape = tuple(int(d) for d in shape)
+  mshape = matrix_shape(shape, precondition_1d)
+  if mshape is None:
+    return LeafLayout(shape, None, ())
+  rows, cols = mshape
+  left_ok = max_precond_dim is None or rows <= max_precond_dim
+  right_ok = max_precond_dim is None or cols <= max_precond_dim
+  groups = tuple(
+      BlockGroup(r0, nr, m, c0, nc, n, left_ok and m > 1, right_ok and n > 1)
+      for (r0, nr, m) in _parts(rows, block_size)
+      for (c0, nc, n) in _parts(cols, block_size))
+  return LeafLayout(shape, mshape, groups)
+
+
+def extract(matrix, group: BlockGroup):
+  """(rows, cols) matrix -> (count, m, n) stack of the group's blocks."""
+  g = group
+  sub = matrix[g.row_start:g.row_start + g.num_row_blocks * g.rows,
+               g.col_start:g.col_start + g.num_col_blocks * g.cols]
+  sub = sub.reshape(g.num_row_blocks, g.rows, g.num_col_blocks, g.cols)
+  return sub.transpose(0, 2, 1, 3).reshape(g.count, g.rows, g.cols)
+
+
+def assemble(stacks, layout: LeafLayout):
+  """Inverse of `extract` over all groups: back to the leaf's shape."""
+  row_bands = {}
+  for stack, g in zip(stacks, layout.groups):
+    tile = stack.reshape(g.num_row_blocks, g.num_col_blocks, g.rows, g.cols)
+    tile = tile.transpose(0, 2, 1, 3).reshape(
+        g.num_row_blocks * g.rows, g.num_col_blocks * g.cols)
+    row_bands.setdefault(g.row_start, []).append((g.col_start, tile))
+  bands = [jnp.concatenate([t for _, t in sorted(tiles, key=lambda x: x[0])],
+                           axis=1)
+           for _, tiles in sorted(row_bands.items())]
+  return jnp.concatenate(bands, axis=0).reshape(layout.shape)

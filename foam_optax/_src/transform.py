@@ -1,0 +1,306 @@
+"""`scale_by_foam`: the core transformation behind every optimizer here."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import optax
+
+from foam_optax._src import factors
+from foam_optax._src import grafting
+from foam_optax._src import linalg
+from foam_optax._src import preconditioners
+from foam_optax._src import shaping
+from foam_optax._src.config import Config, static_int, validate
+from foam_optax._src.factors import FactorState
+
+
+class GroupState(NamedTuple):
+  """State of one block group of a leaf (None: not used)."""
+
+  left: Optional[FactorState]
+  right: Optional[FactorState]
+  rotated_second_moment: Optional[jax.Array]   # (k, m, n), eigenvalue-corrected
+
+
+class LeafState(NamedTuple):
+  momentum: jax.Array                  # EMA of gradients (not bias-corrected)
+  graft_second_moment: Optional[jax.Array]
+  groups: tuple                        # GroupState per block group
+  layout: shaping.LeafLayout           # static: no arrays
+
+
+class ScaleByFoamState(NamedTuple):
+  """State of `scale_by_foam`.
+
+  Attributes:
+    count: number of updates applied (the next update is step `count + 1`).
+    nonfinite_skips: updates skipped because a gradient was not finite.
+    leaves: per-parameter `LeafState`, in the parameters' tree structure.
+  """
+
+  count: jax.Array
+  nonfinite_skips: jax.Array
+  leaves: Any
+
+
+def _layout(shape, cfg: Config) -> shaping.LeafLayout:
+  return shaping.leaf_layout(
+      shape, static_int("block_size", cfg.block_size),
+      static_int("max_precond_dim", cfg.max_precond_dim), cfg.precondition_1d)
+
+
+def _phases(num_factors, cfg: Config):
+  """Deterministic check offsets spreading factors over the check period."""
+  index = jnp.arange(num_factors, dtype=jnp.int32)
+  if not cfg.stagger or num_factors == 0:
+    return jnp.zeros_like(index)
+  freq = jnp.asarray(cfg.check_frequency, jnp.int32)
+  return (index * freq) // num_factors
+
+
+def _init(params, cfg: Config) -> ScaleByFoamState:
+  dtype = linalg.stat_dtype()
+  leaves, treedef = jax.tree.flatten(params)
+  layouts = [_layout(jnp.shape(p), cfg) for p in leaves]
+  num_factors = sum(g.count * (g.left + g.right)
+                    for lay in layouts for g in lay.groups)
+  phases = _phases(num_factors, cfg)
+  next_phase = 0
+
+  def factor(count, size, active):
+    nonlocal next_phase
+    if not active:
+      return None
+    phase = phases[next_phase:next_phase + count]
+    next_phase += count
+    return factors.init_factor_state(count, size, cfg.epsilon, phase, dtype)
+
+  leaf_states = []
+  for p, lay in zip(leaves, layouts):
+    shape = jnp.shape(p)
+    groups = tuple(
+        GroupState(
+            left=factor(g.count, g.rows, g.left),
+            right=factor(g.count, g.cols, g.right),
+            rotated_second_moment=(jnp.zeros((g.count, g.rows, g.cols), dtype)
+                                   if cfg.eigenvalue_corrected else None))
+        for g in lay.groups)
+    needs_graft_moment = (cfg.grafting in grafting.USES_SECOND_MOMENT and
+                          not (cfg.eigenvalue_corrected and lay.preconditioned))
+    leaf_states.append(LeafState(
+        momentum=jnp.zeros(shape, dtype),
+        graft_second_moment=jnp.zeros(shape, dtype) if needs_graft_moment
+        else None,
+        groups=groups, layout=lay))
+  return ScaleByFoamState(
+      count=jnp.zeros([], jnp.int32),
+      nonfinite_skips=jnp.zeros([], jnp.int32),
+      leaves=jax.tree.unflatten(treedef, leaf_states))
+
+
+def _update_group(grad_blocks, momentum_blocks, graft_blocks, gs: GroupState,
+                  group: shaping.BlockGroup, step, cfg: Config):
+  left, right = gs.left, gs.right
+  left_order = right_order = None
+  if group.left:
+    left, left_order = factors.update_factor(
+        left, linalg.gram_left(grad_blocks), step, cfg)
+  if group.right:
+    right, right_order = factors.update_factor(
+        right, linalg.gram_right(grad_blocks), step, cfg)
+  if cfg.eigenvalue_corrected:
+    direction, moment = preconditioners.eigenvalue_corrected(
+        grad_blocks, momentum_blocks, gs.rotated_second_moment, left, right,
+        left_order, right_order, step, cfg)
+    return direction, GroupState(left, right, moment)
+  direction = preconditioners.root_inverse(momentum_blocks, left, right, cfg)
+  direction = grafting.rescale(direction, graft_blocks, cfg)
+  return direction, GroupState(left, right, None)
+
+
+def _update_leaf(grad, ls: LeafState, step, cfg: Config):
+  layout = ls.layout
+  if tuple(grad.shape) != layout.shape:
+    raise ValueError(f"update of shape {tuple(grad.shape)} does not match the "
+                     f"shape {layout.shape} the state was initialised with.")
+  g = grad.astype(ls.momentum.dtype)
+  b1 = jnp.asarray(cfg.b1, g.dtype)
+  momentum = b1 * ls.momentum + (1 - b1) * g
+  corrected = momentum / (1 - b1 ** step)
+  if cfg.eigenvalue_corrected and layout.preconditioned:
+    graft_dir, graft_moment = None, None   # Adam runs in the eigenbasis
+  else:
+    graft_dir, graft_moment = grafting.direction(
+        ls.graft_second_moment, g, corrected, step, cfg)
+  if not layout.preconditioned:
+    return graft_dir.astype(grad.dtype), ls._replace(
+        momentum=momentum, graft_second_moment=graft_moment)
+  as_matrix = lambda x: x.reshape(layout.matrix_shape)
+  g_mat, m_mat = as_matrix(g), as_matrix(corrected)
+  a_mat = None if graft_dir is None else as_matrix(graft_dir)
+  stacks, groups = [], []
+  for group, gs in zip(layout.groups, ls.groups):
+    direction, gs = _update_group(
+        shaping.extract(g_mat, group), shaping.extract(m_mat, group),
+        None if a_mat is None else shaping.extract(a_mat, group),
+        gs, group, step, cfg)
+    stacks.append(direction)
+    groups.append(gs)
+  direction = shaping.assemble(stacks, layout)
+  if not cfg.eigenvalue_corrected:
+    # Before the first check only the grafting optimizer steps.
+    direction = jnp.where(step >= cfg.first_check_step, direction, graft_dir)
+  return direction.astype(grad.dtype), LeafState(
+      momentum, graft_moment, tuple(groups), layout)
+
+
+def _update(updates, state: ScaleByFoamState, cfg: Config):
+  step = optax.safe_increment(state.count)
+
+  def apply():
+    grads, treedef = jax.tree.flatten(updates)
+    leaf_states = treedef.flatten_up_to(state.leaves)
+    results = [_update_leaf(g, ls, step, cfg)
+               for g, ls in zip(grads, leaf_states)]
+    new_updates = treedef.unflatten([r[0] for r in results])
+    new_leaves = treedef.unflatten([r[1] for r in results])
+    return new_updates, state._replace(count=step, leaves=new_leaves)
+
+  if not cfg.skip_nonfinite:
+    return apply()
+
+  def skip():
+    zeros = jax.tree.map(jnp.zeros_like, updates)
+    return zeros, state._replace(
+        nonfinite_skips=optax.safe_increment(state.nonfinite_skips))
+
+  grads = jax.tree.leaves(updates)
+  finite = jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(g)) for g in grads])) if grads else True
+  return lax.cond(finite, apply, skip)
+
+
+def scale_by_foam(
+    b1: float = 0.95,
+    b2: float = 0.995,
+    epsilon: float = 1e-9,
+    max_epsilon: float = 3e-7,
+    threshold: float = 0.75,
+    check_frequency: int = 20,
+    exponent: float = 2,
+    block_size: Optional[int] = 1024,
+    max_precond_dim: Optional[int] = None,
+    start_preconditioning_step: Optional[int] = None,
+    grafting: str = "adam",
+    graft_b2: float = 0.995,
+    graft_eps: float = 1e-9,
+    controller: str = "foam",
+    residual_tol: float = 0.1,
+    precondition_1d: bool = False,
+    preconditioner: str = "root_inverse",
+    refresh_method: str = "eigh",
+    stagger: bool = True,
+    grouping: str = "map",
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
+
+  For each block ``G`` (``m x n``) of each parameter, with ``t`` the 1-based
+  step:
+
+  .. math::
+
+    L_t = b_2 L_{t-1} + (1-b_2) G G^\top, \quad
+    R_t = b_2 R_{t-1} + (1-b_2) G^\top G, \quad
+    A_t = L_t / (1 - b_2^t)
+
+    M_t = (b_1 M_{t-1} + (1-b_1) G_t) / (1 - b_1^t), \qquad
+    P_t = X_L M_t X_R, \quad X = Q\,\mathrm{diag}((D+\varepsilon)^{-1/p})\,Q^\top
+
+  ``(Q, D)`` is a cached eigendecomposition of each factor and ``ε`` its
+  damping. On a check step (``t == s0`` or ``t % f == 0``), FOAM measures the
+  staleness of ``Q`` with ``h = ‖(QᵀA_tQ − D) ⊘ √(SSᵀ)‖_F · α / p``
+  (``S = D + ε``, ``α = max(w)/‖w‖₂``, ``w = S^{-1/p}``), proposes
+  ``ε_n = max(ε0, ε·h/τ)``, and recomputes ``eigh(A_t)`` only when ``ε_n``
+  would exceed ``max_epsilon``. Each block's step gets the norm of a grafted
+  Adam step. Under `jax.jit` the skipped eigendecompositions are not executed.
+
+  Args:
+    b1: momentum decay (0 disables momentum).
+    b2: decay of the factor statistics (and, in eigenvalue-corrected mode, of
+      the rotated second moment).
+    epsilon: base damping ``ε0``.
+    max_epsilon: damping cap ``ε_max``; beyond it a fresh basis is computed.
+    threshold: ``τ``, the tolerated staleness proxy.
+    check_frequency: ``f``, steps between checks of a factor.
+    exponent: ``p`` of the inverse root ``(A + ε)^{-1/p}``; 2 as in the FOAM
+      paper, 4 for classic Shampoo.
+    block_size: largest block side; None for no blocking.
+    max_precond_dim: a matrix side longer than this gets no factor
+      (identity); None for no limit.
+    start_preconditioning_step: ``s0``, the first check step; before it only
+      the grafting optimizer steps. Defaults to ``check_frequency``.
+    grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'`` or ``'none'``.
+    graft_b2: second-moment decay of the grafting optimizer.
+    graft_eps: epsilon of the grafting optimizer; in eigenvalue-corrected mode,
+      the epsilon of Adam in the eigenbasis.
+    controller: when bases are refreshed: ``'foam'``, ``'stale'`` (every check),
+      ``'foam_fixed_damping'``, ``'foam_no_refresh'`` or ``'residual'``.
+    residual_tol: relative off-diagonal tolerance of ``'residual'``.
+    precondition_1d: precondition vectors as ``1 x n`` matrices.
+    preconditioner: ``'root_inverse'`` (Shampoo) or ``'eigenvalue_corrected'``
+      (Adam in the eigenbasis, as SOAP; grafting is then unused).
+    refresh_method: ``'eigh'`` or ``'power_qr'`` (one warm-started power step
+      and QR, as SOAP; the first basis is always a full ``eigh``).
+    stagger: spread later check steps of different factors over the check
+      period (the first check stays at ``s0``); False restores exactly the
+      steps above.
+    grouping: ``'map'`` (one conditional per factor) or ``'bucket'`` (one
+      conditional per stack of same-sized factors).
+    skip_nonfinite: skip the whole update (zero step, state kept, counter
+      incremented) when any gradient is NaN or infinite.
+
+  Returns:
+    An `optax.GradientTransformation` producing the preconditioned direction
+    (no learning rate, no sign flip), in each parameter's dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, foam_optax as fo
+    >>> tx = optax.chain(fo.scale_by_foam(), optax.scale_by_learning_rate(1e-3))
+    >>> state = tx.init({'w': jnp.ones((4, 3))})
+
+  References:
+    Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
+    Optimization, ICML 2018.
+    Anil et al., Scalable Second Order Optimization for Deep Learning, 2020.
+    The FOAM paper, ICML 2026: adaptive damping and adaptive
+    eigendecomposition frequency for Shampoo.
+  """
+  cfg = validate(Config(
+      b1=b1, b2=b2, epsilon=epsilon, max_epsilon=max_epsilon,
+      threshold=threshold, check_frequency=check_frequency, exponent=exponent,
+      block_size=block_size, max_precond_dim=max_precond_dim,
+      start_preconditioning_step=start_preconditioning_step,
+      grafting=grafting, graft_b2=graft_b2, graft_eps=graft_eps,
+      controller=controller, residual_tol=residual_tol,
+      precondition_1d=precondition_1d, preconditioner=preconditioner,
+      refresh_method=refresh_method, stagger=stagger, grouping=grouping,
+      skip_nonfinite=skip_nonfinite))
+  return from_config(cfg)
+
+
+def from_config(cfg: Config) -> optax.GradientTransformation:
+  """The transformation for an already validated `Config`."""
+
+  def init_fn(params):
+    return _init(params, cfg)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return _update(updates, state, cfg)
+
+  return optax.GradientTransformation(init_fn, update_fn)
