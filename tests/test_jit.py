@@ -1,0 +1,179 @@
+"""Behaviour under `jax.jit`: EVDs only behind conditionals, skipped EVDs not
+executed, no recompilation, stable state shapes and dtypes."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import foam_optax as fo
+from foam_optax._src import linalg
+
+# f32 (6,4) blocked 4+2; bf16 rank 3 (2,3,4) -> (6,4); bf16 vector; f32 scalar.
+PARAMS = {"w": jnp.zeros((6, 4), jnp.float32),
+          "k": jnp.zeros((2, 3, 4), jnp.bfloat16),
+          "b": jnp.zeros((5,), jnp.bfloat16),
+          "s": jnp.zeros((), jnp.float32)}
+KW = dict(check_frequency=2, start_preconditioning_step=2, block_size=4,
+          precondition_1d=True, stagger=False)
+EXPENSIVE = ("syevd", "geqrf")   # LAPACK eigh and QR custom calls on CPU
+
+
+def _grads(rng, scale=1.0):
+  return jax.tree.map(
+      lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype),
+      PARAMS)
+
+
+def _computations(hlo):
+  """{name: [instruction lines]} of an HLO module's text."""
+  comps, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if header and not line.startswith(" "):
+      current = header.group(1)
+      comps[current] = []
+      if line.startswith("ENTRY"):
+        comps["__entry__"] = current
+    elif current is not None and line.strip() not in ("", "}"):
+      comps[current].append(line)
+  return comps
+
+
+def _unconditional_expensive_calls(hlo):
+  """(number of expensive custom calls, those executed unconditionally).
+
+  A computation is executed unconditionally when it is reachable from the
+  entry computation without passing through a branch of a `conditional`
+  (while bodies, fusions and calls count as unconditional)."""
+  comps = _computations(hlo)
+  entry = comps.pop("__entry__")
+  names = set(comps)
+  plain = {name: set() for name in comps}
+  for name, lines in comps.items():
+    for line in lines:
+      if " conditional(" in line:
+        continue   # branch computations: conditional edges
+      for ref in re.findall(r"%([\w.\-]+)", line):
+        if ref in names and ref != name:
+          plain[name].add(ref)
+  reached, todo = {entry}, [entry]
+  while todo:
+    for ref in plain[todo.pop()]:
+      if ref not in reached:
+        reached.add(ref)
+        todo.append(ref)
+  calls = [(name, line) for name, lines in comps.items() for line in lines
+           if "custom-call(" in line and any(e in line for e in EXPENSIVE)]
+  return calls, [c for c in calls if c[0] in reached]
+
+
+@pytest.mark.parametrize("grouping", ["map", "bucket"])
+def test_compiled_program_no_retrace_stable_state(grouping):
+  tx = fo.scale_by_foam(grouping=grouping, **KW)
+  traces = []
+
+  def update(g, s):
+    traces.append(1)   # Python side effect: runs once per trace
+    return tx.update(g, s)
+
+  jitted = jax.jit(update)
+  state = tx.init(PARAMS)
+  rng = np.random.default_rng(0)
+  grads = _grads(rng)
+  hlo = jitted.lower(grads, state).compile().as_text()
+  calls, unconditional = _unconditional_expensive_calls(hlo)
+  # One eigh per factor stack (4 stacks here), each only inside a
+  # conditional branch: never executed unconditionally, no select over it.
+  assert len(calls) >= 4
+  assert "syevd" in hlo
+  assert not unconditional, unconditional
+  # Sanity of the analysis itself: every computation is classified and the
+  # entry computation is reached.
+  assert _computations(hlo)["__entry__"]
+
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  structure = jax.tree.structure(state)
+  for _ in range(6):   # crosses s0 and several check steps
+    updates, state = jitted(_grads(rng), state)
+    assert jax.tree.structure(state) == structure
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
+    for k, p in PARAMS.items():
+      assert updates[k].dtype == p.dtype and updates[k].shape == p.shape
+      assert np.all(np.isfinite(np.asarray(updates[k], np.float32)))
+  assert fo.stats(state)["eigendecompositions"] > 0
+  # Traced and compiled once for all calls.
+  assert len(traces) == 1
+  assert jitted._cache_size() == 1
+
+
+def test_soap_power_qr_behind_conditionals():
+  tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
+                        refresh_method="power_qr", grouping="bucket")
+  state = tx.init(PARAMS)
+  hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
+                                 state).compile().as_text()
+  calls, unconditional = _unconditional_expensive_calls(hlo)
+  assert "syevd" in hlo and "geqrf" in hlo
+  assert len(calls) >= 2 and not unconditional, unconditional
+
+
+@pytest.mark.parametrize("grouping", ["map", "bucket"])
+def test_skipped_eigendecompositions_are_not_executed(grouping, monkeypatch):
+  executed = []
+  original = linalg.eigh
+
+  def counting_eigh(matrix):
+    # Fires only when the branch holding the EVD actually runs.
+    jax.debug.callback(lambda: executed.append(1))
+    return original(matrix)
+
+  monkeypatch.setattr(linalg, "eigh", counting_eigh)
+  tx = fo.scale_by_foam(grouping=grouping, b2=0.99, **KW)
+  rng = np.random.default_rng(3)
+  # A slowly changing problem: a fixed mean gradient plus small noise.
+  mean = _grads(rng)
+  steps = 30
+  grads = jax.tree.map(
+      lambda m: jnp.stack([m + jnp.asarray(0.05 * rng.standard_normal(
+          m.shape), m.dtype) for _ in range(steps)]), mean)
+
+  def body(s, g):
+    _, s = tx.update(g, s)
+    return s, fo.stats(s)
+
+  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g))(tx.init(PARAMS),
+                                                        grads)
+  jax.effects_barrier()
+  evds, checks = (int(stats["eigendecompositions"][-1]),
+                  int(stats["checks"][-1]))
+  num_factors = int(stats["num_factors"][-1])
+  # Checks at 2, 4, ..., 30 for every factor; most of them reuse the basis.
+  assert checks == num_factors * (steps // 2)
+  assert num_factors <= evds < checks // 3
+  if grouping == "map":
+    # One eigh per factor refresh, none for the skipped ones.
+    assert len(executed) == evds
+  else:
+    # One batched eigh per stack that has a refresh to do.
+    assert 0 < len(executed) <= evds
+
+
+def test_conditional_analysis_detects_unconditional_eigh():
+  # The analysis above must be able to fail: an unconditional eigh, and a
+  # cond under vmap (lowered to a select over both branches), are flagged.
+  x = jnp.eye(3)
+  eig = lambda a: jnp.linalg.eigh(a)[0]
+  plain = jax.jit(eig).lower(x).compile().as_text()
+  in_cond = jax.jit(lambda a, p: lax.cond(p, eig, lambda a: a[0], a)).lower(
+      x, True).compile().as_text()
+  batched = jax.jit(jax.vmap(lambda a, p: lax.cond(
+      p, eig, lambda a: a[0], a))).lower(
+          jnp.stack([x, x]), jnp.array([True, False])).compile().as_text()
+  assert _unconditional_expensive_calls(plain)[1]
+  assert _unconditional_expensive_calls(batched)[1]
+  calls, unconditional = _unconditional_expensive_calls(in_cond)
+  assert calls and not unconditional

@@ -1,0 +1,130 @@
+"""Eigenvalue-corrected preconditioning (SPEC 3): SOAP and FOAM-in-eigenbasis."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+import foam_optax as fo
+from test_reference import BASE, FAST_COMPILE, branches, compare
+
+# Fewer leaves than the root-inverse suite: (4,4) square, (2,3,4) -> (6,4)
+# blocked 4+2, (3,5) blocked 4+1, (1,5) vector, () scalar.
+SHAPES = [(4, 4), (2, 3, 4), (3, 5), (1, 5), ()]
+
+
+def _soap_and_reference_kwargs(**soap):
+  """scale_by_soap arguments and the equivalent reference arguments."""
+  soap = dict(dict(b1=0.9, b2=0.9, epsilon=1e-8, check_frequency=2,
+                   start_preconditioning_step=3, block_size=4,
+                   controller_epsilon=1e-3, max_epsilon=3e-3, threshold=0.5,
+                   residual_tol=0.1, precondition_1d=True), **soap)
+  ref = dict(b1=soap["b1"], b2=soap["b2"], graft_b2=soap["b2"],
+             graft_eps=soap["epsilon"], grafting="adam",
+             check_frequency=soap["check_frequency"],
+             start_preconditioning_step=soap["start_preconditioning_step"],
+             block_size=soap["block_size"],
+             epsilon=soap["controller_epsilon"],
+             max_epsilon=soap["max_epsilon"], threshold=soap["threshold"],
+             residual_tol=soap["residual_tol"],
+             precondition_1d=soap["precondition_1d"],
+             controller=soap.get("controller", "stale"),
+             refresh_method=soap.get("refresh_method", "power_qr"),
+             preconditioner="eigenvalue_corrected")
+  return soap, ref
+
+
+def _factor_states(state):
+  return [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, fo.FactorState))
+          if isinstance(x, fo.FactorState)]
+
+
+def test_no_factors_is_adam():
+  # max_precond_dim below every dimension: no factor anywhere, plain Adam.
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros((5,)),
+            "k": jnp.zeros((2, 3, 4)), "s": jnp.zeros(())}
+  b1, b2, eps = 0.9, 0.99, 1e-8
+  soap = fo.scale_by_soap(b1=b1, b2=b2, epsilon=eps, max_precond_dim=1,
+                          precondition_1d=True, check_frequency=2)
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  s_soap, s_adam = soap.init(params), adam.init(params)
+  assert not _factor_states(s_soap)
+  rng = np.random.default_rng(1)
+  step = jax.jit(lambda g, s1, s2: (soap.update(g, s1), adam.update(g, s2)))
+  for _ in range(6):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+        params)
+    (u1, s_soap), (u2, s_adam) = step(grads, s_soap, s_adam)
+    for k in params:
+      np.testing.assert_allclose(u1[k], u2[k], rtol=1e-5, atol=1e-6)
+      # Not a trivial comparison: Adam's step has entries of order 1.
+      assert np.max(np.abs(u2[k])) > 0.1
+
+
+@pytest.mark.parametrize("controller,tol", [("residual", 1.0),
+                                            ("residual", 0.0),
+                                            ("stale", 0.1)])
+def test_bases_change_only_on_check_steps(controller, tol):
+  params = [jnp.zeros((4, 3)), jnp.zeros((2, 3, 2))]
+  tx = fo.scale_by_soap(check_frequency=3, start_preconditioning_step=2,
+                        controller=controller, residual_tol=tol, stagger=False,
+                        refresh_method="power_qr")
+  steps = 14
+  rng = np.random.default_rng(2)
+  grads = [jnp.asarray(rng.standard_normal((steps,) + p.shape), jnp.float32)
+           for p in params]
+
+  def body(state, g):
+    _, state = tx.update(g, state)
+    fss = _factor_states(state)
+    bases = jnp.concatenate([f.basis.reshape(-1) for f in fss])
+    return state, (bases, fo.stats(state))
+
+  _, (bases, stats) = jax.jit(lambda s, g: lax.scan(body, s, g),
+                              compiler_options=FAST_COMPILE)(
+                                  tx.init(params), grads)
+  bases = np.asarray(bases)
+  changed = [not np.array_equal(bases[t], bases[t - 1])
+             for t in range(1, steps)]
+  checks = [t == 2 or (t > 2 and t % 3 == 0) for t in range(2, steps + 1)]
+  # A basis moves only on a check step.
+  assert all(c for c, ch in zip(checks, changed) if ch)
+  num_factors = int(stats["num_factors"][-1])
+  evds = np.asarray(stats["eigendecompositions"])
+  n_checks = np.asarray(stats["checks"])
+  assert n_checks[-1] == num_factors * sum(checks)
+  if controller == "residual" and tol == 1.0:
+    # ‖offdiag(B)‖ <= ‖B‖ always: only the first basis is ever computed.
+    assert evds[-1] == num_factors
+    assert not any(changed[1:])
+  else:
+    # tol = 0 (and 'stale'): a fresh basis on every check.
+    np.testing.assert_array_equal(evds, n_checks)
+    assert all(ch for c, ch in zip(checks, changed) if c)
+
+
+@pytest.mark.parametrize("controller,refresh,grouping", [
+    ("stale", "power_qr", "bucket"), ("residual", "eigh", "map"),
+    ("foam", "power_qr", "bucket")])
+def test_soap_matches_reference(controller, refresh, grouping):
+  soap, ref = _soap_and_reference_kwargs(controller=controller,
+                                         refresh_method=refresh)
+  _, ref_f, _ = compare(SHAPES, ref, soap=soap, grouping=grouping)
+  reuses, later = branches(ref_f)
+  assert later > 0
+  if controller != "stale":
+    assert reuses > 0
+
+
+def test_foam_eigenvalue_corrected_matches_reference():
+  # scale_by_foam's own spelling of FOAM in the eigenbasis, with its
+  # grafting option applying to the unpreconditioned scalar.
+  kwargs = dict(BASE, controller="foam", preconditioner="eigenvalue_corrected",
+                refresh_method="eigh", grafting="sgd", precondition_1d=True)
+  _, ref_f, _ = compare(SHAPES, kwargs, grouping="map")
+  reuses, later = branches(ref_f)
+  assert reuses > 0 and later > 0, (reuses, later)
