@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from foam_optax._src import config
 from foam_optax._src.transform import from_config, scale_by_foam
+from foam_optax._src.transform import ScaleByFoamState
 
 ScalarOrSchedule = Union[float, Any, Callable[[Any], Any]]
 MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
@@ -26,11 +29,31 @@ def _alias(scale_by, arguments):
   weight_decay_mask = arguments.pop("weight_decay_mask")
   config.check_learning_rate(learning_rate)
   config.check_weight_decay(weight_decay)
-  return optax.chain(
+  return _skip_whole_chain(optax.chain(
       scale_by(**arguments),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ))
+
+
+def _skip_whole_chain(inner):
+  """On a step the core skipped (non-finite gradient), skip weight decay and
+  the schedule's count too: zero updates, the rest of the state unchanged."""
+  is_core = lambda x: isinstance(x, ScaleByFoamState)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = inner.update(updates, state, params, **extra_args)
+    skips = lambda s: [x.nonfinite_skips for x in jax.tree.leaves(
+        s, is_leaf=is_core) if is_core(x)][0]
+    skipped = skips(new_state) > skips(state)
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates)
+    new_state = jax.tree.map(
+        lambda n, o: n if is_core(n) else jnp.where(skipped, o, n),
+        new_state, state, is_leaf=is_core)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def foam(
@@ -117,7 +140,12 @@ def scale_by_shampoo(
     Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
     Optimization, ICML 2018.
   """
-  return scale_by_foam(controller="stale", **locals())
+  # No max_epsilon argument here: the damping after a failed refresh is
+  # max(3e-7, epsilon), so a large epsilon is not rejected against 3e-7.
+  arguments = dict(locals())
+  known = config._known(epsilon)
+  cap = jnp.maximum(3e-7, epsilon) if known is None else max(3e-7, known)
+  return scale_by_foam(controller="stale", max_epsilon=cap, **arguments)
 
 
 def shampoo(
@@ -202,6 +230,9 @@ def scale_by_soap(
     Eschenhagen et al., Purifying Shampoo: Investigating Shampoo's Heuristics
     by Decomposing its Preconditioner, 2025.
   """
+  # These map to differently named Config fields: check them under their
+  # own names so the error names the argument the caller passed.
+  config.check_soap_epsilons(epsilon, controller_epsilon, max_epsilon)
   return from_config(config.validate(config.Config(
       b1=b1, b2=b2, epsilon=controller_epsilon, max_epsilon=max_epsilon,
       threshold=threshold, check_frequency=check_frequency,

@@ -150,5 +150,17 @@ def check_learning_rate(learning_rate) -> None:
   _check_range("learning_rate", learning_rate, 0.0, math.inf)
 
 
+def check_soap_epsilons(epsilon, controller_epsilon, max_epsilon) -> None:
+  """`scale_by_soap`'s epsilons, named as in its signature."""
+  _check_range("epsilon", epsilon, 0.0, math.inf)
+  _check_range("controller_epsilon", controller_epsilon, 0.0, math.inf,
+               low_open=True)
+  eps, max_eps = _known(controller_epsilon), _known(max_epsilon)
+  if eps is not None and max_eps is not None and max_eps < eps:
+    raise ValueError(
+        f"max_epsilon must be >= controller_epsilon ({controller_epsilon!r}), "
+        f"got {max_epsilon!r}.")
+
+
 def check_weight_decay(weight_decay) -> None:
   _check_range("weight_decay", weight_decay, 0.0, math.inf)

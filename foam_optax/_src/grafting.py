@@ -35,5 +35,11 @@ def rescale(blocks, graft_blocks, cfg: Config):
   if cfg.grafting == "none":
     return blocks
   tiny = jnp.finfo(blocks.dtype).tiny
-  norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(1, 2), keepdims=True))
+
+  def norm(x):
+    # Scaled by the largest entry first so that the squares cannot overflow.
+    peak = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
+    peak = jnp.where(peak > 0, peak, 1.0)
+    return peak * jnp.sqrt(jnp.sum((x / peak) ** 2, axis=(1, 2), keepdims=True))
+
   return blocks * (norm(graft_blocks) / (norm(blocks) + tiny))

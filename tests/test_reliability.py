@@ -1,0 +1,506 @@
+"""Fault injection and degenerate inputs for every exported optimizer."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import foam_optax as fo
+from foam_optax._src import linalg
+
+EPS, MAX_EPS = 1e-9, 3e-7
+# Small settings: preconditioning from step 1, a check every 2 steps.
+FAST = dict(start_preconditioning_step=1, check_frequency=2)
+OPTIMIZERS = {
+    "foam": lambda **k: fo.foam(1e-2, **FAST, **k),
+    "shampoo": lambda **k: fo.shampoo(1e-2, **FAST, **k),
+    "soap": lambda **k: fo.soap(1e-2, check_frequency=2, **k),
+    "scale_by_foam": lambda **k: fo.scale_by_foam(**FAST, **k),
+    "scale_by_shampoo": lambda **k: fo.scale_by_shampoo(**FAST, **k),
+    "scale_by_soap": lambda **k: fo.scale_by_soap(check_frequency=2, **k),
+}
+NAMES = list(OPTIMIZERS)
+
+
+def _params():
+  return {"w": jnp.ones((5, 4)), "b": jnp.ones((4,)), "k": jnp.ones((2, 3, 3))}
+
+
+def _grads(seed, params=None, scale=1.0):
+  params = _params() if params is None else params
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten([scale * jax.random.normal(k, p.shape, p.dtype)
+                            for k, p in zip(keys, leaves)])
+
+
+def _core(state):
+  """The ScaleByFoamState inside an alias / wrapper state."""
+  found = [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, fo.ScaleByFoamState))
+           if isinstance(x, fo.ScaleByFoamState)]
+  assert len(found) == 1
+  return found[0]
+
+
+def _factors(state):
+  return [x for x in jax.tree.leaves(
+      _core(state).leaves, is_leaf=lambda x: isinstance(x, fo.FactorState))
+          if isinstance(x, fo.FactorState)]
+
+
+def _same(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  return all(x.dtype == y.dtype and np.array_equal(
+      np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(la, lb))
+
+
+def _all_finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def _stepper(tx):
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+  return step
+
+
+def _without_skips(state):
+  """The state with the skip counter zeroed, to compare everything else."""
+  core = _core(state)
+  return _replace_core(state, core._replace(
+      nonfinite_skips=jnp.zeros_like(core.nonfinite_skips)))
+
+
+def _without_proxy(state):
+  core = _core(state)
+  leaves = jax.tree.map(
+      lambda f: f._replace(proxy=jnp.zeros_like(f.proxy))
+      if isinstance(f, fo.FactorState) else f,
+      core.leaves, is_leaf=lambda x: isinstance(x, fo.FactorState))
+  return _replace_core(state, core._replace(leaves=leaves))
+
+
+def _replace_core(state, new_core):
+  return jax.tree.map(
+      lambda x: new_core if isinstance(x, fo.ScaleByFoamState) else x, state,
+      is_leaf=lambda x: isinstance(x, fo.ScaleByFoamState))
+
+
+# ---------------------------------------------------------------------------
+# Non-finite gradients.
+
+
+@pytest.mark.parametrize("name,bad", [
+    ("foam", math.nan), ("foam", 1e20), ("shampoo", math.inf),
+    ("soap", -math.inf), ("soap", 1e30), ("scale_by_foam", -math.inf),
+    ("scale_by_foam", 3e19), ("scale_by_shampoo", math.nan),
+    ("scale_by_soap", math.inf)])
+def test_nonfinite_gradient_skips_whole_update(name, bad):
+  """A bad value in one leaf: zero update, state bit-for-bit kept, counted.
+
+  The later trajectory equals the one that never saw the bad gradient.
+  1e20 is finite but its square overflows float32 statistics, so it is
+  treated like an infinity.
+  """
+  tx = OPTIMIZERS[name]()
+  step = _stepper(tx)
+  params = _params()
+  clean = (params, tx.init(params))
+  faulty = clean
+  for i in range(3):
+    clean = step(*clean, _grads(i))[:2]
+    faulty = step(*faulty, _grads(i))[:2]
+  poisoned = _grads(99)
+  poisoned["w"] = poisoned["w"].at[2, 1].set(bad)
+  params_after, state_after, updates = step(*faulty, poisoned)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  assert _same(params_after, faulty[0])
+  assert int(fo.stats(state_after)["nonfinite_skips"]) == 1
+  assert int(fo.stats(state_after)["step"]) == 3
+  assert _same(_without_skips(state_after), faulty[1])
+  faulty = (params_after, state_after)
+  for i in range(3, 7):
+    clean = step(*clean, _grads(i))[:2]
+    faulty = step(*faulty, _grads(i))[:2]
+  assert _same(faulty[0], clean[0])
+  assert _same(_without_skips(faulty[1]), clean[1])
+  assert int(fo.stats(faulty[1])["step"]) == 7
+  assert _all_finite(faulty)
+
+
+@pytest.mark.parametrize("name", ["foam", "shampoo", "scale_by_soap"])
+def test_composes_with_apply_if_finite(name):
+  tx = optax.apply_if_finite(OPTIMIZERS[name](), max_consecutive_errors=3)
+  step = _stepper(tx)
+  params = _params()
+  carry = (params, tx.init(params))
+  carry = step(*carry, _grads(0))[:2]
+  before = carry
+  poisoned = _grads(1)
+  poisoned["b"] = poisoned["b"].at[0].set(jnp.nan)
+  params1, state1, updates = step(*carry, poisoned)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  assert _same(params1, before[0])
+  assert _same(state1.inner_state, before[1].inner_state)
+  assert int(state1.notfinite_count) == 1
+  assert int(fo.stats(state1)["step"]) == 1
+  carry = (params1, state1)
+  for i in range(2, 5):
+    carry = step(*carry, _grads(i))[:2]
+  assert int(carry[1].notfinite_count) == 0
+  assert int(fo.stats(carry[1])["step"]) == 4
+  assert _all_finite(carry)
+
+
+def test_skip_nonfinite_false_propagates():
+  """The opt-out really is one: NaN reaches the updates."""
+  tx = fo.scale_by_foam(skip_nonfinite=False, **FAST)
+  state = tx.init(_params())
+  grads = _grads(0)
+  grads["w"] = grads["w"].at[0, 0].set(jnp.nan)
+  updates, state = jax.jit(tx.update)(grads, state)
+  assert not bool(jnp.all(jnp.isfinite(updates["w"])))
+  assert int(fo.stats(state)["nonfinite_skips"]) == 0
+
+
+# ---------------------------------------------------------------------------
+# Failed eigendecompositions.
+
+
+def _nan_eigh(matrix):
+  vals, vecs = jnp.linalg.eigh(matrix)
+  return jnp.full_like(vals, jnp.nan), jnp.full_like(vecs, jnp.nan)
+
+
+FAILING = {
+    "foam": lambda **k: fo.scale_by_foam(threshold=1e-9, **FAST, **k),
+    "foam_fixed_damping": lambda **k: fo.scale_by_foam(
+        controller="foam_fixed_damping", threshold=1e-9, **FAST, **k),
+    "residual": lambda **k: fo.scale_by_foam(
+        controller="residual", residual_tol=0.0, **FAST, **k),
+    "shampoo": lambda **k: fo.shampoo(1e-2, **FAST, **k),
+    "soap_eigh": lambda **k: fo.soap(1e-2, check_frequency=2,
+                                     refresh_method="eigh", **k),
+}
+
+
+def _orthonormal(basis):
+  eye = jnp.eye(basis.shape[-1])
+  return bool(jnp.all(jnp.abs(jnp.swapaxes(basis, -1, -2) @ basis - eye) < 1e-4))
+
+
+@pytest.mark.parametrize("name,grouping", [
+    ("foam", "map"), ("foam_fixed_damping", "bucket"), ("residual", "map"),
+    ("shampoo", "bucket"), ("soap_eigh", "map")])
+def test_failed_eigendecomposition_keeps_basis_and_recovers(
+    name, grouping, monkeypatch):
+  tx = FAILING[name](stagger=False, grouping=grouping)
+  params = _params()
+  carry = (params, tx.init(params))
+  healthy = _stepper(tx)
+  for i in range(2):   # step 1: first EVD succeeds; step 2: a check
+    carry = healthy(*carry, _grads(i))[:2]
+  good = fo.stats(carry[1])
+  assert int(good["eigendecomposition_failures"]) == 0
+  bases = [f.basis for f in _factors(carry[1])]
+  dampings = [f.damping for f in _factors(carry[1])]
+
+  monkeypatch.setattr(linalg, "eigh", _nan_eigh)
+  failing = _stepper(tx)   # traced with the hook in place
+  for i in range(2, 6):
+    carry = failing(*carry, _grads(i))[:2]
+  bad = fo.stats(carry[1])
+  failures = int(bad["eigendecomposition_failures"])
+  assert failures > 0
+  assert int(bad["eigendecompositions"]) == int(good["eigendecompositions"])
+  for f, basis, damping in zip(_factors(carry[1]), bases, dampings):
+    failed = f.failures > 0
+    assert np.array_equal(np.asarray(f.basis)[np.asarray(failed)],
+                          np.asarray(basis)[np.asarray(failed)])
+    assert bool(jnp.all(jnp.where(
+        failed, f.damping >= jnp.maximum(MAX_EPS, damping) * (1 - 1e-6),
+        True)))
+  assert _all_finite(carry)
+
+  monkeypatch.undo()
+  recovered = jax.jit(lambda p, s, g: _stepper(tx)(p, s, g))
+  for i in range(6, 12):
+    carry = recovered(*carry, _grads(i))[:2]
+  after = fo.stats(carry[1])
+  assert int(after["eigendecomposition_failures"]) == failures
+  assert int(after["eigendecompositions"]) > int(bad["eigendecompositions"])
+  assert float(after["damping_max"]) <= MAX_EPS * (1 + 1e-6)
+  assert all(_orthonormal(f.basis) for f in _factors(carry[1]))
+  assert _all_finite(carry)
+
+
+@pytest.mark.parametrize("name", ["foam", "shampoo", "soap"])
+def test_first_eigendecomposition_fails(name, monkeypatch):
+  """Failing from the very first check: identity basis, damping at the cap."""
+  monkeypatch.setattr(linalg, "eigh", _nan_eigh)
+  tx = OPTIMIZERS[name]()
+  params = _params()
+  carry = (params, tx.init(params))
+  step = _stepper(tx)
+  for i in range(3):
+    carry = step(*carry, _grads(i))[:2]
+  st = fo.stats(carry[1])
+  assert int(st["eigendecomposition_failures"]) >= int(st["num_factors"]) > 0
+  for f in _factors(carry[1]):
+    if name.endswith("soap"):   # power-QR refreshes after the first check
+      continue
+    assert np.array_equal(np.asarray(f.basis),
+                          np.broadcast_to(np.eye(f.basis.shape[-1]),
+                                          f.basis.shape))
+    assert bool(jnp.all(f.damping >= MAX_EPS * (1 - 1e-6)))
+  assert _all_finite(carry)
+  monkeypatch.undo()
+  step = jax.jit(lambda p, s, g: _stepper(tx)(p, s, g))
+  for i in range(3, 9):
+    carry = step(*carry, _grads(i))[:2]
+  assert int(fo.stats(carry[1])["eigendecompositions"]) > 0
+  assert _all_finite(carry)
+
+
+@pytest.mark.parametrize("controller", ["foam", "residual"])
+def test_gradient_at_the_float32_limit(controller):
+  """‖G‖² just below the float32 maximum is applied (Gram entries ~1e38,
+  eigh at the edge of its range); just above it the step is skipped.
+
+  Only the diagnostic `proxy` may be non-finite here (the drift norm
+  overflows, which asks for a fresh basis); nothing that feeds a step is.
+  """
+  tx = fo.scale_by_foam(controller=controller, **FAST)
+  step = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros((2, 3))})
+  updates, state = step({"w": jnp.full((2, 3), 7e18)}, state)   # 2.9e38
+  st = fo.stats(state)
+  assert int(st["nonfinite_skips"]) == 0 and int(st["step"]) == 1
+  assert int(st["eigendecomposition_failures"]) == 0
+  assert _all_finite((updates, state))
+  assert 0 < float(jnp.abs(updates["w"]).max()) < 10
+  before = state
+  updates, state = step({"w": jnp.full((2, 3), 8e18)}, state)   # 3.8e38
+  assert int(fo.stats(state)["nonfinite_skips"]) == 1
+  assert _same(_without_skips(state), before)
+  for i in range(1, 8):
+    updates, state = step(_grads(i, {"w": jnp.zeros((2, 3))}), state)
+    assert _all_finite((updates, _without_proxy(state)))
+    assert 0 < float(jnp.abs(updates["w"]).max()) < 10
+  assert int(fo.stats(state)["step"]) == 8
+
+
+# ---------------------------------------------------------------------------
+# Degenerate inputs.
+
+
+@pytest.mark.parametrize("name", ["foam", "scale_by_shampoo", "soap"])
+def test_zero_gradients_for_many_steps(name):
+  tx = OPTIMIZERS[name]()
+  params = jax.tree.map(jnp.zeros_like, _params())
+  carry = (params, tx.init(params))
+  step = _stepper(tx)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(25):
+    carry = step(*carry, zeros)[:2]
+  assert all(bool(jnp.all(p == 0)) for p in jax.tree.leaves(carry[0]))
+  st = fo.stats(carry[1])
+  assert int(st["eigendecomposition_failures"]) == 0
+  assert EPS * (1 - 1e-6) <= float(st["damping_max"]) <= MAX_EPS * (1 + 1e-6)
+  _, state, updates = step(*carry, _grads(0))
+  norms = [float(jnp.linalg.norm(u)) for u in jax.tree.leaves(updates)]
+  assert all(0 < n < 1e3 for n in norms), norms
+  assert _all_finite(state)
+
+
+def _adam_norm(grads_seq, b1, b2, eps):
+  adam = optax.scale_by_adam(b1, b2, eps)
+  state = adam.init(grads_seq[0])
+  for g in grads_seq:
+    a, state = adam.update(g, state)
+  return np.linalg.norm(np.asarray(a, np.float64))
+
+
+def _norm64(x):
+  return np.linalg.norm(np.asarray(x, np.float64))
+
+
+@pytest.mark.parametrize("name", ["scale_by_foam", "scale_by_shampoo"])
+def test_grafted_norm_at_extreme_magnitudes(name):
+  """Each block's step has exactly the Adam grafting norm at any magnitude.
+
+  Below graft_eps the Adam step is ~g/graft_eps (tiny but nonzero); above,
+  it is scale-free. The preconditioned direction itself spans ~1e-30..1e30
+  here, so the rescaling must not under- or overflow.
+  """
+  tx = OPTIMIZERS[name](b1=0.9, block_size=None)
+  step = jax.jit(tx.update)
+  for scale in [1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e18]:
+    state = tx.init({"w": jnp.zeros((5, 4))})
+    seq = [scale * jax.random.normal(jax.random.PRNGKey(i), (5, 4))
+           for i in range(4)]
+    for g in seq:
+      updates, state = step({"w": g}, state)
+    expected = _adam_norm(seq, 0.9, 0.995, 1e-9)
+    assert expected > 0
+    np.testing.assert_allclose(_norm64(updates["w"]), expected, rtol=1e-4,
+                               err_msg=f"scale={scale}")
+    assert int(fo.stats(state)["nonfinite_skips"]) == 0
+    assert _all_finite(state)
+
+
+@pytest.mark.parametrize("name", ["scale_by_foam", "scale_by_shampoo",
+                                  "scale_by_soap"])
+def test_scale_invariance(name):
+  """Powers of two are exact in float: the step must not depend on them."""
+  tx = OPTIMIZERS[name]()
+  step = jax.jit(tx.update)
+  norms = []
+  for scale in [2.0 ** -10, 1.0, 2.0 ** 30, 2.0 ** 60]:
+    state = tx.init({"w": jnp.zeros((5, 4))})
+    for i in range(5):
+      g = scale * jax.random.normal(jax.random.PRNGKey(i), (5, 4))
+      updates, state = step({"w": g}, state)
+    norms.append(_norm64(updates["w"]))
+  np.testing.assert_allclose(norms, norms[1], rtol=2e-3)
+  assert 0 < norms[1] <= 2 * math.sqrt(20)
+
+
+@pytest.mark.parametrize("name", ["scale_by_foam", "shampoo", "scale_by_soap"])
+def test_rank_deficient_factors(name):
+  """Rank-1 gradients: singular factors, finite steps with the graft norm."""
+  tx = OPTIMIZERS[name]()
+  params = {"w": jnp.zeros((6, 4))}
+  carry = (params, tx.init(params))
+  step = _stepper(tx)
+  u, v = jnp.arange(6.0) - 2.0, jnp.array([1.0, -1.0, 0.0, 2.0])
+  for i in range(12):
+    carry = step(*carry, {"w": (1.0 + 0.1 * i) * jnp.outer(u, v)})[:2]
+  st = fo.stats(carry[1])
+  assert int(st["eigendecomposition_failures"]) == 0
+  assert float(st["damping_max"]) <= MAX_EPS * (1 + 1e-6)
+  for f in _factors(carry[1]):
+    assert bool(jnp.all(f.eigvals >= 0))
+    assert _orthonormal(f.basis)
+  assert _all_finite(carry)
+  assert 0 < float(jnp.abs(carry[0]["w"]).max()) < 1e3
+
+
+@pytest.mark.parametrize("name", ["foam", "scale_by_shampoo", "soap"])
+def test_awkward_shapes(name):
+  params = {
+      "scalar": jnp.ones(()), "row": jnp.ones((1, 7)), "col": jnp.ones((7, 1)),
+      "empty": jnp.ones((0, 3)), "empty3": jnp.ones((2, 0, 4)),
+      "none": None, "nested": {"empty": {}, "t": ()},
+      "w": jnp.ones((3, 5)), "one": jnp.ones((1, 1)),
+  }
+  tx = OPTIMIZERS[name]()
+  state = tx.init(params)
+  step = _stepper(tx)
+  carry = (params, state)
+  for i in range(5):
+    grads = _grads(i, params)
+    carry_params, new_state, updates = step(*carry, grads)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+      assert u.shape == p.shape and u.dtype == p.dtype
+    carry = (carry_params, new_state)
+  assert _all_finite(carry)
+  for key in ("scalar", "row", "col", "w", "one"):
+    assert not np.array_equal(np.asarray(carry[0][key]),
+                              np.asarray(params[key])), key
+  # Only the genuine matrix gets Kronecker factors (3 x 3 and 5 x 5).
+  sizes = sorted(f.basis.shape[-1] for f in _factors(carry[1]))
+  assert sizes == [3, 5]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_pytree(name):
+  tx = OPTIMIZERS[name]()
+  for params in ({}, (), {"a": None}):
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(params, state, params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    st = fo.stats(state)
+    assert int(st["num_factors"]) == 0 and int(st["step"]) == 1
+
+
+@pytest.mark.parametrize("name", ["foam", "shampoo", "soap"])
+def test_embedding_65536_by_4(name):
+  """A tall embedding with max_precond_dim: only the 4 x 4 side is kept."""
+  kwargs = {"max_precond_dim": 1024} if name != "soap" else {}
+  tx = OPTIMIZERS[name](**kwargs)
+  params = {"emb": jnp.zeros((65536, 4))}
+  state = tx.init(params)
+  # 65536 > max_precond_dim: no left factor; one 4 x 4 right factor per
+  # row block (64 with block_size=1024, 1 for SOAP's block_size=None).
+  blocks = 1 if name == "soap" else 64
+  assert [f.basis.shape for f in _factors(state)] == [(blocks, 4, 4)]
+  step = _stepper(tx)
+  carry = (params, state)
+  rows = jnp.arange(65536)
+  for i in range(3):   # sparse rows, as an embedding lookup produces
+    g = jnp.where((rows % 97 == i)[:, None],
+                  jax.random.normal(jax.random.PRNGKey(i), (65536, 4)), 0.0)
+    carry = step(*carry, {"emb": g})[:2]
+  assert _all_finite(carry)
+  assert int(fo.stats(carry[1])["eigendecompositions"]) >= 1
+  touched = jnp.any(carry[0]["emb"] != 0, axis=1)
+  assert bool(jnp.all(touched == (rows % 97 < 3)))
+
+
+@pytest.mark.parametrize("name,dtype", [
+    ("foam", jnp.bfloat16), ("shampoo", jnp.bfloat16), ("soap", jnp.bfloat16),
+    ("scale_by_foam", jnp.float16), ("scale_by_shampoo", jnp.float16),
+    ("scale_by_soap", jnp.float16)])
+def test_low_precision_parameters(name, dtype):
+  """Updates in the parameter dtype, statistics in float32, loss decreases."""
+  target = jax.random.normal(jax.random.PRNGKey(1), (6, 4)).astype(dtype)
+  params = {"w": jnp.zeros((6, 4), dtype), "b": jnp.zeros((4,), dtype)}
+  loss = lambda p: jnp.sum((p["w"].astype(jnp.float32) - target) ** 2) + \
+      jnp.sum(p["b"].astype(jnp.float32) ** 2)
+  tx = optax.chain(OPTIMIZERS[name](), optax.scale(-5e-2)) if name.startswith(
+      "scale_by") else OPTIMIZERS[name]()
+  state = tx.init(params)
+  float_leaves = [x for x in jax.tree.leaves(state)
+                  if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert all(x.dtype == jnp.float32 for x in float_leaves)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
+    return optax.apply_updates(params, updates), state
+
+  start = float(loss(params))
+  for _ in range(30):
+    params, state = step(params, state)
+  assert all(p.dtype == dtype for p in jax.tree.leaves(params))
+  assert _all_finite((params, state))
+  assert float(loss(params)) < 0.8 * start
+
+
+@pytest.mark.slow
+def test_long_run_damping_stays_in_range():
+  """20,000 steps of drifting curvature (scripts/long_run.py)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "scripts" / "long_run.py"
+  spec = importlib.util.spec_from_file_location("long_run", path)
+  long_run = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(long_run)
+  r = long_run.run(fo.scale_by_foam(epsilon=EPS, max_epsilon=MAX_EPS), 20000)
+  assert r["finite"] and int(r["step"]) == 20000
+  assert EPS * (1 - 1e-6) <= r["damping_min"]
+  assert r["damping_max"] <= MAX_EPS * (1 + 1e-6)
+  assert 0 < r["eigendecompositions"] < r["checks"]
+  assert r["final_loss"] < r["losses"][0]

@@ -1,0 +1,138 @@
+"""Out-of-range hyperparameters raise ValueError at construction.
+
+Every public factory is checked against every invalid value of every argument
+it accepts; the message must name the argument and its allowed range.
+"""
+
+import inspect
+import math
+import re
+
+import optax
+import pytest
+
+import foam_optax as fo
+
+FACTORIES = {
+    "foam": fo.foam,
+    "shampoo": fo.shampoo,
+    "soap": fo.soap,
+    "scale_by_foam": fo.scale_by_foam,
+    "scale_by_shampoo": fo.scale_by_shampoo,
+    "scale_by_soap": fo.scale_by_soap,
+}
+NEEDS_LR = ("foam", "shampoo", "soap")
+
+UNIT = r"\[0\.0, 1\.0\)"
+POSITIVE = r"\(0\.0, inf\]"
+NON_NEGATIVE = r"\[0\.0, inf\]"
+INT1 = r"an integer >= 1"
+
+# (argument, invalid value, regex of the allowed range in the message)
+CASES = [
+    ("learning_rate", -1e-3, NON_NEGATIVE),
+    ("learning_rate", math.nan, NON_NEGATIVE),
+    ("weight_decay", -0.1, NON_NEGATIVE),
+    ("b1", -0.1, UNIT), ("b1", 1.0, UNIT), ("b1", 1.5, UNIT),
+    ("b1", math.nan, UNIT),
+    ("b2", -1e-3, UNIT), ("b2", 1.0, UNIT),
+    ("graft_b2", 1.0, UNIT), ("graft_b2", -0.5, UNIT),
+    ("epsilon", 0.0, None), ("epsilon", -1e-9, None),
+    ("controller_epsilon", 0.0, POSITIVE),
+    ("controller_epsilon", -1.0, POSITIVE),
+    ("graft_eps", -1e-9, NON_NEGATIVE),
+    ("max_epsilon", 1e-12, r">= (controller_)?epsilon"),
+    ("threshold", 0.0, POSITIVE), ("threshold", -0.75, POSITIVE),
+    ("exponent", 0.0, POSITIVE), ("exponent", -2.0, POSITIVE),
+    ("residual_tol", -0.1, r"\[0\.0, 1\.0\]"),
+    ("residual_tol", 1.5, r"\[0\.0, 1\.0\]"),
+    ("check_frequency", 0, INT1), ("check_frequency", 2.5, INT1),
+    ("check_frequency", True, INT1),
+    ("block_size", 0, INT1), ("block_size", -4, INT1),
+    ("max_precond_dim", 0, INT1),
+    ("start_preconditioning_step", 0, INT1),
+    ("controller", "bogus", r"one of \("),
+    ("grafting", "adagrad", r"one of \("),
+    ("preconditioner", "inverse", r"one of \("),
+    ("refresh_method", "lanczos", r"one of \("),
+    ("grouping", "vmap", r"one of \("),
+    ("precondition_1d", "yes", "a bool"),
+    ("stagger", 1, "a bool"),
+    ("skip_nonfinite", None, "a bool"),
+]
+
+
+def _epsilon_range(name):
+  # SOAP's `epsilon` is Adam's epsilon (>= 0); elsewhere it is the damping.
+  return NON_NEGATIVE if name.endswith("soap") else POSITIVE
+
+
+def _cases():
+  for name, factory in FACTORIES.items():
+    accepted = inspect.signature(factory).parameters
+    for arg, value, pattern in CASES:
+      if arg not in accepted:
+        continue
+      if arg == "epsilon":
+        if name.endswith("soap") and value == 0.0:
+          continue   # Adam's epsilon may be 0
+        pattern = _epsilon_range(name)
+      yield pytest.param(name, arg, value, pattern, id=f"{name}-{arg}={value!r}")
+
+
+@pytest.mark.parametrize("name,arg,value,pattern", list(_cases()))
+def test_invalid_argument_raises(name, arg, value, pattern):
+  kwargs = {arg: value}
+  if name in NEEDS_LR and arg != "learning_rate":
+    kwargs["learning_rate"] = 1e-3
+  with pytest.raises(ValueError) as info:
+    FACTORIES[name](**kwargs)
+  message = str(info.value)
+  assert message.startswith(arg + " "), message
+  assert re.search(pattern, message), message
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_every_case_applies_somewhere(name):
+  """Each factory is checked on most of its numeric/choice arguments."""
+  accepted = set(inspect.signature(FACTORIES[name]).parameters)
+  covered = {arg for arg, _, _ in CASES} & accepted
+  untested = accepted - covered - {"weight_decay_mask"}
+  assert not untested, untested
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_boundary_values_are_accepted(name):
+  """The closed ends of each range are valid and give a working transform."""
+  accepted = inspect.signature(FACTORIES[name]).parameters
+  kwargs = {k: v for k, v in dict(
+      b1=0.0, b2=0.0, graft_b2=0.0, residual_tol=1.0, check_frequency=1,
+      block_size=1, max_precond_dim=1, start_preconditioning_step=1,
+      weight_decay=0.0, graft_eps=0.0).items() if k in accepted}
+  if name in NEEDS_LR:
+    kwargs["learning_rate"] = 0.0
+  tx = FACTORIES[name](**kwargs)
+  assert isinstance(tx, optax.GradientTransformation)
+
+
+@pytest.mark.parametrize("name", NEEDS_LR)
+def test_schedule_learning_rate_accepted(name):
+  tx = FACTORIES[name](optax.linear_schedule(1e-3, 0.0, 10))
+  assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_equal_epsilons_accepted():
+  fo.scale_by_foam(epsilon=1e-6, max_epsilon=1e-6)
+  fo.scale_by_soap(controller_epsilon=1e-6, max_epsilon=1e-6)
+
+
+@pytest.mark.parametrize("factory", [fo.scale_by_shampoo,
+                                     lambda **k: fo.shampoo(1e-3, **k)])
+def test_shampoo_accepts_large_epsilon(factory):
+  """Shampoo has no max_epsilon argument, so no epsilon may clash with it."""
+  import jax.numpy as jnp
+  tx = factory(epsilon=1e-3)
+  state = tx.init({"w": jnp.ones((3, 2))})
+  params = {"w": jnp.ones((3, 2))}
+  updates, _ = tx.update(params, state, params)
+  assert bool(jnp.all(jnp.isfinite(updates["w"])))
