@@ -7,6 +7,9 @@ from foam_optax._src.alias import shampoo
 from foam_optax._src.alias import soap
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorState
+from foam_optax._src.partition import partition
+from foam_optax._src.partition import precondition_labels
+from foam_optax._src.sharding import state_sharding
 from foam_optax._src.transform import GroupState
 from foam_optax._src.transform import LeafState
 from foam_optax._src.transform import scale_by_foam
@@ -20,10 +23,13 @@ __all__ = [
     "LeafState",
     "ScaleByFoamState",
     "foam",
+    "partition",
+    "precondition_labels",
     "scale_by_foam",
     "scale_by_shampoo",
     "scale_by_soap",
     "shampoo",
     "soap",
+    "state_sharding",
     "stats",
 ]

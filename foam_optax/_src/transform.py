@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from flax import nnx
 import optax
 
 from foam_optax._src import factors
@@ -62,9 +63,22 @@ def _phases(num_factors, cfg: Config):
   return (index * freq) // num_factors
 
 
+def _plain_arrays(tree):
+  """`tree` with Flax NNX variables replaced by the arrays they hold.
+
+  `nnx.Optimizer` hands `init` its parameters as `nnx.Param` variables; the
+  state keeps one `LeafState` per parameter array, not wrapped in them.
+  """
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  # `get_value` from Flax 0.12 on (where `.value` is deprecated).
+  unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
+  return jax.tree.map(lambda x: unwrap(x) if is_variable(x) else x, tree,
+                      is_leaf=is_variable)
+
+
 def _init(params, cfg: Config) -> ScaleByFoamState:
   dtype = linalg.stat_dtype()
-  leaves, treedef = jax.tree.flatten(params)
+  leaves, treedef = jax.tree.flatten(_plain_arrays(params))
   layouts = [_layout(jnp.shape(p), cfg) for p in leaves]
   num_factors = sum(g.count * (g.left + g.right)
                     for lay in layouts for g in lay.groups)
@@ -161,6 +175,8 @@ def _update_leaf(grad, ls: LeafState, step, cfg: Config):
 def _update(updates, state: ScaleByFoamState, cfg: Config):
   step = optax.safe_increment(state.count)
 
+  updates = _plain_arrays(updates)
+
   def apply():
     grads, treedef = jax.tree.flatten(updates)
     leaf_states = treedef.flatten_up_to(state.leaves)
@@ -178,9 +194,12 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
     return zeros, state._replace(
         nonfinite_skips=optax.safe_increment(state.nonfinite_skips))
 
+  # A finite sum of squares also rules out gradients whose Gram matrices or
+  # squared entries would overflow the statistics' dtype (|g| ~ 1e19 in f32).
   grads = jax.tree.leaves(updates)
   finite = jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(g)) for g in grads])) if grads else True
+      [jnp.isfinite(jnp.sum(jnp.square(g.astype(linalg.stat_dtype()))))
+       for g in grads])) if grads else True
   return lax.cond(finite, apply, skip)
 
 
@@ -262,7 +281,8 @@ def scale_by_foam(
     grouping: ``'map'`` (one conditional per factor) or ``'bucket'`` (one
       conditional per stack of same-sized factors).
     skip_nonfinite: skip the whole update (zero step, state kept, counter
-      incremented) when any gradient is NaN or infinite.
+      incremented) when any gradient is NaN or infinite, or so large that
+      the sum of its squares overflows the statistics' dtype.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction

@@ -1,0 +1,86 @@
+"""Shared pieces of the examples: data, optimizers, flags and logging.
+
+Every example exposes ``train(steps=..., optimizer=..., ...)`` returning a
+dict of results and ``main(argv=None)`` parsing the flags below.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+
+import foam_optax as fo
+
+OPTIMIZERS = ("foam", "shampoo", "soap", "adamw")
+
+
+def load_data(seed: int = 0):
+  """scikit-learn's digits as (N, 8, 8, 1) float32 in [0, 1] and int32
+  labels, split 80/20 into ``(train, test)`` pairs."""
+  images, labels = load_digits(return_X_y=True)
+  images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+  order = np.random.default_rng(seed).permutation(len(images))
+  split = int(0.8 * len(images))
+  train, test = order[:split], order[split:]
+  return ((images[train], labels[train].astype(np.int32)),
+          (images[test], labels[test].astype(np.int32)))
+
+
+def batches(images, labels, batch_size: int, seed: int = 0):
+  """Endless random mini-batches."""
+  rng = np.random.default_rng(seed)
+  while True:
+    index = rng.choice(len(images), batch_size, replace=False)
+    yield images[index], labels[index]
+
+
+def make_optimizer(name: str, learning_rate: float, steps: int,
+                   check_frequency: int = 10) -> optax.GradientTransformation:
+  """The named optimizer with warmup + cosine decay and weight decay 1e-4."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, warmup_steps=max(1, steps // 10), decay_steps=steps)
+  if name == "foam":
+    return fo.foam(schedule, check_frequency=check_frequency,
+                   weight_decay=1e-4)
+  if name == "shampoo":
+    return fo.shampoo(schedule, check_frequency=check_frequency,
+                      weight_decay=1e-4)
+  if name == "soap":
+    return fo.soap(schedule, check_frequency=check_frequency,
+                   weight_decay=1e-4)
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=1e-4)
+  raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--optimizer", choices=OPTIMIZERS, default="foam")
+  p.add_argument("--learning-rate", type=float, default=3e-3)
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--check-frequency", type=int, default=10)
+  p.add_argument("--log-every", type=int, default=50)
+  p.add_argument("--seed", type=int, default=0)
+  return p
+
+
+def optimizer_stats(opt_state) -> dict:
+  """`fo.stats` as Python numbers; empty for optimizers outside foam_optax."""
+  try:
+    return {k: float(v) for k, v in fo.stats(opt_state).items()}
+  except ValueError:
+    return {}
+
+
+def log(step: int, loss: float, opt_state=None) -> None:
+  """One line per logged step: loss, then FOAM/Shampoo counters if any."""
+  line = f"step {step:5d} | loss {loss:.4f}"
+  s = optimizer_stats(opt_state) if opt_state is not None else {}
+  if s:
+    line += (f" | eigendecompositions {int(s['eigendecompositions'])}"
+             f" | damping_max {s['damping_max']:.2e}")
+  print(line, flush=True)

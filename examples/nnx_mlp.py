@@ -1,0 +1,76 @@
+"""A Flax NNX MLP on scikit-learn digits, trained with `nnx.Optimizer`.
+
+    python examples/nnx_mlp.py --optimizer foam --steps 300
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, hidden: int, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(64, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x.reshape(x.shape[0], -1))))
+
+
+def _loss(model, images, labels):
+  logits = model(images)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@nnx.jit
+def _train_step(model, optimizer, images, labels):
+  loss, grads = nnx.value_and_grad(_loss)(model, images, labels)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def _accuracy(model, images, labels):
+  return jnp.mean(jnp.argmax(model(images), -1) == labels)
+
+
+def train(steps: int = 300, optimizer: str = "foam",
+          learning_rate: float = 3e-3, batch_size: int = 128,
+          check_frequency: int = 10, log_every: int = 50, seed: int = 0):
+  """Trains the MLP; returns losses, test accuracy and optimizer stats."""
+  (x_train, y_train), (x_test, y_test) = common.load_data(seed)
+  model = MLP(64, nnx.Rngs(seed))
+  opt = nnx.Optimizer(model, common.make_optimizer(
+      optimizer, learning_rate, steps, check_frequency), wrt=nnx.Param)
+  losses = []
+  data = common.batches(x_train, y_train, batch_size, seed)
+  for step in range(1, steps + 1):
+    losses.append(float(_train_step(model, opt, *next(data))))
+    if step % log_every == 0 or step == steps:
+      common.log(step, losses[-1], opt.opt_state)
+  return {"losses": losses,
+          "accuracy": float(_accuracy(model, x_test, y_test)),
+          "stats": common.optimizer_stats(opt.opt_state)}
+
+
+def main(argv=None):
+  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+  result = train(steps=args.steps, optimizer=args.optimizer,
+                 learning_rate=args.learning_rate, batch_size=args.batch_size,
+                 check_frequency=args.check_frequency,
+                 log_every=args.log_every, seed=args.seed)
+  print(f"test accuracy {result['accuracy']:.4f}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
