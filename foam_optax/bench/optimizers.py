@@ -1,0 +1,129 @@
+"""Benchmarked optimizers and their learning-rate grids.
+
+Every optimizer is built with a unit peak learning rate (a short linear
+warmup to 1.0, then constant); the runner multiplies the updates by the swept
+learning rate, which is exact because every update here is linear in the
+learning rate. One compiled train step then serves the whole sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Callable, Optional
+
+import jax
+import optax
+
+import foam_optax as fo
+
+WARMUP_STEPS = 10
+WEIGHT_DECAY = 1e-4
+START_PRECONDITIONING = 20   # same grafting-only warm start for every Shampoo
+ADAM_GRID = (3e-3, 1e-2, 3e-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """A named optimizer configuration.
+
+  Attributes:
+    name: identifier on the command line and in reports.
+    build: unit-learning-rate schedule -> optax.GradientTransformation.
+    lr_grid: peak learning rates tried in the sweep.
+    settings: hyperparameters, recorded in the report.
+    foam_family: whether `fo.stats` applies to its state.
+  """
+
+  name: str
+  build: Callable[[optax.Schedule], optax.GradientTransformation]
+  lr_grid: tuple
+  settings: dict
+  foam_family: bool = False
+
+
+def unit_schedule() -> optax.Schedule:
+  return optax.linear_schedule(0.1, 1.0, WARMUP_STEPS)
+
+
+def _shampoo_settings(check_frequency):
+  return dict(check_frequency=check_frequency, b1=0.95, b2=0.995,
+              epsilon=1e-9, exponent=2, block_size=1024,
+              start_preconditioning_step=START_PRECONDITIONING,
+              weight_decay=WEIGHT_DECAY)
+
+
+FOAM_PAPER = dict(_shampoo_settings(20), threshold=0.75, max_epsilon=3e-7)
+FOAM_TUNED = dict(_shampoo_settings(10), threshold=1.5, max_epsilon=3e-6)
+SOAP_SETTINGS = dict(b1=0.95, b2=0.95, epsilon=1e-8, check_frequency=10,
+                     weight_decay=WEIGHT_DECAY)
+MUON_SETTINGS = dict(beta=0.95, weight_decay=WEIGHT_DECAY)
+
+
+def _spec(name, factory, settings, grid=ADAM_GRID, foam_family=True):
+  return OptimizerSpec(
+      name=name, build=lambda lr: factory(learning_rate=lr, **settings),
+      lr_grid=grid, settings=settings, foam_family=foam_family)
+
+
+def distributed_shampoo_module() -> Optional[types.ModuleType]:
+  """Google's `precondition.distributed_shampoo` adapted to current JAX.
+
+  precondition-opt 0.3.0 calls `jax.tree_map`, `jax.tree_flatten` and
+  `jax.tree_unflatten`, which current JAX removed; the module's `jax`
+  reference is swapped for a proxy that supplies them from `jax.tree` and
+  forwards everything else. Returns None when the package is not installed.
+  """
+  try:
+    from precondition import distributed_shampoo
+  except ImportError:
+    return None
+  if not hasattr(distributed_shampoo.jax, "tree_map"):
+    proxy = types.ModuleType("jax_with_tree_aliases")
+    proxy.__getattr__ = lambda name: getattr(jax, name)
+    proxy.tree_map = jax.tree.map
+    proxy.tree_flatten = jax.tree.flatten
+    proxy.tree_unflatten = jax.tree.unflatten
+    distributed_shampoo.jax = proxy
+  return distributed_shampoo
+
+
+def _distributed_shampoo_spec(module) -> OptimizerSpec:
+  settings = dict(block_size=1024, beta1=0.95, beta2=0.995,
+                  preconditioning_compute_steps=20,
+                  start_preconditioning_step=START_PRECONDITIONING,
+                  graft_type="RMSPROP_NORMALIZED", weight_decay=WEIGHT_DECAY,
+                  decoupled_weight_decay=True)
+
+  def build(lr):
+    kwargs = dict(settings, graft_type=module.GraftingType[
+        settings["graft_type"]])
+    return module.distributed_shampoo(lr, **kwargs)
+
+  return OptimizerSpec("distributed_shampoo_f20", build, ADAM_GRID, settings)
+
+
+def optimizer_specs() -> dict[str, OptimizerSpec]:
+  """All available optimizers by name (the external peer only if importable;
+  it is not in `DEFAULT_OPTIMIZERS`, see BENCHMARKS.md)."""
+  specs = [
+      _spec("adamw", optax.adamw, dict(b1=0.9, b2=0.999, eps=1e-8,
+                                       weight_decay=WEIGHT_DECAY),
+            foam_family=False),
+      _spec("muon", optax.contrib.muon, MUON_SETTINGS,
+            grid=(1e-2, 3e-2, 1e-1), foam_family=False),
+      _spec("shampoo_f1", fo.shampoo, _shampoo_settings(1)),
+      _spec("shampoo_f20", fo.shampoo, _shampoo_settings(20)),
+      _spec("shampoo_f100", fo.shampoo, _shampoo_settings(100)),
+      _spec("foam", fo.foam, FOAM_PAPER),
+      _spec("foam_tuned", fo.foam, FOAM_TUNED),
+      _spec("soap", fo.soap, SOAP_SETTINGS),
+  ]
+  module = distributed_shampoo_module()
+  if module is not None:
+    specs.append(_distributed_shampoo_spec(module))
+  return {spec.name: spec for spec in specs}
+
+
+DEFAULT_OPTIMIZERS = ("adamw", "muon", "shampoo_f1", "shampoo_f20",
+                      "shampoo_f100", "foam", "foam_tuned", "soap")
