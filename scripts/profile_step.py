@@ -5,8 +5,8 @@ prints:
 
 * the parts of one step, each jitted separately on the model's real factor
   shapes: factor statistics, the FOAM proxy, eigendecompositions, applying
-  the preconditioner (through the eigenbasis, as the library does, and with
-  stored inverse roots for comparison), grafting and the momentum EMA;
+  the preconditioner (with the cached inverse roots, as the library does, and
+  through the eigenbasis for comparison), grafting and the momentum EMA;
 * the model-based floor: AdamW's step plus the two products per block
   ``X_L · M · X_R`` that applying any Shampoo preconditioner must do;
 * whole steps on a replayed gradient sequence (gradients recorded once from
@@ -55,6 +55,9 @@ FREQ = 20            # check_frequency of every periodic optimizer here
 LR = 1e-3
 DEFAULT_GROUPING = Config().grouping
 MARKERS = ("<!-- perf:start -->", "<!-- perf:end -->")
+APPLY = "apply X_L·M·X_R, cached X (2 products; the library)"
+APPLY_EIGENBASIS = "apply through Q, D, eps instead (4 products)"
+REBUILD = "rebuild X from Q, D, eps (all factors; on checks)"
 
 
 def timed(fn, *args, repeats):
@@ -196,10 +199,10 @@ def part_timings(params, grads, repeats):
     data.append((b, factor(g.count, g.rows) if g.left else None,
                  factor(g.count, g.cols) if g.right else None))
   facs = [f for _, l, r in data for f in (l, r) if f is not None]
+  stored_x = lambda f: None if f is None else jax.vmap(
+      linalg.inverse_root, (0, 0, 0, None))(f[1], f[2], f[3], cfg.exponent)
   as_state = lambda f: None if f is None else fo.FactorState(
-      f[0], f[1], f[2], f[3], *(None,) * 5)
-  stored_x = lambda f: None if f is None else jnp.einsum(
-      "kij,kj,klj->kil", f[1], linalg.inverse_root_weights(f[2], f[3], 2), f[1])
+      f[0], f[1], f[2], f[3], *(None,) * 5, inverse_root=stored_x(f))
 
   def statistics_part(data):
     out = []
@@ -214,19 +217,23 @@ def part_timings(params, grads, repeats):
     return [jax.vmap(controllers.staleness_proxy, (0, 0, 0, 0, None))(
         a, q, d, e, 2) for a, q, d, e in facs]
 
-  def apply_part(data):
-    return [preconditioners.root_inverse(b, as_state(l), as_state(r), cfg)
-            for b, l, r in data]
-
-  def stored_x_part(xs):
+  def eigenbasis_part(data):
     out = []
-    for b, xl, xr in xs:
-      if xl is not None:
-        b = jnp.einsum("kij,kjn->kin", xl, b, precision=linalg.HIGHEST)
-      if xr is not None:
-        b = jnp.einsum("kmj,kjn->kmn", b, xr, precision=linalg.HIGHEST)
-      out.append(b)
+    for b, l, r in data:
+      rotated = linalg.rotate(b, None if l is None else l[1],
+                              None if r is None else r[1])
+      if l is not None:
+        rotated = rotated * linalg.inverse_root_weights(
+            l[2], l[3], cfg.exponent)[:, :, None]
+      if r is not None:
+        rotated = rotated * linalg.inverse_root_weights(
+            r[2], r[3], cfg.exponent)[:, None, :]
+      out.append(linalg.unrotate(rotated, None if l is None else l[1],
+                                 None if r is None else r[1]))
     return out
+
+  def stored_x_part(states):
+    return [preconditioners.root_inverse(b, l, r) for b, l, r in states]
 
   def rebuild_x_part(facs):
     return [stored_x(f) for f in facs]
@@ -242,7 +249,7 @@ def part_timings(params, grads, repeats):
     return [(cfg.b1 * g + (1 - cfg.b1) * g) / (1 - cfg.b1 ** 5)
             for g in grad_leaves]
 
-  xs = [(b, stored_x(l), stored_x(r)) for b, l, r in data]
+  states = [(b, as_state(l), as_state(r)) for b, l, r in data]
   run = lambda fn, *a: timed(jax.jit(fn), *a, repeats=repeats)
   return {
       "statistics": run(statistics_part, data),
@@ -251,9 +258,9 @@ def part_timings(params, grads, repeats):
       # have deadlocked here with large factors.
       "eigh (all factors)": sum(
           run(jax.vmap(linalg.fresh_eigendecomposition), a) for a, *_ in facs),
-      "apply via eigenbasis (4 products)": run(apply_part, data),
-      "apply with stored X (2 products)": run(stored_x_part, xs),
-      "rebuild X from Q, D, eps (all factors)": run(rebuild_x_part, facs),
+      APPLY: run(stored_x_part, states),
+      APPLY_EIGENBASIS: run(eigenbasis_part, data),
+      REBUILD: run(rebuild_x_part, facs),
       "grafting (Adam direction + rescale)": run(graft_part, grad_leaves, data),
       "momentum EMA": run(momentum_part, grad_leaves),
   }, sum(f[0].shape[0] for f in facs)
@@ -365,19 +372,19 @@ def report(results, layer, compile_times, command):
     for part, seconds in parts.items():
       out(f"| {part} | {ms(seconds)} |")
     foam_times, evds = runs[f"foam {DEFAULT_GROUPING}"]
-    amortized = (parts["statistics"] + parts["apply via eigenbasis (4 products)"]
+    amortized = (parts["statistics"] + parts[APPLY]
                  + parts["grafting (Adam direction + rescale)"]
-                 + parts["momentum EMA"] + parts["proxy (all factors)"] / FREQ
+                 + parts["momentum EMA"]
+                 + (parts["proxy (all factors)"] + parts[REBUILD]) / FREQ
                  + parts["eigh (all factors)"] * evds / r["factors"] / FREQ)
-    floor = adam_step + parts["apply with stored X (2 products)"]
+    floor = adam_step + parts[APPLY]
     out(f"\nSum of FOAM's parts, amortized with the {evds} refreshes seen in "
         f"the timed period ({r['factors']} factors, f={FREQ}): "
         f"{ms(amortized)} ms per step.")
-    apply_now = parts["apply via eigenbasis (4 products)"]
-    apply_x = (parts["apply with stored X (2 products)"]
-               + parts["rebuild X from Q, D, eps (all factors)"] / FREQ)
-    out(f"Storing X_L, X_R (rebuilt once per check) would cost "
-        f"{ms(apply_x)} ms per step instead of {ms(apply_now)} ms to apply.")
+    apply_x = parts[APPLY] + parts[REBUILD] / FREQ
+    out(f"Applying cached X_L, X_R (rebuilt once per check) costs "
+        f"{ms(apply_x)} ms per step against {ms(parts[APPLY_EIGENBASIS])} ms "
+        "through the eigenbasis.")
     out(f"Model-based floor (AdamW step + X_L·M·X_R products): "
         f"optimizer step {ms(floor)} ms, training step {ms(grad + floor)} ms.\n")
     out(f"| optimizer (f={FREQ} unless noted) | mean step ms | median | max | "
@@ -418,25 +425,30 @@ def report(results, layer, compile_times, command):
   for name, r in results.items():
     out(f"| {name} | " + " | ".join(f"{v:.2f}" for v in r["memory"].values())
         + " |")
-  out("\nInverse roots are not stored: each step rebuilds "
-      "X = Q diag((D+eps)^(-1/p)) Qᵀ implicitly by applying Q_L, Q_R twice.")
+  out("\nFOAM and Shampoo cache X = Q diag((D+eps)^(-1/p)) Qᵀ beside Q and the "
+      "statistic (rebuilt at each check, as the damping can change without a "
+      "refresh): one more (m, m) array per factor, for two products per step "
+      "instead of four (see the parts above). SOAP applies Q itself and "
+      "stores no X.")
   if layer is not None:
     (parts, num_factors) = layer
     base = sum(parts[k] for k in (
-        "statistics", "apply via eigenbasis (4 products)",
-        "grafting (Adam direction + rescale)", "momentum EMA"))
+        "statistics", APPLY, "grafting (Adam direction + rescale)",
+        "momentum EMA"))
     proxy, eigh = parts["proxy (all factors)"], parts["eigh (all factors)"]
-    worst = base + (proxy + eigh) / FREQ
+    rebuild = parts[REBUILD]
+    worst = base + (proxy + eigh + rebuild) / FREQ
     out("\n### One layer of a 12 x d_model 768 Transformer (block_size 1024, "
         f"{num_factors} factors), parts on random gradients\n")
     out("| part | ms |")
     out("|---|---:|")
     for part, seconds in parts.items():
       out(f"| {part} | {ms(seconds)} |")
-    out(f"\nShampoo f=1 optimizer step ≈ {ms(base + eigh)} ms per layer; FOAM "
-        f"(f={FREQ}) amortized ≈ {ms(base + proxy / FREQ)} ms without refreshes "
+    out(f"\nShampoo f=1 optimizer step ≈ {ms(base + eigh + rebuild)} ms per "
+        f"layer; FOAM (f={FREQ}) amortized ≈ "
+        f"{ms(base + (proxy + rebuild) / FREQ)} ms without refreshes "
         f"and {ms(worst)} ms if every check refreshes: a speed-up of "
-        f"{(base + eigh) / worst:.1f}x at least.")
+        f"{(base + eigh + rebuild) / worst:.1f}x at least.")
   if compile_times:
     out("\n### Compile time of the first `update`, 12 x d_model 768 "
         "Transformer tree (vocab 8192)\n")

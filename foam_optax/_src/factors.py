@@ -18,7 +18,7 @@ work are offered:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,19 +41,32 @@ class FactorState(NamedTuple):
   checks: jax.Array          # (k,) int32 check steps evaluated
   refreshes: jax.Array       # (k,) int32 fresh eigendecompositions
   failures: jax.Array        # (k,) int32 refreshes that failed (basis kept)
+  # (k, m, m) X = Q diag((D + ε_s)^(-1/p)) Qᵀ, rebuilt at every check; None
+  # for eigenvalue-corrected preconditioning, which applies Q itself.
+  inverse_root: Optional[jax.Array] = None
 
 
-def init_factor_state(count, size, epsilon, phase, dtype) -> FactorState:
+def init_factor_state(count, size, epsilon, phase, dtype,
+                      exponent=None) -> FactorState:
+  """Identity bases, zero statistics; `exponent` (root-inverse
+  preconditioning only) makes the state cache the inverse roots."""
   eye = jnp.broadcast_to(jnp.eye(size, dtype=dtype), (count, size, size))
   zeros_i = jnp.zeros((count,), jnp.int32)
+  damping = jnp.full((count,), epsilon, dtype)
+  eigvals = jnp.zeros((count, size), dtype)
+  inverse_root = None
+  if exponent is not None:
+    inverse_root = eye * linalg.inverse_root_weights(
+        eigvals, damping, exponent)[:, None, :]
   return FactorState(
       statistic=jnp.zeros((count, size, size), dtype),
       basis=eye,
-      eigvals=jnp.zeros((count, size), dtype),
-      damping=jnp.full((count,), epsilon, dtype),
+      eigvals=eigvals,
+      damping=damping,
       proxy=jnp.zeros((count,), dtype),
       phase=jnp.asarray(phase, jnp.int32),
-      checks=zeros_i, refreshes=zeros_i, failures=zeros_i)
+      checks=zeros_i, refreshes=zeros_i, failures=zeros_i,
+      inverse_root=inverse_root)
 
 
 def is_check_step(step, phase, cfg: Config):
@@ -115,6 +128,11 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
       checks=fs.checks + 1,
       refreshes=fs.refreshes + success.astype(jnp.int32),
       failures=fs.failures + failure.astype(jnp.int32))
+  if fs.inverse_root is not None:
+    # Rebuilt once per check (the damping may change without a refresh) so
+    # that every step applies X with two products instead of four.
+    new = new._replace(inverse_root=linalg.inverse_root(
+        new.basis, new.eigvals, new.damping, cfg.exponent))
   order = jnp.where(success, fresh.order, jnp.arange(fresh.order.shape[-1]))
   return new, order
 

@@ -67,6 +67,12 @@ def inverse_root_weights(eigvals, damping, exponent):
   return (eigvals + damping[..., None]) ** (-1.0 / exponent)
 
 
+def inverse_root(basis, eigvals, damping, exponent):
+  """X = Q diag((D + eps)^(-1/p)) Qᵀ for one factor."""
+  weights = inverse_root_weights(eigvals, damping, exponent)
+  return matmul(basis * weights[None, :], basis.T)
+
+
 def rotate(blocks, left_basis, right_basis):
   """Q_Lᵀ · B · Q_R for a (k, m, n) stack; a None basis is the identity."""
   if left_basis is not None:

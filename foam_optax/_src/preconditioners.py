@@ -1,9 +1,10 @@
 """Preconditioners: *what* is applied to a block's momentum.
 
 * `root_inverse` (Shampoo, FOAM): ``P = X_L · M · X_R`` with
-  ``X = Q diag((D + ε)^(-1/p)) Qᵀ`` rebuilt from the cached eigenbasis. It is
-  applied as ``Q_L (w_L w_Rᵀ ⊙ (Q_Lᵀ M Q_R)) Q_Rᵀ``, so no inverse root is
-  stored.
+  ``X = Q diag((D + ε)^(-1/p)) Qᵀ``. The factor state caches X, rebuilt at
+  each check step: two products per step instead of the four of applying it
+  through the eigenbasis, for one more (m, m) array per factor (measured in
+  `scripts/profile_step.py`).
 * `eigenvalue_corrected` (SOAP, Purifying Shampoo): Adam in the factors'
   eigenbasis, ``P = Q_L (M̃ ⊘ (sqrt(V̂) + eps)) Q_Rᵀ`` with a second moment `V`
   of the rotated gradients.
@@ -23,16 +24,15 @@ def _basis(fs):
   return None if fs is None else fs.basis
 
 
-def root_inverse(momentum, left, right, cfg: Config):
+def root_inverse(momentum, left, right):
   """X_L · M · X_R for a (k, m, n) stack; a None factor is the identity."""
-  rotated = linalg.rotate(momentum, _basis(left), _basis(right))
   if left is not None:
-    rotated = rotated * linalg.inverse_root_weights(
-        left.eigvals, left.damping, cfg.exponent)[:, :, None]
+    momentum = jnp.einsum("kij,kjn->kin", left.inverse_root, momentum,
+                          precision=linalg.HIGHEST)
   if right is not None:
-    rotated = rotated * linalg.inverse_root_weights(
-        right.eigvals, right.damping, cfg.exponent)[:, None, :]
-  return linalg.unrotate(rotated, _basis(left), _basis(right))
+    momentum = jnp.einsum("kmj,kjn->kmn", momentum, right.inverse_root,
+                          precision=linalg.HIGHEST)
+  return momentum
 
 
 def _permute(second_moment, left_order, right_order):
