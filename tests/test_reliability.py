@@ -489,6 +489,24 @@ def test_low_precision_parameters(name, dtype):
   assert float(loss(params)) < 0.8 * start
 
 
+def test_float16_update_saturates_instead_of_overflowing():
+  """A finite float32 direction beyond float16's range is clipped to it."""
+  tx = fo.scale_by_foam(grafting="none", epsilon=1e-12, max_epsilon=1e-12,
+                        check_frequency=1, start_preconditioning_step=1)
+  # Rank one, exactly representable in float16: singular value s ~ 5.8e-7,
+  # so the direction's scale s / (s^2 + eps) ~ 4e5 exceeds float16's 65504.
+  g32 = jnp.full((2, 3), 4 * 2.0 ** -24, jnp.float32)
+  reference, _ = tx.update({"w": g32}, tx.init({"w": g32}))
+  big = jnp.abs(reference["w"]) > 65504.0
+  assert bool(jnp.any(big)), "the float32 direction must exceed float16's range"
+  g16 = g32.astype(jnp.float16)
+  updates, _ = tx.update({"w": g16}, tx.init({"w": g16}))
+  assert updates["w"].dtype == jnp.float16
+  assert bool(jnp.all(jnp.isfinite(updates["w"])))
+  expected = jnp.clip(reference["w"], -65504.0, 65504.0).astype(jnp.float16)
+  np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(expected))
+
+
 @pytest.mark.slow
 def test_long_run_damping_stays_in_range():
   """20,000 steps of drifting curvature (scripts/long_run.py)."""

@@ -24,14 +24,18 @@ FACTORIES = {
 NEEDS_LR = ("foam", "shampoo", "soap")
 
 UNIT = r"\[0\.0, 1\.0\)"
-POSITIVE = r"\(0\.0, inf\]"
-NON_NEGATIVE = r"\[0\.0, inf\]"
+POSITIVE = r"\(0\.0, inf\)"
+NON_NEGATIVE = r"\[0\.0, inf\)"
 INT1 = r"an integer >= 1"
 
 # (argument, invalid value, regex of the allowed range in the message)
 CASES = [
     ("learning_rate", -1e-3, NON_NEGATIVE),
     ("learning_rate", math.nan, NON_NEGATIVE),
+    ("learning_rate", math.inf, NON_NEGATIVE),
+    ("weight_decay", math.inf, NON_NEGATIVE),
+    ("epsilon", math.inf, None), ("graft_eps", math.inf, NON_NEGATIVE),
+    ("max_epsilon", math.inf, POSITIVE), ("threshold", math.inf, POSITIVE),
     ("weight_decay", -0.1, NON_NEGATIVE),
     ("b1", -0.1, UNIT), ("b1", 1.0, UNIT), ("b1", 1.5, UNIT),
     ("b1", math.nan, UNIT),

@@ -74,6 +74,8 @@ def _check_range(name, value, low, high, low_open=False, high_open=False):
   v = _known(value)
   if v is None:
     return
+  # No hyperparameter is meaningful at infinity: the ranges stop short of it.
+  high_open = high_open or high == math.inf
   too_low = v <= low if low_open else v < low
   too_high = v >= high if high_open else v > high
   if math.isnan(v) or too_low or too_high:
@@ -155,6 +157,7 @@ def check_soap_epsilons(epsilon, controller_epsilon, max_epsilon) -> None:
   _check_range("epsilon", epsilon, 0.0, math.inf)
   _check_range("controller_epsilon", controller_epsilon, 0.0, math.inf,
                low_open=True)
+  _check_range("max_epsilon", max_epsilon, 0.0, math.inf, low_open=True)
   eps, max_eps = _known(controller_epsilon), _known(max_epsilon)
   if eps is not None and max_eps is not None and max_eps < eps:
     raise ValueError(

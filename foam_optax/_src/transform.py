@@ -91,7 +91,9 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       return None
     phase = phases[next_phase:next_phase + count]
     next_phase += count
-    return factors.init_factor_state(count, size, cfg.epsilon, phase, dtype)
+    return factors.init_factor_state(
+        count, size, cfg.epsilon, phase, dtype,
+        exponent=None if cfg.eigenvalue_corrected else cfg.exponent)
 
   leaf_states = []
   for p, lay in zip(leaves, layouts):
@@ -131,9 +133,21 @@ def _update_group(grad_blocks, momentum_blocks, graft_blocks, gs: GroupState,
         grad_blocks, momentum_blocks, gs.rotated_second_moment, left, right,
         left_order, right_order, step, cfg)
     return direction, GroupState(left, right, moment)
-  direction = preconditioners.root_inverse(momentum_blocks, left, right, cfg)
+  direction = preconditioners.root_inverse(momentum_blocks, left, right)
   direction = grafting.rescale(direction, graft_blocks, cfg)
   return direction, GroupState(left, right, None)
+
+
+def _to_dtype(direction, dtype):
+  """`direction` in the parameter's dtype, saturating instead of overflowing.
+
+  A finite float32 direction beyond float16's range (e.g. with
+  ``grafting='none'`` and a tiny damping) would otherwise become inf.
+  """
+  if jnp.finfo(dtype).max < jnp.finfo(direction.dtype).max:
+    limit = jnp.finfo(dtype).max.astype(direction.dtype)
+    direction = jnp.clip(direction, -limit, limit)
+  return direction.astype(dtype)
 
 
 def _update_leaf(grad, ls: LeafState, step, cfg: Config):
@@ -151,7 +165,7 @@ def _update_leaf(grad, ls: LeafState, step, cfg: Config):
     graft_dir, graft_moment = grafting.direction(
         ls.graft_second_moment, g, corrected, step, cfg)
   if not layout.preconditioned:
-    return graft_dir.astype(grad.dtype), ls._replace(
+    return _to_dtype(graft_dir, grad.dtype), ls._replace(
         momentum=momentum, graft_second_moment=graft_moment)
   as_matrix = lambda x: x.reshape(layout.matrix_shape)
   g_mat, m_mat = as_matrix(g), as_matrix(corrected)
@@ -168,7 +182,7 @@ def _update_leaf(grad, ls: LeafState, step, cfg: Config):
   if not cfg.eigenvalue_corrected:
     # Before the first check only the grafting optimizer steps.
     direction = jnp.where(step >= cfg.first_check_step, direction, graft_dir)
-  return direction.astype(grad.dtype), LeafState(
+  return _to_dtype(direction, grad.dtype), LeafState(
       momentum, graft_moment, tuple(groups), layout)
 
 
