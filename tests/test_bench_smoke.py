@@ -5,6 +5,7 @@ import json
 import math
 
 from foam_optax.bench import cli
+from foam_optax.bench import runner
 
 SUMMARY_KEYS = {"lr", "final_train_loss", "final_test_loss", "steps_to_target",
                 "seconds_to_target", "train_seconds", "step_ms_median",
@@ -33,7 +34,17 @@ def test_quick_benchmark(tmp_path, capsys):
     assert math.isfinite(data["target_train_loss"])
     for name, result in data["results"].items():
       assert len(result["runs"]) == cli.QUICK["seeds"]
-      assert len(result["sweep"]) == 3
+      # The grid, extended past an end only while the best rate sits there.
+      rates = [s["lr"] for s in result["sweep"]]
+      losses = [math.inf if s["final_train_loss"] is None
+                else s["final_train_loss"] for s in result["sweep"]]
+      extra = len(rates) - 3
+      assert 0 <= extra <= runner.MAX_GRID_EXTENSIONS
+      assert rates == sorted(rates) and result["lr"] in rates
+      best = result["lr"]
+      assert losses[rates.index(best)] == min(losses)
+      if extra < runner.MAX_GRID_EXTENSIONS:
+        assert rates[0] < best < rates[-1]
       for run in result["runs"].values():
         assert len(run["trace"]["step_seconds"]) == data["steps"]
         assert all(math.isfinite(x) for x in run["curve"]["train_loss"])

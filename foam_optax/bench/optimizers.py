@@ -57,6 +57,8 @@ FOAM_PAPER = dict(_shampoo_settings(20), threshold=0.75, max_epsilon=3e-7)
 FOAM_TUNED = dict(_shampoo_settings(10), threshold=1.5, max_epsilon=3e-6)
 SOAP_SETTINGS = dict(b1=0.95, b2=0.95, epsilon=1e-8, check_frequency=10,
                      weight_decay=WEIGHT_DECAY)
+SOAP_FOAM_SETTINGS = dict(SOAP_SETTINGS, controller="foam", threshold=0.75,
+                          controller_epsilon=1e-9, max_epsilon=3e-7)
 MUON_SETTINGS = dict(beta=0.95, weight_decay=WEIGHT_DECAY)
 
 
@@ -118,6 +120,9 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
       _spec("foam", fo.foam, FOAM_PAPER),
       _spec("foam_tuned", fo.foam, FOAM_TUNED),
       _spec("soap", fo.soap, SOAP_SETTINGS),
+      # SOAP's eigenbasis refreshed by FOAM's staleness proxy instead of
+      # every check_frequency steps.
+      _spec("soap_foam", fo.soap, SOAP_FOAM_SETTINGS),
   ]
   module = distributed_shampoo_module()
   if module is not None:
@@ -126,4 +131,4 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
 
 
 DEFAULT_OPTIMIZERS = ("adamw", "muon", "shampoo_f1", "shampoo_f20",
-                      "shampoo_f100", "foam", "foam_tuned", "soap")
+                      "shampoo_f100", "foam", "foam_tuned", "soap", "soap_foam")
