@@ -17,6 +17,7 @@ import pytest
 from jax import lax
 
 import foam_optax as fo
+from foam_optax._src.transform import block_classes
 import reference
 
 # (4,4) square; (2,3,4) -> (6,4) tall, row blocks 4+2; (2,1,2,2,3) ->
@@ -42,27 +43,37 @@ def make_grads(shapes=SHAPES, steps=STEPS, jump=JUMP, seed=0, sigma=0.3):
            for i, s in enumerate(shapes)] for t in range(1, steps + 1)]
 
 
-def factor_arrays(core):
-  """Per-factor (keys, damping, refreshes, checks, proxy) of a
-  ScaleByFoamState, keyed like `reference.Reference.factors()`."""
-  leaf_states = [x for x in jax.tree.leaves(
+def factor_keys(core):
+  """Per factor stack of a ScaleByFoamState, in stacking order: the
+  FactorState and the keys (leaf, row0, col0, side) of its factors, keyed
+  like `reference.Reference.factors()`."""
+  layouts = [ls.layout for ls in jax.tree.leaves(
       core.leaves, is_leaf=lambda x: isinstance(x, fo.LeafState))
-                 if isinstance(x, fo.LeafState)]
-  keys, fields = [], {k: [] for k in ("damping", "refreshes", "checks",
-                                       "proxy")}
-  for i, ls in enumerate(leaf_states):
-    for g, gs in zip(ls.layout.groups, ls.groups):
-      for side, fs in (("L", gs.left), ("R", gs.right)):
-        if fs is None:
-          continue
+             if isinstance(ls, fo.LeafState)]
+  stacks = []
+  for cls, gs in zip(block_classes(core), core.groups):
+    for side, fs in (("L", gs.left), ("R", gs.right)):
+      if fs is None:
+        continue
+      keys = []
+      for i, j in cls.members:
+        g = layouts[i].groups[j]
         for k in range(g.count):
           bi, bj = divmod(k, g.num_col_blocks)
           keys.append((i, g.row_start + bi * g.rows,
                        g.col_start + bj * g.cols, side))
-        for name, values in fields.items():
-          values.append(getattr(fs, name))
-  arrays = {k: jnp.concatenate(v) if v else jnp.zeros((0,))
-            for k, v in fields.items()}
+      stacks.append((fs, keys))
+  return stacks
+
+
+def factor_arrays(core):
+  """Per-factor (keys, damping, refreshes, checks, proxy) of a
+  ScaleByFoamState, keyed like `reference.Reference.factors()`."""
+  stacks = factor_keys(core)
+  keys = [k for _, ks in stacks for k in ks]
+  arrays = {name: jnp.concatenate([getattr(fs, name) for fs, _ in stacks])
+            if stacks else jnp.zeros((0,))
+            for name in ("damping", "refreshes", "checks", "proxy")}
   return keys, arrays
 
 
@@ -141,6 +152,15 @@ def compare(shapes, kwargs, *, grouping="map", x64=True, rtol=1e-7,
       lib_s["eigendecompositions"],
       [s["eigendecompositions"] for s in ref_s])
   np.testing.assert_array_equal(lib_s["checks"], [s["checks"] for s in ref_s])
+  # The damping and proxy summaries of `fo.stats`, step by step.
+  for name in ("damping_max", "damping_mean"):
+    np.testing.assert_allclose(lib_s[name], [s[name] for s in ref_s],
+                               rtol=max(rtol, 1e-6) if x64 else 1e-3,
+                               err_msg=name)
+  np.testing.assert_allclose(lib_s["proxy_max"],
+                             [s["proxy_max"] for s in ref_s],
+                             rtol=1e-5 if x64 else 1e-2, atol=1e-12,
+                             err_msg="proxy_max")
   for t in range(len(grads)):
     for i, shape in enumerate(shapes):
       assert lib_u[i][t].shape == tuple(shape)
@@ -179,12 +199,31 @@ CASES = [
     ("residual", "map", "A", dict(grafting="sgd", b1=0.0,
                                   precondition_1d=True)),
     ("residual", "bucket", "B", dict(grafting="adam", precondition_1d=True)),
+    # With those above, every controller meets grafting='none' and b1=0
+    # (no momentum) at least once; map grouping only, to stay cheap.
+    ("stale", "map", "B", dict(grafting="none")),
+    ("foam", "map", "A", dict(grafting="adam", b1=0.0)),
+    ("foam_no_refresh", "map", "A", dict(grafting="none", b1=0.0,
+                                         precondition_1d=True)),
+    ("residual", "map", "B", dict(grafting="none", precondition_1d=True)),
 ]
 
 
-@pytest.mark.parametrize(
-    "controller,grouping,half,extra", CASES,
-    ids=[f"{c}-{g}-{h}-{e['grafting']}" for c, g, h, e in CASES])
+def _case_id(controller, grouping, half, extra):
+  momentum = "-b1=0" if extra.get("b1", BASE["b1"]) == 0 else ""
+  return f"{controller}-{grouping}-{half}-{extra['grafting']}{momentum}"
+
+
+def test_cases_cover_every_controller_without_grafting_and_momentum():
+  for controller in ("stale", "foam", "foam_fixed_damping", "foam_no_refresh",
+                     "residual"):
+    extras = [e for c, _, _, e in CASES if c == controller]
+    assert any(e["grafting"] == "none" for e in extras), controller
+    assert any(e.get("b1", BASE["b1"]) == 0 for e in extras), controller
+
+
+@pytest.mark.parametrize("controller,grouping,half,extra", CASES,
+                         ids=[_case_id(*case) for case in CASES])
 def test_matches_reference(controller, grouping, half, extra):
   kwargs = dict(BASE, controller=controller, **extra)
   _, ref_f, _ = compare(HALVES[half], kwargs, grouping=grouping)
@@ -255,18 +294,8 @@ def test_layout_matches_reference(block_size, max_precond_dim,
                         precondition_1d=precondition_1d)
   state = tx.init([jnp.zeros(s) for s in shapes])
   keys, _ = factor_arrays(state)
-  leaf_states = [x for x in jax.tree.leaves(
-      state.leaves, is_leaf=lambda x: isinstance(x, fo.LeafState))
-                 if isinstance(x, fo.LeafState)]
-  lib = {}
-  for i, ls in enumerate(leaf_states):
-    for g, gs in zip(ls.layout.groups, ls.groups):
-      for side, fs in (("L", gs.left), ("R", gs.right)):
-        if fs is not None:
-          for k in range(g.count):
-            bi, bj = divmod(k, g.num_col_blocks)
-            lib[(i, g.row_start + bi * g.rows, g.col_start + bj * g.cols,
-                 side)] = fs.basis.shape[-1]
+  lib = {key: fs.basis.shape[-1]
+         for fs, ks in factor_keys(state) for key in ks}
   ref = reference.Reference(shapes, block_size=block_size,
                             max_precond_dim=max_precond_dim,
                             precondition_1d=precondition_1d)

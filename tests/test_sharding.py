@@ -28,7 +28,8 @@ _SCRIPT = textwrap.dedent("""
               "conv": 0.1 * jax.random.normal(keys[1], (2, 2, 8, 16))}
     target = jax.random.normal(keys[2], (128, 32))
     x = jax.random.normal(jax.random.PRNGKey(1), (128, 64))
-    # 64x32 in 8x8 blocks: stacks of 32 blocks; conv as (32, 16): 8 blocks.
+    # 64x32 in 8x8 blocks: 32 blocks; conv as (32, 16): 8 blocks. All 8x8
+    # blocks of the tree form one block class: a left and a right stack of 40.
     tx = fo.foam(3e-2, block_size=8, check_frequency=2, grouping="bucket")
 
     def loss(p):
@@ -74,6 +75,30 @@ _SCRIPT = textwrap.dedent("""
         a.sharding.is_equivalent_to(b, a.ndim)
         for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(s_shard)))
     init_sharded = same_sharding(s8)
+
+    # `update` itself keeps the shardings: jitted with in_shardings only, and
+    # with none at all on the placed arrays (no out_shardings to force them),
+    # over steps 1-3 (step 2 is the first check: eigendecompositions).
+    def changed_sharding(before, after):
+      assert jax.tree.structure(before) == jax.tree.structure(after)
+      return [jax.tree_util.keystr(k) + ": " + str(b.sharding) + " -> " +
+              str(a.sharding) for (k, a), b in zip(
+                  jax.tree_util.tree_leaves_with_path(after),
+                  jax.tree.leaves(before))
+              if not a.sharding.is_equivalent_to(b.sharding, a.ndim)]
+
+    changed = {}
+    for name, jitted in (
+        ("in_shardings", jax.jit(step, in_shardings=(p_shard, s_shard))),
+        ("no_shardings", jax.jit(step))):
+      p, s = p8, s8
+      changed[name] = []
+      for _ in range(3):
+        p, s_next = jitted(p, s)
+        changed[name] += changed_sharding(s, s_next)
+        s = s_next
+      changed[name + "_evds"] = int(fo.stats(s)["eigendecompositions"])
+
     for _ in range(6):
       p8, s8 = step8(p8, s8)
     factor = fo.FactorState
@@ -83,6 +108,9 @@ _SCRIPT = textwrap.dedent("""
         "evd_1": evd_1, "evd_8": evd_8,
         "bytes_1": bytes_1, "bytes_8": bytes_8,
         "init_sharded": init_sharded, "kept_sharding": same_sharding(s8),
+        "changed": changed,
+        "num_sharded": sum("data" in str(a.sharding.spec)
+                           for a in jax.tree.leaves(s8)),
         "stack_specs": [str(s) for s in stacks],
         "max_diff": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
             jax.tree.leaves(p1), jax.tree.leaves(jax.device_get(p8)))),
@@ -105,9 +133,20 @@ def measured():
 
 def test_state_follows_parameter_sharding_and_keeps_it(measured):
   assert measured["init_sharded"] and measured["kept_sharding"]
-  # Every factor stack (32 or 8 blocks) is split over the 8 devices.
+  # Every factor stack (40 blocks) is split over the 8 devices.
   assert measured["stack_specs"] and all(
       "data" in s for s in measured["stack_specs"])
+
+
+def test_update_keeps_state_sharding_without_out_shardings(measured):
+  # Without out_shardings nothing forces the outputs' shardings: every state
+  # array must come back with the sharding it came in with.
+  changed = measured["changed"]
+  assert changed["in_shardings"] == [], changed["in_shardings"][:5]
+  assert changed["no_shardings"] == [], changed["no_shardings"][:5]
+  # Not vacuous: the steps refreshed bases, and many arrays are split.
+  assert changed["in_shardings_evds"] == changed["no_shardings_evds"] > 0
+  assert measured["num_sharded"] >= 10
 
 
 def test_per_device_state_memory_shrinks(measured):
@@ -118,9 +157,10 @@ def test_per_device_state_memory_shrinks(measured):
 
 
 def test_eigendecompositions_are_divided_among_devices(measured):
-  # The compiled per-device program decomposes 1/8 of each block stack.
-  assert sorted(measured["evd_1"]) == [8, 8, 32, 32]
-  assert sorted(measured["evd_8"]) == [1, 1, 4, 4]
+  # The compiled per-device program decomposes 1/8 of each block stack
+  # (one 8x8 block class of 40 blocks, a left and a right factor stack).
+  assert sorted(measured["evd_1"]) == [40, 40]
+  assert sorted(measured["evd_8"]) == [5, 5]
   assert measured["evds_1"] == measured["evds_8"] > 0
 
 

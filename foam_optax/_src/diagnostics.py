@@ -41,7 +41,7 @@ def stats(opt_state) -> dict[str, jax.Array]:
   states = _find(opt_state, ScaleByFoamState)
   if not states:
     raise ValueError("opt_state holds no foam_optax transformation state.")
-  factors = _find([s.leaves for s in states], FactorState)
+  factors = _find([s.groups for s in states], FactorState)
   int_zero = jnp.zeros((), jnp.int32)
 
   def total(field):

@@ -84,22 +84,41 @@ class _Refresh(NamedTuple):
   ok: jax.Array
 
 
+def _by_eigh(factor) -> _Refresh:
+  basis, eigvals, ok = linalg.fresh_eigendecomposition(factor)
+  return _Refresh(basis, eigvals, jnp.arange(factor.shape[-1]), ok)
+
+
+def _by_power_qr(factor, basis) -> _Refresh:
+  return _Refresh(*linalg.power_qr_refresh(factor, basis))
+
+
 def _compute_refresh(factor, fs: FactorState, first, cfg: Config) -> _Refresh:
   """The expensive part: a fresh basis for one factor."""
-  size = factor.shape[-1]
-
-  def by_eigh():
-    basis, eigvals, ok = linalg.fresh_eigendecomposition(factor)
-    return _Refresh(basis, eigvals, jnp.arange(size), ok)
-
   if cfg.refresh_method == "eigh":
-    return by_eigh()
-
-  def by_power_qr():
-    return _Refresh(*linalg.power_qr_refresh(factor, fs.basis))
-
+    return _by_eigh(factor)
   # The first basis of every factor is a full eigendecomposition.
-  return lax.cond(first, by_eigh, by_power_qr)
+  return lax.cond(first, lambda: _by_eigh(factor),
+                  lambda: _by_power_qr(factor, fs.basis))
+
+
+def _compute_refresh_stack(factors, fs: FactorState, first) -> _Refresh:
+  """Fresh bases for a whole stack with batched kernels (`grouping='bucket'`).
+
+  `first` marks the members that need their first, full eigendecomposition.
+  Power-QR stacks run the batched `eigh` only when some member does (at
+  `s0`, or after a failed first decomposition), never on ordinary checks.
+  """
+  by_eigh = lambda: jax.vmap(_by_eigh)(factors)
+  by_power_qr = lambda: jax.vmap(_by_power_qr)(factors, fs.basis)
+
+  def mixed():
+    full, warm = by_eigh(), by_power_qr()
+    pick = lambda x, y: jnp.where(
+        first.reshape(first.shape + (1,) * (x.ndim - 1)), x, y)
+    return jax.tree.map(pick, full, warm)
+
+  return lax.cond(jnp.any(first), mixed, by_power_qr)
 
 
 def _no_refresh(fs: FactorState) -> _Refresh:
@@ -161,23 +180,29 @@ def _identity_orders(fs: FactorState):
   return jnp.broadcast_to(jnp.arange(size), (count, size))
 
 
-def _refresh_map(factors, fs: FactorState, checks, cfg: Config):
+def _refresh_map(fs: FactorState, checks, bias_correction, cfg: Config):
   def one(args):
-    factor, fs1, check = args
-    return lax.cond(check, lambda: _check_one(factor, fs1, cfg),
-                    lambda: (fs1, jnp.arange(factor.shape[-1])))
-  return lax.map(one, (factors, fs, checks))
+    fs1, check = args
+    return lax.cond(
+        check, lambda: _check_one(fs1.statistic / bias_correction, fs1, cfg),
+        lambda: (fs1, jnp.arange(fs1.statistic.shape[-1])))
+  # On most steps no factor is checked: skip the loop entirely.
+  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks)),
+                  lambda: (fs, _identity_orders(fs)))
 
 
-def _refresh_bucket(factors, fs: FactorState, checks, cfg: Config):
+def _refresh_bucket(fs: FactorState, checks, bias_correction, cfg: Config):
   def run_checks():
+    factors = fs.statistic / bias_correction
     decision, first = jax.vmap(lambda a, f: _decide(a, f, cfg))(factors, fs)
     decision = decision._replace(refresh=decision.refresh & checks)
-    fresh = lax.cond(
-        jnp.any(decision.refresh),
-        lambda: jax.vmap(lambda a, f, s: _compute_refresh(a, f, s, cfg))(
-            factors, fs, first),
-        lambda: jax.vmap(_no_refresh)(fs))
+    if cfg.refresh_method == "eigh":
+      compute = lambda: jax.vmap(_by_eigh)(factors)
+    else:
+      compute = lambda: _compute_refresh_stack(
+          factors, fs, first & decision.refresh)
+    fresh = lax.cond(jnp.any(decision.refresh), compute,
+                     lambda: jax.vmap(_no_refresh)(fs))
     new, orders = jax.vmap(lambda f, d, r: _commit(f, d, r, cfg))(
         fs, decision, fresh)
     keep = lambda n, o: jnp.where(
@@ -204,7 +229,7 @@ def update_factor(fs: FactorState, gram, step, cfg: Config):
   b2 = jnp.asarray(cfg.b2, fs.statistic.dtype)
   statistic = b2 * fs.statistic + (1 - b2) * gram
   fs = fs._replace(statistic=statistic)
-  factors = statistic / (1 - b2 ** step)
   checks = is_check_step(step, fs.phase, cfg)
   refresh = _refresh_map if cfg.grouping == "map" else _refresh_bucket
-  return refresh(factors, fs, checks, cfg)
+  # A_t = L_t / (1 - b2^t) is formed only inside the check branches.
+  return refresh(fs, checks, 1 - b2 ** step, cfg)

@@ -13,8 +13,13 @@ Rules (all static, decided from the leaf's shape):
   becomes ``(d, heads*head_dim)``.
 * The matrix is cut into blocks of at most ``block_size x block_size``; the
   last row/column of blocks may be smaller. Blocks of equal shape form a
-  *group* (at most four per leaf) whose statistics are stacked along a
-  leading axis, so they are updated with batched matrix products.
+  *group* (at most four per leaf).
+* Groups of the same block shape and the same preconditioned sides form a
+  *class* across the whole parameter tree (e.g. every 64 x 64 block of every
+  layer). A class's statistics, bases and updates are stacked along one
+  leading axis, so each step runs a few batched matrix products per class
+  instead of a few per leaf; each factor in the stack still has its own
+  state and its own refresh decision.
 * A matrix side longer than ``max_precond_dim``, or a block side of length 1,
   is not preconditioned: that factor is the identity and has no state.
 """
@@ -60,6 +65,43 @@ class LeafLayout:
   @property
   def preconditioned(self) -> bool:
     return any(g.left or g.right for g in self.groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockClass:
+  """Blocks of one shape with the same preconditioned sides, across leaves.
+
+  `members` lists ``(leaf index, group index)`` in stacking order; member
+  ``i`` occupies rows ``offsets[i] : offsets[i] + count_i`` of the stack.
+  """
+
+  rows: int
+  cols: int
+  left: bool
+  right: bool
+  members: tuple
+  offsets: tuple
+  count: int
+
+
+def block_classes(layouts: Sequence[LeafLayout]) -> tuple:
+  """The classes of the preconditioned leaves' groups, in first-seen order."""
+  found = {}
+  for i, layout in enumerate(layouts):
+    if not layout.preconditioned:
+      continue
+    for j, g in enumerate(layout.groups):
+      found.setdefault((g.rows, g.cols, g.left, g.right), []).append(
+          (i, j, g.count))
+  classes = []
+  for (rows, cols, left, right), members in found.items():
+    offsets = [0]
+    for _, _, count in members:
+      offsets.append(offsets[-1] + count)
+    classes.append(BlockClass(
+        rows, cols, left, right, tuple((i, j) for i, j, _ in members),
+        tuple(offsets[:-1]), offsets[-1]))
+  return tuple(classes)
 
 
 def matrix_shape(shape: Sequence[int], precondition_1d: bool):

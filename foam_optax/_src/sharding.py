@@ -5,7 +5,7 @@
 * per-parameter arrays (momentum, grafting second moment) take the sharding
   of their parameter;
 * the per-factor stacks (`FactorState` fields and rotated second moments,
-  whose leading axis runs over the blocks of a block group) are split along
+  whose leading axis runs over the blocks of a block class) are split along
   that block axis over the mesh, so each device stores, and decomposes, only
   its share of the blocks. A stack whose block count is not a multiple of the
   number of devices on the chosen axes is replicated;
@@ -52,16 +52,17 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding, mesh: Mesh,
     if not isinstance(ls, LeafState):   # e.g. optax.masked's MaskedNode
       return ls
     follow = lambda x: None if x is None else param_sharding
-    groups = tuple(
-        GroupState(*(None if part is None else jax.tree.map(stack, part)
-                     for part in gs))
-        for gs in ls.groups)
     return LeafState(follow(ls.momentum), follow(ls.graft_second_moment),
-                     groups, ls.layout)
+                     ls.layout)
 
   leaves = [leaf(ls, s) for ls, s in
             zip(leaf_states, treedef.flatten_up_to(params_sharding))]
-  return ScaleByFoamState(replicated, replicated, treedef.unflatten(leaves))
+  groups = tuple(
+      GroupState(*(None if part is None else jax.tree.map(stack, part)
+                   for part in gs))
+      for gs in state.groups)
+  return ScaleByFoamState(replicated, replicated, treedef.unflatten(leaves),
+                          groups)
 
 
 def state_sharding(opt_state, params, params_sharding,

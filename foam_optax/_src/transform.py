@@ -20,7 +20,12 @@ from foam_optax._src.factors import FactorState
 
 
 class GroupState(NamedTuple):
-  """State of one block group of a leaf (None: not used)."""
+  """State of one block class: every block of one shape in the tree, stacked.
+
+  The leading axis of every array runs over the class's blocks (see
+  `shaping.BlockClass`); None marks a side that is not preconditioned, or
+  a part the preconditioner does not use.
+  """
 
   left: Optional[FactorState]
   right: Optional[FactorState]
@@ -30,7 +35,6 @@ class GroupState(NamedTuple):
 class LeafState(NamedTuple):
   momentum: jax.Array                  # EMA of gradients (not bias-corrected)
   graft_second_moment: Optional[jax.Array]
-  groups: tuple                        # GroupState per block group
   layout: shaping.LeafLayout           # static: no arrays
 
 
@@ -41,11 +45,24 @@ class ScaleByFoamState(NamedTuple):
     count: number of updates applied (the next update is step `count + 1`).
     nonfinite_skips: updates skipped because a gradient was not finite.
     leaves: per-parameter `LeafState`, in the parameters' tree structure.
+    groups: per block class (`block_classes`) a `GroupState`.
   """
 
   count: jax.Array
   nonfinite_skips: jax.Array
   leaves: Any
+  groups: tuple
+
+
+def _leaf_states(leaves_tree) -> list:
+  return [x for x in jax.tree.leaves(
+      leaves_tree, is_leaf=lambda x: isinstance(x, LeafState))
+          if isinstance(x, LeafState)]
+
+
+def block_classes(state: ScaleByFoamState) -> tuple:
+  """The `shaping.BlockClass` of each entry of ``state.groups``."""
+  return shaping.block_classes([ls.layout for ls in _leaf_states(state.leaves)])
 
 
 def _layout(shape, cfg: Config) -> shaping.LeafLayout:
@@ -80,8 +97,8 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
   dtype = linalg.stat_dtype()
   leaves, treedef = jax.tree.flatten(_plain_arrays(params))
   layouts = [_layout(jnp.shape(p), cfg) for p in leaves]
-  num_factors = sum(g.count * (g.left + g.right)
-                    for lay in layouts for g in lay.groups)
+  classes = shaping.block_classes(layouts)
+  num_factors = sum(c.count * (c.left + c.right) for c in classes)
   phases = _phases(num_factors, cfg)
   next_phase = 0
 
@@ -95,31 +112,32 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
         count, size, cfg.epsilon, phase, dtype,
         exponent=None if cfg.eigenvalue_corrected else cfg.exponent)
 
+  groups = tuple(
+      GroupState(
+          left=factor(c.count, c.rows, c.left),
+          right=factor(c.count, c.cols, c.right),
+          rotated_second_moment=(jnp.zeros((c.count, c.rows, c.cols), dtype)
+                                 if cfg.eigenvalue_corrected else None))
+      for c in classes)
   leaf_states = []
   for p, lay in zip(leaves, layouts):
     shape = jnp.shape(p)
-    groups = tuple(
-        GroupState(
-            left=factor(g.count, g.rows, g.left),
-            right=factor(g.count, g.cols, g.right),
-            rotated_second_moment=(jnp.zeros((g.count, g.rows, g.cols), dtype)
-                                   if cfg.eigenvalue_corrected else None))
-        for g in lay.groups)
     needs_graft_moment = (cfg.grafting in grafting.USES_SECOND_MOMENT and
                           not (cfg.eigenvalue_corrected and lay.preconditioned))
     leaf_states.append(LeafState(
         momentum=jnp.zeros(shape, dtype),
         graft_second_moment=jnp.zeros(shape, dtype) if needs_graft_moment
         else None,
-        groups=groups, layout=lay))
+        layout=lay))
   return ScaleByFoamState(
       count=jnp.zeros([], jnp.int32),
       nonfinite_skips=jnp.zeros([], jnp.int32),
-      leaves=jax.tree.unflatten(treedef, leaf_states))
+      leaves=jax.tree.unflatten(treedef, leaf_states),
+      groups=groups)
 
 
 def _update_group(grad_blocks, momentum_blocks, graft_blocks, gs: GroupState,
-                  group: shaping.BlockGroup, step, cfg: Config):
+                  group: shaping.BlockClass, step, cfg: Config):
   left, right = gs.left, gs.right
   left_order = right_order = None
   if group.left:
@@ -150,7 +168,16 @@ def _to_dtype(direction, dtype):
   return direction.astype(dtype)
 
 
-def _update_leaf(grad, ls: LeafState, step, cfg: Config):
+class _LeafStep(NamedTuple):
+  """One leaf's per-step quantities, before preconditioning."""
+
+  grad: jax.Array          # in the statistics dtype
+  corrected: jax.Array     # bias-corrected momentum M_t
+  graft_dir: Optional[jax.Array]
+  state: LeafState         # momentum and grafting moment already advanced
+
+
+def _prepare_leaf(grad, ls: LeafState, step, cfg: Config) -> _LeafStep:
   layout = ls.layout
   if tuple(grad.shape) != layout.shape:
     raise ValueError(f"update of shape {tuple(grad.shape)} does not match the "
@@ -164,26 +191,67 @@ def _update_leaf(grad, ls: LeafState, step, cfg: Config):
   else:
     graft_dir, graft_moment = grafting.direction(
         ls.graft_second_moment, g, corrected, step, cfg)
-  if not layout.preconditioned:
-    return _to_dtype(graft_dir, grad.dtype), ls._replace(
-        momentum=momentum, graft_second_moment=graft_moment)
-  as_matrix = lambda x: x.reshape(layout.matrix_shape)
-  g_mat, m_mat = as_matrix(g), as_matrix(corrected)
-  a_mat = None if graft_dir is None else as_matrix(graft_dir)
-  stacks, groups = [], []
-  for group, gs in zip(layout.groups, ls.groups):
+  return _LeafStep(g, corrected, graft_dir, ls._replace(
+      momentum=momentum, graft_second_moment=graft_moment))
+
+
+def _class_blocks(leaf_steps, field, cls: shaping.BlockClass):
+  """(count, m, n) stack of `field` over every block of the class."""
+  blocks = []
+  for i, j in cls.members:
+    layout = leaf_steps[i].state.layout
+    matrix = getattr(leaf_steps[i], field).reshape(layout.matrix_shape)
+    blocks.append(shaping.extract(matrix, layout.groups[j]))
+  return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
+
+
+def _update_tree(grads, leaf_states, groups, step, cfg: Config):
+  """Updates and new (leaf states, class states) for flat lists of leaves."""
+  leaf_steps = [_prepare_leaf(g, ls, step, cfg)
+                for g, ls in zip(grads, leaf_states)]
+  classes = shaping.block_classes([ls.layout for ls in leaf_states])
+  # directions[i][j]: the (count, m, n) direction of group j of leaf i.
+  directions = [[None] * len(ls.layout.groups) for ls in leaf_states]
+  new_groups = []
+  for cls, gs in zip(classes, groups):
     direction, gs = _update_group(
-        shaping.extract(g_mat, group), shaping.extract(m_mat, group),
-        None if a_mat is None else shaping.extract(a_mat, group),
-        gs, group, step, cfg)
-    stacks.append(direction)
-    groups.append(gs)
-  direction = shaping.assemble(stacks, layout)
-  if not cfg.eigenvalue_corrected:
-    # Before the first check only the grafting optimizer steps.
-    direction = jnp.where(step >= cfg.first_check_step, direction, graft_dir)
-  return _to_dtype(direction, grad.dtype), LeafState(
-      momentum, graft_moment, tuple(groups), layout)
+        _class_blocks(leaf_steps, "grad", cls),
+        _class_blocks(leaf_steps, "corrected", cls),
+        None if cfg.eigenvalue_corrected
+        else _class_blocks(leaf_steps, "graft_dir", cls),
+        gs, cls, step, cfg)
+    new_groups.append(gs)
+    for (i, j), start in zip(cls.members, cls.offsets):
+      count = leaf_states[i].layout.groups[j].count
+      directions[i][j] = direction[start:start + count]
+
+  updates = []
+  for grad, leaf, stacks in zip(grads, leaf_steps, directions):
+    layout = leaf.state.layout
+    if not layout.preconditioned:
+      updates.append(_to_dtype(leaf.graft_dir, grad.dtype))
+      continue
+    direction = shaping.assemble(stacks, layout)
+    if not cfg.eigenvalue_corrected:
+      # Before the first check only the grafting optimizer steps.
+      direction = jnp.where(step >= cfg.first_check_step, direction,
+                            leaf.graft_dir)
+    updates.append(_to_dtype(direction, grad.dtype))
+  return updates, [leaf.state for leaf in leaf_steps], tuple(new_groups)
+
+
+def all_finite(updates) -> jax.Array:
+  """True when every leaf's sum of squares is finite in the statistics dtype.
+
+  Rules out NaN and Inf, and gradients so large (|g| ~ 1e19 in float32) that
+  their Gram matrices or squared entries would overflow.
+  """
+  leaves = jax.tree.leaves(updates)
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack(
+      [jnp.isfinite(jnp.sum(jnp.square(g.astype(linalg.stat_dtype()))))
+       for g in leaves]))
 
 
 def _update(updates, state: ScaleByFoamState, cfg: Config):
@@ -194,11 +262,10 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
   def apply():
     grads, treedef = jax.tree.flatten(updates)
     leaf_states = treedef.flatten_up_to(state.leaves)
-    results = [_update_leaf(g, ls, step, cfg)
-               for g, ls in zip(grads, leaf_states)]
-    new_updates = treedef.unflatten([r[0] for r in results])
-    new_leaves = treedef.unflatten([r[1] for r in results])
-    return new_updates, state._replace(count=step, leaves=new_leaves)
+    new_updates, new_leaves, new_groups = _update_tree(
+        grads, leaf_states, state.groups, step, cfg)
+    return treedef.unflatten(new_updates), state._replace(
+        count=step, leaves=treedef.unflatten(new_leaves), groups=new_groups)
 
   if not cfg.skip_nonfinite:
     return apply()
@@ -208,13 +275,7 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
     return zeros, state._replace(
         nonfinite_skips=optax.safe_increment(state.nonfinite_skips))
 
-  # A finite sum of squares also rules out gradients whose Gram matrices or
-  # squared entries would overflow the statistics' dtype (|g| ~ 1e19 in f32).
-  grads = jax.tree.leaves(updates)
-  finite = jnp.all(jnp.stack(
-      [jnp.isfinite(jnp.sum(jnp.square(g.astype(linalg.stat_dtype()))))
-       for g in grads])) if grads else True
-  return lax.cond(finite, apply, skip)
+  return lax.cond(all_finite(updates), apply, skip)
 
 
 def scale_by_foam(
