@@ -4,6 +4,7 @@ from foam_optax._src.alias import foam
 from foam_optax._src.alias import scale_by_shampoo
 from foam_optax._src.alias import scale_by_soap
 from foam_optax._src.alias import shampoo
+from foam_optax._src.alias import skip_nonfinite
 from foam_optax._src.alias import soap
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorState
@@ -29,6 +30,7 @@ __all__ = [
     "scale_by_shampoo",
     "scale_by_soap",
     "shampoo",
+    "skip_nonfinite",
     "soap",
     "state_sharding",
     "stats",

@@ -48,7 +48,7 @@ def _core(state):
 
 def _factors(state):
   return [x for x in jax.tree.leaves(
-      _core(state).leaves, is_leaf=lambda x: isinstance(x, fo.FactorState))
+      _core(state).groups, is_leaf=lambda x: isinstance(x, fo.FactorState))
           if isinstance(x, fo.FactorState)]
 
 
@@ -81,11 +81,11 @@ def _without_skips(state):
 
 def _without_proxy(state):
   core = _core(state)
-  leaves = jax.tree.map(
+  groups = jax.tree.map(
       lambda f: f._replace(proxy=jnp.zeros_like(f.proxy))
       if isinstance(f, fo.FactorState) else f,
-      core.leaves, is_leaf=lambda x: isinstance(x, fo.FactorState))
-  return _replace_core(state, core._replace(leaves=leaves))
+      core.groups, is_leaf=lambda x: isinstance(x, fo.FactorState))
+  return _replace_core(state, core._replace(groups=groups))
 
 
 def _replace_core(state, new_core):
@@ -134,6 +134,68 @@ def test_nonfinite_gradient_skips_whole_update(name, bad):
   assert _same(_without_skips(faulty[1]), clean[1])
   assert int(fo.stats(faulty[1])["step"]) == 7
   assert _all_finite(faulty)
+
+
+def _mixed_params():
+  return {"matrix": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3),
+          "vector": jnp.array([0.5, -1.0, 2.0]),
+          "embed": jnp.ones((10, 4))}
+
+
+def _skip_counters(state):
+  return [int(s.nonfinite_skips) for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, fo.ScaleByFoamState))
+          if isinstance(s, fo.ScaleByFoamState)]
+
+
+def _check_whole_chain_skipped(tx, bad_leaf):
+  """Two clean steps, then a NaN in `bad_leaf` only: zero updates, every
+  state array kept bit for bit except the foam skip counter (incremented);
+  the next clean step continues the trajectory that never saw the NaN."""
+  step = _stepper(tx)
+  params = _mixed_params()
+  carry = (params, tx.init(params))
+  for i in range(2):   # step 2 is a check step: bases computed
+    carry = step(*carry, _grads(i, params))[:2]
+  poisoned = _grads(2, params)
+  poisoned[bad_leaf] = poisoned[bad_leaf].at[1].set(jnp.nan)
+  params_after, state_after, updates = step(*carry, poisoned)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  assert _same(params_after, carry[0])
+  assert int(fo.stats(state_after)["nonfinite_skips"]) == 1
+  assert _skip_counters(state_after) == [1]
+  assert _same(_without_skips(state_after), carry[1])
+  clean = step(*carry, _grads(3, params))[:2]
+  faulty = step(params_after, state_after, _grads(3, params))[:2]
+  assert not _same(clean[0], carry[0])
+  assert _same(faulty[0], clean[0])
+  assert _same(_without_skips(faulty[1]), clean[1])
+  return state_after
+
+
+@pytest.mark.parametrize("bad_leaf", ["vector", "matrix"])
+def test_partition_skips_both_parts(bad_leaf):
+  """`fo.partition`: a NaN in either part skips foam *and* AdamW."""
+  tx = fo.partition(fo.foam(0.1, check_frequency=2), optax.adamw(0.1))
+  assert fo.precondition_labels(_mixed_params()) == {
+      "matrix": "precondition", "vector": "diagonal", "embed": "diagonal"}
+  _check_whole_chain_skipped(tx, bad_leaf)
+
+
+def test_skip_nonfinite_keeps_schedule_count():
+  """`fo.skip_nonfinite` around a chain: weight decay gives no step and the
+  learning-rate schedule's count does not advance."""
+  schedule = optax.linear_schedule(1.0, 0.0, 10)
+  tx = fo.skip_nonfinite(optax.chain(
+      fo.scale_by_foam(check_frequency=2), optax.add_decayed_weights(0.1),
+      optax.scale_by_learning_rate(schedule)))
+  state = _check_whole_chain_skipped(tx, "vector")
+  counts = [int(s.count) for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  assert counts == [2]
+  assert int(fo.stats(state)["step"]) == 2
 
 
 @pytest.mark.parametrize("name", ["foam", "shampoo", "scale_by_soap"])

@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
 from foam_optax._src import config
-from foam_optax._src.transform import from_config, scale_by_foam
+from foam_optax._src.transform import all_finite, from_config, scale_by_foam
 from foam_optax._src.transform import ScaleByFoamState
 
 ScalarOrSchedule = Union[float, Any, Callable[[Any], Any]]
@@ -29,29 +30,53 @@ def _alias(scale_by, arguments):
   weight_decay_mask = arguments.pop("weight_decay_mask")
   config.check_learning_rate(learning_rate)
   config.check_weight_decay(weight_decay)
-  return _skip_whole_chain(optax.chain(
-      scale_by(**arguments),
+  skip = arguments.pop("skip_nonfinite")
+  if not isinstance(skip, bool):
+    raise ValueError(f"skip_nonfinite must be a bool, got {skip!r}.")
+  # The wrapper skips the whole chain (weight decay and the schedule's count
+  # too) and counts the step in the core's state, so the core need not check.
+  chain = optax.chain(
+      scale_by(skip_nonfinite=False, **arguments),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
-  ))
+  )
+  return skip_nonfinite(chain) if skip else chain
 
 
-def _skip_whole_chain(inner):
-  """On a step the core skipped (non-finite gradient), skip weight decay and
-  the schedule's count too: zero updates, the rest of the state unchanged."""
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """Skips the whole of `inner` on a step whose gradients are not finite.
+
+  On such a step the updates are zero and every array of `inner`'s state is
+  kept exactly, except the ``nonfinite_skips`` counters of the foam_optax
+  transformations inside, which count the step (`stats` reports it). Use it
+  around a chain that adds anything after `scale_by_foam` (weight decay, a
+  schedule, `optax.partition` with AdamW): `scale_by_foam` on its own skips
+  only its own state. The aliases (`foam`, `shampoo`, `soap`) and
+  `partition` already apply it.
+
+  Example:
+    >>> import optax, foam_optax as fo
+    >>> tx = fo.skip_nonfinite(optax.chain(
+    ...     fo.scale_by_foam(), optax.add_decayed_weights(1e-4),
+    ...     optax.scale_by_learning_rate(1e-3)))
+  """
   is_core = lambda x: isinstance(x, ScaleByFoamState)
 
   def update_fn(updates, state, params=None, **extra_args):
-    new_updates, new_state = inner.update(updates, state, params, **extra_args)
-    skips = lambda s: [x.nonfinite_skips for x in jax.tree.leaves(
-        s, is_leaf=is_core) if is_core(x)][0]
-    skipped = skips(new_state) > skips(state)
-    new_updates = jax.tree.map(
-        lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates)
-    new_state = jax.tree.map(
-        lambda n, o: n if is_core(n) else jnp.where(skipped, o, n),
-        new_state, state, is_leaf=is_core)
-    return new_updates, new_state
+    apply = lambda: inner.update(updates, state, params, **extra_args)
+    new_updates_shape, _ = jax.eval_shape(apply)
+
+    def skip():
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           new_updates_shape)
+      count = lambda s: s._replace(
+          nonfinite_skips=optax.safe_increment(s.nonfinite_skips))
+      return zeros, jax.tree.map(lambda s: count(s) if is_core(s) else s,
+                                 state, is_leaf=is_core)
+
+    return lax.cond(all_finite(updates), apply, skip)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import optax
 
+from foam_optax._src.alias import skip_nonfinite
+
 PRECONDITION = "precondition"
 DIAGONAL = "diagonal"
 
@@ -47,8 +49,10 @@ def partition(preconditioned: optax.GradientTransformation,
   (scalars, vectors, embeddings; see `precondition_labels`) to `diagonal`.
 
   Both transformations should include their learning rate (e.g. `fo.foam`
-  and `optax.adamw`). `fo.stats` works on the resulting state.
+  and `optax.adamw`). `fo.stats` works on the resulting state. A step with a
+  non-finite gradient in any leaf is skipped for both parts
+  (`skip_nonfinite`).
   """
-  return optax.partition(
+  return skip_nonfinite(optax.partition(
       {PRECONDITION: preconditioned, DIAGONAL: diagonal},
-      lambda params: precondition_labels(params, embedding_pattern))
+      lambda params: precondition_labels(params, embedding_pattern)))
