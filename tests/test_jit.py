@@ -177,3 +177,124 @@ def test_conditional_analysis_detects_unconditional_eigh():
   assert _unconditional_expensive_calls(batched)[1]
   calls, unconditional = _unconditional_expensive_calls(in_cond)
   assert calls and not unconditional
+
+
+def _branch_calls(hlo):
+  """[(branch names, [expensive call kinds executed by each branch])] per
+  `conditional`: a branch executes the calls reachable from it without
+  passing through a further conditional."""
+  comps = _computations(hlo)
+  comps.pop("__entry__")
+  names = set(comps)
+  plain = {name: set() for name in comps}
+  conditionals = []
+  for name, lines in comps.items():
+    for line in lines:
+      if " conditional(" in line:
+        branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+        if branches is None:   # true_computation= / false_computation=
+          found = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+        else:
+          found = re.findall(r"%?([\w.\-]+)", branches.group(1))
+        conditionals.append(found)
+        continue
+      for ref in re.findall(r"%([\w.\-]+)", line):
+        if ref in names and ref != name:
+          plain[name].add(ref)
+
+  def executed(branch):
+    reached, todo = {branch}, [branch]
+    while todo:
+      for ref in plain[todo.pop()]:
+        if ref not in reached:
+          reached.add(ref)
+          todo.append(ref)
+    return {kind for name in reached for line in comps[name]
+            if "custom-call(" in line for kind in EXPENSIVE if kind in line}
+
+  return [(branches, [executed(b) for b in branches])
+          for branches in conditionals]
+
+
+@pytest.mark.parametrize("grouping", ["map", "bucket"])
+def test_soap_power_qr_eigh_and_qr_in_separate_branches(grouping):
+  """Ordinary power-QR checks run a branch with the QR and no eigh.
+
+  With 'map' the eigh (first basis) and the QR (later checks) are the two
+  branches of one conditional and no branch runs both. With 'bucket' the
+  eigh branch of a stack (taken only when a member needs its first basis)
+  also runs the QR for the other members; its sibling, the branch of
+  ordinary checks, runs the QR alone.
+  """
+  tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
+                        refresh_method="power_qr", grouping=grouping)
+  hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
+                                 tx.init(PARAMS)).compile().as_text()
+  eigh, qr = EXPENSIVE
+  conds = _branch_calls(hlo)
+  with_eigh = [(names, calls) for names, calls in conds
+               if any(eigh in c for c in calls)]
+  assert with_eigh   # the analysis finds the eigh branches
+  for names, calls in with_eigh:
+    assert len(calls) == 2, names
+    (eigh_side,) = [c for c in calls if eigh in c]
+    (other,) = [c for c in calls if eigh not in c]
+    assert other == {qr}, (names, calls)
+    if grouping == "map":
+      assert eigh_side == {eigh}, (names, calls)
+  # The QR-only branches are exactly those siblings: no other QR.
+  assert sum(calls == {qr} for _, cs in conds for calls in cs) == len(
+      with_eigh)
+  if grouping == "map":
+    # No branch, and so no single computation, runs both kernels.
+    assert not any({eigh, qr} <= c for _, cs in conds for c in cs)
+
+
+def test_branch_analysis_detects_eigh_and_qr_together():
+  # The analysis above must be able to fail: eigh and QR in one branch.
+  x = jnp.eye(3)
+  both = lambda a: jnp.linalg.eigh(a)[0] + jnp.linalg.qr(a)[1][0]
+  qr_only = lambda a: jnp.linalg.qr(a)[1][0]
+  hlo = jax.jit(lambda a, p: lax.cond(p, both, qr_only, a)).lower(
+      x, True).compile().as_text()
+  (names, calls), = _branch_calls(hlo)
+  assert sorted(map(sorted, calls)) == [["geqrf"], ["geqrf", "syevd"]]
+
+
+@pytest.mark.parametrize("grouping", ["map", "bucket"])
+def test_soap_power_qr_executes_eigh_only_for_first_bases(grouping,
+                                                          monkeypatch):
+  executed = []
+  original = linalg.eigh
+
+  def counting_eigh(matrix):
+    jax.debug.callback(lambda: executed.append(1))
+    return original(matrix)
+
+  monkeypatch.setattr(linalg, "eigh", counting_eigh)
+  tx = fo.scale_by_soap(check_frequency=2, block_size=4, precondition_1d=True,
+                        stagger=False, refresh_method="power_qr",
+                        grouping=grouping)
+  steps = 8
+  rng = np.random.default_rng(5)
+  grads = jax.tree.map(lambda p: jnp.asarray(
+      rng.standard_normal((steps,) + p.shape), p.dtype), PARAMS)
+
+  def body(s, g):
+    _, s = tx.update(g, s)
+    return s, fo.stats(s)
+
+  state = tx.init(PARAMS)
+  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g))(state, grads)
+  jax.effects_barrier()
+  num_factors = int(stats["num_factors"][-1])
+  stacks = len([f for f in jax.tree.leaves(
+      state.groups, is_leaf=lambda x: isinstance(x, fo.FactorState))
+                if isinstance(f, fo.FactorState)])
+  # Checks at 1, 2, 4, 6, 8, each a refresh ('stale'): the first by eigh,
+  # the other four by power-QR.
+  assert int(stats["eigendecompositions"][-1]) == 5 * num_factors
+  # One eigh per factor ('map'), one batched eigh per stack ('bucket'),
+  # for the first bases only.
+  assert len(executed) == (num_factors if grouping == "map" else stacks)
+  assert stacks < num_factors

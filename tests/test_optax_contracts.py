@@ -269,3 +269,33 @@ def test_learning_rate_schedule_scales_updates():
   # The schedule is 0 from step 3 on: no movement, while statistics advance.
   assert _equal(params[3], params[2]) and _equal(params[4], params[2])
   assert int(fo.stats(history[-1][1])["step"]) == 4
+
+
+def test_weight_decay_mask_decays_only_masked_leaves():
+  """foam(lr, wd, mask) = -lr * (scale_by_foam's u + wd * p * mask), for a
+  mask given as a tree of bools and as a callable of the params."""
+  params = {"m": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3),
+            "v": jnp.array([0.5, -2.0, 3.0])}
+  mask_tree = {"m": True, "v": False}
+  mask_fn = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  lr, wd = 0.1, 0.5
+  txs = [fo.foam(lr, weight_decay=wd, weight_decay_mask=mask,
+                 check_frequency=2) for mask in (mask_tree, mask_fn)]
+  core = fo.scale_by_foam(check_frequency=2)
+
+  @jax.jit
+  def step(states, g):
+    out = [tx.update(g, s, params) for tx, s in zip(txs + [core], states)]
+    return [u for u, _ in out], [s for _, s in out]
+
+  states = [tx.init(params) for tx in txs + [core]]
+  for i in range(3):   # past the first check step
+    (*updates, u_core), states = step(states, _like(params, i))
+    for u in updates:
+      for k, p in params.items():
+        expected = -lr * (u_core[k] + wd * p * mask_tree[k])
+        np.testing.assert_allclose(u[k], expected, rtol=1e-6, atol=1e-7,
+                                   err_msg=f"step {i + 1}, {k}")
+      # The decay term is visible: the masked leaf differs from -lr * u.
+      assert not np.allclose(u["m"], -lr * u_core["m"], rtol=1e-3)
+  assert int(fo.stats(states[-1])["eigendecompositions"]) > 0

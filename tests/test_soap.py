@@ -1,5 +1,7 @@
 """Eigenvalue-corrected preconditioning (SPEC 3): SOAP and FOAM-in-eigenbasis."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,17 +109,35 @@ def test_bases_change_only_on_check_steps(controller, tol):
     assert all(ch for c, ch in zip(checks, changed) if c)
 
 
-@pytest.mark.parametrize("controller,refresh,grouping", [
-    ("stale", "power_qr", "bucket"), ("residual", "eigh", "map"),
-    ("foam", "power_qr", "bucket")])
-def test_soap_matches_reference(controller, refresh, grouping):
+SOAP_CASES = [
+    ("stale", "power_qr", "bucket", {}), ("residual", "eigh", "map", {}),
+    ("foam", "power_qr", "bucket", {}),
+    # Every controller with the eigenvalue-corrected preconditioner; both
+    # refresh methods for the basic controllers; and no momentum.
+    ("stale", "eigh", "map", {}), ("residual", "power_qr", "map", {}),
+    ("foam_fixed_damping", "power_qr", "map", {}),
+    ("foam_no_refresh", "eigh", "map", {}),
+    ("stale", "power_qr", "map", {"b1": 0.0}),
+]
+
+
+@pytest.mark.parametrize(
+    "controller,refresh,grouping,extra", SOAP_CASES,
+    ids=[f"{c}-{r}-{g}" + "".join(f"-{k}={v}" for k, v in e.items())
+         for c, r, g, e in SOAP_CASES])
+def test_soap_matches_reference(controller, refresh, grouping, extra):
   soap, ref = _soap_and_reference_kwargs(controller=controller,
-                                         refresh_method=refresh)
+                                         refresh_method=refresh, **extra)
   _, ref_f, _ = compare(SHAPES, ref, soap=soap, grouping=grouping)
   reuses, later = branches(ref_f)
+  if controller == "foam_no_refresh":
+    # Only the first basis; the damping rises to its cap instead.
+    assert later == 0 and reuses > 0
+    assert ref_f["damping"].max() == pytest.approx(soap["max_epsilon"])
+    return
   assert later > 0
   if controller != "stale":
-    assert reuses > 0
+    assert reuses > 0, (reuses, later)
 
 
 def test_foam_eigenvalue_corrected_matches_reference():
@@ -128,3 +148,52 @@ def test_foam_eigenvalue_corrected_matches_reference():
   _, ref_f, _ = compare(SHAPES, kwargs, grouping="map")
   reuses, later = branches(ref_f)
   assert reuses > 0 and later > 0, (reuses, later)
+
+
+def test_defaults_are_the_soap_papers():
+  paper = dict(b1=0.95, b2=0.95, epsilon=1e-8, check_frequency=10,
+               max_precond_dim=10000, precondition_1d=False)
+  for fn, extra in ((fo.scale_by_soap, {}), (fo.soap, {"weight_decay": 0.01})):
+    params = inspect.signature(fn).parameters
+    for name, value in dict(paper, **extra).items():
+      assert params[name].default == value, (fn.__name__, name)
+
+
+def test_default_soap_vector_gets_adam():
+  # precondition_1d=False by default: a vector is stepped by plain Adam with
+  # SOAP's b1, b2 and epsilon (and, in `soap`, AdamW's decoupled decay),
+  # while the matrix beside it is preconditioned.
+  params = {"w": jnp.ones((4, 3)), "b": jnp.linspace(-1.0, 1.0, 5)}
+  lr = 0.1
+  pairs = [(fo.scale_by_soap(), optax.scale_by_adam(b1=0.95, b2=0.95,
+                                                     eps=1e-8)),
+           (fo.soap(lr), optax.adamw(lr, b1=0.95, b2=0.95, eps=1e-8,
+                                     weight_decay=0.01))]
+  rng = np.random.default_rng(4)
+  # Entries down to 1e-7, where Adam's epsilon (1e-8) changes the step.
+  scales = {"w": 1.0, "b": jnp.array([1.0, 1e-3, 1e-6, 1e-7, 1.0])}
+  grads = [{k: scales[k] * jnp.asarray(rng.standard_normal(p.shape),
+                                       jnp.float32)
+            for k, p in params.items()} for _ in range(4)]
+  for tx, adam in pairs:
+    b = {"b": params["b"]}
+
+    @jax.jit
+    def run(s1, s2):
+      out = []
+      for g in grads:
+        u1, s1 = tx.update(g, s1, params)
+        u2, s2 = adam.update({"b": g["b"]}, s2, b)
+        out.append((u1, u2))
+      return out, s1
+
+    out, state = run(tx.init(params), adam.init(b))
+    for u1, u2 in out:
+      assert float(jnp.max(jnp.abs(u2["b"]))) > 1e-2   # not trivially zero
+      # Equal to float32 rounding: optax forms (1 - b1) in float64 for the
+      # moment but 1 - b1**t in float32 for the bias correction, so the two
+      # differ by a few ulp (e.g. 1.0 vs 0.99999988 at step 1; more after
+      # the decay term of AdamW cancels part of the step).
+      np.testing.assert_allclose(np.asarray(u1["b"]), np.asarray(u2["b"]),
+                                 rtol=1e-5, atol=0)
+    assert int(fo.stats(state)["eigendecompositions"]) > 0   # w has factors
