@@ -6,6 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
@@ -298,3 +299,21 @@ def test_soap_power_qr_executes_eigh_only_for_first_bases(grouping,
   # for the first bases only.
   assert len(executed) == (num_factors if grouping == "map" else stacks)
   assert stacks < num_factors
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fo.foam(1e-3), lambda: fo.shampoo(1e-3), lambda: fo.soap(1e-3),
+    lambda: fo.partition(fo.foam(1e-3), optax.adamw(1e-3))],
+    ids=["foam", "shampoo", "soap", "partition"])
+def test_initial_state_can_be_donated(make):
+  # Training loops donate the optimizer state to the jitted step; XLA
+  # rejects a state whose fields share one buffer.
+  tx = make()
+  params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4), "k": jnp.ones((2, 3, 4))}
+  state = tx.init(params)
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+  assert len(set(pointers)) == len(pointers)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
+  _, new_state = step(params, state, params)
+  assert jax.tree.structure(new_state) == jax.tree.structure(
+      jax.eval_shape(tx.init, params))

@@ -51,7 +51,9 @@ def init_factor_state(count, size, epsilon, phase, dtype,
   """Identity bases, zero statistics; `exponent` (root-inverse
   preconditioning only) makes the state cache the inverse roots."""
   eye = jnp.broadcast_to(jnp.eye(size, dtype=dtype), (count, size, size))
-  zeros_i = jnp.zeros((count,), jnp.int32)
+  # A fresh array per field: a state whose fields share a buffer cannot be
+  # donated to a jitted step (XLA rejects donating one buffer twice).
+  zeros_i = lambda: jnp.zeros((count,), jnp.int32)
   damping = jnp.full((count,), epsilon, dtype)
   eigvals = jnp.zeros((count, size), dtype)
   inverse_root = None
@@ -65,7 +67,7 @@ def init_factor_state(count, size, epsilon, phase, dtype,
       damping=damping,
       proxy=jnp.zeros((count,), dtype),
       phase=jnp.asarray(phase, jnp.int32),
-      checks=zeros_i, refreshes=zeros_i, failures=zeros_i,
+      checks=zeros_i(), refreshes=zeros_i(), failures=zeros_i(),
       inverse_root=inverse_root)
 
 
