@@ -3,13 +3,15 @@
 Loss 0.5 ||A_t^(1/2) (W - W*) B^(1/2)||_F^2 with A_t = Q_t diag(a) Q_tᵀ, Q_t
 rotating slowly (a Cayley rotation per step), plus gradient noise. Runs in
 jitted `lax.scan` chunks and checks after every step that the damping stays
-in [epsilon, max_epsilon] and nothing is NaN. Reports the eigendecomposition
-rate next to stale Shampoo's.
+in [epsilon, max_epsilon] and that the parameters, the updates and every
+array of the optimizer state are finite (see `state_finite`). Reports the
+eigendecomposition rate next to stale Shampoo's. Exits non-zero on failure.
 
   python scripts/long_run.py --steps 20000
 """
 
 import argparse
+import sys
 import time
 
 import jax
@@ -32,6 +34,34 @@ def problem(m=16, n=12, cond=1e3, drift=2e-3):
   b = (q * jnp.logspace(0, np.log10(cond), n)) @ q.T / np.sqrt(cond)
   target = jax.random.normal(kw, (m, n))
   return cayley, a, b, target
+
+
+def _is_proxy(path):
+  return bool(path) and getattr(path[-1], "name", None) == "proxy"
+
+
+def state_finite(state):
+  """Whether every floating array of the optimizer state is finite.
+
+  `FactorState.proxy` is left out: it is a write-only diagnostic (only
+  `fo.stats` reads it back, the update never does), and the controllers are
+  written so that a non-finite proxy just requests a fresh basis, so an
+  overflowing proxy (a large drift divided by a damping as small as 1e-9) is
+  not a broken state. It is counted separately (`proxy_nonfinite`).
+  """
+  ok = jnp.asarray(True)
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if jnp.issubdtype(x.dtype, jnp.inexact) and not _is_proxy(path):
+      ok &= jnp.all(jnp.isfinite(x))
+  return ok
+
+
+def nonfinite_fields(state):
+  """Names of the state's arrays holding a non-finite value (host side)."""
+  return [jax.tree_util.keystr(path)
+          for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+          if jnp.issubdtype(x.dtype, jnp.inexact)
+          and not bool(jnp.all(jnp.isfinite(x)))]
 
 
 def run(tx, steps, chunk=1000, lr=1e-2, seed=0):
@@ -57,7 +87,8 @@ def run(tx, steps, chunk=1000, lr=1e-2, seed=0):
       dampings = jnp.concatenate([f.damping for f in jax.tree.leaves(
           s, is_leaf=lambda x: isinstance(x, fo.FactorState))
           if isinstance(f, fo.FactorState)])
-      finite = jnp.all(jnp.isfinite(p["w"])) & jnp.all(jnp.isfinite(u["w"]))
+      finite = (jnp.all(jnp.isfinite(p["w"])) & jnp.all(jnp.isfinite(u["w"]))
+                & state_finite(s))
       return (p, s, r), (jnp.min(dampings), jnp.max(dampings), finite,
                          loss(p, r))
     return jax.lax.scan(body, carry, keys)
@@ -65,15 +96,30 @@ def run(tx, steps, chunk=1000, lr=1e-2, seed=0):
   carry = (params, state, rot)
   key = jax.random.PRNGKey(seed)
   lo, hi, all_finite, losses = np.inf, 0.0, True, []
+  first_bad, bad_fields = None, []
   for start in range(0, steps, chunk):
     key, sub = jax.random.split(key)
     carry, (dmin, dmax, finite, chunk_loss) = chunk_fn(
         carry, jax.random.split(sub, min(chunk, steps - start)))
     lo, hi = min(lo, float(dmin.min())), max(hi, float(dmax.max()))
-    all_finite &= bool(finite.all())
+    finite = np.asarray(finite)
+    # After each chunk, the state as carried on (per-step flags above cover
+    # the steps inside the chunk).
+    chunk_ok = bool(finite.all()) and bool(state_finite(carry[1]))
+    if not chunk_ok and first_bad is None:
+      first_bad = start + (int(np.argmin(finite)) + 1 if not finite.all()
+                           else len(finite))
+      bad_fields = nonfinite_fields(carry)
+    all_finite &= chunk_ok
     losses.append(float(chunk_loss[-1]))
   stats = {k: float(v) for k, v in fo.stats(carry[1]).items()}
+  proxy_nonfinite = sum(
+      int(np.sum(~np.isfinite(x)))
+      for path, x in jax.tree_util.tree_flatten_with_path(carry[1])[0]
+      if _is_proxy(path))
   stats.update(damping_min=lo, damping_max=hi, finite=all_finite,
+               first_nonfinite_step=first_bad, nonfinite_fields=bad_fields,
+               proxy_nonfinite=proxy_nonfinite,
                final_loss=losses[-1], losses=losses)
   return stats
 
@@ -90,6 +136,11 @@ def main():
     in_range = EPS * (1 - 1e-6) <= r["damping_min"] and \
         r["damping_max"] <= MAX_EPS * (1 + 1e-6)
     ok &= r["finite"] and in_range
+    if not r["finite"]:
+      print(f"ERROR {name}: non-finite parameters, updates or optimizer state "
+            f"first seen at step {r['first_nonfinite_step']}; non-finite "
+            f"arrays at the end of that chunk: {r['nonfinite_fields']}",
+            file=sys.stderr, flush=True)
     print(f"{name}: steps={int(r['step'])} finite={r['finite']} "
           f"damping in [{r['damping_min']:.3g}, {r['damping_max']:.3g}] "
           f"(allowed [{EPS:g}, {MAX_EPS:g}]: {in_range}) "
@@ -100,6 +151,7 @@ def main():
           f"{1000 * r['eigendecompositions'] / r['step'] / r['num_factors']:.2f} "
           f"failures={int(r['eigendecomposition_failures'])} "
           f"skips={int(r['nonfinite_skips'])} "
+          f"nonfinite_proxies={r['proxy_nonfinite']} "
           f"loss every 5000 steps={[f'{x:.3g}' for x in r['losses'][4::5]]} "
           f"time={time.time() - start:.0f}s")
   print("OK" if ok else "FAILED")

@@ -28,3 +28,26 @@ def test_example_loss_decreases(example, capsys):
   assert lines[0].startswith("step    10 | loss ")
   assert "eigendecompositions" in lines[0] and lines[-1].startswith(
       "test accuracy")
+
+
+@pytest.mark.parametrize("optimizer", ["shampoo", "soap"])
+@pytest.mark.parametrize("example", [nnx_mlp, linen_cnn],
+                         ids=["nnx_mlp", "linen_cnn"])
+def test_example_runs_with_shampoo_and_soap(example, optimizer, capsys):
+  """A short run per baseline optimizer through the same entry point: the
+  flag reaches the optimizer, its counters are logged, the loss goes down."""
+  result = example.main(["--steps", "10", "--optimizer", optimizer,
+                         "--learning-rate", "1e-2", "--check-frequency", "5",
+                         "--log-every", "5"])
+  losses = result["losses"]
+  assert len(losses) == 10 and np.all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < 0.98 * losses[0]
+  stats = result["stats"]
+  assert stats["step"] == 10 and stats["eigendecompositions"] > 0
+  assert stats["eigendecomposition_failures"] == 0
+  assert stats["nonfinite_skips"] == 0
+  assert 0.0 <= result["accuracy"] <= 1.0
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split(" | ")[0] for l in lines[:2]] == ["step     5", "step    10"]
+  assert all("eigendecompositions" in l for l in lines[:2])
+  assert lines[-1].startswith("test accuracy")

@@ -1,0 +1,96 @@
+"""Smoke tests of the scripts in scripts/, run in-process on tiny settings."""
+
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import foam_optax as fo
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+
+import long_run  # noqa: E402
+import robustness_sweep  # noqa: E402
+
+_FLOAT = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)"
+
+
+def test_robustness_sweep_one_cell_grid_writes_finite_table(
+    monkeypatch, tmp_path, capsys):
+  # One learning rate and one epsilon: 3 optimizers x 2 problems, 3 steps.
+  monkeypatch.setattr(robustness_sweep, "LRS", (1e-2,))
+  monkeypatch.setattr(robustness_sweep, "EPSILONS", (1e-9,))
+  out = tmp_path / "sweep.md"
+  monkeypatch.setattr(sys, "argv", ["robustness_sweep.py", "--steps", "3",
+                                    "--out", str(out)])
+  robustness_sweep.main()
+  text = out.read_text()
+  assert text.strip() in capsys.readouterr().out
+  assert "## Robustness sweep (3 steps, full batch)" in text
+  titles = re.findall(r"^### (.*) \(initial loss (" + _FLOAT + r")\)$", text,
+                      re.M)
+  assert [t for t, _ in titles] == ["digits MLP", "Kronecker quadratic 16x12"]
+  assert all(np.isfinite(float(v)) and float(v) > 0 for _, v in titles)
+  rows = re.findall(r"^\| (foam|shampoo|adamw) \| 1e-09 \| (.*) \| (\d)/1 \|$",
+                    text, re.M)
+  assert [r[0] for r in rows] == ["foam", "shampoo", "adamw"] * 2
+  for name, cell, finished in rows:
+    # A 1e-2 step for 3 steps lowers every loss: no "**div**" cell.
+    assert re.fullmatch(_FLOAT, cell), (name, cell)
+    assert np.isfinite(float(cell)) and finished == "1", (name, cell)
+  assert len(re.findall(r"\*\*100%\*\*", text)) == 6
+
+
+def test_long_run_short_exits_zero_with_damping_in_range(monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["long_run.py", "--steps", "200"])
+  assert long_run.main() == 0
+  out = capsys.readouterr().out
+  assert out.rstrip().splitlines()[-1] == "OK"
+  for name in ("foam", "shampoo"):
+    line = next(l for l in out.splitlines() if l.startswith(name + ":"))
+    assert "steps=200 finite=True" in line
+    lo, hi = map(float, re.search(
+        r"damping in \[(" + _FLOAT + r"), (" + _FLOAT + r")\]", line).groups())
+    assert 1e-9 * (1 - 1e-6) <= lo <= hi <= 3e-7 * (1 + 1e-6), line
+  # 200 steps are enough for FOAM to raise its damping above epsilon.
+  foam_hi = float(re.search(r"foam: .*damping in \[[^,]+, (" + _FLOAT + r")\]",
+                            out).group(1))
+  assert foam_hi > 1e-9
+
+
+def _poisoned(tx, field, after):
+  """`tx` whose state field `field` of every factor turns NaN once more than
+  `after` updates were applied; the updates themselves are left alone."""
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, state, params)
+    def poison(x):
+      return jnp.where(state.count > after, jnp.full_like(x, jnp.nan), x)
+    groups = tuple(
+        gs._replace(**{side: getattr(gs, side)._replace(**{field: poison(
+            getattr(getattr(gs, side), field))})
+                       for side in ("left", "right")
+                       if getattr(gs, side) is not None})
+        for gs in state.groups)
+    return updates, state._replace(groups=groups)
+  return optax.GradientTransformation(tx.init, update)
+
+
+@pytest.mark.parametrize("field", ["statistic", "proxy"])
+def test_long_run_checks_optimizer_state_is_finite(field):
+  tx = _poisoned(fo.scale_by_shampoo(epsilon=long_run.EPS), field, after=12)
+  r = long_run.run(tx, steps=20, chunk=10)
+  assert int(r["step"]) == 20
+  if field == "proxy":   # a diagnostic that may legitimately overflow
+    assert r["finite"] and r["first_nonfinite_step"] is None
+    assert r["proxy_nonfinite"] == int(r["num_factors"])
+  else:
+    assert not r["finite"]
+    assert r["first_nonfinite_step"] == 13
+    assert any(f.endswith(".statistic") for f in r["nonfinite_fields"])
+    # Parameters and updates stayed finite: only the state check caught it.
+    assert np.isfinite(r["final_loss"])
