@@ -215,6 +215,7 @@ def scale_by_soap(
     controller_epsilon: float = 1e-9,
     max_epsilon: float = 3e-7,
     threshold: float = 0.75,
+    exponent: float = 2,
     residual_tol: float = 0.1,
     precondition_1d: bool = False,
     stagger: bool = True,
@@ -244,6 +245,8 @@ def scale_by_soap(
     epsilon: Adam's epsilon in the eigenbasis.
     check_frequency: steps between basis checks.
     controller_epsilon, max_epsilon, threshold: FOAM controller settings.
+    exponent: ``p`` of FOAM's staleness proxy ``h = RC·α/p`` (the inverse
+      root whose error it bounds); used only by the FOAM controllers.
     Others: as in `scale_by_foam`.
 
   Example:
@@ -260,7 +263,7 @@ def scale_by_soap(
   config.check_soap_epsilons(epsilon, controller_epsilon, max_epsilon)
   return from_config(config.validate(config.Config(
       b1=b1, b2=b2, epsilon=controller_epsilon, max_epsilon=max_epsilon,
-      threshold=threshold, check_frequency=check_frequency,
+      threshold=threshold, exponent=exponent, check_frequency=check_frequency,
       block_size=block_size, max_precond_dim=max_precond_dim,
       start_preconditioning_step=start_preconditioning_step,
       grafting="adam", graft_b2=b2, graft_eps=epsilon, controller=controller,
@@ -283,6 +286,7 @@ def soap(
     controller_epsilon: float = 1e-9,
     max_epsilon: float = 3e-7,
     threshold: float = 0.75,
+    exponent: float = 2,
     residual_tol: float = 0.1,
     precondition_1d: bool = False,
     stagger: bool = True,
