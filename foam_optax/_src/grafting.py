@@ -30,23 +30,16 @@ def direction(second_moment, grad, momentum, step, cfg: Config):
   return momentum / (jnp.sqrt(scale) + cfg.graft_eps), second_moment
 
 
-def block_norms(blocks):
-  """Frobenius norm of each (m, n) block of a (k, m, n) stack, as (k, 1, 1).
-
-  Scaled by the largest entry first so that the squares cannot overflow.
-  """
-  peak = jnp.max(jnp.abs(blocks), axis=(1, 2), keepdims=True)
-  peak = jnp.where(peak > 0, peak, 1.0)
-  return peak * jnp.sqrt(
-      jnp.sum((blocks / peak) ** 2, axis=(1, 2), keepdims=True))
-
-
-def rescale(blocks, graft_norms, cfg: Config):
-  """Give each (m, n) block of a (k, m, n) stack its grafting norm.
-
-  `graft_norms` are the `block_norms` of the grafting direction's blocks.
-  """
+def rescale(blocks, graft_blocks, cfg: Config):
+  """Give each (m, n) block of a (k, m, n) stack its grafting norm."""
   if cfg.grafting == "none":
     return blocks
   tiny = jnp.finfo(blocks.dtype).tiny
-  return blocks * (graft_norms / (block_norms(blocks) + tiny))
+
+  def norm(x):
+    # Scaled by the largest entry first so that the squares cannot overflow.
+    peak = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
+    peak = jnp.where(peak > 0, peak, 1.0)
+    return peak * jnp.sqrt(jnp.sum((x / peak) ** 2, axis=(1, 2), keepdims=True))
+
+  return blocks * (norm(graft_blocks) / (norm(blocks) + tiny))

@@ -136,7 +136,7 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       groups=groups)
 
 
-def _update_group(grad_blocks, momentum_blocks, graft_norms, gs: GroupState,
+def _update_group(grad_blocks, momentum_blocks, graft_blocks, gs: GroupState,
                   group: shaping.BlockClass, step, cfg: Config):
   left, right = gs.left, gs.right
   left_order = right_order = None
@@ -152,7 +152,7 @@ def _update_group(grad_blocks, momentum_blocks, graft_norms, gs: GroupState,
         left_order, right_order, step, cfg)
     return direction, GroupState(left, right, moment)
   direction = preconditioners.root_inverse(momentum_blocks, left, right)
-  direction = grafting.rescale(direction, graft_norms, cfg)
+  direction = grafting.rescale(direction, graft_blocks, cfg)
   return direction, GroupState(left, right, None)
 
 
@@ -195,16 +195,13 @@ def _prepare_leaf(grad, ls: LeafState, step, cfg: Config) -> _LeafStep:
       momentum=momentum, graft_second_moment=graft_moment))
 
 
-def _class_blocks(leaf_steps, field, cls: shaping.BlockClass, reduce=None):
-  """(count, m, n) stack of `field` over every block of the class, or of
-  `reduce` applied to each member's blocks (so a per-block reduction fuses
-  with the computation of `field` and the blocks are never stacked)."""
+def _class_blocks(leaf_steps, field, cls: shaping.BlockClass):
+  """(count, m, n) stack of `field` over every block of the class."""
   blocks = []
   for i, j in cls.members:
     layout = leaf_steps[i].state.layout
     matrix = getattr(leaf_steps[i], field).reshape(layout.matrix_shape)
-    member = shaping.extract(matrix, layout.groups[j])
-    blocks.append(member if reduce is None else reduce(member))
+    blocks.append(shaping.extract(matrix, layout.groups[j]))
   return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
 
 
@@ -220,8 +217,8 @@ def _update_tree(grads, leaf_states, groups, step, cfg: Config):
     direction, gs = _update_group(
         _class_blocks(leaf_steps, "grad", cls),
         _class_blocks(leaf_steps, "corrected", cls),
-        None if cfg.eigenvalue_corrected or cfg.grafting == "none"
-        else _class_blocks(leaf_steps, "graft_dir", cls, grafting.block_norms),
+        None if cfg.eigenvalue_corrected
+        else _class_blocks(leaf_steps, "graft_dir", cls),
         gs, cls, step, cfg)
     new_groups.append(gs)
     for (i, j), start in zip(cls.members, cls.offsets):
