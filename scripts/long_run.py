@@ -103,12 +103,10 @@ def run(tx, steps, chunk=1000, lr=1e-2, seed=0):
         carry, jax.random.split(sub, min(chunk, steps - start)))
     lo, hi = min(lo, float(dmin.min())), max(hi, float(dmax.max()))
     finite = np.asarray(finite)
-    # After each chunk, the state as carried on (per-step flags above cover
-    # the steps inside the chunk).
-    chunk_ok = bool(finite.all()) and bool(state_finite(carry[1]))
+    # The per-step flags include the state after the chunk's last step.
+    chunk_ok = bool(finite.all())
     if not chunk_ok and first_bad is None:
-      first_bad = start + (int(np.argmin(finite)) + 1 if not finite.all()
-                           else len(finite))
+      first_bad = start + int(np.argmin(finite)) + 1
       bad_fields = nonfinite_fields(carry)
     all_finite &= chunk_ok
     losses.append(float(chunk_loss[-1]))

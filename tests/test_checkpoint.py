@@ -97,19 +97,26 @@ def saved(tmp_path_factory):
   return directory, jax.tree.leaves({"params": params, "state": state})
 
 
-def _resume_in_subprocess(directory, tmp_path, sharded):
-  out_file = tmp_path / "resumed.npz"
+def _in_subprocess(call, out_file, eight_devices):
+  """Runs `test_checkpoint.<call>` in a new process (on 8 forced CPU devices
+  if asked); returns the arrays it saved to `out_file`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if sharded:
+  if eight_devices:
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-          f"import test_checkpoint as t; "
-          f"t._resume({str(directory)!r}, {str(out_file)!r}, {sharded})")
+          f"import test_checkpoint as t; t.{call}")
   out = subprocess.run([sys.executable, "-c", code], env=env,
                        capture_output=True, text=True, timeout=180)
   assert out.returncode == 0, out.stderr[-3000:]
   with np.load(out_file) as data:
     return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+def _resume_in_subprocess(directory, tmp_path, sharded):
+  out_file = tmp_path / "resumed.npz"
+  return _in_subprocess(
+      f"_resume({str(directory)!r}, {str(out_file)!r}, {sharded})", out_file,
+      sharded)
 
 
 def test_resume_in_new_process_is_bitwise_identical(saved, tmp_path):
@@ -163,16 +170,9 @@ def _train_sharded_and_save(directory, out_file):
 
 def test_sharded_checkpoint_restores_on_one_device(tmp_path):
   directory, out_file = tmp_path / "state", tmp_path / "sharded.npz"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-          f"import test_checkpoint as t; "
-          f"t._train_sharded_and_save({str(directory)!r}, {str(out_file)!r})")
-  out = subprocess.run([sys.executable, "-c", code], env=env,
-                       capture_output=True, text=True, timeout=180)
-  assert out.returncode == 0, out.stderr[-3000:]
-  with np.load(out_file) as data:
-    arrays = [data[f"arr_{i}"] for i in range(len(data.files))]
+  arrays = _in_subprocess(
+      f"_train_sharded_and_save({str(directory)!r}, {str(out_file)!r})",
+      out_file, eight_devices=True)
   saved, sharded_final = arrays[:len(arrays) // 2], arrays[len(arrays) // 2:]
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -122,8 +122,9 @@ def test_soap_power_qr_behind_conditionals():
   assert len(calls) >= 2 and not unconditional, unconditional
 
 
-@pytest.mark.parametrize("grouping", ["map", "bucket"])
-def test_skipped_eigendecompositions_are_not_executed(grouping, monkeypatch):
+@pytest.fixture
+def executed_eighs(monkeypatch):
+  """A list that gains one entry each time an `eigh` call actually runs."""
   executed = []
   original = linalg.eigh
 
@@ -133,6 +134,13 @@ def test_skipped_eigendecompositions_are_not_executed(grouping, monkeypatch):
     return original(matrix)
 
   monkeypatch.setattr(linalg, "eigh", counting_eigh)
+  return executed
+
+
+@pytest.mark.parametrize("grouping", ["map", "bucket"])
+def test_skipped_eigendecompositions_are_not_executed(grouping,
+                                                     executed_eighs):
+  executed = executed_eighs
   tx = fo.scale_by_foam(grouping=grouping, b2=0.99, **KW)
   rng = np.random.default_rng(3)
   # A slowly changing problem: a fixed mean gradient plus small noise.
@@ -264,15 +272,8 @@ def test_branch_analysis_detects_eigh_and_qr_together():
 
 @pytest.mark.parametrize("grouping", ["map", "bucket"])
 def test_soap_power_qr_executes_eigh_only_for_first_bases(grouping,
-                                                          monkeypatch):
-  executed = []
-  original = linalg.eigh
-
-  def counting_eigh(matrix):
-    jax.debug.callback(lambda: executed.append(1))
-    return original(matrix)
-
-  monkeypatch.setattr(linalg, "eigh", counting_eigh)
+                                                          executed_eighs):
+  executed = executed_eighs
   tx = fo.scale_by_soap(check_frequency=2, block_size=4, precondition_1d=True,
                         stagger=False, refresh_method="power_qr",
                         grouping=grouping)

@@ -104,7 +104,8 @@ def _compute_refresh(factor, fs: FactorState, first, cfg: Config) -> _Refresh:
                   lambda: _by_power_qr(factor, fs.basis))
 
 
-def _compute_refresh_stack(factors, fs: FactorState, first) -> _Refresh:
+def _compute_refresh_stack(factors, fs: FactorState, first,
+                           cfg: Config) -> _Refresh:
   """Fresh bases for a whole stack with batched kernels (`grouping='bucket'`).
 
   `first` marks the members that need their first, full eigendecomposition.
@@ -112,6 +113,8 @@ def _compute_refresh_stack(factors, fs: FactorState, first) -> _Refresh:
   `s0`, or after a failed first decomposition), never on ordinary checks.
   """
   by_eigh = lambda: jax.vmap(_by_eigh)(factors)
+  if cfg.refresh_method == "eigh":
+    return by_eigh()
   by_power_qr = lambda: jax.vmap(_by_power_qr)(factors, fs.basis)
 
   def mixed():
@@ -198,13 +201,11 @@ def _refresh_bucket(fs: FactorState, checks, bias_correction, cfg: Config):
     factors = fs.statistic / bias_correction
     decision, first = jax.vmap(lambda a, f: _decide(a, f, cfg))(factors, fs)
     decision = decision._replace(refresh=decision.refresh & checks)
-    if cfg.refresh_method == "eigh":
-      compute = lambda: jax.vmap(_by_eigh)(factors)
-    else:
-      compute = lambda: _compute_refresh_stack(
-          factors, fs, first & decision.refresh)
-    fresh = lax.cond(jnp.any(decision.refresh), compute,
-                     lambda: jax.vmap(_no_refresh)(fs))
+    fresh = lax.cond(
+        jnp.any(decision.refresh),
+        lambda: _compute_refresh_stack(
+            factors, fs, first & decision.refresh, cfg),
+        lambda: jax.vmap(_no_refresh)(fs))
     new, orders = jax.vmap(lambda f, d, r: _commit(f, d, r, cfg))(
         fs, decision, fresh)
     keep = lambda n, o: jnp.where(
