@@ -10,6 +10,7 @@ from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorState
 from foam_optax._src.partition import partition
 from foam_optax._src.partition import precondition_labels
+from foam_optax._src.sharding import relayout
 from foam_optax._src.sharding import state_sharding
 from foam_optax._src.transform import GroupState
 from foam_optax._src.transform import LeafState
@@ -26,6 +27,7 @@ __all__ = [
     "foam",
     "partition",
     "precondition_labels",
+    "relayout",
     "scale_by_foam",
     "scale_by_shampoo",
     "scale_by_soap",

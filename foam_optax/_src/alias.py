@@ -43,6 +43,16 @@ def _alias(scale_by, arguments):
   return skip_nonfinite(chain) if skip else chain
 
 
+def _typed(struct):
+  """The sharding of an abstract array on Explicit mesh axes, else None."""
+  sharding = getattr(struct, "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sharding
+
+
 def skip_nonfinite(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
@@ -69,8 +79,9 @@ def skip_nonfinite(
     new_updates_shape, _ = jax.eval_shape(apply)
 
     def skip():
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           new_updates_shape)
+      zeros = jax.tree.map(
+          lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=_typed(s)),
+          new_updates_shape)
       count = lambda s: s._replace(
           nonfinite_skips=optax.safe_increment(s.nonfinite_skips))
       return zeros, jax.tree.map(lambda s: count(s) if is_core(s) else s,

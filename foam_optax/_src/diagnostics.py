@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from foam_optax._src.factors import FactorState
 from foam_optax._src.transform import ScaleByFoamState
+from foam_optax._src.transform import slot_maps
 
 
 def _find(tree, kind):
@@ -41,18 +41,29 @@ def stats(opt_state) -> dict[str, jax.Array]:
   states = _find(opt_state, ScaleByFoamState)
   if not states:
     raise ValueError("opt_state holds no foam_optax transformation state.")
-  factors = _find([s.groups for s in states], FactorState)
+  # Every factor stack with the mask of its real slots (the others are
+  # padding, see `distribution`). Reductions per stack, then over stacks,
+  # so that sharded stacks are never gathered.
+  stacks = []
+  for state in states:
+    for gs, slots in zip(state.groups, slot_maps(state)):
+      stacks += [(fs, slots >= 0) for fs in (gs.left, gs.right)
+                 if fs is not None]
   int_zero = jnp.zeros((), jnp.int32)
 
   def total(field):
-    return sum((jnp.sum(getattr(f, field)) for f in factors), int_zero)
+    return sum((jnp.sum(getattr(f, field)) for f, _ in stacks), int_zero)
 
-  damping = [f.damping for f in factors]
-  proxy = [f.proxy for f in factors]
-  if damping:
-    all_damping = jnp.concatenate(damping)
-    damping_max, damping_mean = jnp.max(all_damping), jnp.mean(all_damping)
-    proxy_max = jnp.max(jnp.concatenate(proxy))
+  def largest(field):
+    return jnp.max(jnp.stack([jnp.max(jnp.where(real, getattr(f, field), 0.0))
+                              for f, real in stacks]))
+
+  num_factors = sum(int(real.sum()) for _, real in stacks)
+  if stacks:
+    damping_max, proxy_max = largest("damping"), largest("proxy")
+    damping_sum = sum(jnp.sum(jnp.where(real, f.damping, 0.0))
+                      for f, real in stacks)
+    damping_mean = damping_sum / num_factors
   else:
     damping_max = damping_mean = proxy_max = jnp.zeros(())
   return {
@@ -63,7 +74,6 @@ def stats(opt_state) -> dict[str, jax.Array]:
       "proxy_max": proxy_max,
       "nonfinite_skips": sum((s.nonfinite_skips for s in states), int_zero),
       "eigendecomposition_failures": total("failures"),
-      "num_factors": jnp.asarray(sum(f.damping.shape[0] for f in factors),
-                                 jnp.int32),
+      "num_factors": jnp.asarray(num_factors, jnp.int32),
       "step": jnp.max(jnp.stack([s.count for s in states])),
   }

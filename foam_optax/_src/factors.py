@@ -4,16 +4,29 @@ A `FactorState` holds a stack of `k` same-sized factors (one per block of a
 block group). Each factor has its own statistic, basis, eigenvalues, damping,
 check phase and counters; nothing is shared between factors.
 
-On a factor's check step its controller decides whether a fresh
-eigendecomposition is needed. The decomposition sits in a `lax.cond` branch
-whose predicate is a per-factor scalar, never a `vmap`-batched one, so a
-factor that keeps its basis executes no `eigh` at all. Two schedules of that
-work are offered:
+A step runs in four phases, each over a whole stack, so that the transform
+can interleave them across stacks and devices:
 
-* ``grouping='map'``: `lax.map` over the stack, one `lax.cond` per factor.
-* ``grouping='bucket'``: one `lax.cond` for the whole stack that runs a
-  batched refresh when any member needs it, then keeps the old basis of the
-  members that did not ask.
+1. `accumulate`: the statistics' moving average (batched products).
+2. `decide`: on its check step, each factor's controller decides whether a
+   fresh eigendecomposition is needed (one `lax.cond` per factor).
+3. `refresh`: the eigendecompositions of the factors that asked. Each sits in
+   a `lax.cond` branch whose predicate is a per-factor scalar, never a
+   `vmap`-batched one, so a factor that keeps its basis executes no `eigh`.
+   Two schedules of that work are offered:
+
+   * ``grouping='map'``: `lax.map` over the stack, one `lax.cond` per factor.
+   * ``grouping='bucket'``: one `lax.cond` for the whole stack that runs a
+     batched refresh when any member needs it, then keeps the old basis of
+     the members that did not ask.
+
+   On a device mesh each device refreshes its own slice of the stack. When
+   one device holds more than its share of the factors that asked, the work
+   is rebalanced: the stack's statistics are gathered, the ``n`` requests are
+   dealt round-robin (each device computes at most ``ceil(n / devices)``),
+   and the results are gathered back. Every collective sits behind a
+   predicate computed from gathered data, identical on all devices.
+4. `commit`: the new bases, damping and counters of the checked factors.
 """
 
 from __future__ import annotations
@@ -79,6 +92,17 @@ def is_check_step(step, phase, cfg: Config):
   return (step == first) | periodic
 
 
+def bias_correction(step, cfg: Config, dtype):
+  """``1 - b2^t``: the statistics' bias correction at step `t`."""
+  return 1 - jnp.asarray(cfg.b2, dtype) ** step
+
+
+def accumulate(fs: FactorState, gram, cfg: Config) -> FactorState:
+  """Adds this step's (k, m, m) Gram matrices to the moving average."""
+  b2 = jnp.asarray(cfg.b2, fs.statistic.dtype)
+  return fs._replace(statistic=b2 * fs.statistic + (1 - b2) * gram)
+
+
 class _Refresh(NamedTuple):
   basis: jax.Array
   eigvals: jax.Array
@@ -95,17 +119,16 @@ def _by_power_qr(factor, basis) -> _Refresh:
   return _Refresh(*linalg.power_qr_refresh(factor, basis))
 
 
-def _compute_refresh(factor, fs: FactorState, first, cfg: Config) -> _Refresh:
+def _compute_refresh(factor, basis, first, cfg: Config) -> _Refresh:
   """The expensive part: a fresh basis for one factor."""
   if cfg.refresh_method == "eigh":
     return _by_eigh(factor)
   # The first basis of every factor is a full eigendecomposition.
   return lax.cond(first, lambda: _by_eigh(factor),
-                  lambda: _by_power_qr(factor, fs.basis))
+                  lambda: _by_power_qr(factor, basis))
 
 
-def _compute_refresh_stack(factors, fs: FactorState, first,
-                           cfg: Config) -> _Refresh:
+def _compute_refresh_stack(factors, basis, first, cfg: Config) -> _Refresh:
   """Fresh bases for a whole stack with batched kernels (`grouping='bucket'`).
 
   `first` marks the members that need their first, full eigendecomposition.
@@ -115,7 +138,7 @@ def _compute_refresh_stack(factors, fs: FactorState, first,
   by_eigh = lambda: jax.vmap(_by_eigh)(factors)
   if cfg.refresh_method == "eigh":
     return by_eigh()
-  by_power_qr = lambda: jax.vmap(_by_power_qr)(factors, fs.basis)
+  by_power_qr = lambda: jax.vmap(_by_power_qr)(factors, basis)
 
   def mixed():
     full, warm = by_eigh(), by_power_qr()
@@ -126,9 +149,10 @@ def _compute_refresh_stack(factors, fs: FactorState, first,
   return lax.cond(jnp.any(first), mixed, by_power_qr)
 
 
-def _no_refresh(fs: FactorState) -> _Refresh:
-  size = fs.eigvals.shape[-1]
-  return _Refresh(fs.basis, fs.eigvals, jnp.arange(size), jnp.asarray(True))
+def _placeholder(size, dtype) -> _Refresh:
+  """Stands in for a refresh that was not computed (never committed)."""
+  return _Refresh(jnp.eye(size, dtype=dtype), jnp.zeros((size,), dtype),
+                  jnp.arange(size), jnp.asarray(False))
 
 
 def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
@@ -161,78 +185,143 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
   return new, order
 
 
-def _decide(factor, fs: FactorState, cfg: Config) -> tuple[Decision, jax.Array]:
-  first = fs.checks == 0
+def _decide(factor, fs: FactorState, cfg: Config) -> Decision:
   decision = CONTROLLERS[cfg.controller](
       factor, fs.basis, fs.eigvals, fs.damping, cfg)
   # The first check of every factor computes a fresh basis with ε0.
-  decision = decision._replace(
+  first = fs.checks == 0
+  return decision._replace(
       refresh=first | decision.refresh,
       proxy=jnp.where(first, jnp.zeros_like(decision.proxy), decision.proxy))
-  return decision, first
 
 
-def _check_one(factor, fs: FactorState, cfg: Config):
-  decision, first = _decide(factor, fs, cfg)
-  fresh = lax.cond(decision.refresh,
-                   lambda: _compute_refresh(factor, fs, first, cfg),
-                   lambda: _no_refresh(fs))
-  return _commit(fs, decision, fresh, cfg)
+def _idle(fs: FactorState) -> Decision:
+  """The decision of a factor that is not checked this step."""
+  return Decision(jnp.zeros(fs.damping.shape, bool), fs.damping, fs.eigvals,
+                  fs.proxy)
 
 
-def _identity_orders(fs: FactorState):
-  count, size = fs.eigvals.shape
-  return jnp.broadcast_to(jnp.arange(size), (count, size))
-
-
-def _refresh_map(fs: FactorState, checks, bias_correction, cfg: Config):
-  def one(args):
-    fs1, check = args
-    return lax.cond(
-        check, lambda: _check_one(fs1.statistic / bias_correction, fs1, cfg),
-        lambda: (fs1, jnp.arange(fs1.statistic.shape[-1])))
-  # On most steps no factor is checked: skip the loop entirely.
-  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks)),
-                  lambda: (fs, _identity_orders(fs)))
-
-
-def _refresh_bucket(fs: FactorState, checks, bias_correction, cfg: Config):
-  def run_checks():
-    factors = fs.statistic / bias_correction
-    decision, first = jax.vmap(lambda a, f: _decide(a, f, cfg))(factors, fs)
-    decision = decision._replace(refresh=decision.refresh & checks)
-    fresh = lax.cond(
-        jnp.any(decision.refresh),
-        lambda: _compute_refresh_stack(
-            factors, fs, first & decision.refresh, cfg),
-        lambda: jax.vmap(_no_refresh)(fs))
-    new, orders = jax.vmap(lambda f, d, r: _commit(f, d, r, cfg))(
-        fs, decision, fresh)
-    keep = lambda n, o: jnp.where(
-        checks.reshape(checks.shape + (1,) * (n.ndim - 1)), n, o)
-    return jax.tree.map(keep, new, fs), jnp.where(
-        checks[:, None], orders, _identity_orders(fs))
-
-  return lax.cond(jnp.any(checks), run_checks,
-                  lambda: (fs, _identity_orders(fs)))
-
-
-def update_factor(fs: FactorState, gram, step, cfg: Config):
-  """Accumulate this step's Gram matrices and refresh on check steps.
+def decide(fs: FactorState, checks, correction, cfg: Config) -> Decision:
+  """Each checked factor's controller decision; `refresh` False elsewhere.
 
   Args:
-    fs: stacked state of `k` factors.
-    gram: (k, m, m) this step's G Gᵀ (or Gᵀ G) per block.
-    step: 1-based step `t`.
+    fs: a stack of factors (statistics already accumulated).
+    checks: (k,) bool, the factors checked this step.
+    correction: the statistics' bias correction ``1 - b2^t``.
     cfg: hyperparameters.
+  """
+  def one(args):
+    fs1, check = args
+    return lax.cond(check, lambda: _decide(fs1.statistic / correction, fs1, cfg),
+                    lambda: _idle(fs1))
+  # On most steps no factor is checked: skip the loop entirely.
+  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks)),
+                  lambda: _idle(fs))
+
+
+def _refresh_local(fs: FactorState, need, correction, cfg: Config) -> _Refresh:
+  """Fresh bases for this device's factors that asked."""
+  first = fs.checks == 0
+  size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
+  if cfg.grouping == "bucket":
+    stack = lambda: _compute_refresh_stack(
+        fs.statistic / correction, fs.basis, first & need, cfg)
+    return lax.cond(jnp.any(need), stack,
+                    lambda: jax.vmap(lambda _: _placeholder(size, dtype))(need))
+
+  def one(args):
+    statistic, basis, first1, need1 = args
+    return lax.cond(
+        need1, lambda: _compute_refresh(statistic / correction, basis, first1,
+                                        cfg),
+        lambda: _placeholder(size, dtype))
+  return lax.map(one, (fs.statistic, fs.basis, first, need))
+
+
+def _refresh_rebalanced(fs: FactorState, need_all, correction, cfg: Config,
+                        plan) -> _Refresh:
+  """Fresh bases with the requests dealt round-robin over the devices.
+
+  Runs inside `shard_map` only on steps where the requests are uneven.
+  Device ``d`` computes the requests of rank ``d, d + S, d + 2S, …`` (``S``
+  devices) from the gathered stack; the results are gathered and each
+  device keeps those of its own factors.
+  """
+  axes, shards = plan.axes, plan.num_shards
+  per = fs.basis.shape[0]
+  total_slots = per * shards
+  gather = lambda x: lax.all_gather(x, axes, tiled=True)
+  statistics = gather(fs.statistic)
+  bases = gather(fs.basis) if cfg.refresh_method == "power_qr" else None
+  first = gather(fs.checks == 0)
+  device = lax.axis_index(axes)
+  # Global indices of the factors that asked, first; then the rest.
+  requests = jnp.argsort(jnp.logical_not(need_all), stable=True)
+  rank = device + shards * jnp.arange(per)
+  valid = rank < jnp.sum(need_all)
+  index = requests[jnp.minimum(rank, total_slots - 1)]
+  size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
+
+  def one(args):
+    i, valid1 = args
+    basis = None if bases is None else bases[i]
+    return lax.cond(
+        valid1,
+        lambda: _compute_refresh(statistics[i] / correction, basis, first[i],
+                                 cfg),
+        lambda: _placeholder(size, dtype))
+  results = jax.tree.map(gather, lax.map(one, (index, valid)))
+  index, valid = gather(index), gather(valid)
+  # source[g]: the row of `results` holding factor g's refresh.
+  source = jnp.zeros((total_slots,), jnp.int32).at[
+      jnp.where(valid, index, total_slots)].set(
+          jnp.arange(total_slots, dtype=jnp.int32), mode="drop")
+  mine = source[device * per + jnp.arange(per)]
+  return jax.tree.map(lambda r: r[mine], results)
+
+
+def refresh(fs: FactorState, need, need_all, correction, cfg: Config,
+            plan) -> _Refresh:
+  """Fresh bases for the factors in `need`; placeholders elsewhere.
+
+  Args:
+    fs: this device's slice of a stack (all of it without a mesh).
+    need: (k,) bool, the slice's factors that need a fresh basis.
+    need_all: `need` of the whole stack, identical on every device (equal
+      to `need` without a mesh).
+    correction: the statistics' bias correction ``1 - b2^t``.
+    cfg: hyperparameters.
+    plan: the state's `distribution.Plan`.
+  """
+  size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
+  none = lambda: jax.vmap(lambda _: _placeholder(size, dtype))(need)
+  local = lambda: _refresh_local(fs, need, correction, cfg)
+  if not plan.distributed:
+    return lax.cond(jnp.any(need), local, none)
+  counts = jnp.sum(need_all.reshape(plan.num_shards, -1), axis=1)
+  total = jnp.sum(counts)
+  fair_share = (total + plan.num_shards - 1) // plan.num_shards
+  branch = jnp.where(total == 0, 0,
+                     jnp.where(jnp.all(counts <= fair_share), 1, 2))
+  return lax.switch(branch, [
+      none, local,
+      lambda: _refresh_rebalanced(fs, need_all, correction, cfg, plan)])
+
+
+def commit(fs: FactorState, checks, decision: Decision, fresh: _Refresh,
+           cfg: Config):
+  """New state of the checked factors.
 
   Returns:
     (new state, (k, m) column orders of the new bases relative to the old).
   """
-  b2 = jnp.asarray(cfg.b2, fs.statistic.dtype)
-  statistic = b2 * fs.statistic + (1 - b2) * gram
-  fs = fs._replace(statistic=statistic)
-  checks = is_check_step(step, fs.phase, cfg)
-  refresh = _refresh_map if cfg.grouping == "map" else _refresh_bucket
-  # A_t = L_t / (1 - b2^t) is formed only inside the check branches.
-  return refresh(fs, checks, 1 - b2 ** step, cfg)
+  count, size = fs.eigvals.shape
+  identity = lambda: jnp.arange(size)
+
+  def one(args):
+    fs1, check, decision1, fresh1 = args
+    return lax.cond(check, lambda: _commit(fs1, decision1, fresh1, cfg),
+                    lambda: (fs1, identity()))
+  return lax.cond(
+      jnp.any(checks), lambda: lax.map(one, (fs, checks, decision, fresh)),
+      lambda: (fs, jnp.broadcast_to(identity(), (count, size))))

@@ -1,95 +1,131 @@
 """Shardings of an optimizer state on a device mesh.
 
-`state_sharding` places every array of a foam_optax state:
+A state initialised under a mesh (see `distribution`) stacks its factors in
+multiples of the device count. `state_sharding` places every array:
 
-* per-parameter arrays (momentum, grafting second moment) take the sharding
-  of their parameter;
 * the per-factor stacks (`FactorState` fields and rotated second moments,
   whose leading axis runs over the blocks of a block class) are split along
-  that block axis over the mesh, so each device stores, and decomposes, only
-  its share of the blocks. A stack whose block count is not a multiple of the
-  number of devices on the chosen axes is replicated;
+  that block axis over all mesh axes: each device stores, checks and
+  decomposes only its share of the factors;
+* per-parameter arrays (momentum, grafting second moment) take their
+  parameter's sharding and are further split over the mesh axes that the
+  parameter does not use, on the first dimension that divides evenly (as
+  ZeRO does for data-parallel training), so replicated parameters do not
+  mean replicated optimizer state;
 * counters and other scalars are replicated.
 
 Subtrees of other transformations in a chain (e.g. AdamW's moments inside
 `optax.partition`) that have the parameters' tree structure follow the
 parameters' shardings; any other array is replicated.
-
-The eigendecompositions of a stack are divided among devices when the
-transformation uses ``grouping='bucket'`` (one batched `eigh` per stack,
-which the SPMD partitioner splits along the block axis). With
-``grouping='map'`` each factor is visited by a sequential loop, and the loop
-gathers the stack on every device.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+import math
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
+from foam_optax._src.transform import _leaf_states
 from foam_optax._src.transform import GroupState, LeafState, ScaleByFoamState
+from foam_optax._src.transform import slot_maps
 
 
-def _block_spec(shape, mesh: Mesh, axes: tuple) -> PartitionSpec:
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
-  if len(shape) >= 1 and shape[0] % size == 0:
-    return PartitionSpec(axes if len(axes) > 1 else axes[0])
-  return PartitionSpec()
+def _axes_of(entry) -> tuple:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def _foam_sharding(state: ScaleByFoamState, params_sharding, mesh: Mesh,
-                   axes: tuple) -> ScaleByFoamState:
+def _split_further(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """`spec` with the mesh axes it leaves unused added to the first
+  dimension that they (together with its own axes) divide evenly."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for e in entries for a in _axes_of(e)}
+  free = tuple(a for a in mesh.axis_names if a not in used)
+  if not free:
+    return spec
+  for dim, entry in enumerate(entries):
+    axes = _axes_of(entry) + free
+    if shape[dim] % math.prod(mesh.shape[a] for a in axes) == 0:
+      entries[dim] = axes if len(axes) > 1 else axes[0]
+      return PartitionSpec(*entries)
+  return spec
+
+
+def _foam_sharding(state: ScaleByFoamState, params_sharding,
+                   mesh: Mesh) -> ScaleByFoamState:
   replicated = NamedSharding(mesh, PartitionSpec())
   treedef = jax.tree.structure(params_sharding)
   leaf_states = treedef.flatten_up_to(state.leaves)
-  stack = lambda x: NamedSharding(mesh, _block_spec(x.shape, mesh, axes))
+  if not state.plan.distributed:
+    if mesh.size > 1:
+      raise ValueError(
+          f"the optimizer state was initialised without a device mesh, so its "
+          f"factor stacks cannot be divided among the mesh's {mesh.size} "
+          "devices. Initialise it under the mesh: inside `with "
+          "jax.set_mesh(mesh):`, or from parameters sharded on it.")
+    stack = replicated
+  else:
+    if state.plan.shape != dict(mesh.shape):
+      raise ValueError(
+          f"the optimizer state was laid out for the mesh "
+          f"{state.plan.shape}, not {dict(mesh.shape)}.")
+    stack = NamedSharding(mesh, PartitionSpec(state.plan.block_spec))
 
   def leaf(ls, param_sharding):
     if not isinstance(ls, LeafState):   # e.g. optax.masked's MaskedNode
       return ls
-    follow = lambda x: None if x is None else param_sharding
+
+    def follow(x):
+      if x is None:
+        return None
+      return NamedSharding(
+          mesh, _split_further(x.shape, param_sharding.spec, mesh))
     return LeafState(follow(ls.momentum), follow(ls.graft_second_moment),
                      ls.layout)
 
   leaves = [leaf(ls, s) for ls, s in
             zip(leaf_states, treedef.flatten_up_to(params_sharding))]
   groups = tuple(
-      GroupState(*(None if part is None else jax.tree.map(stack, part)
+      GroupState(*(None if part is None else jax.tree.map(lambda _: stack,
+                                                          part)
                    for part in gs))
       for gs in state.groups)
-  return ScaleByFoamState(replicated, replicated, treedef.unflatten(leaves),
-                          groups)
+  return state._replace(count=replicated, nonfinite_skips=replicated,
+                        leaves=treedef.unflatten(leaves), groups=groups)
 
 
-def state_sharding(opt_state, params, params_sharding,
-                   block_axes: Optional[Union[str, Sequence[str]]] = None) -> Any:
-  """NamedShardings for `opt_state`, with block stacks split across devices.
+def state_sharding(opt_state, params, params_sharding) -> Any:
+  """NamedShardings for `opt_state`, with factor stacks split across devices.
 
   Args:
     opt_state: a state (or `jax.eval_shape` of one) of a foam_optax
-      transformation, alias, or any optax chain or wrapper around them.
+      transformation, alias, or any optax chain or wrapper around them,
+      initialised under the mesh of `params_sharding` (inside
+      ``with jax.set_mesh(mesh):``, or from parameters sharded on it).
     params: the parameters (arrays or `jax.ShapeDtypeStruct`s).
     params_sharding: a `NamedSharding` per parameter, in the parameters' tree
       structure; all on one mesh.
-    block_axes: mesh axis name(s) the block axis of factor stacks is split
-      over; by default all axes of the mesh.
 
   Returns:
     A pytree of `NamedSharding` with the structure of `opt_state`, usable as
     `jax.jit` in/out shardings or with `jax.device_put`.
 
+  Raises:
+    ValueError: if the state was initialised for another mesh, or without
+      one while the mesh has several devices.
+
   Example:
-    >>> abstract = jax.eval_shape(tx.init, params)
-    >>> shardings = state_sharding(abstract, params, params_shardings)
-    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> with jax.set_mesh(mesh):
+    ...   abstract = jax.eval_shape(tx.init, params)
+    ...   shardings = state_sharding(abstract, params, params_shardings)
+    ...   state = jax.jit(tx.init, out_shardings=shardings)(params)
   """
   mesh = jax.tree.leaves(params_sharding)[0].mesh
-  axes = tuple(mesh.axis_names) if block_axes is None else (
-      (block_axes,) if isinstance(block_axes, str) else tuple(block_axes))
   replicated = NamedSharding(mesh, PartitionSpec())
   params_def = jax.tree.structure(params_sharding)
   shapes = lambda tree: [tuple(getattr(x, "shape", ()))
@@ -102,7 +138,7 @@ def state_sharding(opt_state, params, params_sharding,
 
   def place(x):
     if isinstance(x, ScaleByFoamState):
-      return _foam_sharding(x, params_sharding, mesh, axes)
+      return _foam_sharding(x, params_sharding, mesh)
     if is_param_like(x):
       return params_sharding
     return replicated
@@ -110,3 +146,55 @@ def state_sharding(opt_state, params, params_sharding,
   return jax.tree.map(
       place, opt_state,
       is_leaf=lambda x: isinstance(x, ScaleByFoamState) or is_param_like(x))
+
+
+def _positions(slots) -> np.ndarray:
+  """Stack slot of each block (0, 1, …) of a class, from its slot map."""
+  order = np.argsort(np.where(slots < 0, len(slots), slots), kind="stable")
+  return order[:int((slots >= 0).sum())]
+
+
+def _relayout_core(source: ScaleByFoamState,
+                   target: ScaleByFoamState) -> ScaleByFoamState:
+  if [ls.layout for ls in _leaf_states(source.leaves)] != [
+      ls.layout for ls in _leaf_states(target.leaves)]:
+    raise ValueError("relayout: the two states belong to different "
+                     "parameters or block settings.")
+  groups = []
+  for src, dst, src_slots, dst_slots in zip(
+      source.groups, target.groups, slot_maps(source), slot_maps(target)):
+    src_pos, dst_pos = _positions(src_slots), _positions(dst_slots)
+    move = lambda s, d: d.at[dst_pos].set(s[src_pos])
+    groups.append(jax.tree.map(move, src, dst))
+  return target._replace(count=source.count,
+                         nonfinite_skips=source.nonfinite_skips,
+                         leaves=source.leaves, groups=tuple(groups))
+
+
+def relayout(opt_state, target):
+  """`opt_state`'s values in the layout of `target` (another device count).
+
+  A state initialised under a mesh pads each factor stack to a multiple of
+  the device count and places its blocks by cost (see `state_sharding`), so
+  a state saved on one mesh may not fit another. `relayout` moves every
+  factor to its slot in `target`'s layout, keeps `target`'s padding slots,
+  and copies everything else from `opt_state`.
+
+  Args:
+    opt_state: the state to move (e.g. restored from a checkpoint in the
+      layout it was saved with).
+    target: an initialised state in the wanted layout (e.g.
+      ``jax.jit(tx.init, out_shardings=...)(params)`` under the new mesh).
+
+  Returns:
+    A state with `target`'s structure and `opt_state`'s values.
+
+  Example:
+    >>> with jax.set_mesh(new_mesh):
+    ...   target = jax.jit(tx.init, out_shardings=shardings)(params)
+    >>> state = jax.device_put(fo.relayout(restored, target), shardings)
+  """
+  is_core = lambda x: isinstance(x, ScaleByFoamState)
+  return jax.tree.map(
+      lambda dst, src: _relayout_core(src, dst) if is_core(dst) else src,
+      target, opt_state, is_leaf=is_core)

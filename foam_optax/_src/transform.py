@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 from flax import nnx
 import optax
 
+from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import grafting
 from foam_optax._src import linalg
@@ -45,13 +50,17 @@ class ScaleByFoamState(NamedTuple):
     count: number of updates applied (the next update is step `count + 1`).
     nonfinite_skips: updates skipped because a gradient was not finite.
     leaves: per-parameter `LeafState`, in the parameters' tree structure.
-    groups: per block class (`block_classes`) a `GroupState`.
+    groups: per block class (`block_classes`) a `GroupState`; on a device
+      mesh each stack is padded to a multiple of the device count (see
+      `distribution`).
+    plan: static: the device mesh the stacks are laid out for.
   """
 
   count: jax.Array
   nonfinite_skips: jax.Array
   leaves: Any
   groups: tuple
+  plan: distribution.Plan = distribution.Plan()
 
 
 def _leaf_states(leaves_tree) -> list:
@@ -65,19 +74,37 @@ def block_classes(state: ScaleByFoamState) -> tuple:
   return shaping.block_classes([ls.layout for ls in _leaf_states(state.leaves)])
 
 
+def slot_maps(state: ScaleByFoamState) -> tuple:
+  """For each entry of ``state.groups``, the block held by each stack slot
+  (-1: padding); see `distribution.slot_maps`."""
+  return distribution.slot_maps(block_classes(state), state.plan.num_shards)
+
+
 def _layout(shape, cfg: Config) -> shaping.LeafLayout:
   return shaping.leaf_layout(
       shape, static_int("block_size", cfg.block_size),
       static_int("max_precond_dim", cfg.max_precond_dim), cfg.precondition_1d)
 
 
-def _phases(num_factors, cfg: Config):
-  """Deterministic check offsets spreading factors over the check period."""
-  index = jnp.arange(num_factors, dtype=jnp.int32)
-  if not cfg.stagger or num_factors == 0:
-    return jnp.zeros_like(index)
-  freq = jnp.asarray(cfg.check_frequency, jnp.int32)
-  return (index * freq) // num_factors
+def _phases(stack_sizes, num_shards, cfg: Config) -> list:
+  """Deterministic check offsets spreading factors over the check period.
+
+  Factors are ranked stack after stack; inside a stack the ranks alternate
+  between devices (`distribution.interleaved_ranks`), so the factors of one
+  check step are spread over the mesh rather than landing on one device.
+  """
+  total = sum(stack_sizes)
+  phases, start = [], 0
+  for size in stack_sizes:
+    if not cfg.stagger:
+      phases.append(jnp.zeros((size,), jnp.int32))
+      continue
+    rank = jnp.asarray(
+        start + distribution.interleaved_ranks(size, num_shards), jnp.int32)
+    freq = jnp.asarray(cfg.check_frequency, jnp.int32)
+    phases.append((rank * freq) // total)
+    start += size
+  return phases
 
 
 def _plain_arrays(tree):
@@ -96,29 +123,28 @@ def _plain_arrays(tree):
 def _init(params, cfg: Config) -> ScaleByFoamState:
   dtype = linalg.stat_dtype()
   leaves, treedef = jax.tree.flatten(_plain_arrays(params))
+  plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
   layouts = [_layout(jnp.shape(p), cfg) for p in leaves]
   classes = shaping.block_classes(layouts)
-  num_factors = sum(c.count * (c.left + c.right) for c in classes)
-  phases = _phases(num_factors, cfg)
-  next_phase = 0
+  slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
+  sides = [(size, side) for cls, size in zip(classes, slots)
+           for side in (cls.left, cls.right) if side]
+  phases = iter(_phases([size for size, _ in sides], plan.num_shards, cfg))
 
   def factor(count, size, active):
-    nonlocal next_phase
     if not active:
       return None
-    phase = phases[next_phase:next_phase + count]
-    next_phase += count
     return factors.init_factor_state(
-        count, size, cfg.epsilon, phase, dtype,
+        count, size, cfg.epsilon, next(phases), dtype,
         exponent=None if cfg.eigenvalue_corrected else cfg.exponent)
 
   groups = tuple(
       GroupState(
-          left=factor(c.count, c.rows, c.left),
-          right=factor(c.count, c.cols, c.right),
-          rotated_second_moment=(jnp.zeros((c.count, c.rows, c.cols), dtype)
+          left=factor(count, c.rows, c.left),
+          right=factor(count, c.cols, c.right),
+          rotated_second_moment=(jnp.zeros((count, c.rows, c.cols), dtype)
                                  if cfg.eigenvalue_corrected else None))
-      for c in classes)
+      for c, count in zip(classes, slots))
   leaf_states = []
   for p, lay in zip(leaves, layouts):
     shape = jnp.shape(p)
@@ -133,27 +159,73 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       count=jnp.zeros([], jnp.int32),
       nonfinite_skips=jnp.zeros([], jnp.int32),
       leaves=jax.tree.unflatten(treedef, leaf_states),
-      groups=groups)
+      groups=groups,
+      plan=plan)
 
 
-def _update_group(grad_blocks, momentum_blocks, graft_blocks, gs: GroupState,
-                  group: shaping.BlockClass, step, cfg: Config):
-  left, right = gs.left, gs.right
-  left_order = right_order = None
-  if group.left:
-    left, left_order = factors.update_factor(
-        left, linalg.gram_left(grad_blocks), step, cfg)
-  if group.right:
-    right, right_order = factors.update_factor(
-        right, linalg.gram_right(grad_blocks), step, cfg)
-  if cfg.eigenvalue_corrected:
-    direction, moment = preconditioners.eigenvalue_corrected(
-        grad_blocks, momentum_blocks, gs.rotated_second_moment, left, right,
-        left_order, right_order, step, cfg)
-    return direction, GroupState(left, right, moment)
-  direction = preconditioners.root_inverse(momentum_blocks, left, right)
-  direction = grafting.rescale(direction, graft_blocks, cfg)
-  return direction, GroupState(left, right, None)
+_SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
+
+
+def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
+                plan: distribution.Plan):
+  """Every block class's per-block work; per device under `shard_map`.
+
+  Args:
+    blocks: per class ``(grad, momentum, graft)`` stacks of (k, m, n) blocks
+      (``graft`` None in eigenvalue-corrected mode).
+    groups: per class its `GroupState`.
+    active: per class (k,) bool: the slot holds a block (not padding).
+    step: the 1-based step.
+
+  Returns:
+    (per class the (k, m, n) preconditioned direction, new class states).
+  """
+  correction = factors.bias_correction(step, cfg, linalg.stat_dtype())
+  # Phase 1: statistics and the controllers' decisions on check steps.
+  sides = []   # (class index, side name, state, checks, decision)
+  for c, (cls, gs, (grad, _, _), act) in enumerate(
+      zip(classes, groups, blocks, active)):
+    for name, gram in _SIDES:
+      if getattr(cls, name):
+        fs = factors.accumulate(getattr(gs, name), gram(grad), cfg)
+        checks = factors.is_check_step(step, fs.phase, cfg) & act
+        sides.append((c, name, fs, checks,
+                      factors.decide(fs, checks, correction, cfg)))
+  # Phase 2: which factors need a fresh basis, known on every device.
+  needs = [checks & decision.refresh for *_, checks, decision in sides]
+  needs_all = needs
+  if plan.distributed and needs:
+    gathered = lax.all_gather(jnp.concatenate(needs), plan.axes, tiled=True)
+    gathered = gathered.reshape(plan.num_shards, -1)
+    bounds = [0]
+    for need in needs:
+      bounds.append(bounds[-1] + need.shape[0])
+    needs_all = [gathered[:, a:b].reshape(-1)
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+  # Phases 3 and 4: fresh bases, then the new factor states.
+  new_states = [dict(gs._asdict()) for gs in groups]
+  orders = [dict(left=None, right=None) for _ in groups]
+  for (c, name, fs, checks, decision), need, need_all in zip(
+      sides, needs, needs_all):
+    fresh = factors.refresh(fs, need, need_all, correction, cfg, plan)
+    new_states[c][name], orders[c][name] = factors.commit(
+        fs, checks, decision, fresh, cfg)
+  # Preconditioned directions.
+  directions, new_groups = [], []
+  for (grad, momentum, graft), gs, order, state in zip(
+      blocks, groups, orders, new_states):
+    left, right = state["left"], state["right"]
+    if cfg.eigenvalue_corrected:
+      direction, moment = preconditioners.eigenvalue_corrected(
+          grad, momentum, gs.rotated_second_moment, left, right,
+          order["left"], order["right"], step, cfg)
+    else:
+      direction = grafting.rescale(
+          preconditioners.root_inverse(momentum, left, right), graft, cfg)
+      moment = None
+    directions.append(direction)
+    new_groups.append(GroupState(left, right, moment))
+  return tuple(directions), tuple(new_groups)
 
 
 def _to_dtype(direction, dtype):
@@ -195,32 +267,61 @@ def _prepare_leaf(grad, ls: LeafState, step, cfg: Config) -> _LeafStep:
       momentum=momentum, graft_second_moment=graft_moment))
 
 
-def _class_blocks(leaf_steps, field, cls: shaping.BlockClass):
-  """(count, m, n) stack of `field` over every block of the class."""
+def _class_blocks(leaf_steps, field, cls: shaping.BlockClass, slots):
+  """(slots, m, n) stack of `field` over every block of the class, with
+  zero blocks in the padding slots."""
   blocks = []
   for i, j in cls.members:
     layout = leaf_steps[i].state.layout
     matrix = getattr(leaf_steps[i], field).reshape(layout.matrix_shape)
     blocks.append(shaping.extract(matrix, layout.groups[j]))
-  return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
+  stack = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
+  if len(slots) == cls.count and (slots == range(cls.count)).all():
+    return stack
+  stack = jnp.concatenate([stack, jnp.zeros_like(stack[:1])])
+  return stack[jnp.where(slots < 0, cls.count, slots)]
 
 
-def _update_tree(grads, leaf_states, groups, step, cfg: Config):
+def _unslot(direction, slots):
+  """The class's blocks in member order from a (slots, m, n) stack."""
+  if len(slots) == (slots >= 0).sum() and (slots == range(len(slots))).all():
+    return direction
+  position = {int(b): s for s, b in enumerate(slots) if b >= 0}
+  return direction[jnp.asarray([position[b] for b in range(len(position))])]
+
+
+def _update_tree(grads, leaf_states, groups, step, cfg: Config,
+                 plan: distribution.Plan):
   """Updates and new (leaf states, class states) for flat lists of leaves."""
   leaf_steps = [_prepare_leaf(g, ls, step, cfg)
                 for g, ls in zip(grads, leaf_states)]
   classes = shaping.block_classes([ls.layout for ls in leaf_states])
+  slot_maps = distribution.slot_maps(classes, plan.num_shards)
+  fields = ("grad", "corrected") + (
+      () if cfg.eigenvalue_corrected else ("graft_dir",))
+  blocks = tuple(
+      tuple(_class_blocks(leaf_steps, f, cls, slots) for f in fields)
+      + ((None,) if cfg.eigenvalue_corrected else ())
+      for cls, slots in zip(classes, slot_maps))
+  active = tuple(jnp.asarray(slots >= 0) for slots in slot_maps)
+  block_step = _with_arguments(
+      functools.partial(_block_step, classes=classes, plan=plan), cfg)
+  if plan.distributed:
+    stacked, replicated = PartitionSpec(plan.block_spec), PartitionSpec()
+    block_step = jax.shard_map(
+        block_step, mesh=plan.mesh(),
+        in_specs=(stacked, stacked, stacked, replicated, replicated),
+        out_specs=(stacked, stacked),
+        # Per-factor branches mix per-device and replicated values; every
+        # output is per device, so the replication check has nothing to add.
+        check_vma=False)
+  class_directions, new_groups = block_step(
+      blocks, tuple(groups), active, step, _traced_hyperparameters(cfg))
+
   # directions[i][j]: the (count, m, n) direction of group j of leaf i.
   directions = [[None] * len(ls.layout.groups) for ls in leaf_states]
-  new_groups = []
-  for cls, gs in zip(classes, groups):
-    direction, gs = _update_group(
-        _class_blocks(leaf_steps, "grad", cls),
-        _class_blocks(leaf_steps, "corrected", cls),
-        None if cfg.eigenvalue_corrected
-        else _class_blocks(leaf_steps, "graft_dir", cls),
-        gs, cls, step, cfg)
-    new_groups.append(gs)
+  for cls, slots, direction in zip(classes, slot_maps, class_directions):
+    direction = _unslot(direction, slots)
     for (i, j), start in zip(cls.members, cls.offsets):
       count = leaf_states[i].layout.groups[j].count
       directions[i][j] = direction[start:start + count]
@@ -254,28 +355,84 @@ def all_finite(updates) -> jax.Array:
        for g in leaves]))
 
 
+def _check_mesh(plan: distribution.Plan, tree) -> None:
+  """The state's plan against the mesh `update` runs under."""
+  mesh = distribution.current_mesh(tree)
+  if mesh is None:
+    return
+  if not plan.distributed:
+    warnings.warn(
+        f"foam_optax: updating under a mesh of {mesh.size} devices a state "
+        "initialised without one: every device repeats every "
+        "eigendecomposition. Initialise the state under the mesh (inside "
+        "`with jax.set_mesh(mesh):`, or from parameters sharded on it).",
+        stacklevel=4)
+  elif dict(mesh.shape) != plan.shape:
+    raise ValueError(
+        f"the optimizer state was laid out for the mesh {plan.shape}"
+        f" but is updated under {dict(mesh.shape)}; initialise it for this "
+        "mesh, or move a saved state with `foam_optax.relayout`.")
+
+
+def _specs(tree):
+  return jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+
+
+def _traced_hyperparameters(cfg: Config) -> dict:
+  """The hyperparameters held as arrays (`optax.inject_hyperparams`)."""
+  return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+          if isinstance(getattr(cfg, f.name), jax.Array)}
+
+
+def _with_arguments(fn, cfg: Config):
+  """`fn(*args, cfg)` as a function of ``(*args, traced)``.
+
+  Array-valued hyperparameters travel as arguments, never as closures, into
+  `shard_map` and `auto_axes`, whose bodies may not capture arrays placed
+  under another mesh.
+  """
+  def call(*args):
+    *args, traced = args
+    return fn(*args, dataclasses.replace(cfg, **traced))
+  return call
+
+
 def _update(updates, state: ScaleByFoamState, cfg: Config):
-  step = optax.safe_increment(state.count)
-
   updates = _plain_arrays(updates)
+  _check_mesh(state.plan, state)
 
-  def apply():
+  def apply(updates, state, cfg):
+    step = optax.safe_increment(state.count)
     grads, treedef = jax.tree.flatten(updates)
     leaf_states = treedef.flatten_up_to(state.leaves)
     new_updates, new_leaves, new_groups = _update_tree(
-        grads, leaf_states, state.groups, step, cfg)
+        grads, leaf_states, state.groups, step, cfg, state.plan)
     return treedef.unflatten(new_updates), state._replace(
         count=step, leaves=treedef.unflatten(new_leaves), groups=new_groups)
 
-  if not cfg.skip_nonfinite:
-    return apply()
+  traced = _traced_hyperparameters(cfg)
+  run = _with_arguments(apply, cfg)
+  explicit = distribution.typed_mesh(state)
+  if explicit is not None:
+    # On Explicit axes every reshape of a sharded array would need its output
+    # sharding spelled out; let the partitioner place the intermediates and
+    # return every array with the sharding it came in with.
+    def run(updates, state, traced, inner=run):
+      with jax.sharding.use_abstract_mesh(explicit):
+        return jax.sharding.auto_axes(
+            inner, out_sharding=(_specs(updates), _specs(state)))(
+                updates, state, traced)
 
-  def skip():
+  if not cfg.skip_nonfinite:
+    return run(updates, state, traced)
+
+  def skip(updates, state, traced):
+    del traced
     zeros = jax.tree.map(jnp.zeros_like, updates)
     return zeros, state._replace(
         nonfinite_skips=optax.safe_increment(state.nonfinite_skips))
 
-  return lax.cond(all_finite(updates), apply, skip)
+  return lax.cond(all_finite(updates), run, skip, updates, state, traced)
 
 
 def scale_by_foam(

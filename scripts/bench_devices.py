@@ -1,0 +1,453 @@
+"""foam_optax on a device mesh: agreement, eigendecompositions per device,
+memory and step time against one device.
+
+Runs on whatever devices JAX sees; on a CPU-only machine it asks XLA for 8
+host devices (``--devices``) before JAX starts. Prints a Markdown report and,
+with ``--json PATH``, writes the figures.
+
+    python scripts/bench_devices.py                 # the full report
+    python scripts/bench_devices.py --quick         # the checks only (CI)
+
+Sections:
+
+* **agreement**: 25 steps of `foam`, `shampoo` and `soap` on a small model
+  whose block stacks do not divide by the device count (padding and placement
+  by cost are exercised), on `jax.make_mesh` (Explicit axes, with and without
+  `jax.set_mesh`), `jax.sharding.Mesh` (Auto axes) and a 2-D data x model
+  mesh, with replicated and FSDP-style (row-sharded) parameters, against the
+  same run on one device;
+* **sensitivity**: how far 25 steps move when a single update is perturbed by
+  1e-6 relative, at ε0 = 1e-9 (the paper's) and 1e-5: the scale of
+  disagreement that reordered float32 sums alone can cause;
+* **work**: `eigh` calls executed on each device at every check step of a
+  FOAM run, against the number of factors that needed one;
+* **memory**: optimizer-state bytes per device against one device, for a
+  model whose stacks divide by the device count;
+* **speed**: step time of Shampoo with ``check_frequency=1`` (every factor
+  refreshed every step) on four 256 x 256 layers in 64 x 64 blocks (64
+  blocks per stack), on one device and on the mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+
+def _parse():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--devices", type=int, default=8,
+                      help="host devices to ask for on CPU (default 8)")
+  parser.add_argument("--quick", action="store_true",
+                      help="agreement, work and memory only (no timing)")
+  parser.add_argument("--steps", type=int, default=25)
+  parser.add_argument("--repeats", type=int, default=20,
+                      help="timed steps per configuration")
+  parser.add_argument("--speed-only", action="store_true",
+                      help="the step-time section alone")
+  parser.add_argument("--json", help="write the figures to this file")
+  return parser.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and "jax" not in sys.modules:
+  os.environ.setdefault(
+      "XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import foam_optax as fo  # noqa: E402
+from foam_optax._src import linalg  # noqa: E402
+
+# ---------------------------------------------------------------- the model
+
+
+def small_params(key):
+  """Stacks of 18, 5 and 1 blocks at block_size 16: none divides by 8."""
+  k = jax.random.split(key, 3)
+  return {"w0": jax.random.normal(k[0], (64, 48)) / 8,
+          "b0": jnp.zeros((48,)),
+          "w1": jax.random.normal(k[1], (48, 40)) / 7,
+          "conv": jax.random.normal(k[2], (3, 3, 4, 8)) / 6}
+
+
+def small_loss(p, batch):
+  x, y = batch
+  h = jnp.tanh(x @ p["w0"] + p["b0"])
+  return jnp.mean((h @ p["w1"] - y) ** 2) + 0.1 * jnp.sum(
+      jnp.sin(p["conv"]) ** 2)
+
+
+def small_batches(steps):
+  xs = jax.random.normal(jax.random.PRNGKey(1), (steps, 32, 64))
+  ys = jax.random.normal(jax.random.PRNGKey(2), (steps, 32, 40))
+  return xs, ys
+
+
+def _gathered(tree):
+  """Parameters used whole by the model (FSDP gathers them per layer)."""
+  def whole(a):
+    mesh = jax.typeof(a).sharding.mesh
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+      return a
+    with jax.sharding.use_abstract_mesh(mesh):
+      return jax.sharding.reshard(a, P())
+  return jax.tree.map(whole, tree)
+
+
+def make_step(tx, loss):
+  def step(params, state, batch):
+    grads = jax.grad(lambda p: loss(_gathered(p), batch))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+# ------------------------------------------------------------ placements
+
+
+def _param_shardings(params, mesh, layout):
+  if layout == "replicated":
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+  # FSDP-style: every matrix split by rows over the first mesh axis.
+  axis = mesh.axis_names[0]
+  size = mesh.shape[axis]
+
+  def spec(a):
+    if a.ndim >= 2 and a.shape[0] % size == 0:
+      return NamedSharding(mesh, P(axis))
+    if a.ndim >= 2 and a.shape[-1] % size == 0:
+      return NamedSharding(mesh, P(*([None] * (a.ndim - 1)), axis))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(spec, params)
+
+
+def run_sharded(tx, loss, params, batches, mesh, layout, use_set_mesh):
+  """Trains on `mesh` following the documented recipe; returns the final
+  parameters and state (on host) and the compiled step."""
+  import contextlib
+  context = jax.set_mesh(mesh) if use_set_mesh else contextlib.nullcontext()
+  with context:
+    p_shard = _param_shardings(params, mesh, layout)
+    params = jax.device_put(params, p_shard)
+    s_shard = fo.state_sharding(jax.eval_shape(tx.init, params), params,
+                                p_shard)
+    state = jax.jit(tx.init, out_shardings=s_shard)(params)
+    step = jax.jit(make_step(tx, loss), in_shardings=(p_shard, s_shard, None),
+                   out_shardings=(p_shard, s_shard))
+    for i in range(batches[0].shape[0]):
+      params, state = step(params, state, (batches[0][i], batches[1][i]))
+    kept = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
+        jax.tree.leaves(state), jax.tree.leaves(s_shard)))
+    stats = {k: float(v) for k, v in jax.jit(fo.stats)(state).items()}
+  return jax.device_get(params), stats, kept
+
+
+def run_single(tx, loss, params, batches):
+  device = jax.devices()[0]
+  params = jax.device_put(params, device)
+  state = jax.device_put(tx.init(params), device)
+  step = jax.jit(make_step(tx, loss))
+  for i in range(batches[0].shape[0]):
+    params, state = step(params, state, (batches[0][i], batches[1][i]))
+  return jax.device_get(params), {
+      k: float(v) for k, v in fo.stats(state).items()}
+
+
+def _max_relative(a, b, start):
+  moved = max(float(jnp.max(jnp.abs(x - s))) for x, s in zip(
+      jax.tree.leaves(a), jax.tree.leaves(start)))
+  diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
+      jax.tree.leaves(a), jax.tree.leaves(b)))
+  return diff, moved
+
+
+# Unstaggered checks: staggered check phases depend on the layout (they are
+# interleaved across devices), so only the plain schedule is the same on one
+# device and on a mesh.
+OPTIMIZERS = {
+    "foam": lambda eps: fo.foam(2e-2, epsilon=eps, max_epsilon=30 * eps,
+                                block_size=16, check_frequency=3,
+                                stagger=False),
+    "shampoo": lambda eps: fo.shampoo(2e-2, epsilon=eps, block_size=16,
+                                      check_frequency=3, stagger=False),
+    # From step 2: a basis from the step-1 gradient alone rotates that
+    # gradient to a nearly diagonal matrix whose off-diagonal entries are
+    # round-off, which Adam's sign-like first step turns into O(1) noise.
+    "soap": lambda eps: fo.soap(3e-3, block_size=16, check_frequency=3,
+                                stagger=False, start_preconditioning_step=2),
+}
+
+# (optimizer, mesh, parameter layout) run by --quick.
+QUICK = {("foam", "make_mesh", "replicated"),
+         ("foam", "make_mesh_no_set_mesh", "fsdp"),
+         ("foam", "Mesh_auto", "fsdp"),
+         ("foam", "make_mesh_2d", "replicated"),
+         ("shampoo", "make_mesh", "fsdp"),
+         ("soap", "Mesh_auto", "replicated")}
+
+
+def meshes(n):
+  devices = np.array(jax.devices()[:n])
+  out = {"make_mesh": (jax.make_mesh((n,), ("data",)), True),
+         "make_mesh_no_set_mesh": (jax.make_mesh((n,), ("data",)), False),
+         "Mesh_auto": (Mesh(devices, ("data",)), True)}
+  if n % 2 == 0 and n > 2:
+    out["make_mesh_2d"] = (jax.make_mesh((n // 2, 2), ("data", "model")),
+                           True)
+  return out
+
+
+def agreement(steps, quick, epsilon=1e-5):
+  params = small_params(jax.random.PRNGKey(0))
+  batches = small_batches(steps)
+  rows = []
+  n = jax.device_count()
+  for name, make in OPTIMIZERS.items():
+    single, single_stats = run_single(make(epsilon), small_loss, params,
+                                      batches)
+    for mesh_name, (mesh, use_set_mesh) in meshes(n).items():
+      for layout in ("replicated", "fsdp"):
+        if quick and (name, mesh_name, layout) not in QUICK:
+          continue
+        final, stats, kept = run_sharded(make(epsilon), small_loss, params,
+                                         batches, mesh, layout, use_set_mesh)
+        diff, moved = _max_relative(final, single, params)
+        rows.append({
+            "optimizer": name, "mesh": mesh_name, "params": layout,
+            "max_abs_diff": diff, "moved": moved,
+            "relative_diff": diff / moved,
+            "eigendecompositions": stats["eigendecompositions"],
+            "eigendecompositions_1": single_stats["eigendecompositions"],
+            "sharding_kept": kept})
+  return rows
+
+
+def sensitivity(steps):
+  """Parameter change after `steps` steps from a 1e-6 relative perturbation
+  of the first preconditioned update, on one device."""
+  params = small_params(jax.random.PRNGKey(0))
+  batches = small_batches(steps)
+  out = {}
+  for epsilon in (1e-9, 1e-5):
+    tx = OPTIMIZERS["foam"](epsilon)
+    finals = []
+    for scale in (1.0, 1.0 + 1e-6):
+      p, s = params, tx.init(params)
+      step = jax.jit(make_step(tx, small_loss))
+      for i in range(steps):
+        new_p, s = step(p, s, (batches[0][i], batches[1][i]))
+        if i == 3:   # the first preconditioned update (s0 = 3)
+          new_p = jax.tree.map(lambda a, b: b + scale * (a - b), new_p, p)
+        p = new_p
+      finals.append(p)
+    diff, moved = _max_relative(finals[0], finals[1], params)
+    out[f"{epsilon:g}"] = {"max_abs_diff": diff, "moved": moved}
+  return out
+
+
+# ------------------------------------------------------------------ work
+
+
+def work_per_device(steps):
+  """Executed `eigh` calls per device on each step of a FOAM run."""
+  n = jax.device_count()
+  mesh = jax.make_mesh((n,), ("data",))
+  calls = []
+  original = linalg.eigh
+
+  def counting_eigh(matrix):
+    device = lax.axis_index("data")
+    jax.debug.callback(lambda d: calls.append(int(d)), device)
+    return original(matrix)
+
+  params = small_params(jax.random.PRNGKey(0))
+  batches = small_batches(steps)
+  tx = fo.foam(2e-2, epsilon=1e-5, max_epsilon=3e-4, block_size=16,
+               check_frequency=3)
+  linalg.eigh = counting_eigh
+  try:
+    with jax.set_mesh(mesh):
+      p_shard = _param_shardings(params, mesh, "replicated")
+      params = jax.device_put(params, p_shard)
+      s_shard = fo.state_sharding(jax.eval_shape(tx.init, params), params,
+                                  p_shard)
+      state = jax.jit(tx.init, out_shardings=s_shard)(params)
+      step = jax.jit(make_step(tx, small_loss))
+      stats = jax.jit(fo.stats)
+      rows = []
+      for i in range(steps):
+        before = int(stats(state)["eigendecompositions"])
+        calls.clear()
+        params, state = step(params, state, (batches[0][i], batches[1][i]))
+        jax.block_until_ready(state)
+        jax.effects_barrier()
+        needed = int(stats(state)["eigendecompositions"]) - before
+        per_device = np.bincount(np.asarray(calls, int), minlength=n)
+        if needed or len(calls):
+          rows.append({"step": i + 1, "needed": needed,
+                       "per_device": per_device.tolist(),
+                       "bound": -(-needed // n) + 1})
+  finally:
+    linalg.eigh = original
+  return rows
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _bytes_on(tree, device):
+  return sum(sh.data.nbytes for a in jax.tree.leaves(tree)
+             for sh in a.addressable_shards if sh.device == device)
+
+
+def wide_params(key, width=256, layers=4):
+  keys = jax.random.split(key, layers)
+  return {f"w{i}": jax.random.normal(k, (width, width)) / math.sqrt(width)
+          for i, k in enumerate(keys)}
+
+
+def wide_loss(p, batch):
+  x, y = batch
+  for i in range(len(p)):
+    x = jnp.tanh(x @ p[f"w{i}"])
+  return jnp.mean((x - y) ** 2)
+
+
+def memory():
+  n = jax.device_count()
+  mesh = jax.make_mesh((n,), ("data",))
+  params = wide_params(jax.random.PRNGKey(0))
+  out = {}
+  for name, tx in (("foam", fo.foam(1e-3, block_size=64)),
+                   ("soap", fo.soap(1e-3, block_size=64))):
+    single = jax.device_put(tx.init(params), jax.devices()[0])
+    with jax.set_mesh(mesh):
+      p_shard = _param_shardings(params, mesh, "replicated")
+      placed = jax.device_put(params, p_shard)
+      s_shard = fo.state_sharding(jax.eval_shape(tx.init, placed), placed,
+                                  p_shard)
+      sharded = jax.jit(tx.init, out_shardings=s_shard)(placed)
+    per_device = [_bytes_on(sharded, d) for d in jax.devices()]
+    out[name] = {"bytes_1": _bytes_on(single, jax.devices()[0]),
+                 "bytes_per_device": per_device,
+                 "ratio": max(per_device) / _bytes_on(single,
+                                                      jax.devices()[0])}
+  return out
+
+
+# ----------------------------------------------------------------- speed
+
+
+def _time(step, params, state, batch, repeats):
+  params, state = step(params, state, batch)   # compile
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    params, state = step(params, state, batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) * 1e3
+
+
+def speed(repeats):
+  n = jax.device_count()
+  params = wide_params(jax.random.PRNGKey(0))
+  batch = (jax.random.normal(jax.random.PRNGKey(1), (64, 256)),
+           jax.random.normal(jax.random.PRNGKey(2), (64, 256)))
+  out = {}
+  for name, tx in (
+      ("shampoo_f1", fo.shampoo(1e-3, block_size=64, check_frequency=1)),
+      ("shampoo_f1_bucket", fo.shampoo(1e-3, block_size=64, check_frequency=1,
+                                       grouping="bucket")),
+      ("foam", fo.foam(1e-3, block_size=64, check_frequency=5))):
+    device = jax.devices()[0]
+    p1 = jax.device_put(params, device)
+    s1 = jax.device_put(tx.init(p1), device)
+    one = _time(jax.jit(make_step(tx, wide_loss)), p1, s1, batch, repeats)
+    mesh = jax.make_mesh((n,), ("data",))
+    with jax.set_mesh(mesh):
+      p_shard = _param_shardings(params, mesh, "replicated")
+      pn = jax.device_put(params, p_shard)
+      s_shard = fo.state_sharding(jax.eval_shape(tx.init, pn), pn, p_shard)
+      sn = jax.jit(tx.init, out_shardings=s_shard)(pn)
+      step = jax.jit(make_step(tx, wide_loss),
+                     in_shardings=(p_shard, s_shard, None),
+                     out_shardings=(p_shard, s_shard))
+      many = _time(step, pn, sn, batch, repeats)
+    out[name] = {"ms_1": one, f"ms_{n}": many, "ratio": many / one}
+  return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def main():
+  n = jax.device_count()
+  results = {"devices": n, "platform": jax.devices()[0].platform,
+             "jax": jax.__version__}
+  if not ARGS.speed_only:
+    results["agreement"] = agreement(ARGS.steps, ARGS.quick)
+    results["work"] = work_per_device(ARGS.steps)
+    results["memory"] = memory()
+  if not ARGS.quick:
+    results["sensitivity"] = sensitivity(ARGS.steps)
+    results["speed"] = speed(ARGS.repeats)
+  if ARGS.speed_only:
+    results["speed"] = speed(ARGS.repeats)
+
+  print(f"# foam_optax on {n} {results['platform']} devices "
+        f"(JAX {jax.__version__})\n")
+  if ARGS.speed_only:
+    results["agreement"], results["work"], results["memory"] = [], [], {}
+  print("## Agreement with one device after", ARGS.steps, "steps\n")
+  print("| optimizer | mesh | params | max abs diff | moved | relative |"
+        " EVDs (mesh / one) | sharding kept |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in results["agreement"]:
+    print(f"| {r['optimizer']} | {r['mesh']} | {r['params']} | "
+          f"{r['max_abs_diff']:.2e} | {r['moved']:.3f} | "
+          f"{r['relative_diff']:.2e} | {r['eigendecompositions']:.0f} / "
+          f"{r['eigendecompositions_1']:.0f} | {r['sharding_kept']} |")
+  print("\n## eigh calls per device on FOAM steps that refreshed\n")
+  print("| step | needed | per device | bound ceil(needed/n)+1 |")
+  print("|---|---|---|---|")
+  for r in results["work"]:
+    print(f"| {r['step']} | {r['needed']} | {r['per_device']} | "
+          f"{r['bound']} |")
+  print("\n## Optimizer-state memory\n")
+  print("| optimizer | one device (bytes) | per device on the mesh | ratio |")
+  print("|---|---|---|---|")
+  for name, r in results["memory"].items():
+    print(f"| {name} | {r['bytes_1']} | {max(r['bytes_per_device'])} | "
+          f"{r['ratio']:.3f} |")
+  if "sensitivity" in results:
+    print("\n## Sensitivity: one update perturbed by 1e-6 relative\n")
+    print("| ε0 | parameter change after the run | parameter movement |")
+    print("|---|---|---|")
+    for eps, r in results["sensitivity"].items():
+      print(f"| {eps} | {r['max_abs_diff']:.2e} | {r['moved']:.3f} |")
+  if "speed" in results:
+    print("\n## Step time (median ms)\n")
+    print(f"| optimizer | one device | {n} devices | ratio |")
+    print("|---|---|---|---|")
+    for name, r in results["speed"].items():
+      print(f"| {name} | {r['ms_1']:.1f} | {r[f'ms_{n}']:.1f} | "
+            f"{r['ratio']:.2f} |")
+  if ARGS.json:
+    with open(ARGS.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
