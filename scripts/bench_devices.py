@@ -368,8 +368,6 @@ def speed(repeats):
   out = {}
   for name, tx in (
       ("shampoo_f1", fo.shampoo(1e-3, block_size=64, check_frequency=1)),
-      ("shampoo_f1_bucket", fo.shampoo(1e-3, block_size=64, check_frequency=1,
-                                       grouping="bucket")),
       ("foam", fo.foam(1e-3, block_size=64, check_frequency=5))):
     device = jax.devices()[0]
     p1 = jax.device_put(params, device)

@@ -29,26 +29,53 @@ def _params():
 
 
 def _loss(p):
-  x = jnp.linspace(-1.0, 1.0, 64 * 16).reshape(64, 16)
+  rows = p["w"].shape[0]
+  x = jnp.linspace(-1.0, 1.0, 64 * rows).reshape(64, rows)
   target = jax.random.normal(jax.random.PRNGKey(1), (64, 8))
   return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - target) ** 2)
 
 
-@jax.jit
-def _step(params, state):
-  updates, state = _TX.update(jax.grad(_loss)(params), state, params)
-  return optax.apply_updates(params, updates), state
+def _make_step(tx):
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(_loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+  return step
 
 
-def _run(params, state, steps):
+_step = _make_step(_TX)
+# 20x8 in 4x4 blocks: stacks of 10, padded to 16 on 8 devices. Damping
+# 1e-5: at 1e-9 the inverse roots amplify the round-off of sharded sums.
+_TX_UNEVEN = fo.foam(3e-2, block_size=4, check_frequency=2, epsilon=1e-5,
+                     max_epsilon=3e-4)
+_step_uneven = _make_step(_TX_UNEVEN)
+
+
+def _params_uneven():
+  return {"w": jax.random.normal(jax.random.PRNGKey(0), (20, 8)),
+          "b": jnp.zeros((8,))}
+
+
+def _run(params, state, steps, step=_step):
   for _ in range(steps):
-    params, state = _step(params, state)
+    params, state = step(params, state)
   return params, state
 
 
-def _abstract(shardings=None):
-  params = _params()
-  tree = {"params": params, "opt_state": jax.eval_shape(_TX.init, params)}
+def _mesh():
+  from jax.sharding import Mesh
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def _abstract(shardings=None, tx=_TX, params=None):
+  """The saved tree's structure; with `shardings`, laid out for the mesh."""
+  params = _params() if params is None else params
+  if shardings is None:
+    opt_state = jax.eval_shape(tx.init, params)
+  else:
+    with jax.set_mesh(_mesh()):
+      opt_state = jax.eval_shape(tx.init, params)
+  tree = {"params": params, "opt_state": opt_state}
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   return jax.tree.map(
@@ -56,16 +83,19 @@ def _abstract(shardings=None):
       tree, shardings)
 
 
-def _mesh_shardings():
-  """Parameters split by rows, factor stacks by blocks, over 8 devices."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from foam_optax import state_sharding
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params = _params()
-  p_shard = {"w": NamedSharding(mesh, P("data", None)),
+def _mesh_shardings(tx=_TX, params=None):
+  """Parameters split by rows (by columns where rows do not divide), factor
+  stacks by blocks, over 8 devices."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = _mesh()
+  params = _params() if params is None else params
+  rows_split = params["w"].shape[0] % 8 == 0
+  p_shard = {"w": NamedSharding(mesh, P("data", None) if rows_split
+                                else P(None, "data")),
              "b": NamedSharding(mesh, P())}
-  return {"params": p_shard, "opt_state": state_sharding(
-      jax.eval_shape(_TX.init, params), params, p_shard)}
+  with jax.set_mesh(mesh):
+    return {"params": p_shard, "opt_state": fo.state_sharding(
+        jax.eval_shape(tx.init, params), params, p_shard)}
 
 
 def _resume(directory, out_file, sharded):
@@ -209,3 +239,42 @@ def test_sharded_checkpoint_restores_on_one_device(tmp_path):
   assert moved > 0.1
   for a, b in zip(resumed[:2], sharded_final[:2]):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * moved)
+
+
+def _resume_uneven_on_8(directory, out_file):
+  """Restore a one-device checkpoint of uneven stacks on 8 devices: restore
+  it as saved, move it into the mesh layout with `fo.relayout`, continue."""
+  assert jax.device_count() == 8
+  params = _params_uneven()
+  restored = ocp.StandardCheckpointer().restore(
+      directory, _abstract(tx=_TX_UNEVEN, params=params))
+  shardings = _mesh_shardings(_TX_UNEVEN, params)
+  with jax.set_mesh(_mesh()):
+    target = jax.jit(_TX_UNEVEN.init, out_shardings=shardings["opt_state"])(
+        jax.device_put(params, shardings["params"]))
+  is_factor = lambda x: isinstance(x, fo.FactorState)
+  sizes = {f.statistic.shape[0] for f in jax.tree.leaves(
+      target, is_leaf=is_factor) if is_factor(f)}
+  assert sizes == {16}, sizes   # padded: the saved stacks hold 10
+  state = jax.device_put(fo.relayout(restored["opt_state"], target),
+                         shardings["opt_state"])
+  params = jax.device_put(restored["params"], shardings["params"])
+  params, state = _run(params, state, _SECOND, _step_uneven)
+  np.savez(out_file, *jax.tree.leaves(jax.device_get(params)))
+
+
+def test_uneven_checkpoint_moves_to_8_devices_with_relayout(tmp_path):
+  directory, out_file = tmp_path / "uneven", tmp_path / "uneven.npz"
+  params = _params_uneven()
+  params, state = _run(params, _TX_UNEVEN.init(params), _FIRST, _step_uneven)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory, {"params": params, "opt_state": state})
+  checkpointer.wait_until_finished()
+  expected, _ = _run(params, state, _SECOND, _step_uneven)
+  resumed = _in_subprocess(
+      f"_resume_uneven_on_8({str(directory)!r}, {str(out_file)!r})",
+      out_file, eight_devices=True)
+  moved = np.max(np.abs(np.asarray(expected["w"]) - _params_uneven()["w"]))
+  assert moved > 0.1
+  for a, b in zip(resumed, jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=0, atol=1e-3 * moved)

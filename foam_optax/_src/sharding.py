@@ -164,7 +164,12 @@ def _relayout_core(source: ScaleByFoamState,
   for src, dst, src_slots, dst_slots in zip(
       source.groups, target.groups, slot_maps(source), slot_maps(target)):
     src_pos, dst_pos = _positions(src_slots), _positions(dst_slots)
-    move = lambda s, d: d.at[dst_pos].set(s[src_pos])
+
+    def move(s, d):
+      # On the host: the two states may live on different devices.
+      moved = np.array(jax.device_get(d))
+      moved[dst_pos] = np.asarray(jax.device_get(s))[src_pos]
+      return jax.device_put(moved, getattr(d, "sharding", None))
     groups.append(jax.tree.map(move, src, dst))
   return target._replace(count=source.count,
                          nonfinite_skips=source.nonfinite_skips,
@@ -178,7 +183,8 @@ def relayout(opt_state, target):
   the device count and places its blocks by cost (see `state_sharding`), so
   a state saved on one mesh may not fit another. `relayout` moves every
   factor to its slot in `target`'s layout, keeps `target`'s padding slots,
-  and copies everything else from `opt_state`.
+  and copies everything else from `opt_state`. The moved stacks come back
+  placed like `target`'s; the copied arrays as they were in `opt_state`.
 
   Args:
     opt_state: the state to move (e.g. restored from a checkpoint in the

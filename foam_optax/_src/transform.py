@@ -124,6 +124,15 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
   dtype = linalg.stat_dtype()
   leaves, treedef = jax.tree.flatten(_plain_arrays(params))
   plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
+  if plan.distributed and cfg.grouping == "bucket":
+    # Measured on 8 CPU devices: with the batched refresh the collectives
+    # around the per-device work reached the devices in different orders
+    # and the step deadlocked; the per-factor refresh runs.
+    raise ValueError(
+        "grouping='bucket' is not supported on a device mesh (its batched "
+        "refresh deadlocked the step's collectives on 8 CPU devices); use "
+        "grouping='map', which divides the eigendecompositions among the "
+        "devices and skips each factor's individually.")
   layouts = [_layout(jnp.shape(p), cfg) for p in leaves]
   classes = shaping.block_classes(layouts)
   slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
@@ -511,14 +520,17 @@ def scale_by_foam(
       period (the first check stays at ``s0``); False restores exactly the
       steps above.
     grouping: ``'map'`` (one conditional per factor) or ``'bucket'`` (one
-      conditional per stack of same-sized factors).
+      conditional per stack of same-sized factors, a batched refresh; one
+      device only).
     skip_nonfinite: skip the whole update (zero step, state kept, counter
       incremented) when any gradient is NaN or infinite, or so large that
       the sum of its squares overflows the statistics' dtype.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
-    (no learning rate, no sign flip), in each parameter's dtype.
+    (no learning rate, no sign flip), in each parameter's dtype. A state
+    initialised under a device mesh (``jax.set_mesh``, or parameters sharded
+    on it) divides the factors among the devices: see `state_sharding`.
 
   Example:
     >>> import jax.numpy as jnp, optax, foam_optax as fo
