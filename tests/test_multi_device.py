@@ -203,3 +203,16 @@ def test_state_without_mesh_is_refused_or_warned(checks):
 
 def test_batched_refresh_is_refused_on_a_mesh(checks):
   assert checks["bucket_refused"]
+
+
+def test_two_processes_match_one(tmp_path):
+  # 2 processes x 4 CPU devices in one jax.distributed cluster (localhost).
+  path = tmp_path / "processes.json"
+  _run(["scripts/multi_process.py", "--json", str(path), "--timeout", "240"],
+       300)
+  result = json.loads(path.read_text())
+  assert result["processes"] * result["devices_per_process"] == 8
+  assert result["moved"] > 0.05
+  assert result["max_abs_diff"] < 1e-3 * result["moved"]
+  assert result["eigendecompositions"] == result[
+      "eigendecompositions_one_process"] > 0
