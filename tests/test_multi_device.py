@@ -216,3 +216,13 @@ def test_two_processes_match_one(tmp_path):
   assert result["max_abs_diff"] < 1e-3 * result["moved"]
   assert result["eigendecompositions"] == result[
       "eigendecompositions_one_process"] > 0
+
+
+def test_readme_recipe_runs_as_pasted():
+  readme = (_ROOT / "README.md").read_text()
+  block = readme.split("<!-- multi-device recipe -->")[1]
+  code = block.split("```python")[1].split("```")[0]
+  out = _run(["-c", code], 300)
+  # 256x128 in 64x64 blocks: 8 blocks, 16 factors, all decomposed at the
+  # first check (step 20).
+  assert int(out.strip().splitlines()[-1]) == 16
