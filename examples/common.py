@@ -38,19 +38,20 @@ def batches(images, labels, batch_size: int, seed: int = 0):
 
 
 def make_optimizer(name: str, learning_rate: float, steps: int,
-                   check_frequency: int = 10) -> optax.GradientTransformation:
+                   check_frequency: int = 10,
+                   block_size: int = 1024) -> optax.GradientTransformation:
   """The named optimizer with warmup + cosine decay and weight decay 1e-4."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, learning_rate, warmup_steps=max(1, steps // 10), decay_steps=steps)
   if name == "foam":
     return fo.foam(schedule, check_frequency=check_frequency,
-                   weight_decay=1e-4)
+                   block_size=block_size, weight_decay=1e-4)
   if name == "shampoo":
     return fo.shampoo(schedule, check_frequency=check_frequency,
-                      weight_decay=1e-4)
+                      block_size=block_size, weight_decay=1e-4)
   if name == "soap":
     return fo.soap(schedule, check_frequency=check_frequency,
-                   weight_decay=1e-4)
+                   block_size=block_size, weight_decay=1e-4)
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=1e-4)
   raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")

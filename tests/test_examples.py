@@ -51,3 +51,25 @@ def test_example_runs_with_shampoo_and_soap(example, optimizer, capsys):
   assert [l.split(" | ")[0] for l in lines[:2]] == ["step     5", "step    10"]
   assert all("eigendecompositions" in l for l in lines[:2])
   assert lines[-1].startswith("test accuracy")
+
+
+def test_mesh_2d_example_trains_on_8_devices():
+  """The data x model example in its own process (it needs 8 devices, which
+  XLA creates only before JAX starts), under a timeout."""
+  import subprocess
+  script = os.path.join(os.path.dirname(__file__), "..", "examples",
+                        "mesh_2d.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run(
+      [sys.executable, script, "--steps", "30", "--learning-rate", "1e-2",
+       "--check-frequency", "5", "--log-every", "10"],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  losses = [float(l.split("loss ")[1].split()[0]) for l in lines
+            if l.startswith("step")]
+  assert len(losses) == 3 and losses[-1] < 0.6 * losses[0]
+  assert "eigendecompositions" in lines[0]
+  assert lines[-1].startswith("mesh {'data': 4, 'model': 2} | test accuracy")
+  assert float(lines[-1].split()[-1]) > 0.5
