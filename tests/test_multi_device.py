@@ -91,7 +91,8 @@ _SCRIPT = textwrap.dedent("""
       return original(matrix)
     linalg.eigh = counting
     body = lambda fs, need, need_all: factors.refresh(
-        fs, need, need_all, jnp.float32(1.0), cfg, plan)
+        fs, need, jnp.float32(1.0), cfg, plan,
+        factors.requests([need_all], 8)[0])
     auto_mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     run = jax.jit(jax.shard_map(
         body, mesh=auto_mesh, in_specs=(P("data"), P("data"), P()),

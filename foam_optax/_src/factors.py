@@ -21,11 +21,12 @@ can interleave them across stacks and devices:
      the members that did not ask.
 
    On a device mesh each device refreshes its own slice of the stack. When
-   one device holds more than its share of the factors that asked, the work
-   is rebalanced: the stack's statistics are gathered, the ``n`` requests are
-   dealt round-robin (each device computes at most ``ceil(n / devices)``),
-   and the results are gathered back. Every collective sits behind a
-   predicate computed from gathered data, identical on all devices.
+   one device holds more than its share of the step's ``n`` requests (over
+   all stacks), the work is rebalanced: the stacks' statistics are gathered,
+   the requests are dealt round-robin (each device computes at most
+   ``ceil(n / devices)``), and the results are gathered back. Every
+   collective sits behind a predicate computed from gathered data, identical
+   on all devices.
 4. `commit`: the new bases, damping and counters of the checked factors.
 """
 
@@ -238,14 +239,17 @@ def _refresh_local(fs: FactorState, need, correction, cfg: Config) -> _Refresh:
   return lax.map(one, (fs.statistic, fs.basis, first, need))
 
 
-def _refresh_rebalanced(fs: FactorState, need_all, correction, cfg: Config,
-                        plan) -> _Refresh:
+def _refresh_rebalanced(fs: FactorState, need_all, offset, correction,
+                        cfg: Config, plan) -> _Refresh:
   """Fresh bases with the requests dealt round-robin over the devices.
 
-  Runs inside `shard_map` only on steps where the requests are uneven.
-  Device ``d`` computes the requests of rank ``d, d + S, d + 2S, …`` (``S``
-  devices) from the gathered stack; the results are gathered and each
-  device keeps those of its own factors.
+  Runs inside `shard_map`, on steps where some device holds more than its
+  share of the requests. The stack's ``j``-th request is the step's request
+  number ``offset + j`` (counting the earlier stacks' requests first) and
+  goes to device ``(offset + j) % S`` (``S`` devices), which computes it from
+  the gathered stack; the results are gathered and each device keeps those of
+  its own factors. Over all stacks each device computes at most
+  ``ceil(requests / S)``.
   """
   axes, shards = plan.axes, plan.num_shards
   per = fs.basis.shape[0]
@@ -257,7 +261,7 @@ def _refresh_rebalanced(fs: FactorState, need_all, correction, cfg: Config,
   device = lax.axis_index(axes)
   # Global indices of the factors that asked, first; then the rest.
   requests = jnp.argsort(jnp.logical_not(need_all), stable=True)
-  rank = device + shards * jnp.arange(per)
+  rank = (device - offset) % shards + shards * jnp.arange(per)
   valid = rank < jnp.sum(need_all)
   index = requests[jnp.minimum(rank, total_slots - 1)]
   size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
@@ -280,32 +284,54 @@ def _refresh_rebalanced(fs: FactorState, need_all, correction, cfg: Config,
   return jax.tree.map(lambda r: r[mine], results)
 
 
-def refresh(fs: FactorState, need, need_all, correction, cfg: Config,
-            plan) -> _Refresh:
+class Requests(NamedTuple):
+  """A stack's refresh requests, identical on every device of a mesh."""
+
+  need_all: jax.Array    # (stack,) bool: factors of this stack that asked
+  offset: jax.Array      # requests of the stacks refreshed before this one
+  rebalance: jax.Array   # bool: some device holds more than its share
+
+
+def requests(needs_all, num_shards) -> list:
+  """`Requests` of each stack from every stack's gathered `need` flags.
+
+  A device's share is ``ceil(requests / devices)`` over all stacks; when
+  every device holds at most its share, each refreshes its own factors,
+  otherwise every stack deals its requests round-robin.
+  """
+  held = sum(n.reshape(num_shards, -1).sum(axis=1) for n in needs_all)
+  total = jnp.sum(held)
+  rebalance = jnp.any(held > (total + num_shards - 1) // num_shards)
+  out, offset = [], jnp.zeros((), jnp.int32)
+  for need_all in needs_all:
+    out.append(Requests(need_all, offset, rebalance))
+    offset = offset + jnp.sum(need_all, dtype=jnp.int32)
+  return out
+
+
+def refresh(fs: FactorState, need, correction, cfg: Config, plan,
+            stack_requests: Optional[Requests] = None) -> _Refresh:
   """Fresh bases for the factors in `need`; placeholders elsewhere.
 
   Args:
     fs: this device's slice of a stack (all of it without a mesh).
     need: (k,) bool, the slice's factors that need a fresh basis.
-    need_all: `need` of the whole stack, identical on every device (equal
-      to `need` without a mesh).
     correction: the statistics' bias correction ``1 - b2^t``.
     cfg: hyperparameters.
     plan: the state's `distribution.Plan`.
+    stack_requests: on a mesh, the stack's `Requests` (see `requests`).
   """
   size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
   none = lambda: jax.vmap(lambda _: _placeholder(size, dtype))(need)
   local = lambda: _refresh_local(fs, need, correction, cfg)
   if not plan.distributed:
     return lax.cond(jnp.any(need), local, none)
-  counts = jnp.sum(need_all.reshape(plan.num_shards, -1), axis=1)
-  total = jnp.sum(counts)
-  fair_share = (total + plan.num_shards - 1) // plan.num_shards
-  branch = jnp.where(total == 0, 0,
-                     jnp.where(jnp.all(counts <= fair_share), 1, 2))
+  r = stack_requests
+  branch = jnp.where(jnp.any(r.need_all), jnp.where(r.rebalance, 2, 1), 0)
   return lax.switch(branch, [
       none, local,
-      lambda: _refresh_rebalanced(fs, need_all, correction, cfg, plan)])
+      lambda: _refresh_rebalanced(fs, r.need_all, r.offset, correction, cfg,
+                                  plan)])
 
 
 def commit(fs: FactorState, checks, decision: Decision, fresh: _Refresh,

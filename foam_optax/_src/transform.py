@@ -202,23 +202,25 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
                       factors.decide(fs, checks, correction, cfg)))
   # Phase 2: which factors need a fresh basis, known on every device.
   needs = [checks & decision.refresh for *_, checks, decision in sides]
-  needs_all = needs
+  stack_requests = [None] * len(needs)
   if plan.distributed and needs:
     gathered = lax.all_gather(jnp.concatenate(needs), plan.axes, tiled=True)
     gathered = gathered.reshape(plan.num_shards, -1)
     bounds = [0]
     for need in needs:
       bounds.append(bounds[-1] + need.shape[0])
-    needs_all = [gathered[:, a:b].reshape(-1)
-                 for a, b in zip(bounds[:-1], bounds[1:])]
+    stack_requests = factors.requests(
+        [gathered[:, a:b].reshape(-1) for a, b in zip(bounds[:-1], bounds[1:])],
+        plan.num_shards)
   # Phases 3 and 4: fresh bases, then the new factor states.
   new_states = [dict(gs._asdict()) for gs in groups]
   orders = [dict(left=None, right=None) for _ in groups]
-  for (c, name, fs, checks, decision), need, need_all in zip(
-      sides, needs, needs_all):
-    fresh = factors.refresh(fs, need, need_all, correction, cfg, plan)
+  for (c, name, fs, checks, decision), need, requests in zip(
+      sides, needs, stack_requests):
+    fresh = factors.refresh(fs, need, correction, cfg, plan, requests)
     new_states[c][name], orders[c][name] = factors.commit(
         fs, checks, decision, fresh, cfg)
+
   # Preconditioned directions.
   directions, new_groups = [], []
   for (grad, momentum, graft), gs, order, state in zip(
