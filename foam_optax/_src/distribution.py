@@ -180,3 +180,14 @@ def interleaved_ranks(num_slots: int, num_shards: int) -> np.ndarray:
   per = num_slots // num_shards
   slot = np.arange(num_slots)
   return (slot % per) * num_shards + slot // per if per else slot
+
+
+def is_natural(slots) -> bool:
+  """Whether a slot map is the identity: no padding, blocks in order."""
+  return bool((slots == np.arange(len(slots))).all())
+
+
+def positions(slots) -> np.ndarray:
+  """The slot of each block (0, 1, …) of a class, from its slot map."""
+  order = np.argsort(np.where(slots < 0, len(slots), slots), kind="stable")
+  return order[:int((slots >= 0).sum())]

@@ -28,7 +28,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from foam_optax._src.transform import _leaf_states
+from foam_optax._src import distribution
+from foam_optax._src.transform import leaf_states_of
 from foam_optax._src.transform import GroupState, LeafState, ScaleByFoamState
 from foam_optax._src.transform import slot_maps
 
@@ -148,22 +149,17 @@ def state_sharding(opt_state, params, params_sharding) -> Any:
       is_leaf=lambda x: isinstance(x, ScaleByFoamState) or is_param_like(x))
 
 
-def _positions(slots) -> np.ndarray:
-  """Stack slot of each block (0, 1, …) of a class, from its slot map."""
-  order = np.argsort(np.where(slots < 0, len(slots), slots), kind="stable")
-  return order[:int((slots >= 0).sum())]
-
-
 def _relayout_core(source: ScaleByFoamState,
                    target: ScaleByFoamState) -> ScaleByFoamState:
-  if [ls.layout for ls in _leaf_states(source.leaves)] != [
-      ls.layout for ls in _leaf_states(target.leaves)]:
+  if [ls.layout for ls in leaf_states_of(source.leaves)] != [
+      ls.layout for ls in leaf_states_of(target.leaves)]:
     raise ValueError("relayout: the two states belong to different "
                      "parameters or block settings.")
   groups = []
   for src, dst, src_slots, dst_slots in zip(
       source.groups, target.groups, slot_maps(source), slot_maps(target)):
-    src_pos, dst_pos = _positions(src_slots), _positions(dst_slots)
+    src_pos = distribution.positions(src_slots)
+    dst_pos = distribution.positions(dst_slots)
 
     def move(s, d):
       # On the host: the two states may live on different devices.

@@ -63,7 +63,7 @@ class ScaleByFoamState(NamedTuple):
   plan: distribution.Plan = distribution.Plan()
 
 
-def _leaf_states(leaves_tree) -> list:
+def leaf_states_of(leaves_tree) -> list:
   return [x for x in jax.tree.leaves(
       leaves_tree, is_leaf=lambda x: isinstance(x, LeafState))
           if isinstance(x, LeafState)]
@@ -71,7 +71,7 @@ def _leaf_states(leaves_tree) -> list:
 
 def block_classes(state: ScaleByFoamState) -> tuple:
   """The `shaping.BlockClass` of each entry of ``state.groups``."""
-  return shaping.block_classes([ls.layout for ls in _leaf_states(state.leaves)])
+  return shaping.block_classes([ls.layout for ls in leaf_states_of(state.leaves)])
 
 
 def slot_maps(state: ScaleByFoamState) -> tuple:
@@ -287,7 +287,7 @@ def _class_blocks(leaf_steps, field, cls: shaping.BlockClass, slots):
     matrix = getattr(leaf_steps[i], field).reshape(layout.matrix_shape)
     blocks.append(shaping.extract(matrix, layout.groups[j]))
   stack = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
-  if len(slots) == cls.count and (slots == range(cls.count)).all():
+  if distribution.is_natural(slots):
     return stack
   stack = jnp.concatenate([stack, jnp.zeros_like(stack[:1])])
   return stack[jnp.where(slots < 0, cls.count, slots)]
@@ -295,10 +295,9 @@ def _class_blocks(leaf_steps, field, cls: shaping.BlockClass, slots):
 
 def _unslot(direction, slots):
   """The class's blocks in member order from a (slots, m, n) stack."""
-  if len(slots) == (slots >= 0).sum() and (slots == range(len(slots))).all():
+  if distribution.is_natural(slots):
     return direction
-  position = {int(b): s for s, b in enumerate(slots) if b >= 0}
-  return direction[jnp.asarray([position[b] for b in range(len(position))])]
+  return direction[distribution.positions(slots)]
 
 
 def _update_tree(grads, leaf_states, groups, step, cfg: Config,
