@@ -71,7 +71,8 @@ def leaf_states_of(leaves_tree) -> list:
 
 def block_classes(state: ScaleByFoamState) -> tuple:
   """The `shaping.BlockClass` of each entry of ``state.groups``."""
-  return shaping.block_classes([ls.layout for ls in leaf_states_of(state.leaves)])
+  return shaping.block_classes(
+      [ls.layout for ls in leaf_states_of(state.leaves)])
 
 
 def slot_maps(state: ScaleByFoamState) -> tuple:
