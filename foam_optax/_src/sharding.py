@@ -95,6 +95,7 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding,
                    for part in gs))
       for gs in state.groups)
   return state._replace(count=replicated, nonfinite_skips=replicated,
+                        consecutive_skips=replicated,
                         leaves=treedef.unflatten(leaves), groups=groups)
 
 
