@@ -70,40 +70,64 @@ def _trainer(tx):
   return step
 
 
-def step_times(blocks, block_steps, width=WIDTH, warmup=25):
-  """{skip: (all step seconds, seconds of steps without a check)}."""
+def step_times(variants, blocks, block_steps, width=WIDTH, warmup=25):
+  """Step seconds of each variant, timed in interleaved blocks.
+
+  Args:
+    variants: {name: (optimizer, its package's `stats`)}.
+
+  Returns:
+    {name: (all step seconds, seconds of the steps without a check)}.
+  """
   x, y = _digits()
   rng = np.random.default_rng(0)
   params = _mlp_params(jax.random.PRNGKey(0), width)
-  runs = {}
-  for skip in (True, False):
-    tx = fo.foam(LR, skip_nonfinite=skip)
-    runs[skip] = [_trainer(tx), params, tx.init(params), [], []]
+  runs = {name: [_trainer(tx), params, tx.init(params), [], []]
+          for name, (tx, _) in variants.items()}
 
   def batch():
     idx = rng.integers(0, x.shape[0], BATCH)
     return x[idx], y[idx]
 
-  def run(skip, steps, record):
-    step, p, s, all_times, plain = runs[skip]
+  def run(name, steps, record):
+    step, p, s, all_times, plain = runs[name]
+    stats = variants[name][1]
     for _ in range(steps):
       xb, yb = batch()
-      checks = int(fo.stats(s)["checks"])
+      checks = int(stats(s)["checks"])
       tic = time.perf_counter()
       p, s = jax.block_until_ready(step(p, s, xb, yb))
       seconds = time.perf_counter() - tic
       if record:
         all_times.append(seconds)
-        if int(fo.stats(s)["checks"]) == checks:
+        if int(stats(s)["checks"]) == checks:
           plain.append(seconds)
-    runs[skip][1:3] = p, s
+    runs[name][1:3] = p, s
 
-  for skip in runs:
-    run(skip, warmup, record=False)
+  names = list(runs)
+  for name in names:
+    run(name, warmup, record=False)
   for i in range(blocks):
-    for skip in ((True, False) if i % 2 == 0 else (False, True)):
-      run(skip, block_steps, record=True)
-  return {skip: (r[3], r[4]) for skip, r in runs.items()}
+    for name in (names if i % 2 == 0 else names[::-1]):
+      run(name, block_steps, record=True)
+  return {name: (r[3], r[4]) for name, r in runs.items()}
+
+
+def print_step_times(times, blocks, block_steps, width):
+  ms = lambda v: 1e3 * statistics.median(v)
+  print(f"\nstep ms, MLP 64-{width}-{width}-10, batch {BATCH}, "
+        f"fo.foam({LR}), {blocks} interleaved blocks of {block_steps} steps")
+  print("| variant | median, all steps | median, steps without a check | "
+        "steps timed |")
+  print("|---|---|---|---|")
+  for name, (all_steps, plain) in times.items():
+    print(f"| {name} | {ms(all_steps):.2f} | {ms(plain):.2f} | "
+          f"{len(all_steps)} |")
+  names = list(times)
+  for on, off in zip(names[0::2], names[1::2]):
+    a, b = ms(times[on][1]), ms(times[off][1])
+    print(f"{on} vs {off} (steps without a check): {a - b:+.2f} ms = "
+          f"{100 * (a - b) / b:+.1f}%")
 
 
 def compile_seconds(workload, tx):
@@ -135,20 +159,11 @@ def main(argv=None):
   print(f"JAX {jax.__version__}, {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs")
   if args.part in ("step", "both"):
-    times = step_times(args.blocks, args.block_steps, args.width)
-    ms = lambda v: 1e3 * statistics.median(v)
-    print(f"\nstep ms, MLP 64-{args.width}-{args.width}-10, batch {BATCH}, "
-          f"fo.foam({LR}), {args.blocks} interleaved blocks of "
-          f"{args.block_steps} steps")
-    print("| skip_nonfinite | median, all steps | median, steps without a "
-          "check | steps timed |")
-    print("|---|---|---|---|")
-    for skip, (all_steps, plain) in times.items():
-      print(f"| {skip} | {ms(all_steps):.2f} | {ms(plain):.2f} | "
-            f"{len(all_steps)} |")
-    on, off = ms(times[True][1]), ms(times[False][1])
-    print(f"skip overhead (steps without a check): {on - off:+.2f} ms = "
-          f"{100 * (on - off) / off:+.1f}%")
+    variants = {"skip_nonfinite=True": (fo.foam(LR), fo.stats),
+                "skip_nonfinite=False": (fo.foam(LR, skip_nonfinite=False),
+                                         fo.stats)}
+    times = step_times(variants, args.blocks, args.block_steps, args.width)
+    print_step_times(times, args.blocks, args.block_steps, args.width)
   if args.part in ("compile", "both"):
     print("\ncompile seconds of one jitted train step (trace + lower / XLA)")
     print("| workload | optimizer | trace + lower s | XLA compile s | total s |")

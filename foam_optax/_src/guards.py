@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import io_callback
+import numpy as np
 
 from foam_optax._src import shaping
-from foam_optax._src.config import Config, _known
+from foam_optax._src.config import Config
 
 
 def fail_if(condition, error: type, message: str, *values) -> None:
@@ -27,11 +28,11 @@ def fail_if(condition, error: type, message: str, *values) -> None:
     concrete = None
   if concrete is not None:
     if concrete:
-      raise error(message.format(*(_known(v) for v in values)))
+      raise error(message.format(*(np.asarray(v).item() for v in values)))
     return
 
   def host_raise(*host_values):
-    raise error(message.format(*(v.item() for v in host_values)))
+    raise error(message.format(*(np.asarray(v).item() for v in host_values)))
 
   lax.cond(condition, lambda: io_callback(host_raise, None, *values),
            lambda: None)
