@@ -122,11 +122,21 @@ def foam(
   are the FOAM paper's main configuration. See `scale_by_foam` for the update
   and every other argument.
 
+  Non-finite gradients: a step with a NaN/Inf gradient is skipped whole
+  (``skip_nonfinite``) and counted in ``fo.stats(state)['nonfinite_skips']``
+  and ``['consecutive_skips']``; ``max_consecutive_skips=N`` stops the run
+  with an error after N skips in a row. Under `optax.MultiSteps` pass
+  ``should_skip_update_fn=optax.skip_not_finite``: otherwise one NaN
+  micro-batch poisons its accumulator (NaN * 0 is NaN) and every later
+  update is skipped.
+
   Args:
     learning_rate: a float or an optax schedule.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
     weight_decay_mask: pytree of bools or a callable of the params choosing
       the leaves that decay; None decays all.
+    max_consecutive_skips: None, or stop with an error once this many
+      updates in a row were skipped (needs ``skip_nonfinite=True``).
 
   Example:
     >>> import jax.numpy as jnp, foam_optax as fo
@@ -204,6 +214,14 @@ def shampoo(
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """Stale Shampoo (`scale_by_shampoo`) with weight decay and learning rate.
+
+  Non-finite gradients: a step with a NaN/Inf gradient is skipped whole
+  (``skip_nonfinite``) and counted in ``fo.stats(state)['nonfinite_skips']``
+  and ``['consecutive_skips']``; ``max_consecutive_skips=N`` stops the run
+  with an error after N skips in a row. Under `optax.MultiSteps` pass
+  ``should_skip_update_fn=optax.skip_not_finite``: otherwise one NaN
+  micro-batch poisons its accumulator (NaN * 0 is NaN) and every later
+  update is skipped.
 
   Example:
     >>> import foam_optax as fo
@@ -309,6 +327,14 @@ def soap(
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """SOAP (`scale_by_soap`) with decoupled weight decay and learning rate.
+
+  Non-finite gradients: a step with a NaN/Inf gradient is skipped whole
+  (``skip_nonfinite``) and counted in ``fo.stats(state)['nonfinite_skips']``
+  and ``['consecutive_skips']``; ``max_consecutive_skips=N`` stops the run
+  with an error after N skips in a row. Under `optax.MultiSteps` pass
+  ``should_skip_update_fn=optax.skip_not_finite``: otherwise one NaN
+  micro-batch poisons its accumulator (NaN * 0 is NaN) and every later
+  update is skipped.
 
   Example:
     >>> import foam_optax as fo
