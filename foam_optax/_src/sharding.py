@@ -174,6 +174,7 @@ def _relayout_core(source: ScaleByFoamState,
     groups.append(jax.tree.map(move, src, dst))
   return target._replace(count=source.count,
                          nonfinite_skips=source.nonfinite_skips,
+                         consecutive_skips=source.consecutive_skips,
                          leaves=source.leaves, groups=tuple(groups))
 
 
