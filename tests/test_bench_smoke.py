@@ -9,7 +9,8 @@ from foam_optax.bench import runner
 
 SUMMARY_KEYS = {"lr", "final_train_loss", "final_test_loss", "steps_to_target",
                 "seconds_to_target", "train_seconds", "step_ms_median",
-                "step_ms_p95", "eigendecompositions", "state_bytes"}
+                "step_ms_p95", "eigendecompositions", "state_bytes",
+                "compile_seconds"}
 
 
 def _numbers(value):
@@ -51,6 +52,7 @@ def test_quick_benchmark(tmp_path, capsys):
       summary = data["summary"][name]
       assert SUMMARY_KEYS <= set(summary)
       assert summary["final_train_loss"] is not None
+      assert summary["compile_seconds"] > 0
     assert data["summary"]["foam"]["eigendecompositions"] > 0
   # Non-finite values are stored as null; every stored number is finite.
   assert all(math.isfinite(x) for x in _numbers(raw))

@@ -73,10 +73,11 @@ def _stepper(tx):
 
 
 def _without_skips(state):
-  """The state with the skip counter zeroed, to compare everything else."""
+  """The state with the skip counters zeroed, to compare everything else."""
   core = _core(state)
   return _replace_core(state, core._replace(
-      nonfinite_skips=jnp.zeros_like(core.nonfinite_skips)))
+      nonfinite_skips=jnp.zeros_like(core.nonfinite_skips),
+      consecutive_skips=jnp.zeros_like(core.consecutive_skips)))
 
 
 def _without_proxy(state):

@@ -27,6 +27,7 @@ UNIT = r"\[0\.0, 1\.0\)"
 POSITIVE = r"\(0\.0, inf\)"
 NON_NEGATIVE = r"\[0\.0, inf\)"
 INT1 = r"an integer >= 1"
+NUMBER = r"a real number, got .* of type"
 
 # (argument, invalid value, regex of the allowed range in the message)
 CASES = [
@@ -63,6 +64,14 @@ CASES = [
     ("precondition_1d", "yes", "a bool"),
     ("stagger", 1, "a bool"),
     ("skip_nonfinite", None, "a bool"),
+    ("max_consecutive_skips", 0, INT1),
+    # Non-numeric types are rejected even when float() would parse them.
+    ("check_frequency", "20", NUMBER), ("block_size", "1024", NUMBER),
+    ("learning_rate", "1e-3", NUMBER), ("b1", "0.9", NUMBER),
+    ("max_epsilon", "3e-7", NUMBER), ("threshold", True, NUMBER),
+    ("weight_decay", False, NUMBER), ("exponent", [2], NUMBER),
+    ("controller_epsilon", "1e-9", NUMBER),
+    ("max_consecutive_skips", "5", NUMBER),
 ]
 
 

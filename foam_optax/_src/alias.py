@@ -11,11 +11,11 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import optax
 
 from foam_optax._src import config
 from foam_optax._src.transform import all_finite, from_config, scale_by_foam
+from foam_optax._src.transform import skipping
 from foam_optax._src.transform import ScaleByFoamState
 
 ScalarOrSchedule = Union[float, Any, Callable[[Any], Any]]
@@ -33,8 +33,11 @@ def _alias(scale_by, arguments):
   skip = arguments.pop("skip_nonfinite")
   if not isinstance(skip, bool):
     raise ValueError(f"skip_nonfinite must be a bool, got {skip!r}.")
+  if not skip and arguments["max_consecutive_skips"] is not None:
+    raise ValueError("max_consecutive_skips needs skip_nonfinite=True, got "
+                     f"{arguments['max_consecutive_skips']!r}.")
   # The wrapper skips the whole chain (weight decay and the schedule's count
-  # too) and counts the step in the core's state, so the core need not check.
+  # too); the core counts the step, so it need not check on its own.
   chain = optax.chain(
       scale_by(skip_nonfinite=False, **arguments),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -43,28 +46,23 @@ def _alias(scale_by, arguments):
   return skip_nonfinite(chain) if skip else chain
 
 
-def _typed(struct):
-  """The sharding of an abstract array on Explicit mesh axes, else None."""
-  sharding = getattr(struct, "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not any(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return None
-  return sharding
-
-
 def skip_nonfinite(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips the whole of `inner` on a step whose gradients are not finite.
 
   On such a step the updates are zero and every array of `inner`'s state is
-  kept exactly, except the ``nonfinite_skips`` counters of the foam_optax
-  transformations inside, which count the step (`stats` reports it). Use it
-  around a chain that adds anything after `scale_by_foam` (weight decay, a
-  schedule, `optax.partition` with AdamW): `scale_by_foam` on its own skips
-  only its own state. The aliases (`foam`, `shampoo`, `soap`) and
-  `partition` already apply it.
+  kept exactly, except the skip counters (``nonfinite_skips``,
+  ``consecutive_skips``) of the foam_optax transformations inside, which
+  count the step (`stats` reports them) and also obey their own
+  ``max_consecutive_skips``. Use it around a chain that adds anything after
+  `scale_by_foam` (weight decay, a schedule, `optax.partition` with AdamW):
+  `scale_by_foam` on its own skips only its own state. The aliases (`foam`,
+  `shampoo`, `soap`) and `partition` already apply it.
+
+  `inner` is traced once: its new state is selected against the old one
+  (``jnp.where`` on the finite flag, fused by XLA into the arithmetic),
+  and the foam_optax transformations inside skip their own work.
 
   Example:
     >>> import optax, foam_optax as fo
@@ -75,19 +73,17 @@ def skip_nonfinite(
   is_core = lambda x: isinstance(x, ScaleByFoamState)
 
   def update_fn(updates, state, params=None, **extra_args):
-    apply = lambda: inner.update(updates, state, params, **extra_args)
-    new_updates_shape, _ = jax.eval_shape(apply)
-
-    def skip():
-      zeros = jax.tree.map(
-          lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=_typed(s)),
-          new_updates_shape)
-      count = lambda s: s._replace(
-          nonfinite_skips=optax.safe_increment(s.nonfinite_skips))
-      return zeros, jax.tree.map(lambda s: count(s) if is_core(s) else s,
-                                 state, is_leaf=is_core)
-
-    return lax.cond(all_finite(updates), apply, skip)
+    skip = jnp.logical_not(all_finite(updates))
+    with skipping(skip):
+      new_updates, new_state = inner.update(updates, state, params,
+                                            **extra_args)
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+    # foam_optax states already kept what a skipped step must keep.
+    new_state = jax.tree.map(
+        lambda new, old: new if is_core(new) else jnp.where(skip, old, new),
+        new_state, state, is_leaf=is_core)
+    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
@@ -115,6 +111,7 @@ def foam(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    max_consecutive_skips: Optional[int] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -125,11 +122,21 @@ def foam(
   are the FOAM paper's main configuration. See `scale_by_foam` for the update
   and every other argument.
 
+  Non-finite gradients: a step with a NaN/Inf gradient is skipped whole
+  (``skip_nonfinite``) and counted in ``fo.stats(state)['nonfinite_skips']``
+  and ``['consecutive_skips']``; ``max_consecutive_skips=N`` stops the run
+  with an error after N skips in a row. Under `optax.MultiSteps` pass
+  ``should_skip_update_fn=optax.skip_not_finite``: otherwise one NaN
+  micro-batch poisons its accumulator (NaN * 0 is NaN) and every later
+  update is skipped.
+
   Args:
     learning_rate: a float or an optax schedule.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
     weight_decay_mask: pytree of bools or a callable of the params choosing
       the leaves that decay; None decays all.
+    max_consecutive_skips: None, or stop with an error once this many
+      updates in a row were skipped (needs ``skip_nonfinite=True``).
 
   Example:
     >>> import jax.numpy as jnp, foam_optax as fo
@@ -158,6 +165,7 @@ def scale_by_shampoo(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    max_consecutive_skips: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r"""Classic Shampoo with a fixed eigendecomposition frequency.
 
@@ -201,10 +209,19 @@ def shampoo(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    max_consecutive_skips: Optional[int] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """Stale Shampoo (`scale_by_shampoo`) with weight decay and learning rate.
+
+  Non-finite gradients: a step with a NaN/Inf gradient is skipped whole
+  (``skip_nonfinite``) and counted in ``fo.stats(state)['nonfinite_skips']``
+  and ``['consecutive_skips']``; ``max_consecutive_skips=N`` stops the run
+  with an error after N skips in a row. Under `optax.MultiSteps` pass
+  ``should_skip_update_fn=optax.skip_not_finite``: otherwise one NaN
+  micro-batch poisons its accumulator (NaN * 0 is NaN) and every later
+  update is skipped.
 
   Example:
     >>> import foam_optax as fo
@@ -232,6 +249,7 @@ def scale_by_soap(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    max_consecutive_skips: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -280,7 +298,8 @@ def scale_by_soap(
       grafting="adam", graft_b2=b2, graft_eps=epsilon, controller=controller,
       residual_tol=residual_tol, precondition_1d=precondition_1d,
       preconditioner="eigenvalue_corrected", refresh_method=refresh_method,
-      stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite)))
+      stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite,
+      max_consecutive_skips=max_consecutive_skips)))
 
 
 def soap(
@@ -303,10 +322,19 @@ def soap(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    max_consecutive_skips: Optional[int] = None,
     weight_decay: float = 0.01,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """SOAP (`scale_by_soap`) with decoupled weight decay and learning rate.
+
+  Non-finite gradients: a step with a NaN/Inf gradient is skipped whole
+  (``skip_nonfinite``) and counted in ``fo.stats(state)['nonfinite_skips']``
+  and ``['consecutive_skips']``; ``max_consecutive_skips=N`` stops the run
+  with an error after N skips in a row. Under `optax.MultiSteps` pass
+  ``should_skip_update_fn=optax.skip_not_finite``: otherwise one NaN
+  micro-batch poisons its accumulator (NaN * 0 is NaN) and every later
+  update is skipped.
 
   Example:
     >>> import foam_optax as fo

@@ -13,6 +13,7 @@ import math
 from typing import Any, Optional
 
 import jax
+import numpy as np
 
 CONTROLLERS = ("stale", "foam", "foam_fixed_damping", "foam_no_refresh", "residual")
 GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
@@ -46,6 +47,7 @@ class Config:
   stagger: bool = True
   grouping: str = "map"
   skip_nonfinite: bool = True
+  max_consecutive_skips: Optional[int] = None
 
   @property
   def first_check_step(self):
@@ -70,7 +72,26 @@ def _known(value) -> Optional[float]:
     return None
 
 
+def _check_numeric(name, value):
+  """Rejects what is not a real number: strings that parse as one ("20"),
+  bools, containers. Python and NumPy numbers and real-valued 0-d arrays
+  (traced ones under `optax.inject_hyperparams` included) pass."""
+  if isinstance(value, (bool, np.bool_)):
+    ok = False
+  elif isinstance(value, (int, float, np.integer, np.floating)):
+    ok = True
+  elif isinstance(value, (jax.Array, np.ndarray)):
+    ok = (np.ndim(value) == 0 and (np.issubdtype(value.dtype, np.integer) or
+                                   np.issubdtype(value.dtype, np.floating)))
+  else:
+    ok = False
+  if not ok:
+    raise ValueError(f"{name} must be a real number, got {value!r} of type "
+                     f"{type(value).__name__}.")
+
+
 def _check_range(name, value, low, high, low_open=False, high_open=False):
+  _check_numeric(name, value)
   v = _known(value)
   if v is None:
     return
@@ -93,6 +114,8 @@ def _check_choice(name, value, choices):
 def _check_int(name, value, minimum, allow_none=False):
   if value is None and allow_none:
     return
+  if not isinstance(value, bool):   # bools get the message below
+    _check_numeric(name, value)
   v = _known(value)
   if isinstance(value, bool) or (
       v is not None and (math.isnan(v) or v < minimum or v != int(v))):
@@ -134,6 +157,8 @@ def validate(cfg: Config) -> Config:
              allow_none=True)
   _check_int("block_size", cfg.block_size, 1, allow_none=True)
   _check_int("max_precond_dim", cfg.max_precond_dim, 1, allow_none=True)
+  _check_int("max_consecutive_skips", cfg.max_consecutive_skips, 1,
+             allow_none=True)
   _check_choice("controller", cfg.controller, CONTROLLERS)
   _check_choice("grafting", cfg.grafting, GRAFTINGS)
   _check_choice("preconditioner", cfg.preconditioner, PRECONDITIONERS)

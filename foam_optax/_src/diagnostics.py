@@ -27,13 +27,27 @@ def stats(opt_state) -> dict[str, jax.Array]:
       ``eigendecompositions``: fresh eigendecompositions (or power-QR
         refreshes) so far, over all factors;
       ``checks``: check-step evaluations so far;
-      ``damping_max``, ``damping_mean``: current damping over factors;
+      ``damping_max``, ``damping_mean``: current damping ε of the factors
+        (``damping_min <= damping_mean <= damping_max`` holds exactly). It
+        is the damping of the refresh controller: for root-inverse
+        preconditioners (`foam`, `shampoo`) the ε in ``(A + ε)^(-1/p)``; for
+        eigenvalue-corrected ones (`soap`) the FOAM controller's
+        ``controller_epsilon``..``max_epsilon``, which moves only with
+        ``controller='foam'`` and is not Adam's `epsilon`;
+      ``damping_min``: the smallest such damping;
       ``proxy_max``: largest last staleness measure over factors;
       ``nonfinite_skips``: updates skipped for non-finite gradients;
+      ``consecutive_skips``: updates skipped in a row up to now (largest
+        over transformations found); 0 after an applied update, so a value
+        that keeps growing means a stuck run (see ``max_consecutive_skips``);
       ``eigendecomposition_failures``: refreshes that failed and kept the
         previous basis;
       ``num_factors``: number of preconditioned factors;
-      ``step``: updates applied (largest over transformations found).
+      ``step``: updates applied, skipped ones not included (largest over
+        transformations found). ``step + nonfinite_skips`` is the number of
+        `update` calls that reached the transformation: what
+        ``nnx.Optimizer.step`` and the ``count`` of
+        `optax.inject_hyperparams` count.
 
   Raises:
     ValueError: if `opt_state` holds no foam_optax state.
@@ -63,16 +77,23 @@ def stats(opt_state) -> dict[str, jax.Array]:
     damping_max, proxy_max = largest("damping"), largest("proxy")
     damping_sum = sum(jnp.sum(jnp.where(real, f.damping, 0.0))
                       for f, real in stacks)
-    damping_mean = damping_sum / num_factors
+    damping_min = jnp.min(jnp.stack([
+        jnp.min(jnp.where(real, f.damping, jnp.inf)) for f, real in stacks]))
+    # A float32 mean of equal values can round past them (1e-9 -> 1.0000001e-9).
+    damping_mean = jnp.clip(damping_sum / num_factors, damping_min,
+                            damping_max)
   else:
-    damping_max = damping_mean = proxy_max = jnp.zeros(())
+    damping_min = damping_max = damping_mean = proxy_max = jnp.zeros(())
   return {
       "eigendecompositions": total("refreshes"),
       "checks": total("checks"),
       "damping_max": damping_max,
       "damping_mean": damping_mean,
+      "damping_min": damping_min,
       "proxy_max": proxy_max,
       "nonfinite_skips": sum((s.nonfinite_skips for s in states), int_zero),
+      "consecutive_skips": jnp.max(jnp.stack(
+          [s.consecutive_skips for s in states])),
       "eigendecomposition_failures": total("failures"),
       "num_factors": jnp.asarray(num_factors, jnp.int32),
       "step": jnp.max(jnp.stack([s.count for s in states])),

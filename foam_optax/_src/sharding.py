@@ -96,6 +96,7 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding,
                    for part in gs))
       for gs in state.groups)
   return state._replace(count=replicated, nonfinite_skips=replicated,
+                        consecutive_skips=replicated,
                         leaves=treedef.unflatten(leaves), groups=groups)
 
 
@@ -169,6 +170,7 @@ def _relayout_core(source: ScaleByFoamState,
     groups.append(jax.tree.map(move, src, dst))
   return target._replace(count=source.count,
                          nonfinite_skips=source.nonfinite_skips,
+                         consecutive_skips=source.consecutive_skips,
                          leaves=source.leaves, groups=tuple(groups))
 
 

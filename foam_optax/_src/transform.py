@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional
@@ -17,6 +19,7 @@ import optax
 from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import grafting
+from foam_optax._src import guards
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
 from foam_optax._src import shaping
@@ -53,6 +56,8 @@ class ScaleByFoamState(NamedTuple):
     groups: per block class (`block_classes`) a `GroupState`; on a device
       mesh each stack is padded to a multiple of the device count (see
       `distribution`).
+    consecutive_skips: updates skipped in a row up to now (0 after an
+      applied update); a growing value means a stuck run.
     plan: static: the device mesh the stacks are laid out for.
   """
 
@@ -60,6 +65,7 @@ class ScaleByFoamState(NamedTuple):
   nonfinite_skips: jax.Array
   leaves: Any
   groups: tuple
+  consecutive_skips: jax.Array
   plan: distribution.Plan = distribution.Plan()
 
 
@@ -170,6 +176,7 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       nonfinite_skips=jnp.zeros([], jnp.int32),
       leaves=jax.tree.unflatten(treedef, leaf_states),
       groups=groups,
+      consecutive_skips=jnp.zeros([], jnp.int32),
       plan=plan)
 
 
@@ -408,12 +415,52 @@ def _with_arguments(fn, cfg: Config):
   return call
 
 
+# A traced bool set by `skipping`: the enclosing `skip_nonfinite` wrapper's
+# verdict, which every `scale_by_foam` update inside it obeys.
+_OUTER_SKIP = contextvars.ContextVar("foam_optax_outer_skip", default=None)
+
+
+@contextlib.contextmanager
+def skipping(skip):
+  """Within this context every `scale_by_foam` update also skips (and counts
+  the step) when the traced bool `skip` is true; nested contexts combine."""
+  outer = _OUTER_SKIP.get()
+  token = _OUTER_SKIP.set(skip if outer is None else outer | skip)
+  try:
+    yield
+  finally:
+    _OUTER_SKIP.reset(token)
+
+
+# The one factor array that changes on every step. The others change only
+# inside a check's `lax.cond`, and step 0 is never a check step (checks start
+# at s0 >= 1): a skipped step, run with step 0, leaves them untouched, so they
+# need no select (selecting the bases would cost a pass over the largest
+# arrays of the state, and each small counter a kernel of its own).
+_CHANGED_EVERY_STEP = ("statistic",)
+
+
+def _keep_factor(new: Optional[FactorState], old: Optional[FactorState], keep):
+  if new is None:
+    return None
+  return new._replace(**{field: keep(getattr(new, field), getattr(old, field))
+                         for field in _CHANGED_EVERY_STEP})
+
+
+def _keep_group(new: GroupState, old: GroupState, keep) -> GroupState:
+  moment = new.rotated_second_moment
+  return GroupState(
+      _keep_factor(new.left, old.left, keep),
+      _keep_factor(new.right, old.right, keep),
+      None if moment is None else keep(moment, old.rotated_second_moment))
+
+
 def _update(updates, state: ScaleByFoamState, cfg: Config):
   updates = _plain_arrays(updates)
   _check_mesh(state.plan, state)
+  guards.check_structure([ls.layout for ls in _leaf_states(state.leaves)], cfg)
 
-  def apply(updates, state, cfg):
-    step = optax.safe_increment(state.count)
+  def apply(updates, state, step, cfg):
     grads, treedef = jax.tree.flatten(updates)
     leaf_states = treedef.flatten_up_to(state.leaves)
     new_updates, new_leaves, new_groups = _update_tree(
@@ -428,22 +475,44 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
     # On Explicit axes every reshape of a sharded array would need its output
     # sharding spelled out; let the partitioner place the intermediates and
     # return every array with the sharding it came in with.
-    def run(updates, state, traced, inner=run):
+    def run(updates, state, step, traced, inner=run):
       with jax.sharding.use_abstract_mesh(explicit):
         return jax.sharding.auto_axes(
             inner, out_sharding=(_specs(updates), _specs(state)))(
-                updates, state, traced)
+                updates, state, step, traced)
 
-  if not cfg.skip_nonfinite:
-    return run(updates, state, traced)
+  step = optax.safe_increment(state.count)
+  skip = _OUTER_SKIP.get()
+  if cfg.skip_nonfinite:
+    own = jnp.logical_not(all_finite(updates))
+    skip = own if skip is None else skip | own
+  if skip is None:
+    return run(updates, state, step, traced)
 
-  def skip(updates, state, traced):
-    del traced
-    zeros = jax.tree.map(jnp.zeros_like, updates)
-    return zeros, state._replace(
-        nonfinite_skips=optax.safe_increment(state.nonfinite_skips))
-
-  return lax.cond(all_finite(updates), run, skip, updates, state, traced)
+  # One pass, no conditional over the state: a skipped step runs with step 0
+  # (no factor is checked) and its results are discarded by selects, which
+  # XLA fuses into the arithmetic that produces them. Selects, not
+  # multiplications by a 0/1 flag: NaN * 0 is NaN.
+  new_updates, new_state = run(updates, state, jnp.where(skip, 0, step),
+                               traced)
+  keep = lambda new, old: jnp.where(skip, old, new)
+  if cfg.skip_nonfinite:
+    # Otherwise only the enclosing `skip_nonfinite` skips, and it zeroes the
+    # whole chain's updates itself.
+    new_updates = jax.tree.map(
+        lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+  consecutive = jnp.where(skip, optax.safe_increment(state.consecutive_skips),
+                          jnp.zeros_like(state.consecutive_skips))
+  guards.check_consecutive_skips(consecutive, cfg.max_consecutive_skips)
+  return new_updates, state._replace(
+      count=keep(step, state.count),
+      nonfinite_skips=jnp.where(skip,
+                                optax.safe_increment(state.nonfinite_skips),
+                                state.nonfinite_skips),
+      leaves=jax.tree.map(keep, new_state.leaves, state.leaves),
+      groups=tuple(_keep_group(n, o, keep)
+                   for n, o in zip(new_state.groups, state.groups)),
+      consecutive_skips=consecutive)
 
 
 def scale_by_foam(
@@ -468,6 +537,7 @@ def scale_by_foam(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    max_consecutive_skips: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
 
@@ -527,6 +597,11 @@ def scale_by_foam(
     skip_nonfinite: skip the whole update (zero step, state kept, counter
       incremented) when any gradient is NaN or infinite, or so large that
       the sum of its squares overflows the statistics' dtype.
+    max_consecutive_skips: stop the run with an error once this many updates
+      in a row have been skipped (a run whose every gradient is non-finite,
+      e.g. an `optax.MultiSteps` accumulator holding a NaN, is stuck); None
+      never stops. Under `jax.jit` the error is raised from a host callback
+      and surfaces as a `jax.errors.JaxRuntimeError` naming the cause.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
@@ -555,7 +630,8 @@ def scale_by_foam(
       controller=controller, residual_tol=residual_tol,
       precondition_1d=precondition_1d, preconditioner=preconditioner,
       refresh_method=refresh_method, stagger=stagger, grouping=grouping,
-      skip_nonfinite=skip_nonfinite))
+      skip_nonfinite=skip_nonfinite,
+      max_consecutive_skips=max_consecutive_skips))
   return from_config(cfg)
 
 

@@ -64,6 +64,7 @@ def summarize(results: dict, target: float) -> dict:
   else:
     summary["eigendecompositions"] = summary["eigendecompositions_std"] = None
   summary["state_bytes"] = runs[0]["state_bytes"]
+  summary["compile_seconds"] = results.get("compile_seconds")
   return summary
 
 
@@ -129,8 +130,8 @@ def markdown(summaries: dict, target_results: dict, descriptions: dict) -> str:
               "| optimizer | lr | train loss | held-out loss"
               + (" | held-out acc" if accuracy else "")
               + " | steps to AdamW loss | s to AdamW loss | train s | EVDs"
-              " | step ms median / p95 | state vs AdamW |",
-              "|---" * (10 + accuracy) + "|"]
+              " | step ms median / p95 | compile s | state vs AdamW |",
+              "|---" * (11 + accuracy) + "|"]
     for name, s in per_opt.items():
       row = [name, _fmt(s["lr"], ".0e"),
              _fmt(s["final_train_loss"], ".4g", s["final_train_loss_std"]),
@@ -143,6 +144,7 @@ def markdown(summaries: dict, target_results: dict, descriptions: dict) -> str:
               _fmt(s["train_seconds"], ".2f"),
               _fmt(s["eigendecompositions"], ".0f"),
               f"{s['step_ms_median']:.2f} / {s['step_ms_p95']:.2f}",
+              _fmt(s.get("compile_seconds"), ".2f"),
               _fmt(s["state_bytes"] / adam_bytes if adam_bytes else None, ".2f")]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")

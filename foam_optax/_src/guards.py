@@ -1,0 +1,104 @@
+"""Errors that stop a run, eagerly or from inside `jax.jit`.
+
+A condition known at trace time raises at once. A traced one raises from a
+host callback that only the failing branch of a `lax.cond` executes, so a
+healthy step pays one scalar comparison; JAX re-raises the callback's error
+as a `jax.errors.JaxRuntimeError` whose message contains ours.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import io_callback
+import numpy as np
+
+from foam_optax._src import shaping
+from foam_optax._src.config import Config
+
+
+def fail_if(condition, error: type, message: str, *values) -> None:
+  """Raises ``error(message.format(*values))`` when `condition` holds."""
+  try:
+    concrete = bool(condition)
+  except jax.errors.ConcretizationTypeError:
+    concrete = None
+  if concrete is not None:
+    if concrete:
+      raise error(message.format(*(np.asarray(v).item() for v in values)))
+    return
+
+  def host_raise(*host_values):
+    raise error(message.format(*(np.asarray(v).item() for v in host_values)))
+
+  lax.cond(condition, lambda: io_callback(host_raise, None, *values),
+           lambda: None)
+
+
+def check_consecutive_skips(consecutive, limit) -> None:
+  if limit is None:
+    return
+  fail_if(consecutive >= limit, FloatingPointError,
+          "foam_optax: {} updates in a row were skipped because their "
+          "gradients were not finite (max_consecutive_skips={}); the run is "
+          "stuck. Under optax.MultiSteps one NaN micro-batch poisons the "
+          "accumulator for good: pass "
+          "should_skip_update_fn=optax.skip_not_finite to MultiSteps.",
+          consecutive, jnp.asarray(limit))
+
+
+def _block_size_range(layouts: Sequence[shaping.LeafLayout]):
+  """[low, high] of the block sizes that give `layouts` (high None: no cap)."""
+  low, high = 1, None
+  for layout in layouts:
+    if layout.matrix_shape is None:
+      continue
+    first = layout.groups[0]
+    for size, block in zip(layout.matrix_shape, (first.rows, first.cols)):
+      if block < size:   # cut: the block side is the block size
+        low = max(low, block)
+        high = block if high is None else min(high, block)
+      else:              # uncut: any block size at least as long
+        low = max(low, size)
+  return low, high
+
+
+def _max_precond_dim_range(layouts: Sequence[shaping.LeafLayout]):
+  """[low, high] of the max_precond_dim values that give `layouts`."""
+  low, high = 1, None
+  for layout in layouts:
+    if layout.matrix_shape is None:
+      continue
+    for g in layout.groups:
+      for size, block, kept in ((layout.matrix_shape[0], g.rows, g.left),
+                                (layout.matrix_shape[1], g.cols, g.right)):
+        if block <= 1:
+          continue       # a side of length 1 is never preconditioned
+        if kept:
+          low = max(low, size)
+        else:
+          high = size - 1 if high is None else min(high, size - 1)
+  return low, high
+
+
+def check_structure(layouts: Sequence[shaping.LeafLayout], cfg: Config):
+  """Raises when `block_size` or `max_precond_dim` no longer match the state.
+
+  They decide the state's block layout at `init`; under
+  `optax.inject_hyperparams` an edited value could not take effect.
+  """
+  for name, value, value_range in (
+      ("block_size", cfg.block_size, _block_size_range),
+      ("max_precond_dim", cfg.max_precond_dim, _max_precond_dim_range)):
+    if value is None:
+      continue
+    low, high = value_range(layouts)
+    outside = value < low if high is None else (value < low) | (value > high)
+    fail_if(outside, ValueError,
+            "foam_optax: " + name + "={} does not match the optimizer state, "
+            "whose block layout was fixed at init; " + name + " cannot change "
+            "mid-run (with optax.inject_hyperparams, pass static_args=('"
+            + name + "',) and leave it alone).", jnp.asarray(value))

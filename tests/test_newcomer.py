@@ -1,0 +1,327 @@
+"""What a first-time user relies on: README recipes as pasted, loud failures,
+partition rules, mid-run hyperparameter edits, counters and defaults."""
+
+import ast
+import contextlib
+import inspect
+import io
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import foam_optax as fo
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _recipe(keyword):
+  """The one Python block of the README's Recipes section containing
+  `keyword`."""
+  text = README.read_text()
+  recipes = text[text.index("## Recipes"):]
+  recipes = recipes[:recipes.index("\n## ", 1)]
+  blocks = [b for b in re.findall(r"```python\n(.*?)```", recipes, re.S)
+            if keyword in b]
+  assert len(blocks) == 1, keyword
+  return blocks[0]
+
+
+def _run(code):
+  """Runs `code` as a script; returns (its globals, printed lines, the lines
+  its comments say it prints)."""
+  namespace, out = {"__name__": "__readme__"}, io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(code, str(README), "exec"), namespace)
+  expected = []
+  lines = code.splitlines()
+  for i, line in enumerate(lines):
+    if line.lstrip().startswith("print("):
+      comment = line.split("  # ", 1)[1] if "  # " in line else (
+          lines[i + 1].lstrip()[2:])
+      expected.append(comment)
+  return namespace, out.getvalue().splitlines(), expected
+
+
+# ---------------------------------------------------------------------------
+# 1. MultiSteps with a NaN micro-batch; a stuck run made visible and loud.
+
+
+def test_readme_multisteps_recipe_keeps_training():
+  ns, printed, expected = _run(_recipe("MultiSteps"))
+  assert printed == expected == ["19 0 0"]
+  assert all(bool(jnp.all(jnp.isfinite(p)))
+             for p in jax.tree.leaves(ns["params"]))
+  assert not bool(jnp.all(ns["params"]["w"] == 1.0))
+
+
+def _multisteps_run(optimizer, micro_steps=20, nan_at=5):
+  tx = optax.MultiSteps(optimizer, every_k_schedule=2)
+  params = {"w": jnp.ones((8, 4))}
+
+  @jax.jit
+  def step(params, state, x):
+    grads = jax.grad(lambda p: jnp.sum((x @ p["w"]) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for i in range(micro_steps):
+    x = jnp.ones((3, 8)) * (jnp.nan if i == nan_at else 1e-2)
+    params, state = step(params, state, x)
+  return params, state
+
+
+def test_stuck_multisteps_run_is_visible_in_stats():
+  """Without the recipe one NaN micro-batch stops training for good:
+  every update from micro-step 5 on is skipped, and stats shows it."""
+  _, state = _multisteps_run(fo.foam(1e-2))
+  stats = fo.stats(state)
+  # Updates are emitted at micro-steps 1, 3, ..., 19; from 5 on all skipped.
+  assert int(stats["step"]) == 2
+  assert int(stats["nonfinite_skips"]) == 8
+  assert int(stats["consecutive_skips"]) == 8
+
+
+def test_max_consecutive_skips_stops_a_jitted_run():
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match=r"3 updates in a row .*should_skip_update_fn"):
+    _multisteps_run(fo.foam(1e-2, max_consecutive_skips=3))
+  # A limit that is not reached lets the run go on.
+  _, state = _multisteps_run(fo.foam(1e-2, max_consecutive_skips=9))
+  assert int(fo.stats(state)["consecutive_skips"]) == 8
+
+
+def test_consecutive_skips_reset_and_eager_limit():
+  tx = fo.scale_by_foam(max_consecutive_skips=2)
+  params = {"w": jnp.ones((4, 3))}
+  good, bad = {"w": jnp.ones((4, 3))}, {"w": jnp.full((4, 3), jnp.nan)}
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for grads, consecutive in ((bad, 1), (good, 0), (bad, 1)):
+    _, state = step(grads, state)
+    assert int(fo.stats(state)["consecutive_skips"]) == consecutive
+  assert int(fo.stats(state)["nonfinite_skips"]) == 2
+  with pytest.raises(FloatingPointError, match="max_consecutive_skips=2"):
+    tx.update(bad, state)          # eagerly: a plain Python exception
+
+
+def test_max_consecutive_skips_needs_skipping():
+  with pytest.raises(ValueError, match="max_consecutive_skips needs"):
+    fo.foam(1e-3, skip_nonfinite=False, max_consecutive_skips=5)
+
+
+def test_skip_wrapper_traces_inner_update_once():
+  traces = []
+  core = fo.scale_by_foam()
+
+  def update(updates, state, params=None):
+    traces.append(None)
+    return core.update(updates, state, params)
+
+  tx = fo.skip_nonfinite(optax.GradientTransformation(core.init, update))
+  params = {"w": jnp.ones((4, 3))}
+  jax.jit(tx.update)(params, tx.init(params), params)
+  assert len(traces) == 1
+
+
+# ---------------------------------------------------------------------------
+# 2. fo.partition routes by shape and by name.
+
+
+def test_readme_partition_recipe_prints_the_split():
+  ns, printed, expected = _run(_recipe("precondition_labels"))
+  assert printed == expected and len(printed) == 1
+  labels = ast.literal_eval(printed[0])
+  assert labels["attention"]["bias"] == "diagonal"    # 2-D, but a bias
+  assert labels["attention"]["kernel"] == "precondition"
+  assert int(fo.stats(ns["state"])["num_factors"]) == 4
+
+
+def test_partition_labels_by_name_and_shape():
+  params = {"attn": {"bias": jnp.zeros((4, 16)), "kernel": jnp.zeros((8, 4))},
+            "LayerNorm_0": {"scale": jnp.zeros((2, 8))},
+            "token_embedder": jnp.zeros((50, 8)), "dense": jnp.zeros((8, 8)),
+            "vector": jnp.zeros((8,)), "column": jnp.zeros((8, 1))}
+  assert fo.precondition_labels(params) == {
+      "attn": {"bias": "diagonal", "kernel": "precondition"},
+      "LayerNorm_0": {"scale": "diagonal"}, "token_embedder": "diagonal",
+      "dense": "precondition", "vector": "diagonal", "column": "diagonal"}
+  # Empty patterns leave only the shape rule.
+  shape_only = fo.precondition_labels(params, bias_and_norm_pattern="",
+                                      embedding_pattern="")
+  assert shape_only["attn"]["bias"] == "precondition"
+  assert shape_only["token_embedder"] == "precondition"
+  assert shape_only["vector"] == "diagonal"
+  # The 2-D bias gets AdamW's update in fo.partition.
+  tx = fo.partition(fo.foam(0.1), optax.adamw(0.1))
+  bias_only = {"bias": params["attn"]["bias"]}
+  grads = {"bias": jnp.ones((4, 16))}
+  updates, _ = tx.update(grads, tx.init(bias_only), bias_only)
+  adam, _ = optax.adamw(0.1).update(grads, optax.adamw(0.1).init(bias_only),
+                                    bias_only)
+  np.testing.assert_allclose(updates["bias"], adam["bias"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# 4. inject_hyperparams: what takes effect, what is rejected.
+
+
+def test_readme_inject_hyperparams_recipe():
+  ns, _, _ = _run(_recipe("inject_hyperparams"))
+  state = ns["state"]
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(3e-4)
+  assert "block_size" not in state.hyperparams
+  assert int(fo.stats(state)["step"]) == 1
+  # The update used the edited learning rate: a first FOAM step is the
+  # grafted Adam step, of size lr per entry.
+  np.testing.assert_allclose(ns["updates"]["w"], -3e-4, rtol=1e-3)
+
+
+_W = {"w": jnp.ones((6, 4)), "v": jnp.ones((6, 6))}
+
+
+def _grads(i):
+  keys = jax.random.split(jax.random.PRNGKey(i), 2)
+  return {"w": jax.random.normal(keys[0], (6, 4)),
+          "v": jax.random.normal(keys[1], (6, 6))}
+
+
+@pytest.mark.parametrize("name,initial,edited", [
+    ("block_size", 4, 3), ("block_size", 1024, 5),
+    ("max_precond_dim", 8, 4)])
+def test_structural_edit_raises(name, initial, edited):
+  tx = optax.inject_hyperparams(fo.foam)(1e-3, **{name: initial})
+  state = tx.init(_W)
+  state.hyperparams[name] = jnp.asarray(edited)
+  with pytest.raises(ValueError, match=f"{name}={edited} does not match"):
+    tx.update(_grads(0), state, _W)
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match=f"{name}={edited} does not match"):
+    jax.block_until_ready(jax.jit(tx.update)(_grads(0), state, _W))
+
+
+def test_structural_edit_with_the_same_layout_is_accepted():
+  tx = optax.inject_hyperparams(fo.foam)(1e-3, block_size=1024,
+                                         max_precond_dim=8)
+  state = tx.init(_W)
+  # Every side is at most 6: these give the layout the state already has.
+  state.hyperparams["block_size"] = jnp.asarray(6)
+  state.hyperparams["max_precond_dim"] = jnp.asarray(100)
+  _, state = jax.jit(tx.update)(_grads(0), state, _W)
+  assert int(fo.stats(state)["step"]) == 1
+
+
+def test_injected_check_frequency_takes_effect():
+  tx = optax.inject_hyperparams(fo.foam)(
+      1e-3, check_frequency=100, start_preconditioning_step=1, stagger=False)
+  step = jax.jit(tx.update)
+
+  def checks(frequency):
+    state = tx.init(_W)
+    state.hyperparams["check_frequency"] = jnp.asarray(frequency)
+    for i in range(6):
+      _, state = step(_grads(i), state, _W)
+    return int(fo.stats(state)["checks"])
+
+  num_factors = 4
+  assert checks(100) == num_factors            # only the first check
+  assert checks(2) == 4 * num_factors          # steps 1, 2, 4, 6
+
+
+# ---------------------------------------------------------------------------
+# 5. Counters agree, or differ exactly as documented.
+
+
+def test_damping_mean_never_above_max():
+  # 12 factors at damping 1e-9: a float32 mean rounds to 1.0000001e-9.
+  params = {f"m{i}": jnp.ones((3 + i, 2)) for i in range(6)}
+  state = fo.foam(1e-3).init(params)
+  raw = jnp.mean(jnp.full((12,), 1e-9, jnp.float32))
+  assert raw > jnp.float32(1e-9)       # the rounding this guards against
+  stats = fo.stats(state)
+  assert int(stats["num_factors"]) == 12
+  assert stats["damping_min"] <= stats["damping_mean"] <= stats["damping_max"]
+
+
+class _Model(nnx.Module):
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.ones((4, 3)))
+
+
+def test_step_counters_with_a_skipped_step():
+  """nnx.Optimizer.step and inject_hyperparams' count see every call;
+  fo.stats' step only applied updates; alias schedules pause."""
+  grads = [{"w": jnp.full((4, 3), v)} for v in (1.0, jnp.nan, 2.0, 3.0)]
+  schedule = optax.linear_schedule(1.0, 0.0, 10)
+
+  model = _Model()
+  optimizer = nnx.Optimizer(model, fo.foam(schedule), wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, optimizer, g):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m.w * g))(model))
+
+  for g in grads:
+    nnx_step(model, optimizer, g["w"])
+  stats = fo.stats(optimizer.opt_state)
+  assert int(stats["step"]) == 3 and int(stats["nonfinite_skips"]) == 1
+  assert int(optimizer.step[...]) == 4 == int(stats["step"] + stats[
+      "nonfinite_skips"])
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  schedule_counts = [int(s.count[...]) for s in jax.tree.leaves(
+      optimizer.opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  assert schedule_counts == [3]        # the alias's schedule paused
+
+  tx = optax.inject_hyperparams(fo.foam)(learning_rate=schedule)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for g in grads:
+    _, state = step(g, state, params)
+  stats = fo.stats(state)
+  assert int(state.count) == 4 == int(stats["step"] + stats["nonfinite_skips"])
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(
+      float(schedule(3)))
+
+
+# ---------------------------------------------------------------------------
+# 6. The README's defaults table is the code's.
+
+
+def test_readme_defaults_table_matches_signatures():
+  text = README.read_text()
+  table = text[text.index("<!-- defaults-table:start -->"):
+               text.index("<!-- defaults-table:end -->")]
+  rows = [r.strip("|").split("|") for r in table.splitlines()
+          if r.startswith("| `")]
+  header = [c.strip() for c in table.splitlines()[1].strip("|").split("|")]
+  assert header[1:] == ["`fo.foam`", "`fo.shampoo`", "`fo.soap`",
+                        "`optax.adamw`"]
+  factories = [fo.foam, fo.shampoo, fo.soap, optax.adamw]
+  rename = {optax.adamw: {"epsilon": "eps"}}
+  documented = set()
+  for row in rows:
+    arg = re.match(r"\s*`(\w+)`", row[0]).group(1)
+    documented.add(arg)
+    for factory, cell in zip(factories, row[1:]):
+      params = inspect.signature(factory).parameters
+      name = rename.get(factory, {}).get(arg, arg)
+      cell = cell.strip()
+      if cell == "—":
+        assert name not in params, (factory.__name__, arg)
+      else:
+        assert params[name].default == ast.literal_eval(cell.strip("`")), (
+            factory.__name__, arg)
+  # Every numeric or boolean default of the aliases is in the table.
+  for factory in factories[:3]:
+    for name, p in inspect.signature(factory).parameters.items():
+      if isinstance(p.default, (bool, int, float)) and name not in (
+          "residual_tol",):
+        assert name in documented, (factory.__name__, name)
