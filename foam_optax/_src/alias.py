@@ -115,6 +115,13 @@ def foam(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    inv_factor_matrix_dtype: Optional[Any] = None,
+    pseudo_inverse_rtol: Optional[float] = None,
+    weight_dimension_numbers: Optional[Any] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -158,6 +165,13 @@ def scale_by_shampoo(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    inv_factor_matrix_dtype: Optional[Any] = None,
+    pseudo_inverse_rtol: Optional[float] = None,
+    weight_dimension_numbers: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Classic Shampoo with a fixed eigendecomposition frequency.
 
@@ -201,6 +215,13 @@ def shampoo(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    inv_factor_matrix_dtype: Optional[Any] = None,
+    pseudo_inverse_rtol: Optional[float] = None,
+    weight_dimension_numbers: Optional[Any] = None,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -232,6 +253,11 @@ def scale_by_soap(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    weight_dimension_numbers: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -258,7 +284,10 @@ def scale_by_soap(
     controller_epsilon, max_epsilon, threshold: FOAM controller settings.
     exponent: ``p`` of FOAM's staleness proxy ``h = RC·α/p`` (the inverse
       root whose error it bounds); used only by the FOAM controllers.
-    Others: as in `scale_by_foam`.
+    second_moment_dtype: storage dtype of the rotated second moment ``V``.
+    Others: as in `scale_by_foam` (``mu_dtype``, ``factor_matrix_dtype``,
+      ``factor_matrix_eigenvectors_dtype``, ``weight_dimension_numbers``
+      included).
 
   Example:
     >>> import jax.numpy as jnp, foam_optax as fo
@@ -280,7 +309,11 @@ def scale_by_soap(
       grafting="adam", graft_b2=b2, graft_eps=epsilon, controller=controller,
       residual_tol=residual_tol, precondition_1d=precondition_1d,
       preconditioner="eigenvalue_corrected", refresh_method=refresh_method,
-      stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite)))
+      stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite,
+      mu_dtype=mu_dtype, second_moment_dtype=second_moment_dtype,
+      factor_matrix_dtype=factor_matrix_dtype,
+      factor_matrix_eigenvectors_dtype=factor_matrix_eigenvectors_dtype,
+      weight_dimension_numbers=weight_dimension_numbers)))
 
 
 def soap(
@@ -303,6 +336,11 @@ def soap(
     stagger: bool = True,
     grouping: str = "map",
     skip_nonfinite: bool = True,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    weight_dimension_numbers: Optional[Any] = None,
     weight_decay: float = 0.01,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
