@@ -144,7 +144,10 @@ def foam(
     >>> state = opt.init({'w': jnp.zeros((8, 4))})
 
   References:
-    The FOAM paper, ICML 2026; Gupta et al., Shampoo, ICML 2018.
+    The FOAM paper, ICML 2026. arXiv:2606.02365.
+
+    Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
+    Optimization, ICML 2018. arXiv:1802.09568.
   """
   return _alias(scale_by_foam, locals())
 
@@ -188,7 +191,7 @@ def scale_by_shampoo(
 
   References:
     Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
-    Optimization, ICML 2018.
+    Optimization, ICML 2018. arXiv:1802.09568.
   """
   # No max_epsilon argument here: the damping after a failed refresh is
   # max(3e-7, epsilon), so a large epsilon is not rejected against 3e-7.
@@ -294,9 +297,13 @@ def scale_by_soap(
     >>> state = fo.scale_by_soap().init({'w': jnp.zeros((8, 4))})
 
   References:
-    Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025.
-    Eschenhagen et al., Purifying Shampoo: Investigating Shampoo's Heuristics
-    by Decomposing its Preconditioner, 2025.
+    Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade,
+    SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025.
+    arXiv:2409.11321.
+
+    Eschenhagen, Defazio, Lee, Turner and Shi, Purifying Shampoo:
+    Investigating Shampoo's Heuristics by Decomposing its Preconditioner,
+    NeurIPS 2025. arXiv:2506.03595.
   """
   # These map to differently named Config fields: check them under their
   # own names so the error names the argument the caller passed.

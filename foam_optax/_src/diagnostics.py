@@ -24,16 +24,17 @@ def stats(opt_state) -> dict[str, jax.Array]:
 
   Returns:
     A dict of scalar arrays:
-      ``eigendecompositions``: fresh eigendecompositions (or power-QR
-        refreshes) so far, over all factors;
-      ``checks``: check-step evaluations so far;
-      ``damping_max``, ``damping_mean``: current damping over factors;
-      ``proxy_max``: largest last staleness measure over factors;
-      ``nonfinite_skips``: updates skipped for non-finite gradients;
-      ``eigendecomposition_failures``: refreshes that failed and kept the
-        previous basis;
-      ``num_factors``: number of preconditioned factors;
-      ``step``: updates applied (largest over transformations found).
+
+    - ``eigendecompositions``: fresh eigendecompositions (or power-QR
+      refreshes) so far, over all factors;
+    - ``checks``: check-step evaluations so far;
+    - ``damping_max``, ``damping_mean``: current damping over factors;
+    - ``proxy_max``: largest last staleness measure over factors;
+    - ``nonfinite_skips``: updates skipped for non-finite gradients;
+    - ``eigendecomposition_failures``: refreshes that failed and kept the
+      previous basis;
+    - ``num_factors``: number of preconditioned factors;
+    - ``step``: updates applied (largest over transformations found).
 
   Raises:
     ValueError: if `opt_state` holds no foam_optax state.

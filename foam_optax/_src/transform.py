@@ -656,11 +656,18 @@ def scale_by_foam(
     >>> state = tx.init({'w': jnp.ones((4, 3))})
 
   References:
+    The FOAM paper, ICML 2026: frequency and operator-error based adaptive
+    damping for Shampoo. arXiv:2606.02365.
+
     Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
-    Optimization, ICML 2018.
-    Anil et al., Scalable Second Order Optimization for Deep Learning, 2020.
-    The FOAM paper, ICML 2026: adaptive damping and adaptive
-    eigendecomposition frequency for Shampoo.
+    Optimization, ICML 2018. arXiv:1802.09568.
+
+    Anil, Gupta, Koren, Regan and Singer, Scalable Second Order Optimization
+    for Deep Learning, 2020. arXiv:2002.09018.
+
+    Shi et al., A Distributed Data-Parallel PyTorch Implementation of the
+    Distributed Shampoo Optimizer for Training Neural Networks At-Scale,
+    2023. arXiv:2309.06497 (storage dtypes, pseudo-inverse).
   """
   cfg = validate(Config(
       b1=b1, b2=b2, epsilon=epsilon, max_epsilon=max_epsilon,
