@@ -297,3 +297,40 @@ def test_py_typed_is_shipped():
   import foam_optax
   assert os.path.exists(os.path.join(os.path.dirname(foam_optax.__file__),
                                      "py.typed"))
+
+
+# --- one source of truth ----------------------------------------------------
+
+def _defaults(fn):
+  import inspect
+  return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+          if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("fn", [fo.scale_by_foam, fo.foam, fo.scale_by_shampoo,
+                                fo.shampoo])
+def test_defaults_agree_with_config(fn):
+  import dataclasses
+  from foam_optax._src.config import Config
+  config = {f.name: f.default for f in dataclasses.fields(Config)}
+  shared = {k: v for k, v in _defaults(fn).items() if k in config}
+  assert len(shared) >= 15
+  assert shared == {k: config[k] for k in shared}
+
+
+@pytest.mark.parametrize("alias,core", [(fo.foam, fo.scale_by_foam),
+                                        (fo.shampoo, fo.scale_by_shampoo),
+                                        (fo.soap, fo.scale_by_soap)])
+def test_alias_defaults_agree_with_their_transformation(alias, core):
+  alias_defaults, core_defaults = _defaults(alias), _defaults(core)
+  assert set(core_defaults) <= set(alias_defaults)
+  assert {k: alias_defaults[k] for k in core_defaults} == core_defaults
+
+
+def test_one_controller_registry():
+  from foam_optax._src import config, controllers
+  assert not hasattr(config, "CONTROLLERS")
+  for name in controllers.CONTROLLERS:
+    fo.scale_by_foam(controller=name)
+  with pytest.raises(ValueError, match="controller must be one of"):
+    fo.scale_by_foam(controller="unknown")

@@ -3,6 +3,7 @@ imports without Flax and ships `py.typed`."""
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,9 +20,15 @@ def _run(*command, cwd=ROOT):
 
 @pytest.mark.slow
 def test_wheel_builds_checks_installs_and_imports_without_flax(tmp_path):
+  # Built from a copy: setuptools writes build/ and *.egg-info beside the
+  # sources.
+  source = tmp_path / "source"
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+      ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+      ".hypothesis", "bench_out", "runs", "_build"))
   dist = tmp_path / "dist"
   _run(sys.executable, "-m", "build", "--sdist", "--wheel",
-       "--outdir", str(dist), ROOT)
+       "--outdir", str(dist), str(source))
   wheels = glob.glob(str(dist / "*.whl"))
   sdists = glob.glob(str(dist / "*.tar.gz"))
   assert len(wheels) == 1 and len(sdists) == 1

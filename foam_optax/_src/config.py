@@ -15,7 +15,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-CONTROLLERS = ("stale", "foam", "foam_fixed_damping", "foam_no_refresh", "residual")
 GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 REFRESH_METHODS = ("eigh", "power_qr")
@@ -158,7 +157,10 @@ def validate(cfg: Config) -> Config:
              allow_none=True)
   _check_int("block_size", cfg.block_size, 1, allow_none=True)
   _check_int("max_precond_dim", cfg.max_precond_dim, 1, allow_none=True)
-  _check_choice("controller", cfg.controller, CONTROLLERS)
+  # The controllers' registry is the one `factors` dispatches on (imported
+  # here, not at the top: `controllers` imports this module).
+  from foam_optax._src.controllers import CONTROLLERS
+  _check_choice("controller", cfg.controller, tuple(CONTROLLERS))
   _check_choice("grafting", cfg.grafting, GRAFTINGS)
   _check_choice("preconditioner", cfg.preconditioner, PRECONDITIONERS)
   _check_choice("refresh_method", cfg.refresh_method, REFRESH_METHODS)
