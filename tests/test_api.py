@@ -334,3 +334,18 @@ def test_one_controller_registry():
     fo.scale_by_foam(controller=name)
   with pytest.raises(ValueError, match="controller must be one of"):
     fo.scale_by_foam(controller="unknown")
+
+
+@pytest.mark.parametrize("name", ["scale_by_foam", "scale_by_shampoo"])
+def test_uncached_inverse_root_matches_cached(name):
+  """X applied through Q and D equals the cached X, with no (m, m) X kept."""
+  params = {"w": jnp.ones((6, 4)), "k": jnp.ones((2, 3, 4))}
+  opts = dict(check_frequency=2, pseudo_inverse_rtol=1e-6)
+  cached, _ = _run(getattr(fo, name)(**opts), params, 5)
+  uncached, state = _run(getattr(fo, name)(cache_inverse_root=False, **opts),
+                         params, 5)
+  for key in params:
+    np.testing.assert_allclose(uncached[key], cached[key], rtol=2e-4,
+                               atol=1e-6)
+  assert all(fs.inverse_root is None for g in state.groups
+             for fs in (g.left, g.right) if fs is not None)

@@ -122,6 +122,7 @@ def foam(
     inv_factor_matrix_dtype: Optional[Any] = None,
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -175,6 +176,7 @@ def scale_by_shampoo(
     inv_factor_matrix_dtype: Optional[Any] = None,
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
 ) -> optax.GradientTransformation:
   r"""Classic Shampoo with a fixed eigendecomposition frequency.
 
@@ -225,6 +227,7 @@ def shampoo(
     inv_factor_matrix_dtype: Optional[Any] = None,
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:

@@ -52,6 +52,7 @@ class Config:
   factor_matrix_eigenvectors_dtype: Any = None
   inv_factor_matrix_dtype: Any = None
   pseudo_inverse_rtol: Any = None
+  cache_inverse_root: bool = True
   weight_dimension_numbers: Any = None
 
   @property
@@ -170,7 +171,8 @@ def validate(cfg: Config) -> Config:
                  high_open=True)
   for name in STORAGE_DTYPES:
     _check_dtype(name, getattr(cfg, name))
-  for flag in ("precondition_1d", "stagger", "skip_nonfinite"):
+  for flag in ("precondition_1d", "stagger", "skip_nonfinite",
+               "cache_inverse_root"):
     if not isinstance(getattr(cfg, flag), bool):
       raise ValueError(f"{flag} must be a bool, got {getattr(cfg, flag)!r}.")
   return cfg

@@ -24,19 +24,36 @@ def _basis(fs, dtype):
   return None if fs is None else fs.basis.astype(dtype)
 
 
-def root_inverse(momentum, left, right):
+def _weights(fs, cfg: Config):
+  return linalg.inverse_root_weights(fs.eigvals, fs.damping, cfg.exponent,
+                                     cfg.pseudo_inverse_rtol)
+
+
+def root_inverse(momentum, left, right, cfg: Config):
   """X_L · M · X_R for a (k, m, n) stack; a None factor is the identity.
 
-  X is loaded in the momentum's (computation) dtype whatever its storage.
+  With cached inverse roots, two products; otherwise (``cache_inverse_root=
+  False``) X = Q diag(w) Qᵀ is applied through the basis, four products.
+  Stored matrices are loaded in the momentum's (computation) dtype.
   """
   dtype = momentum.dtype
-  if left is not None:
+  if left is not None and left.inverse_root is not None:
     momentum = jnp.einsum("kij,kjn->kin", left.inverse_root.astype(dtype),
                           momentum, precision=linalg.HIGHEST)
-  if right is not None:
+  elif left is not None:
+    basis = left.basis.astype(dtype)
+    rotated = linalg.rotate(momentum, basis, None) * _weights(left, cfg)[
+        :, :, None]
+    momentum = linalg.unrotate(rotated, basis, None)
+  if right is not None and right.inverse_root is not None:
     momentum = jnp.einsum("kmj,kjn->kmn", momentum,
                           right.inverse_root.astype(dtype),
                           precision=linalg.HIGHEST)
+  elif right is not None:
+    basis = right.basis.astype(dtype)
+    rotated = linalg.rotate(momentum, None, basis) * _weights(right, cfg)[
+        :, None, :]
+    momentum = linalg.unrotate(rotated, None, basis)
   return momentum
 
 

@@ -212,7 +212,8 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       return None
     return factors.init_factor_state(
         count, size, cfg.epsilon, next(phases), dtype,
-        exponent=None if cfg.eigenvalue_corrected else cfg.exponent,
+        exponent=(cfg.exponent if cfg.cache_inverse_root
+                  and not cfg.eigenvalue_corrected else None),
         storage=factor_storage, pseudo_inverse_rtol=cfg.pseudo_inverse_rtol)
 
   factor_storage = {
@@ -307,7 +308,7 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
       moment = moment.astype(gs.rotated_second_moment.dtype)
     else:
       direction = grafting.rescale(
-          preconditioners.root_inverse(momentum, left, right), graft, cfg)
+          preconditioners.root_inverse(momentum, left, right, cfg), graft, cfg)
       moment = None
     directions.append(direction)
     new_groups.append(GroupState(left, right, moment))
@@ -557,6 +558,7 @@ def scale_by_foam(
     inv_factor_matrix_dtype: Optional[Any] = None,
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
 
@@ -643,6 +645,9 @@ def scale_by_foam(
       rows, the output axes its columns, and every other axis is a batch
       axis whose slices get independent factors (stacked scanned layers,
       attention heads).
+    cache_inverse_root: keep each factor's X = Q diag((D+ε)^(-1/p)) Qᵀ in
+      the state (two products per block and step); False applies X through
+      Q and D instead (four products) and saves one (m, m) array per factor.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
@@ -684,7 +689,8 @@ def scale_by_foam(
       factor_matrix_eigenvectors_dtype=factor_matrix_eigenvectors_dtype,
       inv_factor_matrix_dtype=inv_factor_matrix_dtype,
       pseudo_inverse_rtol=pseudo_inverse_rtol,
-      weight_dimension_numbers=weight_dimension_numbers))
+      weight_dimension_numbers=weight_dimension_numbers,
+      cache_inverse_root=cache_inverse_root))
   return from_config(cfg)
 
 
