@@ -3,11 +3,13 @@ on short training runs.
 
 For each setting of the storage options (`mu_dtype`, `second_moment_dtype`,
 `factor_matrix_dtype`, `factor_matrix_eigenvectors_dtype`,
-`inv_factor_matrix_dtype`) prints the state's bytes per parameter byte on the
-benchmark's models (from `jax.eval_shape`, nothing allocated), and the final
-train loss of FOAM and Shampoo (f = 20) on the `foam-bench --quick`
-workloads, trained with the bench's settings at one learning rate, relative
-to float32 storage.
+`inv_factor_matrix_dtype`, `cache_inverse_root`), with or without
+`pseudo_inverse_rtol`, prints the state's bytes per parameter byte on the
+benchmark's models (from `jax.eval_shape`, nothing allocated); the updates'
+largest relative error against the float64 reference implementation of the
+tests (tests/reference.py); and the final train loss of FOAM and Shampoo
+(f = 20) on the `foam-bench --quick` workloads, trained with the bench's
+settings at one learning rate, relative to float32 storage.
 
   python scripts/storage_dtypes.py --steps 40 --seeds 2
 """
@@ -82,6 +84,33 @@ def final_loss(workload, name, storage, lr, steps, seeds) -> float:
   return float(np.mean(losses))
 
 
+def reference_agreement(options):
+  """Largest relative error of the updates against the float64 reference
+  implementation (tests/reference.py) on the reference tests' problem, with
+  the given storage options, and (library, reference) eigendecompositions."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                  "..", "tests"))
+  import test_reference as tr
+  kwargs = dict(tr.BASE, controller="foam", precondition_1d=True)
+  grads = tr.make_grads(tr.SHAPES)
+  # The storage options only: the reference has no pseudo-inverse.
+  options = {k: v for k, v in options.items() if k != "pseudo_inverse_rtol"}
+  tx = fo.scale_by_foam(stagger=False, **kwargs, **options)
+  _, lib_updates, _, lib_stats, _ = tr.run_library(tx, grads, jnp.float32)
+  _, ref_updates, _, ref_stats, _, _ = tr.run_reference(tr.SHAPES, grads,
+                                                        **kwargs)
+  error = 0.0
+  for t in range(len(grads)):
+    for i in range(len(tr.SHAPES)):
+      ref = np.asarray(ref_updates[t][i])
+      error = max(error, float(np.linalg.norm(lib_updates[i][t] - ref)
+                               / max(np.linalg.norm(ref), 1e-30)))
+  return (error, int(lib_stats["eigendecompositions"][-1]),
+          int(ref_stats[-1]["eigendecompositions"]))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=40)
@@ -110,6 +139,18 @@ def main(argv=None):
             + " |", flush=True)
   if args.bytes_only:
     return
+
+  print("\n### Against the float64 reference (tests/test_reference.py's "
+        "problem, FOAM, 16 steps, float32 computations)\n")
+  print("| setting | max relative update error | eigendecompositions "
+        "(library / reference) |")
+  print("|---|---:|---:|")
+  for setting in args.settings:
+    if "pinv" in setting and setting.replace(", pinv 1e-6", "") in SETTINGS:
+      continue   # the same storage as the setting without
+    error, lib_evds, ref_evds = reference_agreement(SETTINGS[setting][0])
+    print(f"| {setting.replace(', pinv 1e-6', '')} | {error:.2e} | "
+          f"{lib_evds} / {ref_evds} |", flush=True)
 
   print(f"\n### Final train loss, {args.steps} steps, lr {args.learning_rate},"
         f" mean of {args.seeds} seeds (relative change against the float32 "

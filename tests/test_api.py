@@ -349,3 +349,18 @@ def test_uncached_inverse_root_matches_cached(name):
                                atol=1e-6)
   assert all(fs.inverse_root is None for g in state.groups
              for fs in (g.left, g.right) if fs is not None)
+
+
+def test_inject_hyperparams_with_static_storage_dtype_and_dimension_numbers():
+  """As README says: shape and dtype arguments static, then a jitted init."""
+  tx = optax.inject_hyperparams(fo.foam, static_args=(
+      "block_size", "max_precond_dim", "mu_dtype",
+      "weight_dimension_numbers"))(
+          learning_rate=0.1, mu_dtype=jnp.bfloat16, block_size=4,
+          weight_dimension_numbers=lambda p: {"k": fo.DimensionNumbers(1, 2)})
+  state = jax.jit(tx.init)({"k": jnp.ones((2, 3, 4))})
+  (leaf,) = _leaf_states(state)
+  assert leaf.momentum.dtype == jnp.bfloat16 and leaf.layout.batch == 2
+  assert set(state.hyperparams) >= {"learning_rate", "epsilon"}
+  with pytest.raises(ValueError, match="block_size"):
+    jax.jit(optax.inject_hyperparams(fo.foam)(0.1).init)({"w": jnp.ones((4, 4))})
