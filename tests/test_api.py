@@ -43,7 +43,8 @@ def _leaf_states(state):
 
 @pytest.mark.parametrize("name", list(ALIASES))
 def test_tree_map_params(name):
-  opt = ALIASES[name](1e-2, check_frequency=2)
+  opt = ALIASES[name](1e-2, check_frequency=2, weight_dimension_numbers={
+      "w": None, "k": fo.DimensionNumbers(1, 2), "b": None})
   _, state = _run(opt, PARAMS, 2)
   same = optax.tree.map_params(opt, lambda v: v, state)
   assert jax.tree.structure(same) == jax.tree.structure(state)

@@ -122,9 +122,11 @@ def test_sensitivity_tiny(monkeypatch, capsys):
   monkeypatch.setattr(sensitivity, "configurations", lambda: {
       k: configurations[k] for k in ("adamw", "foam pseudo_inverse_rtol=1e-6")})
   sensitivity.main(["--steps", "3", "--relative", "1e-3"])
-  rows = [line.split("|")[2:5] for line in
+  rows = [line.split("|")[2:7] for line in
           capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
   assert len(rows) == 2
-  for change, moved, ratio in rows:
-    assert 0 < float(change) < float(moved)
-    assert float(ratio) == pytest.approx(float(change) / float(moved), rel=1e-2)
+  for delta, change, growth, moved, ratio in map(
+      lambda r: [float(x) for x in r], rows):
+    assert 0 < delta and 0 < change < moved
+    assert growth == pytest.approx(change / delta, rel=2e-2)
+    assert ratio == pytest.approx(change / moved, rel=2e-2)

@@ -188,7 +188,9 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   _reject_complex(paths_and_leaves)
   leaves = [p for _, p in paths_and_leaves]
-  dimension_numbers = _dimension_numbers(params, len(leaves), cfg)
+  placeholder = _is_params_placeholder(params)   # has no leaves
+  dimension_numbers = [] if placeholder else _dimension_numbers(
+      params, len(leaves), cfg)
   layouts = [_layout(path, jnp.shape(p), dims, cfg) for (path, p), dims in
              zip(paths_and_leaves, dimension_numbers)]
   plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
@@ -243,7 +245,7 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       count=jnp.zeros([], jnp.int32),
       nonfinite_skips=jnp.zeros([], jnp.int32),
       leaves=jax.tree.unflatten(treedef, leaf_states),
-      groups=_ShapeDependent() if _is_params_placeholder(params) else groups,
+      groups=_ShapeDependent() if placeholder else groups,
       plan=plan)
 
 
