@@ -310,7 +310,8 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
       moment = moment.astype(gs.rotated_second_moment.dtype)
     else:
       direction = grafting.rescale(
-          preconditioners.root_inverse(momentum, left, right, cfg), graft, cfg)
+          preconditioners.root_inverse(momentum, left, right, cfg), graft,
+          cfg)
       moment = None
     directions.append(direction)
     new_groups.append(GroupState(left, right, moment))
