@@ -39,19 +39,21 @@ def batches(images, labels, batch_size: int, seed: int = 0):
 
 def make_optimizer(name: str, learning_rate: float, steps: int,
                    check_frequency: int = 10,
-                   block_size: int = 1024) -> optax.GradientTransformation:
-  """The named optimizer with warmup + cosine decay and weight decay 1e-4."""
+                   block_size: int = 1024,
+                   **options) -> optax.GradientTransformation:
+  """The named optimizer with warmup + cosine decay and weight decay 1e-4;
+  `options` go to the foam_optax optimizers (e.g. weight_dimension_numbers)."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, learning_rate, warmup_steps=max(1, steps // 10), decay_steps=steps)
   if name == "foam":
     return fo.foam(schedule, check_frequency=check_frequency,
-                   block_size=block_size, weight_decay=1e-4)
+                   block_size=block_size, weight_decay=1e-4, **options)
   if name == "shampoo":
     return fo.shampoo(schedule, check_frequency=check_frequency,
-                      block_size=block_size, weight_decay=1e-4)
+                      block_size=block_size, weight_decay=1e-4, **options)
   if name == "soap":
     return fo.soap(schedule, check_frequency=check_frequency,
-                   block_size=block_size, weight_decay=1e-4)
+                   block_size=block_size, weight_decay=1e-4, **options)
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=1e-4)
   raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")

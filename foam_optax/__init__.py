@@ -9,6 +9,7 @@ from foam_optax._src.alias import soap
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorState
 from foam_optax._src.partition import partition
+from foam_optax._src.shaping import DimensionNumbers
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.sharding import relayout
 from foam_optax._src.sharding import state_sharding
@@ -20,6 +21,7 @@ from foam_optax._src.transform import ScaleByFoamState
 __version__ = "0.1.0"
 
 __all__ = [
+    "DimensionNumbers",
     "FactorState",
     "GroupState",
     "LeafState",

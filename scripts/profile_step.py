@@ -174,8 +174,8 @@ def block_stacks(params, grads):
   grad_leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
   stacks = []
   for cls in block_classes(state):
-    blocks = [shaping.extract(
-        grad_leaves[i].reshape(layouts[i].matrix_shape), layouts[i].groups[j])
+    blocks = [shaping.extract(shaping.to_matrices(grad_leaves[i], layouts[i]),
+                              layouts[i].groups[j])
               for i, j in cls.members]
     stacks.append((cls, jnp.concatenate(blocks)))
   return stacks
@@ -236,7 +236,7 @@ def part_timings(params, grads, repeats):
     return out
 
   def stored_x_part(states):
-    return [preconditioners.root_inverse(b, l, r) for b, l, r in states]
+    return [preconditioners.root_inverse(b, l, r, cfg) for b, l, r in states]
 
   def rebuild_x_part(facs):
     return [stored_x(f) for f in facs]

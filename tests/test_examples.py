@@ -73,3 +73,24 @@ def test_mesh_2d_example_trains_on_8_devices():
   assert "eigendecompositions" in lines[0]
   assert lines[-1].startswith("mesh {'data': 4, 'model': 2} | test accuracy")
   assert float(lines[-1].split()[-1]) > 0.5
+
+
+def test_nnx_scan_example_gives_each_layer_its_own_factors(capsys):
+  """The scanned blocks' (depth, width, width) kernel is preconditioned per
+  layer (batch axis 0), their stacked biases get grafting only."""
+  import jax
+  import foam_optax as fo
+  import nnx_scan
+
+  result = nnx_scan.main(["--steps", "20", "--learning-rate", "1e-2",
+                          "--check-frequency", "5", "--log-every", "10"])
+  losses = result["losses"]
+  assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.95 * losses[0]
+  assert result["stats"]["eigendecompositions"] > 0
+  is_leaf = lambda x: isinstance(x, fo.LeafState)
+  layouts = {ls.layout.shape: ls.layout for ls in jax.tree.leaves(
+      result["opt_state"], is_leaf=is_leaf) if is_leaf(ls)}
+  kernel, bias = layouts[(3, 32, 32)], layouts[(3, 32)]
+  assert kernel.batch == 3 and kernel.matrix_shape == (32, 32)
+  assert not bias.preconditioned
+  assert capsys.readouterr().out.splitlines()[-1].startswith("test accuracy")

@@ -173,8 +173,13 @@ def test_update_contracts(name):
   # applying them keeps each parameter's dtype.
   applied = optax.apply_updates(params, updates)
   assert [p.dtype for p in jax.tree.leaves(applied)] == dtypes
+  core = state.inner_state[0]
+  momenta = jax.tree.map(lambda ls: ls.momentum, core.leaves,
+                         is_leaf=lambda x: isinstance(x, fo.LeafState))
+  assert [m.dtype for m in jax.tree.leaves(momenta)] == dtypes   # mu_dtype
   stat_dtypes = {x.dtype for x in jax.tree.leaves(state)
-                 if jnp.issubdtype(x.dtype, jnp.floating)}
+                 if jnp.issubdtype(x.dtype, jnp.floating)
+                 and not any(x is m for m in jax.tree.leaves(momenta))}
   assert stat_dtypes == {jnp.dtype(jnp.float32)}
   # The learning rate is the last factor of the chain.
   grads = _like(params, 6)

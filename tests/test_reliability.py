@@ -525,7 +525,8 @@ def test_embedding_65536_by_4(name):
     ("scale_by_foam", jnp.float16), ("scale_by_shampoo", jnp.float16),
     ("scale_by_soap", jnp.float16)])
 def test_low_precision_parameters(name, dtype):
-  """Updates in the parameter dtype, statistics in float32, loss decreases."""
+  """Updates and momentum in the parameter dtype (optax's ``mu_dtype=None``),
+  every other buffer in float32, loss decreases."""
   target = jax.random.normal(jax.random.PRNGKey(1), (6, 4)).astype(dtype)
   params = {"w": jnp.zeros((6, 4), dtype), "b": jnp.zeros((4,), dtype)}
   loss = lambda p: jnp.sum((p["w"].astype(jnp.float32) - target) ** 2) + \
@@ -533,8 +534,14 @@ def test_low_precision_parameters(name, dtype):
   tx = optax.chain(OPTIMIZERS[name](), optax.scale(-5e-2)) if name.startswith(
       "scale_by") else OPTIMIZERS[name]()
   state = tx.init(params)
+  is_leaf_state = lambda x: isinstance(x, fo.LeafState)
+  leaf_states = [x for x in jax.tree.leaves(state, is_leaf=is_leaf_state)
+                 if is_leaf_state(x)]
+  assert {x.momentum.dtype for x in leaf_states} == {jnp.dtype(dtype)}
+  momenta = {id(x.momentum) for x in leaf_states}
   float_leaves = [x for x in jax.tree.leaves(state)
-                  if jnp.issubdtype(x.dtype, jnp.floating)]
+                  if jnp.issubdtype(x.dtype, jnp.floating)
+                  and id(x) not in momenta]
   assert all(x.dtype == jnp.float32 for x in float_leaves)
 
   @jax.jit

@@ -94,3 +94,39 @@ def test_long_run_checks_optimizer_state_is_finite(field):
     assert any(f.endswith(".statistic") for f in r["nonfinite_fields"])
     # Parameters and updates stayed finite: only the state check caught it.
     assert np.isfinite(r["final_loss"])
+
+
+def test_storage_dtypes_tiny(monkeypatch, capsys):
+  import storage_dtypes
+  monkeypatch.setattr(storage_dtypes, "BYTES_MODELS", ("digits_mlp",))
+  monkeypatch.setattr(storage_dtypes, "LOSS_WORKLOADS", ("quadratic_k1e2",))
+  storage_dtypes.main(["--steps", "3", "--seeds", "1", "--settings",
+                       "float32", "all but statistics bf16, no X cache, pinv 1e-6"])
+  out = capsys.readouterr().out
+  rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
+          for line in out.splitlines() if line.startswith("| ")}
+  number = lambda line: float(line.split("|")[3])
+  assert number(rows[("adamw", "float32")]) == pytest.approx(2.0)
+  assert number(rows[("foam", "float32")]) > 8
+  # The documented low-memory setting stays under 4.5x.
+  assert number(rows[("foam", "all but statistics bf16, no X cache, "
+                               "pinv 1e-6")]) <= 4.5
+  losses = re.findall(r"\| float32 \| (" + _FLOAT + r") \(\+0\.00%\) \| ("
+                      + _FLOAT + r") \(\+0\.00%\) \|", out)
+  assert len(losses) == 1 and all(np.isfinite(float(x)) for x in losses[0])
+
+
+def test_sensitivity_tiny(monkeypatch, capsys):
+  import sensitivity
+  configurations = sensitivity.configurations()
+  monkeypatch.setattr(sensitivity, "configurations", lambda: {
+      k: configurations[k] for k in ("adamw", "foam pseudo_inverse_rtol=1e-6")})
+  sensitivity.main(["--steps", "3", "--relative", "1e-3"])
+  rows = [line.split("|")[2:7] for line in
+          capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+  assert len(rows) == 2
+  for delta, change, growth, moved, ratio in map(
+      lambda r: [float(x) for x in r], rows):
+    assert 0 < delta and 0 < change < moved
+    assert growth == pytest.approx(change / delta, rel=2e-2)
+    assert ratio == pytest.approx(change / moved, rel=2e-2)

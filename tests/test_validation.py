@@ -72,6 +72,14 @@ CASES = [
     ("weight_decay", False, NUMBER), ("exponent", [2], NUMBER),
     ("controller_epsilon", "1e-9", NUMBER),
     ("max_consecutive_skips", "5", NUMBER),
+    ("cache_inverse_root", "no", "a bool"),
+    ("pseudo_inverse_rtol", 1.0, r"\[0\.0, 1\.0\)"),
+    ("pseudo_inverse_rtol", -1e-6, r"\[0\.0, 1\.0\)"),
+    ("mu_dtype", "int32", "floating dtype"),
+    ("second_moment_dtype", "complex64", "floating dtype"),
+    ("factor_matrix_dtype", "not-a-dtype", "floating dtype"),
+    ("factor_matrix_eigenvectors_dtype", "int8", "floating dtype"),
+    ("inv_factor_matrix_dtype", "bool", "floating dtype"),
 ]
 
 
@@ -110,7 +118,9 @@ def test_every_case_applies_somewhere(name):
   """Each factory is checked on most of its numeric/choice arguments."""
   accepted = set(inspect.signature(FACTORIES[name]).parameters)
   covered = {arg for arg, _, _ in CASES} & accepted
-  untested = accepted - covered - {"weight_decay_mask"}
+  # Both need the parameters: checked by `init` (tests/test_api.py).
+  untested = accepted - covered - {"weight_decay_mask",
+                                   "weight_dimension_numbers"}
   assert not untested, untested
 
 

@@ -112,6 +112,14 @@ def foam(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    inv_factor_matrix_dtype: Optional[Any] = None,
+    pseudo_inverse_rtol: Optional[float] = None,
+    weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -144,7 +152,10 @@ def foam(
     >>> state = opt.init({'w': jnp.zeros((8, 4))})
 
   References:
-    The FOAM paper, ICML 2026; Gupta et al., Shampoo, ICML 2018.
+    The FOAM paper, ICML 2026. arXiv:2606.02365.
+
+    Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
+    Optimization, ICML 2018. arXiv:1802.09568.
   """
   return _alias(scale_by_foam, locals())
 
@@ -166,6 +177,14 @@ def scale_by_shampoo(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    inv_factor_matrix_dtype: Optional[Any] = None,
+    pseudo_inverse_rtol: Optional[float] = None,
+    weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
 ) -> optax.GradientTransformation:
   r"""Classic Shampoo with a fixed eigendecomposition frequency.
 
@@ -182,7 +201,7 @@ def scale_by_shampoo(
 
   References:
     Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
-    Optimization, ICML 2018.
+    Optimization, ICML 2018. arXiv:1802.09568.
   """
   # No max_epsilon argument here: the damping after a failed refresh is
   # max(3e-7, epsilon), so a large epsilon is not rejected against 3e-7.
@@ -210,6 +229,14 @@ def shampoo(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    inv_factor_matrix_dtype: Optional[Any] = None,
+    pseudo_inverse_rtol: Optional[float] = None,
+    weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -250,6 +277,11 @@ def scale_by_soap(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    weight_dimension_numbers: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -276,16 +308,23 @@ def scale_by_soap(
     controller_epsilon, max_epsilon, threshold: FOAM controller settings.
     exponent: ``p`` of FOAM's staleness proxy ``h = RC·α/p`` (the inverse
       root whose error it bounds); used only by the FOAM controllers.
-    Others: as in `scale_by_foam`.
+    second_moment_dtype: storage dtype of the rotated second moment ``V``.
+    Others: as in `scale_by_foam` (``mu_dtype``, ``factor_matrix_dtype``,
+      ``factor_matrix_eigenvectors_dtype``, ``weight_dimension_numbers``
+      included).
 
   Example:
     >>> import jax.numpy as jnp, foam_optax as fo
     >>> state = fo.scale_by_soap().init({'w': jnp.zeros((8, 4))})
 
   References:
-    Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025.
-    Eschenhagen et al., Purifying Shampoo: Investigating Shampoo's Heuristics
-    by Decomposing its Preconditioner, 2025.
+    Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade,
+    SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025.
+    arXiv:2409.11321.
+
+    Eschenhagen, Defazio, Lee, Turner and Shi, Purifying Shampoo:
+    Investigating Shampoo's Heuristics by Decomposing its Preconditioner,
+    NeurIPS 2025. arXiv:2506.03595.
   """
   # These map to differently named Config fields: check them under their
   # own names so the error names the argument the caller passed.
@@ -299,7 +338,11 @@ def scale_by_soap(
       residual_tol=residual_tol, precondition_1d=precondition_1d,
       preconditioner="eigenvalue_corrected", refresh_method=refresh_method,
       stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite,
-      max_consecutive_skips=max_consecutive_skips)))
+      max_consecutive_skips=max_consecutive_skips,
+      mu_dtype=mu_dtype, second_moment_dtype=second_moment_dtype,
+      factor_matrix_dtype=factor_matrix_dtype,
+      factor_matrix_eigenvectors_dtype=factor_matrix_eigenvectors_dtype,
+      weight_dimension_numbers=weight_dimension_numbers)))
 
 
 def soap(
@@ -323,6 +366,11 @@ def soap(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    weight_dimension_numbers: Optional[Any] = None,
     weight_decay: float = 0.01,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+import jax.numpy as jnp
 
-CONTROLLERS = ("stale", "foam", "foam_fixed_damping", "foam_no_refresh", "residual")
 GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 REFRESH_METHODS = ("eigh", "power_qr")
@@ -48,6 +48,14 @@ class Config:
   grouping: str = "map"
   skip_nonfinite: bool = True
   max_consecutive_skips: Optional[int] = None
+  mu_dtype: Any = None
+  second_moment_dtype: Any = None
+  factor_matrix_dtype: Any = None
+  factor_matrix_eigenvectors_dtype: Any = None
+  inv_factor_matrix_dtype: Any = None
+  pseudo_inverse_rtol: Any = None
+  cache_inverse_root: bool = True
+  weight_dimension_numbers: Any = None
 
   @property
   def first_check_step(self):
@@ -59,6 +67,10 @@ class Config:
   @property
   def eigenvalue_corrected(self) -> bool:
     return self.preconditioner == "eigenvalue_corrected"
+
+
+STORAGE_DTYPES = ("mu_dtype", "second_moment_dtype", "factor_matrix_dtype",
+                  "factor_matrix_eigenvectors_dtype", "inv_factor_matrix_dtype")
 
 
 def _known(value) -> Optional[float]:
@@ -124,6 +136,18 @@ def _check_int(name, value, minimum, allow_none=False):
         f"{name} must be an integer >= {minimum}{none}, got {value!r}.")
 
 
+def _check_dtype(name, value):
+  """None, or a real floating dtype."""
+  if value is None:
+    return
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be None or a floating dtype, got {value!r}.")
+
+
 def static_int(name, value):
   """A structural integer (it decides shapes) as a Python int or None."""
   if value is None:
@@ -159,12 +183,21 @@ def validate(cfg: Config) -> Config:
   _check_int("max_precond_dim", cfg.max_precond_dim, 1, allow_none=True)
   _check_int("max_consecutive_skips", cfg.max_consecutive_skips, 1,
              allow_none=True)
-  _check_choice("controller", cfg.controller, CONTROLLERS)
+  # The controllers' registry is the one `factors` dispatches on (imported
+  # here, not at the top: `controllers` imports this module).
+  from foam_optax._src.controllers import CONTROLLERS
+  _check_choice("controller", cfg.controller, tuple(CONTROLLERS))
   _check_choice("grafting", cfg.grafting, GRAFTINGS)
   _check_choice("preconditioner", cfg.preconditioner, PRECONDITIONERS)
   _check_choice("refresh_method", cfg.refresh_method, REFRESH_METHODS)
   _check_choice("grouping", cfg.grouping, GROUPINGS)
-  for flag in ("precondition_1d", "stagger", "skip_nonfinite"):
+  if cfg.pseudo_inverse_rtol is not None:
+    _check_range("pseudo_inverse_rtol", cfg.pseudo_inverse_rtol, 0.0, 1.0,
+                 high_open=True)
+  for name in STORAGE_DTYPES:
+    _check_dtype(name, getattr(cfg, name))
+  for flag in ("precondition_1d", "stagger", "skip_nonfinite",
+               "cache_inverse_root"):
     if not isinstance(getattr(cfg, flag), bool):
       raise ValueError(f"{flag} must be a bool, got {getattr(cfg, flag)!r}.")
   return cfg

@@ -24,30 +24,31 @@ def stats(opt_state) -> dict[str, jax.Array]:
 
   Returns:
     A dict of scalar arrays:
-      ``eigendecompositions``: fresh eigendecompositions (or power-QR
-        refreshes) so far, over all factors;
-      ``checks``: check-step evaluations so far;
-      ``damping_max``, ``damping_mean``: current damping ε of the factors
-        (``damping_min <= damping_mean <= damping_max`` holds exactly). It
-        is the damping of the refresh controller: for root-inverse
-        preconditioners (`foam`, `shampoo`) the ε in ``(A + ε)^(-1/p)``; for
-        eigenvalue-corrected ones (`soap`) the FOAM controller's
-        ``controller_epsilon``..``max_epsilon``, which moves only with
-        ``controller='foam'`` and is not Adam's `epsilon`;
-      ``damping_min``: the smallest such damping;
-      ``proxy_max``: largest last staleness measure over factors;
-      ``nonfinite_skips``: updates skipped for non-finite gradients;
-      ``consecutive_skips``: updates skipped in a row up to now (largest
-        over transformations found); 0 after an applied update, so a value
-        that keeps growing means a stuck run (see ``max_consecutive_skips``);
-      ``eigendecomposition_failures``: refreshes that failed and kept the
-        previous basis;
-      ``num_factors``: number of preconditioned factors;
-      ``step``: updates applied, skipped ones not included (largest over
-        transformations found). ``step + nonfinite_skips`` is the number of
-        `update` calls that reached the transformation: what
-        ``nnx.Optimizer.step`` and the ``count`` of
-        `optax.inject_hyperparams` count.
+
+    - ``eigendecompositions``: fresh eigendecompositions (or power-QR
+      refreshes) so far, over all factors;
+    - ``checks``: check-step evaluations so far;
+    - ``damping_max``, ``damping_mean``: current damping ε of the factors
+      (``damping_min <= damping_mean <= damping_max`` holds exactly). It
+      is the damping of the refresh controller: for root-inverse
+      preconditioners (`foam`, `shampoo`) the ε in ``(A + ε)^(-1/p)``; for
+      eigenvalue-corrected ones (`soap`) the FOAM controller's
+      ``controller_epsilon``..``max_epsilon``, which moves only with
+      ``controller='foam'`` and is not Adam's `epsilon`;
+    - ``damping_min``: the smallest such damping;
+    - ``proxy_max``: largest last staleness measure over factors;
+    - ``nonfinite_skips``: updates skipped for non-finite gradients;
+    - ``consecutive_skips``: updates skipped in a row up to now (largest
+      over transformations found); 0 after an applied update, so a value
+      that keeps growing means a stuck run (see ``max_consecutive_skips``);
+    - ``eigendecomposition_failures``: refreshes that failed and kept the
+      previous basis;
+    - ``num_factors``: number of preconditioned factors;
+    - ``step``: updates applied, skipped ones not included (largest over
+      transformations found). ``step + nonfinite_skips`` is the number of
+      `update` calls that reached the transformation: what
+      ``nnx.Optimizer.step`` and the ``count`` of
+      `optax.inject_hyperparams` count.
 
   Raises:
     ValueError: if `opt_state` holds no foam_optax state.

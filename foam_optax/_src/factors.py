@@ -61,9 +61,16 @@ class FactorState(NamedTuple):
 
 
 def init_factor_state(count, size, epsilon, phase, dtype,
-                      exponent=None) -> FactorState:
+                      exponent=None, storage: Optional[dict] = None,
+                      pseudo_inverse_rtol=None) -> FactorState:
   """Identity bases, zero statistics; `exponent` (root-inverse
-  preconditioning only) makes the state cache the inverse roots."""
+  preconditioning only) makes the state cache the inverse roots.
+
+  `storage` maps ``'statistic'``, ``'basis'`` and ``'inverse_root'`` to the
+  dtypes they are stored in (default `dtype`); a step computes in `dtype`
+  and casts on load and store (`load`, `store`).
+  """
+  storage = storage or {}
   eye = jnp.broadcast_to(jnp.eye(size, dtype=dtype), (count, size, size))
   # A fresh array per field: a state whose fields share a buffer cannot be
   # donated to a jitted step (XLA rejects donating one buffer twice).
@@ -73,10 +80,12 @@ def init_factor_state(count, size, epsilon, phase, dtype,
   inverse_root = None
   if exponent is not None:
     inverse_root = eye * linalg.inverse_root_weights(
-        eigvals, damping, exponent)[:, None, :]
+        eigvals, damping, exponent, pseudo_inverse_rtol)[:, None, :]
+    inverse_root = inverse_root.astype(storage.get("inverse_root", dtype))
   return FactorState(
-      statistic=jnp.zeros((count, size, size), dtype),
-      basis=eye,
+      statistic=jnp.zeros((count, size, size),
+                          storage.get("statistic", dtype)),
+      basis=eye.astype(storage.get("basis", dtype)),
       eigvals=eigvals,
       damping=damping,
       proxy=jnp.zeros((count,), dtype),
@@ -181,7 +190,8 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
     # Rebuilt once per check (the damping may change without a refresh) so
     # that every step applies X with two products instead of four.
     new = new._replace(inverse_root=linalg.inverse_root(
-        new.basis, new.eigvals, new.damping, cfg.exponent))
+        new.basis, new.eigvals, new.damping, cfg.exponent,
+        cfg.pseudo_inverse_rtol))
   order = jnp.where(success, fresh.order, jnp.arange(fresh.order.shape[-1]))
   return new, order
 
@@ -351,3 +361,19 @@ def commit(fs: FactorState, checks, decision: Decision, fresh: _Refresh,
   return lax.cond(
       jnp.any(checks), lambda: lax.map(one, (fs, checks, decision, fresh)),
       lambda: (fs, jnp.broadcast_to(identity(), (count, size))))
+
+
+_STORED = ("statistic", "basis", "inverse_root")
+
+
+def load(fs: FactorState, dtype) -> FactorState:
+  """The state with its (possibly low-precision) matrices in `dtype`."""
+  return fs._replace(**{name: getattr(fs, name).astype(dtype)
+                        for name in _STORED if getattr(fs, name) is not None})
+
+
+def store(fs: FactorState, like: FactorState) -> FactorState:
+  """`fs` with its matrices cast back to the dtypes of `like`."""
+  return fs._replace(**{
+      name: getattr(fs, name).astype(getattr(like, name).dtype)
+      for name in _STORED if getattr(fs, name) is not None})

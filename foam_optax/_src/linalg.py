@@ -62,14 +62,27 @@ def power_qr_refresh(factor, basis):
   return new_basis, eigvals, order, ok
 
 
-def inverse_root_weights(eigvals, damping, exponent):
-  """w = (D + eps)^(-1/p): the spectrum of X(Q, D, eps)."""
-  return (eigvals + damping[..., None]) ** (-1.0 / exponent)
+def inverse_root_weights(eigvals, damping, exponent, pseudo_inverse_rtol=None):
+  """w = (D + eps)^(-1/p): the spectrum of X(Q, D, eps).
+
+  With `pseudo_inverse_rtol` (a pseudo-inverse, as Meta's Distributed
+  Shampoo's rank-deficient setting), eigenvalues at most `rtol` times the
+  largest are treated as zero: their weight is 0 instead of up to
+  ``eps^(-1/p)``, so near-null directions of the statistic are not amplified.
+  """
+  weights = (eigvals + damping[..., None]) ** (-1.0 / exponent)
+  if pseudo_inverse_rtol is None:
+    return weights
+  largest = jnp.max(eigvals, axis=-1, keepdims=True)
+  kept = eigvals > pseudo_inverse_rtol * largest
+  return jnp.where(kept, weights, 0.0)
 
 
-def inverse_root(basis, eigvals, damping, exponent):
-  """X = Q diag((D + eps)^(-1/p)) Qᵀ for one factor."""
-  weights = inverse_root_weights(eigvals, damping, exponent)
+def inverse_root(basis, eigvals, damping, exponent, pseudo_inverse_rtol=None):
+  """X = Q diag((D + eps)^(-1/p)) Qᵀ for one factor (see
+  `inverse_root_weights` for `pseudo_inverse_rtol`)."""
+  weights = inverse_root_weights(eigvals, damping, exponent,
+                                 pseudo_inverse_rtol)
   return matmul(basis * weights[None, :], basis.T)
 
 

@@ -20,18 +20,40 @@ from foam_optax._src import linalg
 from foam_optax._src.config import Config
 
 
-def _basis(fs):
-  return None if fs is None else fs.basis
+def _basis(fs, dtype):
+  return None if fs is None else fs.basis.astype(dtype)
 
 
-def root_inverse(momentum, left, right):
-  """X_L · M · X_R for a (k, m, n) stack; a None factor is the identity."""
-  if left is not None:
-    momentum = jnp.einsum("kij,kjn->kin", left.inverse_root, momentum,
+def _weights(fs, cfg: Config):
+  return linalg.inverse_root_weights(fs.eigvals, fs.damping, cfg.exponent,
+                                     cfg.pseudo_inverse_rtol)
+
+
+def root_inverse(momentum, left, right, cfg: Config):
+  """X_L · M · X_R for a (k, m, n) stack; a None factor is the identity.
+
+  With cached inverse roots, two products; otherwise (``cache_inverse_root=
+  False``) X = Q diag(w) Qᵀ is applied through the basis, four products.
+  Stored matrices are loaded in the momentum's (computation) dtype.
+  """
+  dtype = momentum.dtype
+  if left is not None and left.inverse_root is not None:
+    momentum = jnp.einsum("kij,kjn->kin", left.inverse_root.astype(dtype),
+                          momentum, precision=linalg.HIGHEST)
+  elif left is not None:
+    basis = left.basis.astype(dtype)
+    rotated = linalg.rotate(momentum, basis, None) * _weights(left, cfg)[
+        :, :, None]
+    momentum = linalg.unrotate(rotated, basis, None)
+  if right is not None and right.inverse_root is not None:
+    momentum = jnp.einsum("kmj,kjn->kmn", momentum,
+                          right.inverse_root.astype(dtype),
                           precision=linalg.HIGHEST)
-  if right is not None:
-    momentum = jnp.einsum("kmj,kjn->kmn", momentum, right.inverse_root,
-                          precision=linalg.HIGHEST)
+  elif right is not None:
+    basis = right.basis.astype(dtype)
+    rotated = linalg.rotate(momentum, None, basis) * _weights(right, cfg)[
+        :, None, :]
+    momentum = linalg.unrotate(rotated, None, basis)
   return momentum
 
 
@@ -48,9 +70,14 @@ def _permute(second_moment, left_order, right_order):
 
 def eigenvalue_corrected(grad, momentum, second_moment, left, right,
                          left_order, right_order, step, cfg: Config):
-  """Adam in the eigenbasis; returns (direction, new second moment)."""
-  left_basis, right_basis = _basis(left), _basis(right)
-  second_moment = _permute(second_moment, left_order, right_order)
+  """Adam in the eigenbasis; returns (direction, new second moment).
+
+  The second moment comes back in `grad`'s (computation) dtype; the caller
+  casts it to its storage dtype.
+  """
+  left_basis, right_basis = _basis(left, grad.dtype), _basis(right, grad.dtype)
+  second_moment = _permute(second_moment.astype(grad.dtype), left_order,
+                           right_order)
   rotated_grad = linalg.rotate(grad, left_basis, right_basis)
   b2 = jnp.asarray(cfg.b2, grad.dtype)
   second_moment = b2 * second_moment + (1 - b2) * rotated_grad ** 2

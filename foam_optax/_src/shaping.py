@@ -22,21 +22,56 @@ Rules (all static, decided from the leaf's shape):
   state and its own refresh decision.
 * A matrix side longer than ``max_precond_dim``, or a block side of length 1,
   is not preconditioned: that factor is the identity and has no state.
+
+With ``weight_dimension_numbers`` (as `optax.contrib.muon`'s), a leaf's
+`MuonDimensionNumbers(reduction_axis, output_axis)` replace the rule above:
+the reduction axes (merged, in the given order) form the matrix's rows, the
+output axes its columns, and every other axis is a *batch* axis. The leaf is
+transposed to ``(batch axes, reduction axes, output axes)`` and each batch
+slice is cut into blocks on its own, so stacked layers ``(L, m, n)`` (Flax
+``nn.scan``/``nnx.scan``) or attention heads get independent factors: the
+``b``-th slice's blocks are separate blocks of their class, exactly as if the
+slice were a parameter of its own. Size-1 dimensions are then not squeezed;
+empty axes stand for a side of length 1, so ``((), ())`` makes every axis a
+batch axis and the leaf gets the grafting update only (e.g. the stacked
+biases of scanned layers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
 
+class DimensionNumbers(NamedTuple):
+  """Which axes of a leaf form its matrix: the fields of
+  `optax.contrib.MuonDimensionNumbers` (either type is accepted).
+
+  Attributes:
+    reduction_axis: axis or axes (merged in this order) forming the rows,
+      e.g. the input axis of a ``x @ W`` kernel.
+    output_axis: axis or axes forming the columns.
+  Every other axis is a batch axis whose slices get independent factors.
+  """
+
+  reduction_axis: Union[int, Sequence[int]] = 0
+  output_axis: Union[int, Sequence[int]] = 1
+
+
+def is_dimension_numbers(x) -> bool:
+  """Our `DimensionNumbers` or any NamedTuple with the same fields (such as
+  `optax.contrib.MuonDimensionNumbers`)."""
+  return getattr(x, "_fields", None) == ("reduction_axis", "output_axis")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockGroup:
-  """Blocks of one shape inside a leaf's matrix view."""
+  """Blocks of one shape inside a leaf's matrix view (in each of its `batch`
+  slices: ``count`` counts the blocks of all slices)."""
 
   row_start: int
   num_row_blocks: int
@@ -46,10 +81,11 @@ class BlockGroup:
   cols: int
   left: bool   # whether the left (rows x rows) factor is preconditioned
   right: bool  # whether the right (cols x cols) factor is preconditioned
+  batch: int = 1
 
   @property
   def count(self) -> int:
-    return self.num_row_blocks * self.num_col_blocks
+    return self.batch * self.num_row_blocks * self.num_col_blocks
 
 
 @jax.tree_util.register_static
@@ -61,10 +97,31 @@ class LeafLayout:
   shape: tuple
   matrix_shape: Optional[tuple]
   groups: tuple
+  # With dimension numbers: the permutation putting the batch axes first,
+  # then the reduction and the output axes; None for the default reshaping.
+  transpose: Optional[tuple] = None
+  batch: int = 1
 
   @property
   def preconditioned(self) -> bool:
     return any(g.left or g.right for g in self.groups)
+
+
+def to_matrices(x, layout: LeafLayout):
+  """A leaf -> its (batch, rows, cols) matrix view."""
+  if layout.transpose is not None:
+    x = jnp.transpose(x, layout.transpose)
+  return x.reshape((layout.batch,) + tuple(layout.matrix_shape))
+
+
+def from_matrices(matrices, layout: LeafLayout):
+  """Inverse of `to_matrices`."""
+  if layout.transpose is None:
+    return matrices.reshape(layout.shape)
+  permuted = tuple(layout.shape[a] for a in layout.transpose)
+  inverse = tuple(sorted(range(len(layout.shape)),
+                         key=lambda i: layout.transpose[i]))
+  return jnp.transpose(matrices.reshape(permuted), inverse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,39 +189,76 @@ def _parts(size: int, block_size: Optional[int]):
   return parts
 
 
-def leaf_layout(shape, block_size, max_precond_dim, precondition_1d):
+def _axes(axis, ndim, shape, what):
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if any(not -ndim <= a < ndim for a in axes):
+    raise ValueError(f"{what} {axis!r} out of range for a leaf of shape "
+                     f"{shape}.")
+  return tuple(a % ndim for a in axes)
+
+
+def dimension_numbers_transpose(shape, dimension_numbers):
+  """(permutation, batch, (rows, cols)) of a leaf under dimension numbers."""
+  ndim = len(shape)
+  reduction = _axes(dimension_numbers.reduction_axis, ndim, shape,
+                    "reduction_axis")
+  output = _axes(dimension_numbers.output_axis, ndim, shape, "output_axis")
+  if len(set(reduction + output)) != len(reduction) + len(output):
+    raise ValueError(f"reduction_axis {dimension_numbers.reduction_axis!r} "
+                     f"and output_axis {dimension_numbers.output_axis!r} "
+                     f"must be distinct axes.")
+  batch_axes = tuple(a for a in range(ndim) if a not in reduction + output)
+  size = lambda axes: math.prod(shape[a] for a in axes)
+  return (batch_axes + reduction + output, size(batch_axes),
+          (size(reduction), size(output)))
+
+
+def leaf_layout(shape, block_size, max_precond_dim, precondition_1d,
+                dimension_numbers: Any = None):
+  """Static layout of a leaf; `dimension_numbers` as in the module doc."""
   shape = tuple(int(d) for d in shape)
-  mshape = matrix_shape(shape, precondition_1d)
+  transpose, batch = None, 1
+  if dimension_numbers is not None:
+    transpose, batch, mshape = dimension_numbers_transpose(
+        shape, dimension_numbers)
+    if 0 in shape:
+      return LeafLayout(shape, None, ())
+  else:
+    mshape = matrix_shape(shape, precondition_1d)
   if mshape is None:
     return LeafLayout(shape, None, ())
   rows, cols = mshape
   left_ok = max_precond_dim is None or rows <= max_precond_dim
   right_ok = max_precond_dim is None or cols <= max_precond_dim
   groups = tuple(
-      BlockGroup(r0, nr, m, c0, nc, n, left_ok and m > 1, right_ok and n > 1)
+      BlockGroup(r0, nr, m, c0, nc, n, left_ok and m > 1, right_ok and n > 1,
+                 batch)
       for (r0, nr, m) in _parts(rows, block_size)
       for (c0, nc, n) in _parts(cols, block_size))
-  return LeafLayout(shape, mshape, groups)
+  return LeafLayout(shape, mshape, groups, transpose, batch)
 
 
-def extract(matrix, group: BlockGroup):
-  """(rows, cols) matrix -> (count, m, n) stack of the group's blocks."""
+def extract(matrices, group: BlockGroup):
+  """(batch, rows, cols) matrices -> (count, m, n) stack of the group's
+  blocks, batch slice by batch slice."""
   g = group
-  sub = matrix[g.row_start:g.row_start + g.num_row_blocks * g.rows,
-               g.col_start:g.col_start + g.num_col_blocks * g.cols]
-  sub = sub.reshape(g.num_row_blocks, g.rows, g.num_col_blocks, g.cols)
-  return sub.transpose(0, 2, 1, 3).reshape(g.count, g.rows, g.cols)
+  sub = matrices[:, g.row_start:g.row_start + g.num_row_blocks * g.rows,
+                 g.col_start:g.col_start + g.num_col_blocks * g.cols]
+  sub = sub.reshape(g.batch, g.num_row_blocks, g.rows, g.num_col_blocks,
+                    g.cols)
+  return sub.transpose(0, 1, 3, 2, 4).reshape(g.count, g.rows, g.cols)
 
 
 def assemble(stacks, layout: LeafLayout):
   """Inverse of `extract` over all groups: back to the leaf's shape."""
   row_bands = {}
   for stack, g in zip(stacks, layout.groups):
-    tile = stack.reshape(g.num_row_blocks, g.num_col_blocks, g.rows, g.cols)
-    tile = tile.transpose(0, 2, 1, 3).reshape(
-        g.num_row_blocks * g.rows, g.num_col_blocks * g.cols)
+    tile = stack.reshape(g.batch, g.num_row_blocks, g.num_col_blocks, g.rows,
+                         g.cols)
+    tile = tile.transpose(0, 1, 3, 2, 4).reshape(
+        g.batch, g.num_row_blocks * g.rows, g.num_col_blocks * g.cols)
     row_bands.setdefault(g.row_start, []).append((g.col_start, tile))
   bands = [jnp.concatenate([t for _, t in sorted(tiles, key=lambda x: x[0])],
-                           axis=1)
+                           axis=2)
            for _, tiles in sorted(row_bands.items())]
-  return jnp.concatenate(bands, axis=0).reshape(layout.shape)
+  return from_matrices(jnp.concatenate(bands, axis=1), layout)

@@ -108,7 +108,7 @@ def state_sharding(opt_state, params, params_sharding) -> Any:
       transformation, alias, or any optax chain or wrapper around them,
       initialised under the mesh of `params_sharding` (inside
       ``with jax.set_mesh(mesh):``, or from parameters sharded on it).
-    params: the parameters (arrays or `jax.ShapeDtypeStruct`s).
+    params: the parameters (arrays or `jax.ShapeDtypeStruct` objects).
     params_sharding: a `NamedSharding` per parameter, in the parameters' tree
       structure; all on one mesh.
 

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import sys
 from typing import Any, NamedTuple, Optional
 import warnings
 
@@ -13,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
-from flax import nnx
 import optax
 
 from foam_optax._src import distribution
@@ -87,10 +87,67 @@ def slot_maps(state: ScaleByFoamState) -> tuple:
   return distribution.slot_maps(block_classes(state), state.plan.num_shards)
 
 
-def _layout(shape, cfg: Config) -> shaping.LeafLayout:
-  return shaping.leaf_layout(
-      shape, static_int("block_size", cfg.block_size),
-      static_int("max_precond_dim", cfg.max_precond_dim), cfg.precondition_1d)
+def _layout(path, shape, dimension_numbers, cfg: Config) -> shaping.LeafLayout:
+  try:
+    return shaping.leaf_layout(
+        shape, static_int("block_size", cfg.block_size),
+        static_int("max_precond_dim", cfg.max_precond_dim),
+        cfg.precondition_1d, dimension_numbers)
+  except ValueError as e:
+    if dimension_numbers is None:
+      raise
+    raise ValueError(f"weight_dimension_numbers of parameter "
+                     f"{jax.tree_util.keystr(path)}: {e}") from e
+
+
+def _dimension_numbers(params, num_leaves, cfg: Config) -> list:
+  """Each leaf's dimension numbers (None: the default reshaping).
+
+  `cfg.weight_dimension_numbers` is None, a pytree that is a prefix of the
+  parameters with dimension numbers or None at its leaves, or a callable of
+  the parameters returning one.
+  """
+  spec = cfg.weight_dimension_numbers
+  if callable(spec):
+    spec = spec(params)
+  if spec is None:
+    return [None] * num_leaves
+  is_leaf = lambda x: x is None or shaping.is_dimension_numbers(x)
+  prefix = jax.tree.structure(spec, is_leaf=is_leaf)
+  try:
+    subtrees = prefix.flatten_up_to(params)
+  except (ValueError, TypeError) as e:
+    raise ValueError("weight_dimension_numbers must be a prefix of the "
+                     f"parameters' tree structure: {e}") from e
+  numbers = []
+  for dims, subtree in zip(jax.tree.leaves(spec, is_leaf=is_leaf), subtrees):
+    numbers.extend([dims] * len(jax.tree.leaves(subtree)))
+  return numbers
+
+
+def _reject_complex(paths_and_leaves):
+  for path, p in paths_and_leaves:
+    if jnp.iscomplexobj(p):
+      raise ValueError(
+          f"parameter {jax.tree_util.keystr(path)} is complex "
+          f"({jnp.result_type(p)}); foam_optax supports real parameters "
+          "only. Split it into real and imaginary parts.")
+
+
+def _storage(dtype, default):
+  return default if dtype is None else jnp.dtype(dtype)
+
+
+class _ShapeDependent:
+  """Stands for the block-class states in what `init` returns for optax's
+  parameter placeholder (`optax.tree.map_params`): their structure depends
+  on parameter shapes that the placeholder does not have. `map_params` then
+  passes ``groups`` whole to its ``transform_non_params``."""
+
+
+def _is_params_placeholder(params) -> bool:
+  return (type(params).__name__ == "_ParamsPlaceholder"
+          and type(params).__module__.startswith("optax"))
 
 
 def _phases(stack_sizes, num_shards, cfg: Config) -> list:
@@ -119,7 +176,12 @@ def _plain_arrays(tree):
 
   `nnx.Optimizer` hands `init` its parameters as `nnx.Param` variables; the
   state keeps one `LeafState` per parameter array, not wrapped in them.
+  Flax is not a dependency: a tree can hold NNX variables only once the
+  caller has imported `flax.nnx`.
   """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return tree
   is_variable = lambda x: isinstance(x, nnx.Variable)
   # `get_value` from Flax 0.12 on (where `.value` is deprecated).
   unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
@@ -129,7 +191,15 @@ def _plain_arrays(tree):
 
 def _init(params, cfg: Config) -> ScaleByFoamState:
   dtype = linalg.stat_dtype()
-  leaves, treedef = jax.tree.flatten(_plain_arrays(params))
+  params = _plain_arrays(params)
+  paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  _reject_complex(paths_and_leaves)
+  leaves = [p for _, p in paths_and_leaves]
+  placeholder = _is_params_placeholder(params)   # has no leaves
+  dimension_numbers = [] if placeholder else _dimension_numbers(
+      params, len(leaves), cfg)
+  layouts = [_layout(path, jnp.shape(p), dims, cfg) for (path, p), dims in
+             zip(paths_and_leaves, dimension_numbers)]
   plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
   if plan.distributed and cfg.grouping == "bucket":
     # Measured on 8 CPU devices: with the batched refresh the collectives
@@ -140,7 +210,6 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
         "refresh deadlocked the step's collectives on 8 CPU devices); use "
         "grouping='map', which divides the eigendecompositions among the "
         "devices and skips each factor's individually.")
-  layouts = [_layout(jnp.shape(p), cfg) for p in leaves]
   classes = shaping.block_classes(layouts)
   slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
   sides = [(size, side) for cls, size in zip(classes, slots)
@@ -152,14 +221,22 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       return None
     return factors.init_factor_state(
         count, size, cfg.epsilon, next(phases), dtype,
-        exponent=None if cfg.eigenvalue_corrected else cfg.exponent)
+        exponent=(cfg.exponent if cfg.cache_inverse_root
+                  and not cfg.eigenvalue_corrected else None),
+        storage=factor_storage, pseudo_inverse_rtol=cfg.pseudo_inverse_rtol)
 
+  factor_storage = {
+      "statistic": _storage(cfg.factor_matrix_dtype, dtype),
+      "basis": _storage(cfg.factor_matrix_eigenvectors_dtype, dtype),
+      "inverse_root": _storage(cfg.inv_factor_matrix_dtype, dtype)}
+  second_moment_dtype = _storage(cfg.second_moment_dtype, dtype)
   groups = tuple(
       GroupState(
           left=factor(count, c.rows, c.left),
           right=factor(count, c.cols, c.right),
-          rotated_second_moment=(jnp.zeros((count, c.rows, c.cols), dtype)
-                                 if cfg.eigenvalue_corrected else None))
+          rotated_second_moment=(
+              jnp.zeros((count, c.rows, c.cols), second_moment_dtype)
+              if cfg.eigenvalue_corrected else None))
       for c, count in zip(classes, slots))
   leaf_states = []
   for p, lay in zip(leaves, layouts):
@@ -167,15 +244,15 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
     needs_graft_moment = (cfg.grafting in grafting.USES_SECOND_MOMENT and
                           not (cfg.eigenvalue_corrected and lay.preconditioned))
     leaf_states.append(LeafState(
-        momentum=jnp.zeros(shape, dtype),
-        graft_second_moment=jnp.zeros(shape, dtype) if needs_graft_moment
-        else None,
+        momentum=jnp.zeros(shape, _storage(cfg.mu_dtype, jnp.result_type(p))),
+        graft_second_moment=jnp.zeros(shape, second_moment_dtype)
+        if needs_graft_moment else None,
         layout=lay))
   return ScaleByFoamState(
       count=jnp.zeros([], jnp.int32),
       nonfinite_skips=jnp.zeros([], jnp.int32),
       leaves=jax.tree.unflatten(treedef, leaf_states),
-      groups=groups,
+      groups=_ShapeDependent() if placeholder else groups,
       consecutive_skips=jnp.zeros([], jnp.int32),
       plan=plan)
 
@@ -204,7 +281,9 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
       zip(classes, groups, blocks, active)):
     for name, gram in _SIDES:
       if getattr(cls, name):
-        fs = factors.accumulate(getattr(gs, name), gram(grad), cfg)
+        # Computed in the statistics' dtype, cast back to storage below.
+        fs = factors.accumulate(
+            factors.load(getattr(gs, name), grad.dtype), gram(grad), cfg)
         checks = factors.is_check_step(step, fs.phase, cfg) & act
         sides.append((c, name, fs, checks,
                       factors.decide(fs, checks, correction, cfg)))
@@ -226,8 +305,8 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
   for (c, name, fs, checks, decision), need, requests in zip(
       sides, needs, stack_requests):
     fresh = factors.refresh(fs, need, correction, cfg, plan, requests)
-    new_states[c][name], orders[c][name] = factors.commit(
-        fs, checks, decision, fresh, cfg)
+    new_fs, orders[c][name] = factors.commit(fs, checks, decision, fresh, cfg)
+    new_states[c][name] = factors.store(new_fs, getattr(groups[c], name))
 
   # Preconditioned directions.
   directions, new_groups = [], []
@@ -238,9 +317,11 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
       direction, moment = preconditioners.eigenvalue_corrected(
           grad, momentum, gs.rotated_second_moment, left, right,
           order["left"], order["right"], step, cfg)
+      moment = moment.astype(gs.rotated_second_moment.dtype)
     else:
       direction = grafting.rescale(
-          preconditioners.root_inverse(momentum, left, right), graft, cfg)
+          preconditioners.root_inverse(momentum, left, right, cfg), graft,
+          cfg)
       moment = None
     directions.append(direction)
     new_groups.append(GroupState(left, right, moment))
@@ -273,17 +354,24 @@ def _prepare_leaf(grad, ls: LeafState, step, cfg: Config) -> _LeafStep:
   if tuple(grad.shape) != layout.shape:
     raise ValueError(f"update of shape {tuple(grad.shape)} does not match the "
                      f"shape {layout.shape} the state was initialised with.")
-  g = grad.astype(ls.momentum.dtype)
+  # Computations in the statistics' dtype; the buffers are cast on load
+  # and store (`mu_dtype`, `second_moment_dtype`).
+  g = grad.astype(linalg.stat_dtype())
   b1 = jnp.asarray(cfg.b1, g.dtype)
-  momentum = b1 * ls.momentum + (1 - b1) * g
+  momentum = b1 * ls.momentum.astype(g.dtype) + (1 - b1) * g
   corrected = momentum / (1 - b1 ** step)
+  graft_moment = ls.graft_second_moment
   if cfg.eigenvalue_corrected and layout.preconditioned:
-    graft_dir, graft_moment = None, None   # Adam runs in the eigenbasis
+    graft_dir = None   # Adam runs in the eigenbasis
   else:
-    graft_dir, graft_moment = grafting.direction(
-        ls.graft_second_moment, g, corrected, step, cfg)
+    graft_dir, new_graft_moment = grafting.direction(
+        None if graft_moment is None else graft_moment.astype(g.dtype),
+        g, corrected, step, cfg)
+    if graft_moment is not None:
+      graft_moment = new_graft_moment.astype(graft_moment.dtype)
   return _LeafStep(g, corrected, graft_dir, ls._replace(
-      momentum=momentum, graft_second_moment=graft_moment))
+      momentum=momentum.astype(ls.momentum.dtype),
+      graft_second_moment=graft_moment))
 
 
 def _class_blocks(leaf_steps, field, cls: shaping.BlockClass, slots):
@@ -292,8 +380,8 @@ def _class_blocks(leaf_steps, field, cls: shaping.BlockClass, slots):
   blocks = []
   for i, j in cls.members:
     layout = leaf_steps[i].state.layout
-    matrix = getattr(leaf_steps[i], field).reshape(layout.matrix_shape)
-    blocks.append(shaping.extract(matrix, layout.groups[j]))
+    matrices = shaping.to_matrices(getattr(leaf_steps[i], field), layout)
+    blocks.append(shaping.extract(matrices, layout.groups[j]))
   stack = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
   if distribution.is_natural(slots):
     return stack
@@ -538,6 +626,14 @@ def scale_by_foam(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    mu_dtype: Optional[Any] = None,
+    second_moment_dtype: Optional[Any] = None,
+    factor_matrix_dtype: Optional[Any] = None,
+    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
+    inv_factor_matrix_dtype: Optional[Any] = None,
+    pseudo_inverse_rtol: Optional[float] = None,
+    weight_dimension_numbers: Optional[Any] = None,
+    cache_inverse_root: bool = True,
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
 
@@ -602,6 +698,36 @@ def scale_by_foam(
       e.g. an `optax.MultiSteps` accumulator holding a NaN, is stuck); None
       never stops. Under `jax.jit` the error is raised from a host callback
       and surfaces as a `jax.errors.JaxRuntimeError` naming the cause.
+    mu_dtype: dtype the momentum is stored in; None (optax's convention):
+      each parameter's dtype.
+    second_moment_dtype: storage dtype of the grafting second moment (and of
+      the rotated second moment in eigenvalue-corrected mode); None: float32.
+    factor_matrix_dtype: storage dtype of the factor statistics L and R;
+      None: float32.
+    factor_matrix_eigenvectors_dtype: storage dtype of the cached eigenbases
+      Q; None: float32.
+    inv_factor_matrix_dtype: storage dtype of the cached inverse roots X;
+      None: float32. All computations run in float32 (float64 with x64):
+      the storage dtypes only cast on load and store. See BENCHMARKS.md for
+      the memory each saves and its effect on training.
+    pseudo_inverse_rtol: None (the paper's configuration) or a relative
+      tolerance: eigenvalues at most ``rtol`` times a factor's largest are
+      treated as zero (weight 0 in X, a pseudo-inverse, as in Meta's
+      Distributed Shampoo) instead of being amplified by up to
+      ``ε^(-1/p)``. Makes updates far less sensitive to noise in near-null
+      directions.
+    weight_dimension_numbers: None (the default reshaping, see
+      `foam_optax._src.shaping`), or as ``muon_weight_dimension_numbers`` of
+      `optax.contrib.muon`: a pytree (a prefix of the parameters) of
+      `optax.contrib.MuonDimensionNumbers` / `fo.DimensionNumbers`
+      ``(reduction_axis, output_axis)`` or None per leaf, or a callable of
+      the parameters returning one. The reduction axes form the matrix's
+      rows, the output axes its columns, and every other axis is a batch
+      axis whose slices get independent factors (stacked scanned layers,
+      attention heads).
+    cache_inverse_root: keep each factor's X = Q diag((D+ε)^(-1/p)) Qᵀ in
+      the state (two products per block and step); False applies X through
+      Q and D instead (four products) and saves one (m, m) array per factor.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
@@ -615,11 +741,18 @@ def scale_by_foam(
     >>> state = tx.init({'w': jnp.ones((4, 3))})
 
   References:
+    The FOAM paper, ICML 2026: frequency and operator-error based adaptive
+    damping for Shampoo. arXiv:2606.02365.
+
     Gupta, Koren and Singer, Shampoo: Preconditioned Stochastic Tensor
-    Optimization, ICML 2018.
-    Anil et al., Scalable Second Order Optimization for Deep Learning, 2020.
-    The FOAM paper, ICML 2026: adaptive damping and adaptive
-    eigendecomposition frequency for Shampoo.
+    Optimization, ICML 2018. arXiv:1802.09568.
+
+    Anil, Gupta, Koren, Regan and Singer, Scalable Second Order Optimization
+    for Deep Learning, 2020. arXiv:2002.09018.
+
+    Shi et al., A Distributed Data-Parallel PyTorch Implementation of the
+    Distributed Shampoo Optimizer for Training Neural Networks At-Scale,
+    2023. arXiv:2309.06497 (storage dtypes, pseudo-inverse).
   """
   cfg = validate(Config(
       b1=b1, b2=b2, epsilon=epsilon, max_epsilon=max_epsilon,
@@ -631,7 +764,15 @@ def scale_by_foam(
       precondition_1d=precondition_1d, preconditioner=preconditioner,
       refresh_method=refresh_method, stagger=stagger, grouping=grouping,
       skip_nonfinite=skip_nonfinite,
-      max_consecutive_skips=max_consecutive_skips))
+      max_consecutive_skips=max_consecutive_skips,
+      mu_dtype=mu_dtype,
+      second_moment_dtype=second_moment_dtype,
+      factor_matrix_dtype=factor_matrix_dtype,
+      factor_matrix_eigenvectors_dtype=factor_matrix_eigenvectors_dtype,
+      inv_factor_matrix_dtype=inv_factor_matrix_dtype,
+      pseudo_inverse_rtol=pseudo_inverse_rtol,
+      weight_dimension_numbers=weight_dimension_numbers,
+      cache_inverse_root=cache_inverse_root))
   return from_config(cfg)
 
 

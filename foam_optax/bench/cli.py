@@ -19,9 +19,17 @@ import sys
 import time
 
 import jax
-from tqdm import tqdm
 
-from foam_optax.bench import optimizers, report, runner, workloads
+try:
+  from tqdm import tqdm
+  from foam_optax.bench import optimizers, report, runner, workloads
+except ImportError as error:
+  # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
+  # are an extra, not part of the library's.
+  raise SystemExit(
+      f"foam-bench needs the optional dependencies of foam_optax[bench] "
+      f"(missing: {error.name}). Install them with: "
+      f"pip install 'foam_optax[bench]'") from error
 
 QUICK = dict(workloads=("quadratic_k1e2", "digits_mlp"),
              optimizers=("adamw", "shampoo_f20", "foam"), seeds=2, steps=40)

@@ -1,0 +1,49 @@
+"""The sdist and wheel build, pass `twine check`, and the installed wheel
+imports without Flax and ships `py.typed`."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*command, cwd=ROOT):
+  out = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout + out.stderr
+  return out.stdout
+
+
+@pytest.mark.slow
+def test_wheel_builds_checks_installs_and_imports_without_flax(tmp_path):
+  # Built from a copy: setuptools writes build/ and *.egg-info beside the
+  # sources.
+  source = tmp_path / "source"
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+      ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+      ".hypothesis", "bench_out", "runs", "_build"))
+  dist = tmp_path / "dist"
+  _run(sys.executable, "-m", "build", "--sdist", "--wheel",
+       "--outdir", str(dist), str(source))
+  wheels = glob.glob(str(dist / "*.whl"))
+  sdists = glob.glob(str(dist / "*.tar.gz"))
+  assert len(wheels) == 1 and len(sdists) == 1
+  _run(sys.executable, "-m", "twine", "check", "--strict", *wheels, *sdists)
+
+  venv = tmp_path / "venv"
+  _run(sys.executable, "-m", "venv", "--system-site-packages", str(venv))
+  python = str(venv / "bin" / "python")
+  _run(python, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+       wheels[0])
+  report = _run(python, "-c", (
+      "import os, sys, foam_optax; "
+      "print(foam_optax.__file__); print('flax' in sys.modules); "
+      "print(os.path.exists(os.path.join(os.path.dirname("
+      "foam_optax.__file__), 'py.typed')))"), cwd=str(tmp_path)).split()
+  location, flax_imported, typed = report
+  assert location.startswith(str(venv))   # the wheel, not a checkout
+  assert flax_imported == "False" and typed == "True"
