@@ -112,6 +112,8 @@ def foam(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -250,6 +252,8 @@ def scale_by_soap(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -276,6 +280,8 @@ def scale_by_soap(
     controller_epsilon, max_epsilon, threshold: FOAM controller settings.
     exponent: ``p`` of FOAM's staleness proxy ``h = RC·α/p`` (the inverse
       root whose error it bounds); used only by the FOAM controllers.
+    proxy, proxy_probes: how the FOAM controllers measure staleness, as in
+      `scale_by_foam`.
     Others: as in `scale_by_foam`.
 
   Example:
@@ -299,7 +305,8 @@ def scale_by_soap(
       residual_tol=residual_tol, precondition_1d=precondition_1d,
       preconditioner="eigenvalue_corrected", refresh_method=refresh_method,
       stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite,
-      max_consecutive_skips=max_consecutive_skips)))
+      max_consecutive_skips=max_consecutive_skips,
+      proxy=proxy, proxy_probes=proxy_probes)))
 
 
 def soap(
@@ -323,6 +330,8 @@ def soap(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
     weight_decay: float = 0.01,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:

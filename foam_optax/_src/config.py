@@ -20,6 +20,7 @@ GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 REFRESH_METHODS = ("eigh", "power_qr")
 GROUPINGS = ("map", "bucket")
+PROXIES = ("exact", "sketch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Config:
   grouping: str = "map"
   skip_nonfinite: bool = True
   max_consecutive_skips: Optional[int] = None
+  proxy: str = "exact"
+  proxy_probes: Any = 16
 
   @property
   def first_check_step(self):
@@ -164,6 +167,8 @@ def validate(cfg: Config) -> Config:
   _check_choice("preconditioner", cfg.preconditioner, PRECONDITIONERS)
   _check_choice("refresh_method", cfg.refresh_method, REFRESH_METHODS)
   _check_choice("grouping", cfg.grouping, GROUPINGS)
+  _check_choice("proxy", cfg.proxy, PROXIES)
+  _check_int("proxy_probes", cfg.proxy_probes, 1)
   for flag in ("precondition_1d", "stagger", "skip_nonfinite"):
     if not isinstance(getattr(cfg, flag), bool):
       raise ValueError(f"{flag} must be a bool, got {getattr(cfg, flag)!r}.")

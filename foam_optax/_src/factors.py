@@ -40,7 +40,7 @@ from jax import lax
 
 from foam_optax._src import linalg
 from foam_optax._src.config import Config
-from foam_optax._src.controllers import CONTROLLERS, Decision
+from foam_optax._src.controllers import CONTROLLERS, SKETCHABLE, Decision
 
 
 class FactorState(NamedTuple):
@@ -186,9 +186,24 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
   return new, order
 
 
-def _decide(factor, fs: FactorState, cfg: Config) -> Decision:
+def probe_keys(step, factor_ids, cfg: Config):
+  """Per-factor `jax.random` keys for this step, or None when unused.
+
+  A key depends only on the step and the factor's integer id, so randomized
+  controllers (``proxy='sketch'``) give the same decisions on every run and
+  under either grouping; the ids are global slot indices (see
+  `transform._block_step`), so they also hold across devices of one mesh.
+  """
+  if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
+    return None
+  base = jax.random.key(0)
+  return jax.vmap(lambda i: jax.random.fold_in(
+      jax.random.fold_in(base, i), step))(factor_ids)
+
+
+def _decide(factor, fs: FactorState, cfg: Config, key=None) -> Decision:
   decision = CONTROLLERS[cfg.controller](
-      factor, fs.basis, fs.eigvals, fs.damping, cfg)
+      factor, fs.basis, fs.eigvals, fs.damping, cfg, key)
   # The first check of every factor computes a fresh basis with ε0.
   first = fs.checks == 0
   return decision._replace(
@@ -202,7 +217,8 @@ def _idle(fs: FactorState) -> Decision:
                   fs.proxy)
 
 
-def decide(fs: FactorState, checks, correction, cfg: Config) -> Decision:
+def decide(fs: FactorState, checks, correction, cfg: Config,
+           keys=None) -> Decision:
   """Each checked factor's controller decision; `refresh` False elsewhere.
 
   Args:
@@ -210,13 +226,16 @@ def decide(fs: FactorState, checks, correction, cfg: Config) -> Decision:
     checks: (k,) bool, the factors checked this step.
     correction: the statistics' bias correction ``1 - b2^t``.
     cfg: hyperparameters.
+    keys: (k,) `jax.random` keys of the factors at this step
+      (`probe_keys`), or None for deterministic controllers.
   """
   def one(args):
-    fs1, check = args
-    return lax.cond(check, lambda: _decide(fs1.statistic / correction, fs1, cfg),
-                    lambda: _idle(fs1))
+    fs1, check, key = args
+    return lax.cond(
+        check, lambda: _decide(fs1.statistic / correction, fs1, cfg, key),
+        lambda: _idle(fs1))
   # On most steps no factor is checked: skip the loop entirely.
-  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks)),
+  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks, keys)),
                   lambda: _idle(fs))
 
 

@@ -183,6 +183,15 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
 _SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
 
 
+def _global_slots(count, plan: distribution.Plan):
+  """Indices in the whole stack of this device's `count` slots (the stack
+  is split into contiguous equal shards along the mesh's axes)."""
+  local = jnp.arange(count, dtype=jnp.int32)
+  if not plan.distributed:
+    return local
+  return lax.axis_index(plan.axes) * count + local
+
+
 def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
                 plan: distribution.Plan):
   """Every block class's per-block work; per device under `shard_map`.
@@ -200,14 +209,18 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
   correction = factors.bias_correction(step, cfg, linalg.stat_dtype())
   # Phase 1: statistics and the controllers' decisions on check steps.
   sides = []   # (class index, side name, state, checks, decision)
+  first_id = 0   # global slot index of the stack's first factor
   for c, (cls, gs, (grad, _, _), act) in enumerate(
       zip(classes, groups, blocks, active)):
     for name, gram in _SIDES:
       if getattr(cls, name):
         fs = factors.accumulate(getattr(gs, name), gram(grad), cfg)
         checks = factors.is_check_step(step, fs.phase, cfg) & act
+        keys = factors.probe_keys(
+            step, first_id + _global_slots(checks.shape[0], plan), cfg)
+        first_id += checks.shape[0] * plan.num_shards
         sides.append((c, name, fs, checks,
-                      factors.decide(fs, checks, correction, cfg)))
+                      factors.decide(fs, checks, correction, cfg, keys)))
   # Phase 2: which factors need a fresh basis, known on every device.
   needs = [checks & decision.refresh for *_, checks, decision in sides]
   stack_requests = [None] * len(needs)
@@ -538,6 +551,8 @@ def scale_by_foam(
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
 
@@ -602,6 +617,13 @@ def scale_by_foam(
       e.g. an `optax.MultiSteps` accumulator holding a NaN, is stuck); None
       never stops. Under `jax.jit` the error is raised from a host callback
       and surfaces as a `jax.errors.JaxRuntimeError` naming the cause.
+    proxy: how the FOAM controllers measure ``RC``: ``'exact'`` (the
+      paper's, two m³ products per check) or ``'sketch'`` (an unbiased
+      estimate of ``RC²`` from `proxy_probes` random sign vectors, three
+      m×m mat-vecs per probe; the probes depend only on the step and the
+      factor, so runs are reproducible). See BENCHMARKS.md for when the
+      sketch's decisions match the exact proxy's.
+    proxy_probes: number of probe vectors of ``proxy='sketch'``.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
@@ -631,7 +653,8 @@ def scale_by_foam(
       precondition_1d=precondition_1d, preconditioner=preconditioner,
       refresh_method=refresh_method, stagger=stagger, grouping=grouping,
       skip_nonfinite=skip_nonfinite,
-      max_consecutive_skips=max_consecutive_skips))
+      max_consecutive_skips=max_consecutive_skips,
+      proxy=proxy, proxy_probes=proxy_probes))
   return from_config(cfg)
 
 
