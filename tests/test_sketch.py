@@ -187,3 +187,22 @@ def test_sketch_drives_soap():
   assert bool(jnp.all(jnp.isfinite(updates["w"])))
   stats = fo.stats(state)
   assert int(stats["checks"]) > 0 and float(stats["proxy_max"]) > 0
+
+
+def test_sketch_keys_follow_the_factor_not_the_schedule():
+  """'map' and 'bucket' draw the same probes for a factor (its key depends
+  on the step and its id only), so their sketched proxies are equal; two
+  factors with identical statistics get different probes."""
+  params = {"a": jnp.ones((6, 5)), "b": jnp.ones((6, 5))}
+  proxies = {}
+  for grouping in ("map", "bucket"):
+    tx = fo.scale_by_foam(proxy="sketch", proxy_probes=4, grouping=grouping,
+                          check_frequency=2, start_preconditioning_step=2)
+    state, update = tx.init(params), jax.jit(tx.update)
+    for i in range(6):
+      grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1) * jnp.arange(5.0)),
+                           params)
+      _, state = update(grads, state)
+    proxies[grouping] = np.asarray(state.groups[0].left.proxy)
+  np.testing.assert_allclose(proxies["map"], proxies["bucket"], rtol=1e-6)
+  assert proxies["map"][0] != proxies["map"][1]
