@@ -55,8 +55,9 @@ class FactorState(NamedTuple):
   checks: jax.Array          # (k,) int32 check steps evaluated
   refreshes: jax.Array       # (k,) int32 fresh eigendecompositions
   failures: jax.Array        # (k,) int32 refreshes that failed (basis kept)
-  # (k, m, m) X = Q diag((D + ε_s)^(-1/p)) Qᵀ, rebuilt at every check; None
-  # for eigenvalue-corrected preconditioning, which applies Q itself.
+  # (k, m, m) X = Q diag((D + ε_s)^(-1/p)) Qᵀ, rebuilt at the checks that
+  # change it; None for eigenvalue-corrected preconditioning, which applies
+  # Q itself.
   inverse_root: Optional[jax.Array] = None
 
 
