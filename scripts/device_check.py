@@ -45,7 +45,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 import optax
 
 import foam_optax as fo

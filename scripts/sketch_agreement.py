@@ -7,8 +7,8 @@ is trained with ``proxy='exact'`` and with ``proxy='sketch'`` for each k in
 * closed loop: final train loss (mean of the last 10 minibatch losses,
   mean over seeds) and eigendecomposition count of each run, relative to
   the exact proxy's;
-* open loop, along the exact run: at every check of every factor the exact
-  h and the sketch's estimate on the same factor state (the library's own
+* open loop, along the exact run: at every check of every factor after its
+  first (which always refreshes) the exact h and the sketch's estimate on the same factor state (the library's own
   probe keys), their relative error, and how often the sketch's refresh
   decision differs from the exact one.
 
