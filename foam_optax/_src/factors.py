@@ -181,7 +181,7 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
   if fs.inverse_root is not None:
     # Cached so that every step applies X with two products instead of four;
     # rebuilt (one m³ product) only when the check changed what X is made
-    # of. Under `vmap` (grouping='bucket') the cond becomes a select.
+    # of.
     changed = (success | jnp.logical_not(new.damping == fs.damping)
                | jnp.logical_not(jnp.all(new.eigvals == fs.eigvals)))
     new = new._replace(inverse_root=lax.cond(
