@@ -197,9 +197,9 @@ def probe_keys(step, factor_ids, cfg: Config):
   """Per-factor `jax.random` keys for this step, or None when unused.
 
   A key depends only on the step and the factor's integer id, so randomized
-  controllers (``proxy='sketch'``) give the same decisions on every run and
-  under either grouping; the ids are global slot indices (see
-  `transform._block_step`), so they also hold across devices of one mesh.
+  controllers (``proxy='sketch'``) give the same decisions on every run,
+  under either grouping and on any mesh (the ids are the factors' blocks,
+  not their slots: see `transform._factor_ids`).
   """
   if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
     return None

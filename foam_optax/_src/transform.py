@@ -183,13 +183,19 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
 _SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
 
 
-def _global_slots(count, plan: distribution.Plan):
-  """Indices in the whole stack of this device's `count` slots (the stack
-  is split into contiguous equal shards along the mesh's axes)."""
-  local = jnp.arange(count, dtype=jnp.int32)
-  if not plan.distributed:
-    return local
-  return lax.axis_index(plan.axes) * count + local
+def _factor_ids(first_id, slots, count, plan: distribution.Plan):
+  """Ids of this device's `count` factor slots of one stack.
+
+  A factor's id is `first_id` plus the index of its block in the class
+  (`slots`: the class's block per slot, -1 for padding, which gets -1), so
+  it does not depend on how the stack is laid out over a mesh: randomized
+  controllers draw the same probes for a factor on any number of devices.
+  """
+  blocks = jnp.asarray(slots, jnp.int32)
+  if plan.distributed:   # the stack is split into contiguous equal shards
+    blocks = lax.dynamic_slice_in_dim(
+        blocks, lax.axis_index(plan.axes) * count, count)
+  return jnp.where(blocks < 0, -1, first_id + blocks)
 
 
 def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
@@ -209,16 +215,17 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
   correction = factors.bias_correction(step, cfg, linalg.stat_dtype())
   # Phase 1: statistics and the controllers' decisions on check steps.
   sides = []   # (class index, side name, state, checks, decision)
-  first_id = 0   # global slot index of the stack's first factor
+  slot_maps = distribution.slot_maps(classes, plan.num_shards)
+  first_id = 0   # id of the stack's first block (factor ids, `_factor_ids`)
   for c, (cls, gs, (grad, _, _), act) in enumerate(
       zip(classes, groups, blocks, active)):
     for name, gram in _SIDES:
       if getattr(cls, name):
         fs = factors.accumulate(getattr(gs, name), gram(grad), cfg)
         checks = factors.is_check_step(step, fs.phase, cfg) & act
-        keys = factors.probe_keys(
-            step, first_id + _global_slots(checks.shape[0], plan), cfg)
-        first_id += checks.shape[0] * plan.num_shards
+        keys = factors.probe_keys(step, _factor_ids(
+            first_id, slot_maps[c], checks.shape[0], plan), cfg)
+        first_id += cls.count
         sides.append((c, name, fs, checks,
                       factors.decide(fs, checks, correction, cfg, keys)))
   # Phase 2: which factors need a fresh basis, known on every device.
