@@ -386,7 +386,7 @@ def report(results, layer, compile_times, command):
         f"the timed period ({r['factors']} factors, f={FREQ}): "
         f"{ms(amortized)} ms per step.")
     apply_x = parts[APPLY] + parts[REBUILD] / FREQ
-    out(f"Applying cached X_L, X_R (rebuilt once per check) costs "
+    out(f"Applying cached X_L, X_R (rebuilt at most once per check) costs "
         f"{ms(apply_x)} ms per step against {ms(parts[APPLY_EIGENBASIS])} ms "
         "through the eigenbasis.")
     out(f"Model-based floor (AdamW step + X_L·M·X_R products): "
@@ -430,8 +430,8 @@ def report(results, layer, compile_times, command):
     out(f"| {name} | " + " | ".join(f"{v:.2f}" for v in r["memory"].values())
         + " |")
   out("\nFOAM and Shampoo cache X = Q diag((D+eps)^(-1/p)) Qᵀ beside Q and the "
-      "statistic (rebuilt at each check, as the damping can change without a "
-      "refresh): one more (m, m) array per factor, for two products per step "
+      "statistic (rebuilt at the checks that change the basis, eigenvalues or "
+      "damping): one more (m, m) array per factor, for two products per step "
       "instead of four (see the parts above). SOAP applies Q itself and "
       "stores no X.")
   if layer is not None:

@@ -130,3 +130,30 @@ def test_sensitivity_tiny(monkeypatch, capsys):
     assert 0 < delta and 0 < change < moved
     assert growth == pytest.approx(change / delta, rel=2e-2)
     assert ratio == pytest.approx(change / moved, rel=2e-2)
+
+
+def test_device_check_tiny_writes_every_figure(tmp_path):
+  import json
+  import device_check   # noqa: E402
+  device_check.main(["--tiny", "--out", str(tmp_path)])
+  report = json.loads((tmp_path / "device_check.json").read_text())
+  assert report["tiny"] and report["platform"] == jax.devices()[0].platform
+  sizes = [r["m"] for r in report["eigh_vs_matmul"]]
+  assert sizes == list(device_check.TINY.matrix_sizes)
+  for row in report["eigh_vs_matmul"]:
+    for key in ("eigh_ms", "matmul_ms", "matmul_default_precision_ms",
+                "eigh_batched_ms", "matmul_batched_ms"):
+      assert row[key] > 0, (key, row)
+  cond = report["cond"]
+  for key in ("no_cond_ms_per_factor", "skipped_ms_per_factor",
+              "taken_ms_per_factor", "unconditional_ms_per_factor"):
+    assert cond[key] > 0, key
+  runs = report["steps"]["optimizers"]
+  assert list(runs) == ["adamw", "shampoo_f1", "shampoo_f20", "foam", "soap"]
+  for name, r in runs.items():
+    assert r["median_step_ms"] > 0 and np.isfinite(r["final_loss"]), name
+    assert r["compiled_step_bytes"] > 0 and r["state_bytes"] > 0, name
+  # Shampoo-family state (statistics, bases, inverse roots) exceeds Adam's.
+  assert runs["foam"]["state_bytes"] > runs["adamw"]["state_bytes"]
+  text = (tmp_path / "device_check.md").read_text()
+  assert "### eigh vs matmul" in text and "| foam |" in text

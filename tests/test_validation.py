@@ -61,6 +61,8 @@ CASES = [
     ("preconditioner", "inverse", r"one of \("),
     ("refresh_method", "lanczos", r"one of \("),
     ("grouping", "vmap", r"one of \("),
+    ("proxy", "hutchinson", r"one of \("),
+    ("proxy_probes", 0, INT1), ("proxy_probes", 4.5, INT1),
     ("precondition_1d", "yes", "a bool"),
     ("stagger", 1, "a bool"),
     ("skip_nonfinite", None, "a bool"),

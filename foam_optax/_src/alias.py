@@ -120,6 +120,8 @@ def foam(
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
     cache_inverse_root: bool = True,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -282,6 +284,8 @@ def scale_by_soap(
     factor_matrix_dtype: Optional[Any] = None,
     factor_matrix_eigenvectors_dtype: Optional[Any] = None,
     weight_dimension_numbers: Optional[Any] = None,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -309,6 +313,8 @@ def scale_by_soap(
     exponent: ``p`` of FOAM's staleness proxy ``h = RC·α/p`` (the inverse
       root whose error it bounds); used only by the FOAM controllers.
     second_moment_dtype: storage dtype of the rotated second moment ``V``.
+    proxy, proxy_probes: how the FOAM controllers measure staleness, as in
+      `scale_by_foam`.
     Others: as in `scale_by_foam` (``mu_dtype``, ``factor_matrix_dtype``,
       ``factor_matrix_eigenvectors_dtype``, ``weight_dimension_numbers``
       included).
@@ -342,7 +348,9 @@ def scale_by_soap(
       mu_dtype=mu_dtype, second_moment_dtype=second_moment_dtype,
       factor_matrix_dtype=factor_matrix_dtype,
       factor_matrix_eigenvectors_dtype=factor_matrix_eigenvectors_dtype,
-      weight_dimension_numbers=weight_dimension_numbers)))
+      weight_dimension_numbers=weight_dimension_numbers,
+
+      proxy=proxy, proxy_probes=proxy_probes)))
 
 
 def soap(
@@ -371,6 +379,8 @@ def soap(
     factor_matrix_dtype: Optional[Any] = None,
     factor_matrix_eigenvectors_dtype: Optional[Any] = None,
     weight_dimension_numbers: Optional[Any] = None,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
     weight_decay: float = 0.01,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:

@@ -20,6 +20,7 @@ GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 REFRESH_METHODS = ("eigh", "power_qr")
 GROUPINGS = ("map", "bucket")
+PROXIES = ("exact", "sketch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Config:
   pseudo_inverse_rtol: Any = None
   cache_inverse_root: bool = True
   weight_dimension_numbers: Any = None
+  proxy: str = "exact"
+  proxy_probes: Any = 16
 
   @property
   def first_check_step(self):
@@ -196,6 +199,8 @@ def validate(cfg: Config) -> Config:
                  high_open=True)
   for name in STORAGE_DTYPES:
     _check_dtype(name, getattr(cfg, name))
+  _check_choice("proxy", cfg.proxy, PROXIES)
+  _check_int("proxy_probes", cfg.proxy_probes, 1)
   for flag in ("precondition_1d", "stagger", "skip_nonfinite",
                "cache_inverse_root"):
     if not isinstance(getattr(cfg, flag), bool):

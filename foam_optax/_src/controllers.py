@@ -9,7 +9,10 @@ same controllers serve root-inverse Shampoo and eigenvalue-corrected (SOAP)
 preconditioning.
 
 Adding a method means writing one function `(factor, basis, eigvals, damping,
-cfg) -> Decision` and registering it in `CONTROLLERS`.
+cfg, key) -> Decision` and registering it in `CONTROLLERS`. `key` is a
+`jax.random` key that the caller derives from the step and the factor's
+identity, so randomized measures (``proxy='sketch'``) are reproducible and
+independent across factors; deterministic controllers ignore it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from foam_optax._src import linalg
-from foam_optax._src.config import Config
+from foam_optax._src.config import Config, static_int
 
 
 class Decision(NamedTuple):
@@ -45,20 +48,67 @@ def staleness_proxy(factor, basis, eigvals, damping, exponent):
   return jnp.linalg.norm(whitened) * alpha / exponent
 
 
+def sketched_staleness_proxy(factor, basis, eigvals, damping, exponent, key,
+                             probes):
+  r"""Randomized estimate of `staleness_proxy` in O(k m²) instead of O(m³).
+
+  With ``C = S^(-1/2) (QᵀAQ − diag D) S^(-1/2)`` and ``S = D + ε``, ``RC =
+  ‖C‖_F`` and ``RC² = E‖Cz‖²`` for any probe with ``E[zzᵀ] = I`` (Hutchinson).
+  Each of the `probes` Rademacher vectors costs three m×m mat-vecs:
+
+  .. math::
+
+    C z = S^{-1/2} Q^\top (A (Q (S^{-1/2} z))) − (D / S) \odot z
+
+  and ``RC² ≈ (1/k) Σ_i ‖C z_i‖²``. The relative standard deviation of the
+  estimate of RC² is at most ``sqrt(2/k)`` (reached when C has rank one) and
+  about ``sqrt(2/(k·r))`` when the drift spreads over r directions.
+
+  Args:
+    factor, basis, eigvals, damping, exponent: as `staleness_proxy`.
+    key: `jax.random` key of this factor at this step.
+    probes: k, the number of probe vectors (static).
+
+  Returns:
+    The estimate of ``h = RC·α/p``.
+  """
+  spectrum = eigvals + damping
+  scale = jax.lax.rsqrt(spectrum)[:, None]
+  signs = jax.random.rademacher(key, (eigvals.shape[-1], probes),
+                                dtype=factor.dtype)
+  rotated = linalg.matmul(basis.T, linalg.matmul(
+      factor, linalg.matmul(basis, scale * signs)))
+  applied = scale * rotated - (eigvals / spectrum)[:, None] * signs
+  drift = jnp.sqrt(jnp.sum(applied * applied) / probes)
+  weights = spectrum ** (-1.0 / exponent)
+  alpha = jnp.max(weights) / jnp.linalg.norm(weights)
+  return drift * alpha / exponent
+
+
+def _proxy(factor, basis, eigvals, damping, cfg: Config, key):
+  """The configured estimate of FOAM's proxy h (`cfg.proxy`)."""
+  if cfg.proxy == "sketch":
+    probes = static_int("proxy_probes", cfg.proxy_probes)
+    return sketched_staleness_proxy(factor, basis, eigvals, damping,
+                                    cfg.exponent, key, probes)
+  return staleness_proxy(factor, basis, eigvals, damping, cfg.exponent)
+
+
 def _damping_floor(damping, cfg):
   return jnp.maximum(jnp.asarray(cfg.epsilon, damping.dtype), damping)
 
 
-def stale(factor, basis, eigvals, damping, cfg: Config) -> Decision:
-  del basis, damping
+def stale(factor, basis, eigvals, damping, cfg: Config, key) -> Decision:
+  del basis, damping, key
   dtype = eigvals.dtype
   return Decision(jnp.asarray(True), jnp.asarray(cfg.epsilon, dtype), eigvals,
                   jnp.zeros((), dtype))
 
 
-def foam(factor, basis, eigvals, damping, cfg: Config) -> Decision:
+def foam(factor, basis, eigvals, damping, cfg: Config,
+         key) -> Decision:
   current = _damping_floor(damping, cfg)
-  proxy = staleness_proxy(factor, basis, eigvals, current, cfg.exponent)
+  proxy = _proxy(factor, basis, eigvals, current, cfg, key)
   proposed = jnp.maximum(cfg.epsilon, current * proxy / cfg.threshold)
   # Written as "not <=" so a NaN proxy asks for a fresh basis.
   refresh = jnp.logical_not(proposed <= cfg.max_epsilon)
@@ -66,16 +116,18 @@ def foam(factor, basis, eigvals, damping, cfg: Config) -> Decision:
                   proxy.astype(damping.dtype))
 
 
-def foam_fixed_damping(factor, basis, eigvals, damping, cfg: Config) -> Decision:
+def foam_fixed_damping(factor, basis, eigvals, damping, cfg: Config,
+                       key) -> Decision:
   eps0 = jnp.asarray(cfg.epsilon, damping.dtype)
-  proxy = staleness_proxy(factor, basis, eigvals, eps0, cfg.exponent)
+  proxy = _proxy(factor, basis, eigvals, eps0, cfg, key)
   refresh = jnp.logical_not(proxy <= cfg.threshold)
   return Decision(refresh, eps0, eigvals, proxy.astype(damping.dtype))
 
 
-def foam_no_refresh(factor, basis, eigvals, damping, cfg: Config) -> Decision:
+def foam_no_refresh(factor, basis, eigvals, damping, cfg: Config,
+                    key) -> Decision:
   current = _damping_floor(damping, cfg)
-  proxy = staleness_proxy(factor, basis, eigvals, current, cfg.exponent)
+  proxy = _proxy(factor, basis, eigvals, current, cfg, key)
   proposed = jnp.maximum(cfg.epsilon, current * proxy / cfg.threshold)
   capped = jnp.minimum(jnp.nan_to_num(proposed, nan=cfg.max_epsilon),
                        cfg.max_epsilon)
@@ -83,9 +135,9 @@ def foam_no_refresh(factor, basis, eigvals, damping, cfg: Config) -> Decision:
                   proxy.astype(damping.dtype))
 
 
-def residual(factor, basis, eigvals, damping, cfg: Config) -> Decision:
+def residual(factor, basis, eigvals, damping, cfg: Config, key) -> Decision:
   """Purifying Shampoo: keep Q while Qᵀ A Q stays nearly diagonal."""
-  del eigvals
+  del eigvals, key
   rotated = linalg.matmul(basis.T, linalg.matmul(factor, basis))
   diagonal = jnp.diagonal(rotated)
   off_diagonal = jnp.linalg.norm(rotated - jnp.diag(diagonal))
@@ -95,6 +147,9 @@ def residual(factor, basis, eigvals, damping, cfg: Config) -> Decision:
   return Decision(refresh, jnp.asarray(cfg.epsilon, damping.dtype),
                   jnp.maximum(diagonal, 0.0), relative.astype(damping.dtype))
 
+
+# Controllers whose measure `proxy='sketch'` estimates.
+SKETCHABLE = ("foam", "foam_fixed_damping", "foam_no_refresh")
 
 CONTROLLERS: dict[str, Callable[..., Decision]] = {
     "stale": stale,

@@ -40,7 +40,7 @@ from jax import lax
 
 from foam_optax._src import linalg
 from foam_optax._src.config import Config
-from foam_optax._src.controllers import CONTROLLERS, Decision
+from foam_optax._src.controllers import CONTROLLERS, SKETCHABLE, Decision
 
 
 class FactorState(NamedTuple):
@@ -55,8 +55,9 @@ class FactorState(NamedTuple):
   checks: jax.Array          # (k,) int32 check steps evaluated
   refreshes: jax.Array       # (k,) int32 fresh eigendecompositions
   failures: jax.Array        # (k,) int32 refreshes that failed (basis kept)
-  # (k, m, m) X = Q diag((D + ε_s)^(-1/p)) Qᵀ, rebuilt at every check; None
-  # for eigenvalue-corrected preconditioning, which applies Q itself.
+  # (k, m, m) X = Q diag((D + ε_s)^(-1/p)) Qᵀ, rebuilt at the checks that
+  # change it; None for eigenvalue-corrected preconditioning, which applies
+  # Q itself.
   inverse_root: Optional[jax.Array] = None
 
 
@@ -187,18 +188,38 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
       refreshes=fs.refreshes + success.astype(jnp.int32),
       failures=fs.failures + failure.astype(jnp.int32))
   if fs.inverse_root is not None:
-    # Rebuilt once per check (the damping may change without a refresh) so
-    # that every step applies X with two products instead of four.
-    new = new._replace(inverse_root=linalg.inverse_root(
-        new.basis, new.eigvals, new.damping, cfg.exponent,
-        cfg.pseudo_inverse_rtol))
+    # Cached so that every step applies X with two products instead of four;
+    # rebuilt (one m³ product) only when the check changed what X is made
+    # of.
+    changed = (success | jnp.logical_not(new.damping == fs.damping)
+               | jnp.logical_not(jnp.all(new.eigvals == fs.eigvals)))
+    new = new._replace(inverse_root=lax.cond(
+        changed,
+        lambda: linalg.inverse_root(new.basis, new.eigvals, new.damping,
+                                    cfg.exponent, cfg.pseudo_inverse_rtol),
+        lambda: fs.inverse_root))
   order = jnp.where(success, fresh.order, jnp.arange(fresh.order.shape[-1]))
   return new, order
 
 
-def _decide(factor, fs: FactorState, cfg: Config) -> Decision:
+def probe_keys(step, factor_ids, cfg: Config):
+  """Per-factor `jax.random` keys for this step, or None when unused.
+
+  A key depends only on the step and the factor's integer id, so randomized
+  controllers (``proxy='sketch'``) give the same decisions on every run,
+  under either grouping and on any mesh (the ids are the factors' blocks,
+  not their slots: see `transform._factor_ids`).
+  """
+  if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
+    return None
+  base = jax.random.key(0)
+  return jax.vmap(lambda i: jax.random.fold_in(
+      jax.random.fold_in(base, i), step))(factor_ids)
+
+
+def _decide(factor, fs: FactorState, cfg: Config, key=None) -> Decision:
   decision = CONTROLLERS[cfg.controller](
-      factor, fs.basis, fs.eigvals, fs.damping, cfg)
+      factor, fs.basis, fs.eigvals, fs.damping, cfg, key)
   # The first check of every factor computes a fresh basis with ε0.
   first = fs.checks == 0
   return decision._replace(
@@ -212,7 +233,8 @@ def _idle(fs: FactorState) -> Decision:
                   fs.proxy)
 
 
-def decide(fs: FactorState, checks, correction, cfg: Config) -> Decision:
+def decide(fs: FactorState, checks, correction, cfg: Config,
+           keys=None) -> Decision:
   """Each checked factor's controller decision; `refresh` False elsewhere.
 
   Args:
@@ -220,13 +242,16 @@ def decide(fs: FactorState, checks, correction, cfg: Config) -> Decision:
     checks: (k,) bool, the factors checked this step.
     correction: the statistics' bias correction ``1 - b2^t``.
     cfg: hyperparameters.
+    keys: (k,) `jax.random` keys of the factors at this step
+      (`probe_keys`), or None for deterministic controllers.
   """
   def one(args):
-    fs1, check = args
-    return lax.cond(check, lambda: _decide(fs1.statistic / correction, fs1, cfg),
-                    lambda: _idle(fs1))
+    fs1, check, key = args
+    return lax.cond(
+        check, lambda: _decide(fs1.statistic / correction, fs1, cfg, key),
+        lambda: _idle(fs1))
   # On most steps no factor is checked: skip the loop entirely.
-  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks)),
+  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks, keys)),
                   lambda: _idle(fs))
 
 

@@ -2,7 +2,7 @@
 
 * `root_inverse` (Shampoo, FOAM): ``P = X_L · M · X_R`` with
   ``X = Q diag((D + ε)^(-1/p)) Qᵀ``. The factor state caches X, rebuilt at
-  each check step: two products per step instead of the four of applying it
+  the checks that change it: two products per step instead of the four of applying it
   through the eigenbasis, for one more (m, m) array per factor (measured in
   `scripts/profile_step.py`).
 * `eigenvalue_corrected` (SOAP, Purifying Shampoo): Adam in the factors'

@@ -260,6 +260,21 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
 _SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
 
 
+def _factor_ids(first_id, slots, count, plan: distribution.Plan):
+  """Ids of this device's `count` factor slots of one stack.
+
+  A factor's id is `first_id` plus the index of its block in the class
+  (`slots`: the class's block per slot, -1 for padding, which gets -1), so
+  it does not depend on how the stack is laid out over a mesh: randomized
+  controllers draw the same probes for a factor on any number of devices.
+  """
+  blocks = jnp.asarray(slots, jnp.int32)
+  if plan.distributed:   # the stack is split into contiguous equal shards
+    blocks = lax.dynamic_slice_in_dim(
+        blocks, lax.axis_index(plan.axes) * count, count)
+  return jnp.where(blocks < 0, -1, first_id + blocks)
+
+
 def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
                 plan: distribution.Plan):
   """Every block class's per-block work; per device under `shard_map`.
@@ -277,6 +292,8 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
   correction = factors.bias_correction(step, cfg, linalg.stat_dtype())
   # Phase 1: statistics and the controllers' decisions on check steps.
   sides = []   # (class index, side name, state, checks, decision)
+  slot_maps = distribution.slot_maps(classes, plan.num_shards)
+  first_id = 0   # id of the stack's first block (factor ids, `_factor_ids`)
   for c, (cls, gs, (grad, _, _), act) in enumerate(
       zip(classes, groups, blocks, active)):
     for name, gram in _SIDES:
@@ -285,8 +302,11 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
         fs = factors.accumulate(
             factors.load(getattr(gs, name), grad.dtype), gram(grad), cfg)
         checks = factors.is_check_step(step, fs.phase, cfg) & act
+        keys = factors.probe_keys(step, _factor_ids(
+            first_id, slot_maps[c], checks.shape[0], plan), cfg)
+        first_id += cls.count
         sides.append((c, name, fs, checks,
-                      factors.decide(fs, checks, correction, cfg)))
+                      factors.decide(fs, checks, correction, cfg, keys)))
   # Phase 2: which factors need a fresh basis, known on every device.
   needs = [checks & decision.refresh for *_, checks, decision in sides]
   stack_requests = [None] * len(needs)
@@ -634,6 +654,8 @@ def scale_by_foam(
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
     cache_inverse_root: bool = True,
+    proxy: str = "exact",
+    proxy_probes: int = 16,
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
 
@@ -728,6 +750,13 @@ def scale_by_foam(
     cache_inverse_root: keep each factor's X = Q diag((D+ε)^(-1/p)) Qᵀ in
       the state (two products per block and step); False applies X through
       Q and D instead (four products) and saves one (m, m) array per factor.
+    proxy: how the FOAM controllers measure ``RC``: ``'exact'`` (the
+      paper's, two m³ products per check) or ``'sketch'`` (an unbiased
+      estimate of ``RC²`` from `proxy_probes` random sign vectors, three
+      m×m mat-vecs per probe; the probes depend only on the step and the
+      factor, so runs are reproducible). See BENCHMARKS.md for when the
+      sketch's decisions match the exact proxy's.
+    proxy_probes: number of probe vectors of ``proxy='sketch'``.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
@@ -772,7 +801,9 @@ def scale_by_foam(
       inv_factor_matrix_dtype=inv_factor_matrix_dtype,
       pseudo_inverse_rtol=pseudo_inverse_rtol,
       weight_dimension_numbers=weight_dimension_numbers,
-      cache_inverse_root=cache_inverse_root))
+      cache_inverse_root=cache_inverse_root,
+
+      proxy=proxy, proxy_probes=proxy_probes))
   return from_config(cfg)
 
 
