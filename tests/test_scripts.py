@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
 import long_run  # noqa: E402
 import robustness_sweep  # noqa: E402
+import stagger_comparison  # noqa: E402
 
 _FLOAT = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)"
 
@@ -94,3 +95,17 @@ def test_long_run_checks_optimizer_state_is_finite(field):
     assert any(f.endswith(".statistic") for f in r["nonfinite_fields"])
     # Parameters and updates stayed finite: only the state check caught it.
     assert np.isfinite(r["final_loss"])
+
+
+def test_stagger_comparison_one_pair_table(monkeypatch):
+  monkeypatch.setattr(stagger_comparison, "NAMES", ("foam",))
+  rows = stagger_comparison.run(["quadratic_k1e2"], seeds=2, steps=3, lr=1e-2)
+  text = stagger_comparison.table(rows, seeds=2, lr=1e-2)
+  row = re.search(r"^\| quadratic_k1e2 \| foam \| 3 \| (.*) \|$", text, re.M)
+  cells = row.group(1).split(" | ")
+  assert len(cells) == 5
+  for cell in cells[:2]:   # loss mean ± std, finite
+    mean, std = map(float, cell.split(" ± "))
+    assert np.isfinite(mean) and mean > 0 and std >= 0
+  # Three steps, first check at step 20: no eigendecomposition either way.
+  assert cells[3:] == ["0", "0"]

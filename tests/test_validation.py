@@ -72,6 +72,11 @@ CASES = [
     ("weight_decay", False, NUMBER), ("exponent", [2], NUMBER),
     ("controller_epsilon", "1e-9", NUMBER),
     ("max_consecutive_skips", "5", NUMBER),
+    ("rotation_basis", "current", r"one of \("),
+    ("first_step", "skip", r"one of \("),
+    ("tensor_shaping", "flat", r"one of \("),
+    ("merge_dims", 1, "a bool"),
+    ("decay_after_update", "yes", "a bool"),
 ]
 
 

@@ -23,6 +23,7 @@ from foam_optax._src import guards
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
 from foam_optax._src import shaping
+from foam_optax._src import tensors
 from foam_optax._src.config import Config, static_int, validate
 from foam_optax._src.factors import FactorState
 
@@ -44,6 +45,8 @@ class LeafState(NamedTuple):
   momentum: jax.Array                  # EMA of gradients (not bias-corrected)
   graft_second_moment: Optional[jax.Array]
   layout: shaping.LeafLayout           # static: no arrays
+  # Per-dimension factors of a tensor leaf (``tensor_shaping='per_dimension'``).
+  tensor: Optional[tensors.TensorState] = None
 
 
 class ScaleByFoamState(NamedTuple):
@@ -87,10 +90,14 @@ def slot_maps(state: ScaleByFoamState) -> tuple:
   return distribution.slot_maps(block_classes(state), state.plan.num_shards)
 
 
-def _layout(shape, cfg: Config) -> shaping.LeafLayout:
-  return shaping.leaf_layout(
-      shape, static_int("block_size", cfg.block_size),
-      static_int("max_precond_dim", cfg.max_precond_dim), cfg.precondition_1d)
+def _layouts(shape, cfg: Config):
+  """(LeafLayout, TensorLayout or None) of a leaf."""
+  block_size = static_int("block_size", cfg.block_size)
+  max_precond_dim = static_int("max_precond_dim", cfg.max_precond_dim)
+  if cfg.tensor_shaping == "per_dimension":
+    return tensors.layouts(shape, cfg, block_size, max_precond_dim)
+  return shaping.leaf_layout(shape, block_size, max_precond_dim,
+                             cfg.precondition_1d), None
 
 
 def _phases(stack_sizes, num_shards, cfg: Config) -> list:
@@ -99,17 +106,22 @@ def _phases(stack_sizes, num_shards, cfg: Config) -> list:
   Factors are ranked stack after stack; inside a stack the ranks alternate
   between devices (`distribution.interleaved_ranks`), so the factors of one
   check step are spread over the mesh rather than landing on one device.
+
+  With ``first_step='init_only'`` every offset is one less: the step count
+  of the schedule then starts at the second gradient, as SOAP's does (its
+  refreshes follow the updates ``t - 1 = f, 2f, ...``).
   """
   total = sum(stack_sizes)
+  shift = 1 if cfg.init_only_first_step else 0
   phases, start = [], 0
   for size in stack_sizes:
     if not cfg.stagger:
-      phases.append(jnp.zeros((size,), jnp.int32))
+      phases.append(jnp.full((size,), -shift, jnp.int32))
       continue
     rank = jnp.asarray(
         start + distribution.interleaved_ranks(size, num_shards), jnp.int32)
     freq = jnp.asarray(cfg.check_frequency, jnp.int32)
-    phases.append((rank * freq) // total)
+    phases.append((rank * freq) // total - shift)
     start += size
   return phases
 
@@ -140,12 +152,16 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
         "refresh deadlocked the step's collectives on 8 CPU devices); use "
         "grouping='map', which divides the eigendecompositions among the "
         "devices and skips each factor's individually.")
-  layouts = [_layout(jnp.shape(p), cfg) for p in leaves]
+  layouts, tensor_layouts = zip(*[_layouts(jnp.shape(p), cfg)
+                                  for p in leaves]) if leaves else ((), ())
   classes = shaping.block_classes(layouts)
   slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
   sides = [(size, side) for cls, size in zip(classes, slots)
            for side in (cls.left, cls.right) if side]
-  phases = iter(_phases([size for size, _ in sides], plan.num_shards, cfg))
+  # Each per-dimension factor of a tensor leaf is a stack of one.
+  num_tensor_factors = sum(map(tensors.num_factors, tensor_layouts))
+  phases = iter(_phases([size for size, _ in sides] + [1] * num_tensor_factors,
+                        plan.num_shards, cfg))
 
   def factor(count, size, active):
     if not active:
@@ -162,15 +178,20 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
                                  if cfg.eigenvalue_corrected else None))
       for c, count in zip(classes, slots))
   leaf_states = []
-  for p, lay in zip(leaves, layouts):
+  for p, lay, tensor_layout in zip(leaves, layouts, tensor_layouts):
     shape = jnp.shape(p)
+    tensor = None
+    if tensor_layout is not None:
+      tensor = tensors.init_state(tensor_layout, phases, cfg, dtype)
+    in_eigenbasis = cfg.eigenvalue_corrected and (
+        lay.preconditioned or tensor is not None)
     needs_graft_moment = (cfg.grafting in grafting.USES_SECOND_MOMENT and
-                          not (cfg.eigenvalue_corrected and lay.preconditioned))
+                          not in_eigenbasis)
     leaf_states.append(LeafState(
         momentum=jnp.zeros(shape, dtype),
         graft_second_moment=jnp.zeros(shape, dtype) if needs_graft_moment
         else None,
-        layout=lay))
+        layout=lay, tensor=tensor))
   return ScaleByFoamState(
       count=jnp.zeros([], jnp.int32),
       nonfinite_skips=jnp.zeros([], jnp.int32),
@@ -230,14 +251,27 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
         fs, checks, decision, fresh, cfg)
 
   # Preconditioned directions.
+  adam_step = _adam_step(step, cfg)
   directions, new_groups = [], []
   for (grad, momentum, graft), gs, order, state in zip(
       blocks, groups, orders, new_states):
     left, right = state["left"], state["right"]
     if cfg.eigenvalue_corrected:
+      # The rotated second moment follows the reordered columns of new
+      # bases, before this step's rotation ('updated') or after it
+      # ('previous', which rotates with the bases of the previous step).
+      follow = lambda m: preconditioners.permute(m, order["left"],
+                                                 order["right"])
+      previous = cfg.rotation_basis == "previous"
+      rotating = (gs.left, gs.right) if previous else (left, right)
+      moment = gs.rotated_second_moment
       direction, moment = preconditioners.eigenvalue_corrected(
-          grad, momentum, gs.rotated_second_moment, left, right,
-          order["left"], order["right"], step, cfg)
+          grad, momentum, moment if previous else follow(moment),
+          *map(preconditioners.basis, rotating), adam_step, cfg)
+      if previous:
+        moment = follow(moment)
+      if cfg.init_only_first_step:
+        moment = _keep_on_first_step(step, gs.rotated_second_moment, moment)
     else:
       direction = grafting.rescale(
           preconditioners.root_inverse(momentum, left, right), graft, cfg)
@@ -277,8 +311,14 @@ def _prepare_leaf(grad, ls: LeafState, step, cfg: Config) -> _LeafStep:
   b1 = jnp.asarray(cfg.b1, g.dtype)
   momentum = b1 * ls.momentum + (1 - b1) * g
   corrected = momentum / (1 - b1 ** step)
-  if cfg.eigenvalue_corrected and layout.preconditioned:
+  if cfg.eigenvalue_corrected and (layout.preconditioned or
+                                   ls.tensor is not None):
     graft_dir, graft_moment = None, None   # Adam runs in the eigenbasis
+  elif cfg.eigenvalue_corrected and cfg.grafting == "adam":
+    # No factor: Adam in the identity basis, as SOAP steps such leaves.
+    graft_dir, graft_moment = preconditioners.adam_in_basis(
+        g, corrected, ls.graft_second_moment, step, cfg.graft_b2,
+        cfg.graft_eps)
   else:
     graft_dir, graft_moment = grafting.direction(
         ls.graft_second_moment, g, corrected, step, cfg)
@@ -308,10 +348,26 @@ def _unslot(direction, slots):
   return direction[distribution.positions(slots)]
 
 
+def _adam_step(step, cfg: Config):
+  """The step of the momentum's and Adam's bias corrections: with
+  ``first_step='init_only'`` the first gradient only initialises, so they
+  count from the second (clamped at 1 on the first step, whose results are
+  discarded)."""
+  if cfg.init_only_first_step:
+    return jnp.maximum(step - 1, 1)
+  return step
+
+
+def _keep_on_first_step(step, old, new):
+  """`old` on the first step, else `new` (trees alike): the moments an
+  initialising first step must leave untouched."""
+  return jax.tree.map(lambda o, n: jnp.where(step == 1, o, n), old, new)
+
+
 def _update_tree(grads, leaf_states, groups, step, cfg: Config,
                  plan: distribution.Plan):
   """Updates and new (leaf states, class states) for flat lists of leaves."""
-  leaf_steps = [_prepare_leaf(g, ls, step, cfg)
+  leaf_steps = [_prepare_leaf(g, ls, _adam_step(step, cfg), cfg)
                 for g, ls in zip(grads, leaf_states)]
   classes = shaping.block_classes([ls.layout for ls in leaf_states])
   slot_maps = distribution.slot_maps(classes, plan.num_shards)
@@ -344,19 +400,39 @@ def _update_tree(grads, leaf_states, groups, step, cfg: Config,
       count = leaf_states[i].layout.groups[j].count
       directions[i][j] = direction[start:start + count]
 
-  updates = []
-  for grad, leaf, stacks in zip(grads, leaf_steps, directions):
-    layout = leaf.state.layout
-    if not layout.preconditioned:
-      updates.append(_to_dtype(leaf.graft_dir, grad.dtype))
-      continue
-    direction = shaping.assemble(stacks, layout)
-    if not cfg.eigenvalue_corrected:
-      # Before the first check only the grafting optimizer steps.
-      direction = jnp.where(step >= cfg.first_check_step, direction,
-                            leaf.graft_dir)
+  updates, new_leaves = [], []
+  for grad, leaf, stacks, old in zip(grads, leaf_steps, directions,
+                                     leaf_states):
+    layout, state = leaf.state.layout, leaf.state
+    if state.tensor is not None:
+      # Per leaf, outside the block stacks: every device runs it whole.
+      direction, tensor = tensors.update(
+          leaf.grad, leaf.corrected, state.tensor, step, _adam_step(step, cfg),
+          cfg)
+      state = state._replace(tensor=tensor)
+    elif not layout.preconditioned:
+      direction = leaf.graft_dir
+    else:
+      direction = shaping.assemble(stacks, layout)
+      if not cfg.eigenvalue_corrected:
+        # Before the first check only the grafting optimizer steps.
+        direction = jnp.where(step >= cfg.first_check_step, direction,
+                              leaf.graft_dir)
+    if cfg.init_only_first_step:
+      # The first gradient only builds the statistics and first bases.
+      direction = jnp.where(step == 1, jnp.zeros_like(direction), direction)
+      state = state._replace(
+          momentum=_keep_on_first_step(step, old.momentum, state.momentum),
+          graft_second_moment=_keep_on_first_step(
+              step, old.graft_second_moment, state.graft_second_moment))
+      if state.tensor is not None:
+        state = state._replace(tensor=state.tensor._replace(
+            rotated_second_moment=_keep_on_first_step(
+                step, old.tensor.rotated_second_moment,
+                state.tensor.rotated_second_moment)))
     updates.append(_to_dtype(direction, grad.dtype))
-  return updates, [leaf.state for leaf in leaf_steps], tuple(new_groups)
+    new_leaves.append(state)
+  return updates, new_leaves, tuple(new_groups)
 
 
 def all_finite(updates) -> jax.Array:
@@ -534,7 +610,7 @@ def scale_by_foam(
     precondition_1d: bool = False,
     preconditioner: str = "root_inverse",
     refresh_method: str = "eigh",
-    stagger: bool = True,
+    stagger: bool = False,
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
@@ -589,8 +665,9 @@ def scale_by_foam(
     refresh_method: ``'eigh'`` or ``'power_qr'`` (one warm-started power step
       and QR, as SOAP; the first basis is always a full ``eigh``).
     stagger: spread later check steps of different factors over the check
-      period (the first check stays at ``s0``); False restores exactly the
-      steps above.
+      period (the first check stays at ``s0``), which flattens the cost of
+      check steps but moves them off the schedule above; off by default, so
+      the defaults run the paper's algorithm.
     grouping: ``'map'`` (one conditional per factor) or ``'bucket'`` (one
       conditional per stack of same-sized factors, a batched refresh; one
       device only).
