@@ -143,8 +143,7 @@ def _update_factor(fs: factors.FactorState, gram, step, cfg: Config):
   correction = factors.bias_correction(step, cfg, fs.statistic.dtype)
   decision = factors.decide(fs, checks, correction, cfg)
   need = checks & decision.refresh
-  fresh = factors.refresh(fs, need, need, correction, cfg,
-                          distribution.Plan())
+  fresh = factors.refresh(fs, need, correction, cfg, distribution.Plan())
   return factors.commit(fs, checks, decision, fresh, cfg)
 
 
