@@ -5,6 +5,7 @@ from foam_optax._src.alias import scale_by_shampoo
 from foam_optax._src.alias import scale_by_soap
 from foam_optax._src.alias import shampoo
 from foam_optax._src.alias import skip_nonfinite
+from foam_optax._src.alias import decay_updated_weights
 from foam_optax._src.alias import soap
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorState
@@ -26,6 +27,7 @@ __all__ = [
     "GroupState",
     "LeafState",
     "ScaleByFoamState",
+    "decay_updated_weights",
     "foam",
     "partition",
     "precondition_labels",

@@ -356,8 +356,8 @@ Notes on reading these figures:
 * `grouping`: 'map' runs the proxy and `eigh` only for the factors whose
   check step it is; 'bucket' runs them for the whole stack when any member
   is checked. The two are within noise here; 'map' stays the default because
-  with staggering (the default) it never pays for unchecked stack members,
-  which matters for large leaves cut into many same-sized blocks.
+  with staggering (opt-in, `stagger=True`) it never pays for unchecked stack
+  members, which matters for large leaves cut into many same-sized blocks.
 """
 
 

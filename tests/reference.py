@@ -14,7 +14,14 @@ library's code. The shaping rules followed are the documented ones:
 * eigenvalues in descending order; power-QR orders the previous basis by its
   Rayleigh quotients (descending, stable) before one step ``qr(A Q)``, and the
   rotated second moment follows that permutation; the first basis of every
-  factor is a fresh ``eigh``.
+  factor is a fresh ``eigh``;
+* eigenvalue-corrected: the official SOAP's step size ``sqrt(1-b2^t)/(1-b1^t)``
+  with ``sqrt(V) + eps`` (also for Adam on leaves without factors);
+  ``rotation_basis='previous'`` rotates with the bases before this step's
+  statistics (updated and refreshed after the step), and
+  ``first_step='init_only'`` makes the first step only accumulate and
+  decompose, the bias corrections and check schedule counting from the
+  second gradient.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ DEFAULTS = dict(
     start_preconditioning_step=None, grafting="adam", graft_b2=0.995,
     graft_eps=1e-9, controller="foam", residual_tol=0.1,
     precondition_1d=False, preconditioner="root_inverse",
-    refresh_method="eigh")
+    refresh_method="eigh", rotation_basis="updated", first_step="update")
 
 
 # ----------------------------------------------------------------- shaping
@@ -79,8 +86,8 @@ def staleness_proxy(a, q, d, eps, p):
   return rc * w.max() / np.linalg.norm(w) / p
 
 
-def is_check(t, s0, f):
-  return t == s0 or (t > s0 and t % f == 0)
+def is_check(t, s0, f, offset=0):
+  return t == s0 or (t > s0 and (t + offset) % f == 0)
 
 
 # ----------------------------------------------------------------- factors
@@ -104,7 +111,7 @@ class Factor:
     b2 = c["b2"]
     self.stat = b2 * self.stat + (1 - b2) * gram
     a = self.stat / (1 - b2 ** t)
-    if not is_check(t, c["s0"], c["check_frequency"]):
+    if not is_check(t, c["s0"], c["check_frequency"], c["offset"]):
       return None
     eps0, p = c["epsilon"], c["exponent"]
     first = self.checks == 0
@@ -211,6 +218,7 @@ class Reference:
     c = dict(DEFAULTS, **kwargs)
     s0 = c["start_preconditioning_step"]
     c["s0"] = c["check_frequency"] if s0 is None else s0
+    c["offset"] = -1 if c["first_step"] == "init_only" else 0
     self.c = c
     self.t = 0
     self.leaves = [Leaf(s, c) for s in shapes]
@@ -240,13 +248,16 @@ class Reference:
     return [self._leaf(np.asarray(g, np.float64), leaf)
             for g, leaf in zip(grads, self.leaves)]
 
-  def _graft(self, g, m, leaf):
-    c, t = self.c, self.t
+  def _graft(self, g, m, leaf, t):
+    c = self.c
     kind = c["grafting"]
     if kind in ("sgd", "none"):
       return m
     leaf.graft_v = c["graft_b2"] * leaf.graft_v + (1 - c["graft_b2"]) * g * g
     v = leaf.graft_v
+    if kind == "adam" and c["preconditioner"] == "eigenvalue_corrected":
+      return m * np.sqrt(1 - c["graft_b2"] ** t) / (np.sqrt(v) +
+                                                     c["graft_eps"])
     if kind == "adam":
       v = v / (1 - c["graft_b2"] ** t)
     return m / (np.sqrt(v) + c["graft_eps"])
@@ -254,34 +265,46 @@ class Reference:
   def _leaf(self, g, leaf):
     c, t = self.c, self.t
     g = g.reshape(leaf.shape)
-    leaf.momentum = c["b1"] * leaf.momentum + (1 - c["b1"]) * g
-    m = leaf.momentum / (1 - c["b1"] ** t)
     corrected = c["preconditioner"] == "eigenvalue_corrected"
+    if c["first_step"] == "init_only":
+      if t == 1:   # statistics and first bases only
+        gm = g.reshape(leaf.mshape) if leaf.preconditioned else None
+        for b in leaf.blocks:
+          gb = gm[b.rows, b.cols]
+          for f, gram in ((b.left, gb @ gb.T), (b.right, gb.T @ gb)):
+            if f is not None:
+              f.step(gram, t, c)
+        return np.zeros(leaf.shape)
+      ta = t - 1   # Adam's step counts from the second gradient
+    else:
+      ta = t
+    leaf.momentum = c["b1"] * leaf.momentum + (1 - c["b1"]) * g
+    m = leaf.momentum / (1 - c["b1"] ** ta)
     if not leaf.preconditioned:
-      return self._graft(g, m, leaf)
-    a = None if corrected else self._graft(g, m, leaf)
+      return self._graft(g, m, leaf, ta)
+    a = None if corrected else self._graft(g, m, leaf, ta)
     gm, mm = g.reshape(leaf.mshape), m.reshape(leaf.mshape)
     am = None if a is None else a.reshape(leaf.mshape)
     out = np.zeros(leaf.mshape)
     for b in leaf.blocks:
       gb, mb = gm[b.rows, b.cols], mm[b.rows, b.cols]
-      orders = [None, None]
-      for k, (f, gram) in enumerate(((b.left, gb @ gb.T),
-                                     (b.right, gb.T @ gb))):
-        if f is not None:
-          orders[k] = f.step(gram, t, c)
-      ql = np.eye(gb.shape[0]) if b.left is None else b.left.q
-      qr = np.eye(gb.shape[1]) if b.right is None else b.right.q
       if corrected:
-        if orders[0] is not None:
-          b.v = b.v[orders[0], :]
-        if orders[1] is not None:
-          b.v = b.v[:, orders[1]]
+        after = c["rotation_basis"] == "previous"
+        if not after:
+          self._step_factors(b, gb, t)
+        ql = np.eye(gb.shape[0]) if b.left is None else b.left.q
+        qr = np.eye(gb.shape[1]) if b.right is None else b.right.q
         gt = ql.T @ gb @ qr
         b.v = c["b2"] * b.v + (1 - c["b2"]) * gt * gt
-        denom = np.sqrt(b.v / (1 - c["b2"] ** t)) + c["graft_eps"]
-        out[b.rows, b.cols] = ql @ ((ql.T @ mb @ qr) / denom) @ qr.T
+        scale = np.sqrt(1 - c["b2"] ** ta)
+        out[b.rows, b.cols] = ql @ (
+            (ql.T @ mb @ qr) * scale / (np.sqrt(b.v) + c["graft_eps"])) @ qr.T
+        if after:
+          self._step_factors(b, gb, t)
         continue
+      for f, gram in ((b.left, gb @ gb.T), (b.right, gb.T @ gb)):
+        if f is not None:
+          f.step(gram, t, c)
       p = mb
       if b.left is not None:
         p = b.left.inverse_root(c["exponent"]) @ p
@@ -294,3 +317,12 @@ class Reference:
     if not corrected and t < c["s0"]:
       return a
     return out
+
+  def _step_factors(self, b, gb, t):
+    """Both factors of a block; the rotated second moment follows their
+    reordered columns."""
+    for k, (f, gram) in enumerate(((b.left, gb @ gb.T), (b.right, gb.T @ gb))):
+      if f is not None:
+        order = f.step(gram, t, self.c)
+        if order is not None:
+          b.v = b.v[order, :] if k == 0 else b.v[:, order]

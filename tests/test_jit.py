@@ -274,9 +274,12 @@ def test_branch_analysis_detects_eigh_and_qr_together():
 def test_soap_power_qr_executes_eigh_only_for_first_bases(grouping,
                                                           executed_eighs):
   executed = executed_eighs
+  # Stepping from the first gradient, tensors as blocked matrices (stacked
+  # with the other blocks).
   tx = fo.scale_by_soap(check_frequency=2, block_size=4, precondition_1d=True,
                         stagger=False, refresh_method="power_qr",
-                        grouping=grouping)
+                        grouping=grouping, first_step="update",
+                        tensor_shaping="matrix")
   steps = 8
   rng = np.random.default_rng(5)
   grads = jax.tree.map(lambda p: jnp.asarray(

@@ -30,7 +30,14 @@ def optimizers(draw):
     common.update(
         controller=draw(st.sampled_from(["stale", "foam", "residual"])),
         refresh_method=draw(st.sampled_from(["eigh", "power_qr"])),
-        epsilon=draw(st.sampled_from([0.0, 1e-8])))
+        epsilon=draw(st.sampled_from([0.0, 1e-8])),
+        rotation_basis=draw(st.sampled_from(["previous", "updated"])),
+        first_step=draw(st.sampled_from(["init_only", "update"])),
+        tensor_shaping=draw(st.sampled_from(["per_dimension", "matrix"])))
+    if common["tensor_shaping"] == "per_dimension":
+      common["merge_dims"] = draw(st.booleans())
+    if common["first_step"] == "init_only":   # its first check is step 1
+      common["start_preconditioning_step"] = 1
     factory = fo.soap if alias else fo.scale_by_soap
   else:
     epsilon = draw(st.sampled_from([1e-12, 1e-9, 1e-6]))

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
 import long_run  # noqa: E402
 import robustness_sweep  # noqa: E402
+import stagger_comparison  # noqa: E402
 
 _FLOAT = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)"
 
@@ -157,3 +158,17 @@ def test_device_check_tiny_writes_every_figure(tmp_path):
   assert runs["foam"]["state_bytes"] > runs["adamw"]["state_bytes"]
   text = (tmp_path / "device_check.md").read_text()
   assert "### eigh vs matmul" in text and "| foam |" in text
+
+
+def test_stagger_comparison_one_pair_table(monkeypatch):
+  monkeypatch.setattr(stagger_comparison, "NAMES", ("foam",))
+  rows = stagger_comparison.run(["quadratic_k1e2"], seeds=2, steps=3, lr=1e-2)
+  text = stagger_comparison.table(rows, seeds=2, lr=1e-2)
+  row = re.search(r"^\| quadratic_k1e2 \| foam \| 3 \| (.*) \|$", text, re.M)
+  cells = row.group(1).split(" | ")
+  assert len(cells) == 5
+  for cell in cells[:2]:   # loss mean ± std, finite
+    mean, std = map(float, cell.split(" ± "))
+    assert np.isfinite(mean) and mean > 0 and std >= 0
+  # Three steps, first check at step 20: no eigendecomposition either way.
+  assert cells[3:] == ["0", "0"]

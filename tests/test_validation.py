@@ -82,6 +82,11 @@ CASES = [
     ("factor_matrix_dtype", "not-a-dtype", "floating dtype"),
     ("factor_matrix_eigenvectors_dtype", "int8", "floating dtype"),
     ("inv_factor_matrix_dtype", "bool", "floating dtype"),
+    ("rotation_basis", "current", r"one of \("),
+    ("first_step", "skip", r"one of \("),
+    ("tensor_shaping", "flat", r"one of \("),
+    ("merge_dims", 1, "a bool"),
+    ("decay_after_update", "yes", "a bool"),
 ]
 
 

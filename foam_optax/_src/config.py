@@ -21,6 +21,9 @@ PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 REFRESH_METHODS = ("eigh", "power_qr")
 GROUPINGS = ("map", "bucket")
 PROXIES = ("exact", "sketch")
+ROTATION_BASES = ("updated", "previous")
+FIRST_STEPS = ("update", "init_only")
+TENSOR_SHAPINGS = ("matrix", "per_dimension")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Config:
   precondition_1d: bool = False
   preconditioner: str = "root_inverse"
   refresh_method: str = "eigh"
-  stagger: bool = True
+  stagger: bool = False
   grouping: str = "map"
   skip_nonfinite: bool = True
   max_consecutive_skips: Optional[int] = None
@@ -59,6 +62,11 @@ class Config:
   weight_dimension_numbers: Any = None
   proxy: str = "exact"
   proxy_probes: Any = 16
+  # Eigenvalue-corrected preconditioning only (see `scale_by_soap`).
+  rotation_basis: str = "updated"
+  first_step: str = "update"
+  tensor_shaping: str = "matrix"
+  merge_dims: bool = False
 
   @property
   def first_check_step(self):
@@ -70,6 +78,10 @@ class Config:
   @property
   def eigenvalue_corrected(self) -> bool:
     return self.preconditioner == "eigenvalue_corrected"
+
+  @property
+  def init_only_first_step(self) -> bool:
+    return self.first_step == "init_only"
 
 
 STORAGE_DTYPES = ("mu_dtype", "second_moment_dtype", "factor_matrix_dtype",
@@ -201,10 +213,29 @@ def validate(cfg: Config) -> Config:
     _check_dtype(name, getattr(cfg, name))
   _check_choice("proxy", cfg.proxy, PROXIES)
   _check_int("proxy_probes", cfg.proxy_probes, 1)
+  _check_choice("rotation_basis", cfg.rotation_basis, ROTATION_BASES)
+  _check_choice("first_step", cfg.first_step, FIRST_STEPS)
+  _check_choice("tensor_shaping", cfg.tensor_shaping, TENSOR_SHAPINGS)
   for flag in ("precondition_1d", "stagger", "skip_nonfinite",
-               "cache_inverse_root"):
+               "cache_inverse_root", "merge_dims"):
     if not isinstance(getattr(cfg, flag), bool):
       raise ValueError(f"{flag} must be a bool, got {getattr(cfg, flag)!r}.")
+  if not cfg.eigenvalue_corrected:
+    for name, default in (("rotation_basis", "updated"),
+                          ("first_step", "update"),
+                          ("tensor_shaping", "matrix"), ("merge_dims", False)):
+      if getattr(cfg, name) != default:
+        raise ValueError(
+            f"{name}={getattr(cfg, name)!r} needs "
+            "preconditioner='eigenvalue_corrected'.")
+  if cfg.merge_dims and cfg.tensor_shaping != "per_dimension":
+    raise ValueError("merge_dims=True needs tensor_shaping='per_dimension'.")
+  first_check = _known(cfg.first_check_step)
+  if cfg.init_only_first_step and first_check not in (None, 1):
+    # The first step computes every first basis: it is the first check.
+    raise ValueError(
+        "start_preconditioning_step must be 1 with first_step='init_only', "
+        f"got {cfg.start_preconditioning_step!r}.")
   return cfg
 
 

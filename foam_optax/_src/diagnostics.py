@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from foam_optax._src.factors import FactorState
 from foam_optax._src.transform import ScaleByFoamState
 from foam_optax._src.transform import slot_maps
 
@@ -64,6 +66,9 @@ def stats(opt_state) -> dict[str, jax.Array]:
     for gs, slots in zip(state.groups, slot_maps(state)):
       stacks += [(fs, slots >= 0) for fs in (gs.left, gs.right)
                  if fs is not None]
+    # Per-dimension factors of tensor leaves: stacks of one, never padded.
+    stacks += [(fs, np.ones((1,), bool))
+               for fs in _find(state.leaves, FactorState)]
   int_zero = jnp.zeros((), jnp.int32)
 
   def total(field):

@@ -6,8 +6,9 @@
   through the eigenbasis, for one more (m, m) array per factor (measured in
   `scripts/profile_step.py`).
 * `eigenvalue_corrected` (SOAP, Purifying Shampoo): Adam in the factors'
-  eigenbasis, ``P = Q_L (M̃ ⊘ (sqrt(V̂) + eps)) Q_Rᵀ`` with a second moment `V`
-  of the rotated gradients.
+  eigenbasis, ``P = Q_L (M̃ ⊘ (sqrt(V) + eps)) Q_Rᵀ · sqrt(1 - b2^t)`` with a
+  second moment `V` of the rotated gradients (the official SOAP's placement
+  of `eps`).
 
 Both take the same factor states, so any controller can drive either.
 """
@@ -20,8 +21,9 @@ from foam_optax._src import linalg
 from foam_optax._src.config import Config
 
 
-def _basis(fs, dtype):
-  return None if fs is None else fs.basis.astype(dtype)
+def basis(fs):
+  """The cached eigenbasis of a factor state, None for no factor."""
+  return None if fs is None else fs.basis
 
 
 def _weights(fs, cfg: Config):
@@ -57,7 +59,7 @@ def root_inverse(momentum, left, right, cfg: Config):
   return momentum
 
 
-def _permute(second_moment, left_order, right_order):
+def permute(second_moment, left_order, right_order):
   """Make the rotated second moment follow reordered basis columns."""
   if left_order is not None:
     second_moment = jnp.take_along_axis(
@@ -68,19 +70,32 @@ def _permute(second_moment, left_order, right_order):
   return second_moment
 
 
-def eigenvalue_corrected(grad, momentum, second_moment, left, right,
-                         left_order, right_order, step, cfg: Config):
-  """Adam in the eigenbasis; returns (direction, new second moment).
+def adam_in_basis(grad, momentum, second_moment, step, b2, eps,
+                  rotate=lambda x: x, unrotate=lambda x: x):
+  """Adam on rotated gradients, with SOAP's bias correction and epsilon.
 
-  The second moment comes back in `grad`'s (computation) dtype; the caller
-  casts it to its storage dtype.
+  ``V ← b2·V + (1-b2)·(rotate G)²`` and the direction
+  ``unrotate(rotate(M) ⊘ (√V + eps)) · √(1 - b2^t)``, where `momentum` is
+  the already bias-corrected ``M_t``: the official SOAP's step
+  ``lr·√(1-b2^t)/(1-b1^t)`` with ``√V + eps`` (Adam's
+  ``√(V/(1-b2^t)) + eps`` differs only in where `eps` sits).
+
+  Returns:
+    (direction, new second moment).
   """
-  left_basis, right_basis = _basis(left, grad.dtype), _basis(right, grad.dtype)
-  second_moment = _permute(second_moment.astype(grad.dtype), left_order,
-                           right_order)
-  rotated_grad = linalg.rotate(grad, left_basis, right_basis)
-  b2 = jnp.asarray(cfg.b2, grad.dtype)
-  second_moment = b2 * second_moment + (1 - b2) * rotated_grad ** 2
-  denom = jnp.sqrt(second_moment / (1 - b2 ** step)) + cfg.graft_eps
-  rotated = linalg.rotate(momentum, left_basis, right_basis) / denom
-  return linalg.unrotate(rotated, left_basis, right_basis), second_moment
+  b2 = jnp.asarray(b2, grad.dtype)
+  second_moment = b2 * second_moment + (1 - b2) * rotate(grad) ** 2
+  scaled = rotate(momentum) * jnp.sqrt(1 - b2 ** step)
+  return unrotate(scaled / (jnp.sqrt(second_moment) + eps)), second_moment
+
+
+def eigenvalue_corrected(grad, momentum, second_moment, left_basis,
+                         right_basis, step, cfg: Config):
+  """Adam in the eigenbasis of a (k, m, n) stack (None: identity basis).
+
+  Returns (direction, new second moment).
+  """
+  return adam_in_basis(
+      grad, momentum, second_moment, step, cfg.b2, cfg.graft_eps,
+      rotate=lambda x: linalg.rotate(x, left_basis, right_basis),
+      unrotate=lambda x: linalg.unrotate(x, left_basis, right_basis))

@@ -85,8 +85,11 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding,
         return None
       return NamedSharding(
           mesh, _split_further(x.shape, param_sharding.spec, mesh))
+
+    # A tensor leaf's per-dimension factors stay whole on every device.
     return LeafState(follow(ls.momentum), follow(ls.graft_second_moment),
-                     ls.layout)
+                     ls.layout,
+                     jax.tree.map(lambda _: replicated, ls.tensor))
 
   leaves = [leaf(ls, s) for ls, s in
             zip(leaf_states, treedef.flatten_up_to(params_sharding))]

@@ -23,6 +23,7 @@ from foam_optax._src import guards
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
 from foam_optax._src import shaping
+from foam_optax._src import tensors
 from foam_optax._src.config import Config, static_int, validate
 from foam_optax._src.factors import FactorState
 
@@ -44,6 +45,8 @@ class LeafState(NamedTuple):
   momentum: jax.Array                  # EMA of gradients (not bias-corrected)
   graft_second_moment: Optional[jax.Array]
   layout: shaping.LeafLayout           # static: no arrays
+  # Per-dimension factors of a tensor leaf (``tensor_shaping='per_dimension'``).
+  tensor: Optional[tensors.TensorState] = None
 
 
 class ScaleByFoamState(NamedTuple):
@@ -150,23 +153,37 @@ def _is_params_placeholder(params) -> bool:
           and type(params).__module__.startswith("optax"))
 
 
+def _layouts(path, shape, dimension_numbers, cfg: Config):
+  """(LeafLayout, TensorLayout or None) of a leaf."""
+  if cfg.tensor_shaping == "per_dimension" and dimension_numbers is None:
+    return tensors.layouts(
+        shape, cfg, static_int("block_size", cfg.block_size),
+        static_int("max_precond_dim", cfg.max_precond_dim))
+  return _layout(path, shape, dimension_numbers, cfg), None
+
+
 def _phases(stack_sizes, num_shards, cfg: Config) -> list:
   """Deterministic check offsets spreading factors over the check period.
 
   Factors are ranked stack after stack; inside a stack the ranks alternate
   between devices (`distribution.interleaved_ranks`), so the factors of one
   check step are spread over the mesh rather than landing on one device.
+
+  With ``first_step='init_only'`` every offset is one less: the step count
+  of the schedule then starts at the second gradient, as SOAP's does (its
+  refreshes follow the updates ``t - 1 = f, 2f, ...``).
   """
   total = sum(stack_sizes)
+  shift = 1 if cfg.init_only_first_step else 0
   phases, start = [], 0
   for size in stack_sizes:
     if not cfg.stagger:
-      phases.append(jnp.zeros((size,), jnp.int32))
+      phases.append(jnp.full((size,), -shift, jnp.int32))
       continue
     rank = jnp.asarray(
         start + distribution.interleaved_ranks(size, num_shards), jnp.int32)
     freq = jnp.asarray(cfg.check_frequency, jnp.int32)
-    phases.append((rank * freq) // total)
+    phases.append((rank * freq) // total - shift)
     start += size
   return phases
 
@@ -198,8 +215,10 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
   placeholder = _is_params_placeholder(params)   # has no leaves
   dimension_numbers = [] if placeholder else _dimension_numbers(
       params, len(leaves), cfg)
-  layouts = [_layout(path, jnp.shape(p), dims, cfg) for (path, p), dims in
-             zip(paths_and_leaves, dimension_numbers)]
+  both = [_layouts(path, jnp.shape(p), dims, cfg) for (path, p), dims in
+          zip(paths_and_leaves, dimension_numbers)]
+  layouts = [lay for lay, _ in both]
+  tensor_layouts = [tensor for _, tensor in both]
   plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
   if plan.distributed and cfg.grouping == "bucket":
     # Measured on 8 CPU devices: with the batched refresh the collectives
@@ -214,7 +233,10 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
   slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
   sides = [(size, side) for cls, size in zip(classes, slots)
            for side in (cls.left, cls.right) if side]
-  phases = iter(_phases([size for size, _ in sides], plan.num_shards, cfg))
+  # Each per-dimension factor of a tensor leaf is a stack of one.
+  num_tensor_factors = sum(map(tensors.num_factors, tensor_layouts))
+  phases = iter(_phases([size for size, _ in sides] + [1] * num_tensor_factors,
+                        plan.num_shards, cfg))
 
   def factor(count, size, active):
     if not active:
@@ -239,15 +261,20 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
               if cfg.eigenvalue_corrected else None))
       for c, count in zip(classes, slots))
   leaf_states = []
-  for p, lay in zip(leaves, layouts):
+  for p, lay, tensor_layout in zip(leaves, layouts, tensor_layouts):
     shape = jnp.shape(p)
+    tensor = None
+    if tensor_layout is not None:
+      tensor = tensors.init_state(tensor_layout, phases, cfg, dtype)
+    in_eigenbasis = cfg.eigenvalue_corrected and (
+        lay.preconditioned or tensor is not None)
     needs_graft_moment = (cfg.grafting in grafting.USES_SECOND_MOMENT and
-                          not (cfg.eigenvalue_corrected and lay.preconditioned))
+                          not in_eigenbasis)
     leaf_states.append(LeafState(
         momentum=jnp.zeros(shape, _storage(cfg.mu_dtype, jnp.result_type(p))),
         graft_second_moment=jnp.zeros(shape, second_moment_dtype)
         if needs_graft_moment else None,
-        layout=lay))
+        layout=lay, tensor=tensor))
   return ScaleByFoamState(
       count=jnp.zeros([], jnp.int32),
       nonfinite_skips=jnp.zeros([], jnp.int32),
@@ -329,14 +356,27 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
     new_states[c][name] = factors.store(new_fs, getattr(groups[c], name))
 
   # Preconditioned directions.
+  adam_step = _adam_step(step, cfg)
   directions, new_groups = [], []
   for (grad, momentum, graft), gs, order, state in zip(
       blocks, groups, orders, new_states):
     left, right = state["left"], state["right"]
     if cfg.eigenvalue_corrected:
+      # The rotated second moment follows the reordered columns of new
+      # bases, before this step's rotation ('updated') or after it
+      # ('previous', which rotates with the bases of the previous step).
+      follow = lambda m: preconditioners.permute(m, order["left"],
+                                                 order["right"])
+      previous = cfg.rotation_basis == "previous"
+      rotating = (gs.left, gs.right) if previous else (left, right)
+      moment = gs.rotated_second_moment
       direction, moment = preconditioners.eigenvalue_corrected(
-          grad, momentum, gs.rotated_second_moment, left, right,
-          order["left"], order["right"], step, cfg)
+          grad, momentum, moment if previous else follow(moment),
+          *map(preconditioners.basis, rotating), adam_step, cfg)
+      if previous:
+        moment = follow(moment)
+      if cfg.init_only_first_step:
+        moment = _keep_on_first_step(step, gs.rotated_second_moment, moment)
       moment = moment.astype(gs.rotated_second_moment.dtype)
     else:
       direction = grafting.rescale(
@@ -381,8 +421,15 @@ def _prepare_leaf(grad, ls: LeafState, step, cfg: Config) -> _LeafStep:
   momentum = b1 * ls.momentum.astype(g.dtype) + (1 - b1) * g
   corrected = momentum / (1 - b1 ** step)
   graft_moment = ls.graft_second_moment
-  if cfg.eigenvalue_corrected and layout.preconditioned:
+  if cfg.eigenvalue_corrected and (layout.preconditioned or
+                                   ls.tensor is not None):
     graft_dir = None   # Adam runs in the eigenbasis
+  elif cfg.eigenvalue_corrected and cfg.grafting == "adam":
+    # No factor: Adam in the identity basis, as SOAP steps such leaves.
+    graft_dir, new_graft_moment = preconditioners.adam_in_basis(
+        g, corrected, graft_moment.astype(g.dtype), step, cfg.graft_b2,
+        cfg.graft_eps)
+    graft_moment = new_graft_moment.astype(graft_moment.dtype)
   else:
     graft_dir, new_graft_moment = grafting.direction(
         None if graft_moment is None else graft_moment.astype(g.dtype),
@@ -416,10 +463,26 @@ def _unslot(direction, slots):
   return direction[distribution.positions(slots)]
 
 
+def _adam_step(step, cfg: Config):
+  """The step of the momentum's and Adam's bias corrections: with
+  ``first_step='init_only'`` the first gradient only initialises, so they
+  count from the second (clamped at 1 on the first step, whose results are
+  discarded)."""
+  if cfg.init_only_first_step:
+    return jnp.maximum(step - 1, 1)
+  return step
+
+
+def _keep_on_first_step(step, old, new):
+  """`old` on the first step, else `new` (trees alike): the moments an
+  initialising first step must leave untouched."""
+  return jax.tree.map(lambda o, n: jnp.where(step == 1, o, n), old, new)
+
+
 def _update_tree(grads, leaf_states, groups, step, cfg: Config,
                  plan: distribution.Plan):
   """Updates and new (leaf states, class states) for flat lists of leaves."""
-  leaf_steps = [_prepare_leaf(g, ls, step, cfg)
+  leaf_steps = [_prepare_leaf(g, ls, _adam_step(step, cfg), cfg)
                 for g, ls in zip(grads, leaf_states)]
   classes = shaping.block_classes([ls.layout for ls in leaf_states])
   slot_maps = distribution.slot_maps(classes, plan.num_shards)
@@ -452,19 +515,39 @@ def _update_tree(grads, leaf_states, groups, step, cfg: Config,
       count = leaf_states[i].layout.groups[j].count
       directions[i][j] = direction[start:start + count]
 
-  updates = []
-  for grad, leaf, stacks in zip(grads, leaf_steps, directions):
-    layout = leaf.state.layout
-    if not layout.preconditioned:
-      updates.append(_to_dtype(leaf.graft_dir, grad.dtype))
-      continue
-    direction = shaping.assemble(stacks, layout)
-    if not cfg.eigenvalue_corrected:
-      # Before the first check only the grafting optimizer steps.
-      direction = jnp.where(step >= cfg.first_check_step, direction,
-                            leaf.graft_dir)
+  updates, new_leaves = [], []
+  for grad, leaf, stacks, old in zip(grads, leaf_steps, directions,
+                                     leaf_states):
+    layout, state = leaf.state.layout, leaf.state
+    if state.tensor is not None:
+      # Per leaf, outside the block stacks: every device runs it whole.
+      direction, tensor = tensors.update(
+          leaf.grad, leaf.corrected, state.tensor, step, _adam_step(step, cfg),
+          cfg)
+      state = state._replace(tensor=tensor)
+    elif not layout.preconditioned:
+      direction = leaf.graft_dir
+    else:
+      direction = shaping.assemble(stacks, layout)
+      if not cfg.eigenvalue_corrected:
+        # Before the first check only the grafting optimizer steps.
+        direction = jnp.where(step >= cfg.first_check_step, direction,
+                              leaf.graft_dir)
+    if cfg.init_only_first_step:
+      # The first gradient only builds the statistics and first bases.
+      direction = jnp.where(step == 1, jnp.zeros_like(direction), direction)
+      state = state._replace(
+          momentum=_keep_on_first_step(step, old.momentum, state.momentum),
+          graft_second_moment=_keep_on_first_step(
+              step, old.graft_second_moment, state.graft_second_moment))
+      if state.tensor is not None:
+        state = state._replace(tensor=state.tensor._replace(
+            rotated_second_moment=_keep_on_first_step(
+                step, old.tensor.rotated_second_moment,
+                state.tensor.rotated_second_moment)))
     updates.append(_to_dtype(direction, grad.dtype))
-  return updates, [leaf.state for leaf in leaf_steps], tuple(new_groups)
+    new_leaves.append(state)
+  return updates, new_leaves, tuple(new_groups)
 
 
 def all_finite(updates) -> jax.Array:
@@ -642,7 +725,7 @@ def scale_by_foam(
     precondition_1d: bool = False,
     preconditioner: str = "root_inverse",
     refresh_method: str = "eigh",
-    stagger: bool = True,
+    stagger: bool = False,
     grouping: str = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
@@ -707,8 +790,9 @@ def scale_by_foam(
     refresh_method: ``'eigh'`` or ``'power_qr'`` (one warm-started power step
       and QR, as SOAP; the first basis is always a full ``eigh``).
     stagger: spread later check steps of different factors over the check
-      period (the first check stays at ``s0``); False restores exactly the
-      steps above.
+      period (the first check stays at ``s0``), which flattens the cost of
+      check steps but moves them off the schedule above; off by default, so
+      the defaults run the paper's algorithm.
     grouping: ``'map'`` (one conditional per factor) or ``'bucket'`` (one
       conditional per stack of same-sized factors, a batched refresh; one
       device only).

@@ -55,8 +55,11 @@ def _shampoo_settings(check_frequency):
 
 FOAM_PAPER = dict(_shampoo_settings(20), threshold=0.75, max_epsilon=3e-7)
 FOAM_TUNED = dict(_shampoo_settings(10), threshold=1.5, max_epsilon=3e-6)
+# Decay before the learning rate (optax's order), not after the update as
+# the official SOAP: the runner scales the updates by the swept rate, which
+# needs an update linear in it (the two orders differ by lr²·wd·u).
 SOAP_SETTINGS = dict(b1=0.95, b2=0.95, epsilon=1e-8, check_frequency=10,
-                     weight_decay=WEIGHT_DECAY)
+                     weight_decay=WEIGHT_DECAY, decay_after_update=False)
 SOAP_FOAM_SETTINGS = dict(SOAP_SETTINGS, controller="foam", threshold=0.75,
                           controller_epsilon=1e-9, max_epsilon=3e-7)
 MUON_SETTINGS = dict(beta=0.95, weight_decay=WEIGHT_DECAY)
