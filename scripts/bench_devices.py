@@ -180,11 +180,8 @@ OPTIMIZERS = {
                                 stagger=False),
     "shampoo": lambda eps: fo.shampoo(2e-2, epsilon=eps, block_size=16,
                                       check_frequency=3, stagger=False),
-    # From step 2: a basis from the step-1 gradient alone rotates that
-    # gradient to a nearly diagonal matrix whose off-diagonal entries are
-    # round-off, which Adam's sign-like first step turns into O(1) noise.
     "soap": lambda eps: fo.soap(3e-3, block_size=16, check_frequency=3,
-                                stagger=False, start_preconditioning_step=2),
+                                stagger=False),
 }
 
 # (optimizer, mesh, parameter layout) run by --quick.
