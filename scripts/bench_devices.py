@@ -190,7 +190,7 @@ QUICK = {("foam", "make_mesh", "replicated"),
          ("foam", "Mesh_auto", "fsdp"),
          ("foam", "make_mesh_2d", "replicated"),
          ("shampoo", "make_mesh", "fsdp"),
-         ("soap", "Mesh_auto", "replicated")}
+         ("soap", "make_mesh", "replicated")}
 
 
 def meshes(n):
