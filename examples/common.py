@@ -87,3 +87,15 @@ def log(step: int, loss: float, opt_state=None) -> None:
     line += (f" | eigendecompositions {int(s['eigendecompositions'])}"
              f" | damping_max {s['damping_max']:.2e}")
   print(line, flush=True)
+
+
+def run(train, description: str, argv=None, label=lambda result: ""):
+  """The examples' shared entry point: parse the flags above, train, print
+  ``<label>test accuracy``; returns `train`'s result."""
+  args = parser(description).parse_args(argv)
+  result = train(steps=args.steps, optimizer=args.optimizer,
+                 learning_rate=args.learning_rate, batch_size=args.batch_size,
+                 check_frequency=args.check_frequency,
+                 log_every=args.log_every, seed=args.seed)
+  print(f"{label(result)}test accuracy {result['accuracy']:.4f}")
+  return result

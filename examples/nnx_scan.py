@@ -115,13 +115,7 @@ def train(steps: int = 300, optimizer: str = "foam",
 
 
 def main(argv=None):
-  args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-  result = train(steps=args.steps, optimizer=args.optimizer,
-                 learning_rate=args.learning_rate, batch_size=args.batch_size,
-                 check_frequency=args.check_frequency,
-                 log_every=args.log_every, seed=args.seed)
-  print(f"test accuracy {result['accuracy']:.4f}")
-  return result
+  return common.run(train, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

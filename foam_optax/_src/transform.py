@@ -649,7 +649,8 @@ def _keep_group(new: GroupState, old: GroupState, keep) -> GroupState:
 def _update(updates, state: ScaleByFoamState, cfg: Config):
   updates = _plain_arrays(updates)
   _check_mesh(state.plan, state)
-  guards.check_structure([ls.layout for ls in leaf_states_of(state.leaves)], cfg)
+  guards.check_structure(
+      [ls.layout for ls in leaf_states_of(state.leaves)], cfg)
 
   def apply(updates, state, step, cfg):
     grads, treedef = jax.tree.flatten(updates)
