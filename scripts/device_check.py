@@ -219,13 +219,17 @@ def _peak_bytes():
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def step_costs(sizes: Sizes, compiler_options=None):
+def step_costs(sizes: Sizes, compiler_options=None, into=None,
+               on_result=lambda: None):
+  """Fills `into` (``param_bytes`` and ``optimizers``) one optimizer at a
+  time, calling `on_result` after each; returns it."""
+  into = {"optimizers": {}} if into is None else into
   params = init_gpt(jax.random.key(0), sizes)
   tokens = jax.random.randint(jax.random.key(1),
                               (sizes.batch_size, sizes.seq_len + 1), 0,
                               sizes.vocab)
-  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  results = {}
+  into["param_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(params)))
+  results = into["optimizers"]
   for name, steps in sizes.steps:
     tx = optimizer(name)
 
@@ -268,7 +272,10 @@ def step_costs(sizes: Sizes, compiler_options=None):
         "peak_bytes_in_use_so_far": _peak_bytes(),
         "final_loss": float(loss),
     }
-  return {"param_bytes": int(param_bytes), "optimizers": results}
+    print(f"{name}: median step {results[name]['median_step_ms']:.1f} ms, "
+          f"compile {compile_s:.1f} s", flush=True)
+    on_result()
+  return into
 
 
 # ---------------------------------------------------------------- report
@@ -282,14 +289,16 @@ def markdown(report):
            "eigh/matmul | batch | batched eigh | batched matmul | "
            "batched eigh speed-up |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in report["eigh_vs_matmul"]:
+  for r in report.get("eigh_vs_matmul", []):
     lines.append(
         f"| {r['m']} | {r['eigh_ms']:.3f} | {r['matmul_ms']:.3f} | "
         f"{r['matmul_default_precision_ms']:.3f} | "
         f"{r['eigh_over_matmul']:.1f} | {r['batch']} | "
         f"{r['eigh_batched_ms']:.3f} | {r['matmul_batched_ms']:.3f} | "
         f"{r['batched_eigh_speedup']:.2f}x |")
-  c = report["cond"]
+  c = report.get("cond")
+  if c is None:
+    return "\n".join(lines) + "\n"
   lines += ["", f"### Per-factor lax.cond, m = {c['m']}, {c['factors']} "
             "factors (ms per factor)", "",
             "| no cond | cond skipped | cond taken (eigh) | eigh, no cond |",
@@ -298,10 +307,12 @@ def markdown(report):
             f"{c['skipped_ms_per_factor']:.3f} | "
             f"{c['taken_ms_per_factor']:.3f} | "
             f"{c['unconditional_ms_per_factor']:.3f} |"]
-  s = report["steps"]
+  s = report.get("steps")
+  if s is None:
+    return "\n".join(lines) + "\n"
   mib = lambda b: "n/a" if b is None else f"{b / 2 ** 20:.0f}"
   lines += ["", f"### GPT-2-shaped model: {report['model']} "
-            f"(parameters {mib(s['param_bytes'])} MiB)", "",
+            f"(parameters {mib(s.get('param_bytes'))} MiB)", "",
             "| optimizer | median step ms | mean step ms | max step ms | "
             "compile s | compiled step MiB | state MiB | peak MiB so far |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -333,15 +344,25 @@ def main(argv=None):
                 f"{sizes.heads} heads, vocab {sizes.vocab}, seq "
                 f"{sizes.seq_len}, batch {sizes.batch_size}"),
   }
-  report["eigh_vs_matmul"] = eigh_vs_matmul(sizes)
-  report["cond"] = cond_cost(sizes)
-  report["steps"] = step_costs(sizes, FAST_COMPILE if args.tiny else None)
-  report["seconds"] = time.perf_counter() - start
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "device_check.json").write_text(json.dumps(report, indent=1))
+
+  def save():
+    # Written after every section, so a run stopped by a time limit keeps
+    # what it measured.
+    report["seconds"] = time.perf_counter() - start
+    (out / "device_check.json").write_text(json.dumps(report, indent=1))
+    (out / "device_check.md").write_text(markdown(report))
+
+  report["eigh_vs_matmul"] = eigh_vs_matmul(sizes)
+  save()
+  report["cond"] = cond_cost(sizes)
+  save()
+  report["steps"] = {"optimizers": {}}
+  step_costs(sizes, FAST_COMPILE if args.tiny else None, report["steps"],
+             save)
+  save()
   text = markdown(report)
-  (out / "device_check.md").write_text(text)
   print(text)
   print(f"{report['seconds']:.0f} s; wrote {out}/device_check.json and "
         "device_check.md")
