@@ -22,6 +22,8 @@ Usage::
     python scripts/bench_width1024.py                    # 3 rounds
     python scripts/bench_width1024.py --with-f1          # add Shampoo f=1
     python scripts/bench_width1024.py --steps 40 --rounds 1 --width 64  # smoke
+    python scripts/bench_width1024.py --statistics-steps 2 4 \
+        --only "foam (exact)"    # statistics_compute_steps
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def loss_fn(params, x, y):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
-def make_optimizers(with_f1, probes):
+def make_optimizers(with_f1, probes, statistics_steps=(), only=None):
   table = {}
   if with_f1:
     table["shampoo f=1"] = fo.shampoo(LR, check_frequency=1)
@@ -79,6 +81,14 @@ def make_optimizers(with_f1, probes):
                                                   proxy_probes=probes)
   except TypeError:   # a version without the sketched proxy
     pass
+  for k in statistics_steps:
+    table[f"foam (statistics every {k})"] = fo.foam(
+        LR, statistics_compute_steps=k)
+    table[f"shampoo f=100 (statistics every {k})"] = fo.shampoo(
+        LR, check_frequency=100, statistics_compute_steps=k)
+  if only:
+    table = {name: tx for name, tx in table.items()
+             if name in only or name in ("shampoo f=20", "shampoo f=100")}
   return table
 
 
@@ -206,6 +216,13 @@ def main(argv=None):
   parser.add_argument("--probes", type=int, default=16)
   parser.add_argument("--with-f1", action="store_true",
                       help="also Shampoo f=1 (an eigh per factor per step)")
+  parser.add_argument("--statistics-steps", type=int, nargs="*", default=(),
+                      help="also FOAM and Shampoo f=100 with "
+                           "statistics_compute_steps=K for each K")
+  parser.add_argument("--only", nargs="*",
+                      help="run only these optimizers (names as printed; "
+                           "Shampoo f=20 and f=100, the targets' baselines, "
+                           "always run)")
   parser.add_argument("--json", help="write the figures here")
   args = parser.parse_args(argv)
 
@@ -224,7 +241,9 @@ def main(argv=None):
     print(f"| {name} | {1e3 * seconds:.1f} |")
 
   runs = {name: Run(tx, args.width, x, y, batches)
-          for name, tx in make_optimizers(args.with_f1, args.probes).items()}
+          for name, tx in make_optimizers(args.with_f1, args.probes,
+                                          args.statistics_steps,
+                                          args.only).items()}
   results = {name: [] for name in runs}
   for _ in range(args.rounds):
     for name, run in runs.items():

@@ -297,16 +297,16 @@ def markdown(report):
         f"{r['eigh_batched_ms']:.3f} | {r['matmul_batched_ms']:.3f} | "
         f"{r['batched_eigh_speedup']:.2f}x |")
   c = report.get("cond")
-  if c is None:
-    return "\n".join(lines) + "\n"
-  lines += ["", f"### Per-factor lax.cond, m = {c['m']}, {c['factors']} "
-            "factors (ms per factor)", "",
-            "| no cond | cond skipped | cond taken (eigh) | eigh, no cond |",
-            "|---:|---:|---:|---:|",
-            f"| {c['no_cond_ms_per_factor']:.3f} | "
-            f"{c['skipped_ms_per_factor']:.3f} | "
-            f"{c['taken_ms_per_factor']:.3f} | "
-            f"{c['unconditional_ms_per_factor']:.3f} |"]
+  if c is not None:
+    lines += [
+        "", f"### Per-factor lax.cond, m = {c['m']}, {c['factors']} "
+        "factors (ms per factor)", "",
+        "| no cond | cond skipped | cond taken (eigh) | eigh, no cond |",
+        "|---:|---:|---:|---:|",
+        f"| {c['no_cond_ms_per_factor']:.3f} | "
+        f"{c['skipped_ms_per_factor']:.3f} | "
+        f"{c['taken_ms_per_factor']:.3f} | "
+        f"{c['unconditional_ms_per_factor']:.3f} |"]
   s = report.get("steps")
   if s is None:
     return "\n".join(lines) + "\n"
@@ -325,14 +325,28 @@ def markdown(report):
   return "\n".join(lines) + "\n"
 
 
+SECTIONS = ("eigh", "cond", "steps")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tiny", action="store_true",
                       help="tiny shapes: a CPU smoke run in well under a "
                            "minute")
   parser.add_argument("--out", default="device_check_out")
+  parser.add_argument("--sections", nargs="+", default=list(SECTIONS),
+                      choices=list(SECTIONS), help="default: all three")
+  parser.add_argument("--optimizers", nargs="+",
+                      help="step costs of these only (default: all of "
+                           + ", ".join(name for name, _ in Sizes.steps) + ")")
   args = parser.parse_args(argv)
   sizes = TINY if args.tiny else Sizes()
+  if args.optimizers:
+    unknown = set(args.optimizers) - {name for name, _ in sizes.steps}
+    if unknown:
+      parser.error(f"unknown optimizers {sorted(unknown)}")
+    sizes = dataclasses.replace(sizes, steps=tuple(
+        (name, n) for name, n in sizes.steps if name in args.optimizers))
   start = time.perf_counter()
   device = jax.devices()[0]
   report = {
@@ -354,13 +368,16 @@ def main(argv=None):
     (out / "device_check.json").write_text(json.dumps(report, indent=1))
     (out / "device_check.md").write_text(markdown(report))
 
-  report["eigh_vs_matmul"] = eigh_vs_matmul(sizes)
-  save()
-  report["cond"] = cond_cost(sizes)
-  save()
-  report["steps"] = {"optimizers": {}}
-  step_costs(sizes, FAST_COMPILE if args.tiny else None, report["steps"],
-             save)
+  if "eigh" in args.sections:
+    report["eigh_vs_matmul"] = eigh_vs_matmul(sizes)
+    save()
+  if "cond" in args.sections:
+    report["cond"] = cond_cost(sizes)
+    save()
+  if "steps" in args.sections:
+    report["steps"] = {"optimizers": {}}
+    step_costs(sizes, FAST_COMPILE if args.tiny else None, report["steps"],
+               save)
   save()
   text = markdown(report)
   print(text)

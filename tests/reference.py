@@ -36,7 +36,8 @@ DEFAULTS = dict(
     start_preconditioning_step=None, grafting="adam", graft_b2=0.995,
     graft_eps=1e-9, controller="foam", residual_tol=0.1,
     precondition_1d=False, preconditioner="root_inverse",
-    refresh_method="eigh", rotation_basis="updated", first_step="update")
+    refresh_method="eigh", rotation_basis="updated", first_step="update",
+    statistics_compute_steps=1)
 
 
 # ----------------------------------------------------------------- shaping
@@ -108,9 +109,10 @@ class Factor:
   def step(self, gram, t, c):
     """Accumulates; on a check step runs the controller. Returns the column
     permutation of the new basis relative to the old one (or None)."""
-    b2 = c["b2"]
-    self.stat = b2 * self.stat + (1 - b2) * gram
-    a = self.stat / (1 - b2 ** t)
+    b2, k = c["b2"], c["statistics_compute_steps"]
+    if (t - 1) % k == 0:   # statistics on steps 1, 1 + k, 1 + 2k, ...
+      self.stat = b2 * self.stat + (1 - b2) * gram
+    a = self.stat / (1 - b2 ** math.ceil(t / k))
     if not is_check(t, c["s0"], c["check_frequency"], c["offset"]):
       return None
     eps0, p = c["epsilon"], c["exponent"]

@@ -133,8 +133,11 @@ _SCRIPT = textwrap.dedent("""
     out["roundtrip_exact"] = all(
         bool(jnp.array_equal(x, y))
         for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(s1)))
+    # Counts exactly; means to rounding (sums over padded stacks add in
+    # another order).
     out["stats_equal"] = all(
-        float(fo.stats(moved)[key]) == float(fo.stats(s1)[key])
+        abs(float(fo.stats(moved)[key]) - float(fo.stats(s1)[key]))
+        <= 1e-6 * abs(float(fo.stats(s1)[key]))
         for key in fo.stats(s1))
     # Continue on 8 devices from the moved state; compare with one device.
     with jax.set_mesh(mesh):

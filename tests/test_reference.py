@@ -273,6 +273,18 @@ def test_start_step_and_exponent():
   assert np.all(ref_f["checks"][3] == 0) and np.all(ref_f["checks"][4] == 1)
 
 
+@pytest.mark.parametrize("controller", ["foam", "stale"])
+def test_statistics_compute_steps(controller):
+  # Statistics from steps 1, 4, 7, ... only; checks at 3, 4, 6, ...: some
+  # checks see statistics last updated one or two steps before.
+  kwargs = dict(BASE, controller=controller, statistics_compute_steps=3,
+                precondition_1d=True)
+  _, ref_f, _ = compare(HALVES["A"], kwargs)
+  assert np.all(ref_f["checks"][-1] == 8)
+  if controller == "foam":
+    assert all(v > 0 for v in branches(ref_f))
+
+
 def test_float32_default_precision():
   # Default dtype: float32 statistics against float64; decisions are checked
   # to be far enough from their thresholds for float32 to agree.

@@ -67,6 +67,8 @@ CASES = [
     ("stagger", 1, "a bool"),
     ("skip_nonfinite", None, "a bool"),
     ("max_consecutive_skips", 0, INT1),
+    ("statistics_compute_steps", 0, INT1),
+    ("statistics_compute_steps", 1.5, INT1),
     # Non-numeric types are rejected even when float() would parse them.
     ("check_frequency", "20", NUMBER), ("block_size", "1024", NUMBER),
     ("learning_rate", "1e-3", NUMBER), ("b1", "0.9", NUMBER),

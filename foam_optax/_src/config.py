@@ -49,6 +49,7 @@ class Config:
   preconditioner: str = "root_inverse"
   refresh_method: str = "eigh"
   stagger: bool = False
+  statistics_compute_steps: Any = 1
   grouping: str = "map"
   skip_nonfinite: bool = True
   max_consecutive_skips: Optional[int] = None
@@ -196,6 +197,7 @@ def validate(cfg: Config) -> Config:
              allow_none=True)
   _check_int("block_size", cfg.block_size, 1, allow_none=True)
   _check_int("max_precond_dim", cfg.max_precond_dim, 1, allow_none=True)
+  _check_int("statistics_compute_steps", cfg.statistics_compute_steps, 1)
   _check_int("max_consecutive_skips", cfg.max_consecutive_skips, 1,
              allow_none=True)
   # The controllers' registry is the one `factors` dispatches on (imported

@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from foam_optax._src import linalg
 from foam_optax._src.config import Config
@@ -103,9 +104,36 @@ def is_check_step(step, phase, cfg: Config):
   return (step == first) | periodic
 
 
+def is_statistics_step(step, cfg: Config):
+  """Whether step `t` adds its gradient to the statistics: steps 1, 1 + k,
+  1 + 2k, ... for ``k = statistics_compute_steps``."""
+  k = jnp.asarray(cfg.statistics_compute_steps, jnp.int32)
+  return (step >= 1) & ((step - 1) % k == 0)
+
+
 def bias_correction(step, cfg: Config, dtype):
-  """``1 - b2^t``: the statistics' bias correction at step `t`."""
-  return 1 - jnp.asarray(cfg.b2, dtype) ** step
+  """``1 - b2^n``: the statistics' bias correction after the ``n =
+  ceil(t / k)`` accumulations of steps ``1..t`` (``n = t`` when every step
+  accumulates, ``k = 1``)."""
+  k = jnp.asarray(cfg.statistics_compute_steps, jnp.int32)
+  accumulations = (step + k - 1) // k
+  return 1 - jnp.asarray(cfg.b2, dtype) ** accumulations
+
+
+def accumulates_every_step(cfg: Config) -> bool:
+  """True when `statistics_compute_steps` is known to be 1 at trace time:
+  then no conditional guards the statistics."""
+  k = cfg.statistics_compute_steps
+  return isinstance(k, (int, np.integer)) and int(k) == 1
+
+
+def maybe_accumulate(step, states, grams, cfg: Config):
+  """`accumulate` for a list of stacks on statistics steps; `grams` is a
+  function returning their Gram matrices, computed only on those steps."""
+  add = lambda: [accumulate(fs, g, cfg) for fs, g in zip(states, grams())]
+  if accumulates_every_step(cfg):
+    return add()
+  return lax.cond(is_statistics_step(step, cfg), add, lambda: list(states))
 
 
 def accumulate(fs: FactorState, gram, cfg: Config) -> FactorState:
@@ -234,7 +262,7 @@ def _idle(fs: FactorState) -> Decision:
 
 
 def decide(fs: FactorState, checks, correction, cfg: Config,
-           keys=None) -> Decision:
+           keys=None, batched: bool = False) -> Decision:
   """Each checked factor's controller decision; `refresh` False elsewhere.
 
   Args:
@@ -244,7 +272,21 @@ def decide(fs: FactorState, checks, correction, cfg: Config,
     cfg: hyperparameters.
     keys: (k,) `jax.random` keys of the factors at this step
       (`probe_keys`), or None for deterministic controllers.
+    batched: decide for the whole stack with batched kernels and keep the
+      decisions of the checked factors. For a step on which every factor of
+      the stack is checked (unstaggered checks): no per-factor `lax.cond`,
+      each of which costs a predicate read by the host on a GPU.
   """
+  if batched:
+    decided = jax.vmap(
+        lambda fs1, key: _decide(fs1.statistic / correction, fs1, cfg, key))(
+            fs, keys)
+    idle = _idle(fs)
+    return jax.tree.map(
+        lambda d, i: jnp.where(
+            checks.reshape(checks.shape + (1,) * (d.ndim - 1)), d, i),
+        decided, idle)
+
   def one(args):
     fs1, check, key = args
     return lax.cond(

@@ -21,6 +21,7 @@ are not divided among devices: on a mesh every device runs them whole.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -136,9 +137,10 @@ def _rotations(states):
 
 
 def _update_factor(fs: factors.FactorState, gram, step, cfg: Config):
-  """Accumulate, and on a check step decide and refresh, one factor (a
-  stack of one, on no mesh). Returns (new state, (1, m) column order)."""
-  fs = factors.accumulate(fs, gram[None], cfg)
+  """Accumulate (`gram` returns the statistic's new term), and on a check
+  step decide and refresh, one factor (a stack of one, on no mesh). Returns
+  (new state, (1, m) column order)."""
+  fs, = factors.maybe_accumulate(step, [fs], lambda: [gram()[None]], cfg)
   checks = factors.is_check_step(step, fs.phase, cfg)
   correction = factors.bias_correction(step, cfg, fs.statistic.dtype)
   decision = factors.decide(fs, checks, correction, cfg)
@@ -157,8 +159,8 @@ def _update_factors(grad, ts: TensorState, step, cfg: Config):
       states.append(None)
       continue
     others = [a for a in range(grad.ndim) if a != axis]
-    gram = jnp.tensordot(grad, grad, axes=(others, others),
-                         precision=linalg.HIGHEST)
+    gram = functools.partial(jnp.tensordot, grad, grad,
+                             axes=(others, others), precision=linalg.HIGHEST)
     fs, order = _update_factor(fs, gram, step, cfg)
     moment = jnp.take(moment, order[0], axis=axis)
     states.append(fs)
