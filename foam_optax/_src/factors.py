@@ -262,7 +262,7 @@ def _idle(fs: FactorState) -> Decision:
 
 
 def decide(fs: FactorState, checks, correction, cfg: Config,
-           keys=None, batched: bool = False) -> Decision:
+           keys=None) -> Decision:
   """Each checked factor's controller decision; `refresh` False elsewhere.
 
   Args:
@@ -272,21 +272,7 @@ def decide(fs: FactorState, checks, correction, cfg: Config,
     cfg: hyperparameters.
     keys: (k,) `jax.random` keys of the factors at this step
       (`probe_keys`), or None for deterministic controllers.
-    batched: decide for the whole stack with batched kernels and keep the
-      decisions of the checked factors. For a step on which every factor of
-      the stack is checked (unstaggered checks): no per-factor `lax.cond`,
-      each of which costs a predicate read by the host on a GPU.
   """
-  if batched:
-    decided = jax.vmap(
-        lambda fs1, key: _decide(fs1.statistic / correction, fs1, cfg, key))(
-            fs, keys)
-    idle = _idle(fs)
-    return jax.tree.map(
-        lambda d, i: jnp.where(
-            checks.reshape(checks.shape + (1,) * (d.ndim - 1)), d, i),
-        decided, idle)
-
   def one(args):
     fs1, check, key = args
     return lax.cond(

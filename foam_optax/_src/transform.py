@@ -342,12 +342,12 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
   states = factors.maybe_accumulate(
       step, loaded, lambda: [gram(grad) for gram, grad in gram_inputs], cfg)
 
-  def check(states, batched):
+  def check(states):
     """Phases 2-4 for every stack: decisions, fresh bases, new states;
     returns the new states and their bases' column orders."""
     decisions = [
         factors.decide(fs, checks, correction, cfg,
-                       factors.probe_keys(step, ids, cfg), batched)
+                       factors.probe_keys(step, ids, cfg))
         for fs, (_, _, checks, ids) in zip(states, sides)]
     # Which factors need a fresh basis, known on every device.
     needs = [checks & d.refresh for (_, _, checks, _), d in zip(sides, decisions)]
@@ -371,7 +371,7 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
     return new, orders
 
   if cfg.stagger:
-    checked, side_orders = check(states, batched=False)
+    checked, side_orders = check(states)
   else:
     # Every factor has the same check steps: a step without checks (most
     # steps) skips phases 2-4 with one conditional for all stacks.
@@ -380,7 +380,7 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
         for fs in states])
     checked, side_orders = lax.cond(
         factors.is_check_step(step, _uniform_phase(cfg), cfg),
-        lambda: check(states, batched=True), unchecked)
+        lambda: check(states), unchecked)
   new_states = [dict(gs._asdict()) for gs in groups]
   orders = [dict(left=None, right=None) for _ in groups]
   for (c, name, _, _), new_fs, order in zip(sides, checked, side_orders):
