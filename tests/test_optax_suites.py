@@ -17,6 +17,7 @@ the convergence tests those runs are marked slow.
 """
 
 import types
+import unittest
 
 import jax
 import jax.numpy as jnp
@@ -150,9 +151,12 @@ def test_contrib_state_shape_dtype_shard_stability(kwargs):
 @pytest.mark.parametrize("kwargs", _cases())
 def test_contrib_learning_rate_schedule(kwargs):
   # optax skips this test unless `learning_rate` is annotated
-  # optax.ScalarOrSchedule: check that it runs.
+  # optax.ScalarOrSchedule: here a skip is a failure.
   name = "test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such"
-  _run(contrib_suite, _CONTRIB, name, **NO_WRAPPER, **kwargs)
+  try:
+    _run(contrib_suite, _CONTRIB, name, **NO_WRAPPER, **kwargs)
+  except unittest.SkipTest as skipped:
+    pytest.fail(f"optax skipped the test: {skipped}")
 
 
 # --- optax/_src/alias_test.py (its common tests) -----------------------------

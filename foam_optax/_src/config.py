@@ -10,20 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import jax
 import numpy as np
 import jax.numpy as jnp
 
-GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
-PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
-REFRESH_METHODS = ("eigh", "power_qr")
-GROUPINGS = ("map", "bucket")
-PROXIES = ("exact", "sketch")
-ROTATION_BASES = ("updated", "previous")
-FIRST_STEPS = ("update", "init_only")
-TENSOR_SHAPINGS = ("matrix", "per_dimension")
+# The string options: each type annotates the signatures, and validation
+# accepts exactly its values.
+Grafting = Literal["adam", "rmsprop", "sgd", "none"]
+Preconditioner = Literal["root_inverse", "eigenvalue_corrected"]
+RefreshMethod = Literal["eigh", "power_qr"]
+Grouping = Literal["map", "bucket"]
+Proxy = Literal["exact", "sketch"]
+RotationBasis = Literal["updated", "previous"]
+FirstStep = Literal["update", "init_only"]
+TensorShaping = Literal["matrix", "per_dimension"]
+
+GRAFTINGS = get_args(Grafting)
+PRECONDITIONERS = get_args(Preconditioner)
+REFRESH_METHODS = get_args(RefreshMethod)
+GROUPINGS = get_args(Grouping)
+PROXIES = get_args(Proxy)
+ROTATION_BASES = get_args(RotationBasis)
+FIRST_STEPS = get_args(FirstStep)
+TENSOR_SHAPINGS = get_args(TensorShaping)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,9 @@ from foam_optax._src import preconditioners
 from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.config import Config, static_int, validate
+from foam_optax._src.config import Grafting, Grouping, Preconditioner
+from foam_optax._src.config import Proxy, RefreshMethod
+from foam_optax._src.controllers import Controller
 from foam_optax._src.factors import FactorState
 
 
@@ -708,6 +711,7 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
 
 
 def scale_by_foam(
+    *,
     b1: float = 0.95,
     b2: float = 0.995,
     epsilon: float = 1e-9,
@@ -718,16 +722,16 @@ def scale_by_foam(
     block_size: Optional[int] = 1024,
     max_precond_dim: Optional[int] = None,
     start_preconditioning_step: Optional[int] = None,
-    grafting: str = "adam",
+    grafting: Grafting = "adam",
     graft_b2: float = 0.995,
     graft_eps: float = 1e-9,
-    controller: str = "foam",
+    controller: Controller = "foam",
     residual_tol: float = 0.1,
     precondition_1d: bool = False,
-    preconditioner: str = "root_inverse",
-    refresh_method: str = "eigh",
+    preconditioner: Preconditioner = "root_inverse",
+    refresh_method: RefreshMethod = "eigh",
     stagger: bool = False,
-    grouping: str = "map",
+    grouping: Grouping = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -738,7 +742,7 @@ def scale_by_foam(
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
     cache_inverse_root: bool = True,
-    proxy: str = "exact",
+    proxy: Proxy = "exact",
     proxy_probes: int = 16,
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
