@@ -14,7 +14,7 @@ from foam_optax._src.shaping import DimensionNumbers
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.sharding import relayout
 from foam_optax._src.sharding import state_sharding
-from foam_optax._src.transform import GroupState
+from foam_optax._src.transform import BlockClassState
 from foam_optax._src.transform import LeafState
 from foam_optax._src.transform import scale_by_foam
 from foam_optax._src.transform import ScaleByFoamState
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DimensionNumbers",
     "FactorState",
-    "GroupState",
+    "BlockClassState",
     "LeafState",
     "ScaleByFoamState",
     "decay_updated_weights",

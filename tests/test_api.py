@@ -351,8 +351,8 @@ def test_signatures_as_optax_writes_them(fn):
     assert positional == []
     assert sig.return_annotation is optax.GradientTransformation
   strings = {p.name: p for p in params if isinstance(p.default, str)}
-  assert {"controller", "grouping"} <= set(strings) or fn is fo.shampoo or (
-      fn is fo.scale_by_shampoo)
+  assert {"controller", "refresh_batching"} <= set(strings) or fn in (
+      fo.shampoo, fo.scale_by_shampoo)
   for p in strings.values():
     assert typing.get_origin(p.annotation) is typing.Literal, p.name
     assert p.default in typing.get_args(p.annotation), p.name
@@ -403,7 +403,7 @@ def test_a_registered_controller_works_end_to_end():
     for tx in (fo.scale_by_foam(controller="test_never", check_frequency=2),
                fo.soap(1e-2, controller="test_never", check_frequency=2),
                fo.scale_by_foam(controller="test_never", check_frequency=2,
-                                grouping="bucket")):
+                                refresh_batching="bucket")):
       updates, state = _run(tx, params, 6)
       s = fo.stats(state)
       # Only the first check of each factor decomposes; the later ones ask

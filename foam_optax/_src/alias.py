@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import config
-from foam_optax._src.config import FirstStep, Grafting, Grouping
+from foam_optax._src.config import FirstStep, Grafting, RefreshBatching
 from foam_optax._src.config import Preconditioner, Proxy, RefreshMethod
 from foam_optax._src.config import RotationBasis, TensorShaping
 from foam_optax._src.controllers import Controller
@@ -181,7 +181,7 @@ def foam(
     preconditioner: Preconditioner = "root_inverse",
     refresh_method: RefreshMethod = "eigh",
     stagger: bool = False,
-    grouping: Grouping = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -249,7 +249,7 @@ def scale_by_shampoo(
     graft_eps: float = 1e-9,
     precondition_1d: bool = False,
     stagger: bool = False,
-    grouping: Grouping = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -302,7 +302,7 @@ def shampoo(
     graft_eps: float = 1e-9,
     precondition_1d: bool = False,
     stagger: bool = False,
-    grouping: Grouping = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -355,7 +355,7 @@ def scale_by_soap(
     exponent: float = 2,
     residual_tol: float = 0.1,
     stagger: bool = False,
-    grouping: Grouping = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -470,7 +470,8 @@ def scale_by_soap(
       grafting="adam", graft_b2=b2, graft_eps=epsilon, controller=controller,
       residual_tol=residual_tol, precondition_1d=precondition_1d,
       preconditioner="eigenvalue_corrected", refresh_method=refresh_method,
-      stagger=stagger, grouping=grouping, skip_nonfinite=skip_nonfinite,
+      stagger=stagger, refresh_batching=refresh_batching,
+      skip_nonfinite=skip_nonfinite,
       max_consecutive_skips=max_consecutive_skips,
       mu_dtype=mu_dtype, second_moment_dtype=second_moment_dtype,
       factor_matrix_dtype=factor_matrix_dtype,
@@ -504,7 +505,7 @@ def soap(
     exponent: float = 2,
     residual_tol: float = 0.1,
     stagger: bool = False,
-    grouping: Grouping = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 Grafting = Literal["adam", "rmsprop", "sgd", "none"]
 Preconditioner = Literal["root_inverse", "eigenvalue_corrected"]
 RefreshMethod = Literal["eigh", "power_qr"]
-Grouping = Literal["map", "bucket"]
+RefreshBatching = Literal["map", "bucket"]
 Proxy = Literal["exact", "sketch"]
 RotationBasis = Literal["updated", "previous"]
 FirstStep = Literal["update", "init_only"]
@@ -30,7 +30,7 @@ TensorShaping = Literal["matrix", "per_dimension"]
 GRAFTINGS = get_args(Grafting)
 PRECONDITIONERS = get_args(Preconditioner)
 REFRESH_METHODS = get_args(RefreshMethod)
-GROUPINGS = get_args(Grouping)
+REFRESH_BATCHINGS = get_args(RefreshBatching)
 PROXIES = get_args(Proxy)
 ROTATION_BASES = get_args(RotationBasis)
 FIRST_STEPS = get_args(FirstStep)
@@ -60,7 +60,7 @@ class Config:
   preconditioner: str = "root_inverse"
   refresh_method: str = "eigh"
   stagger: bool = False
-  grouping: str = "map"
+  refresh_batching: str = "map"
   skip_nonfinite: bool = True
   max_consecutive_skips: Optional[int] = None
   mu_dtype: Any = None
@@ -216,7 +216,7 @@ def validate(cfg: Config) -> Config:
   _check_choice("grafting", cfg.grafting, GRAFTINGS)
   _check_choice("preconditioner", cfg.preconditioner, PRECONDITIONERS)
   _check_choice("refresh_method", cfg.refresh_method, REFRESH_METHODS)
-  _check_choice("grouping", cfg.grouping, GROUPINGS)
+  _check_choice("refresh_batching", cfg.refresh_batching, REFRESH_BATCHINGS)
   if cfg.pseudo_inverse_rtol is not None:
     _check_range("pseudo_inverse_rtol", cfg.pseudo_inverse_rtol, 0.0, 1.0,
                  high_open=True)

@@ -25,13 +25,13 @@ from foam_optax._src import preconditioners
 from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.config import Config, static_int, validate
-from foam_optax._src.config import Grafting, Grouping, Preconditioner
+from foam_optax._src.config import Grafting, RefreshBatching, Preconditioner
 from foam_optax._src.config import Proxy, RefreshMethod
 from foam_optax._src.controllers import Controller
 from foam_optax._src.factors import FactorState
 
 
-class GroupState(NamedTuple):
+class BlockClassState(NamedTuple):
   """State of one block class: every block of one shape in the tree, stacked.
 
   The leading axis of every array runs over the class's blocks (see
@@ -59,7 +59,7 @@ class ScaleByFoamState(NamedTuple):
     count: number of updates applied (the next update is step `count + 1`).
     nonfinite_skips: updates skipped because a gradient was not finite.
     leaves: per-parameter `LeafState`, in the parameters' tree structure.
-    groups: per block class (`block_classes`) a `GroupState`; on a device
+    groups: per block class (`block_classes`) a `BlockClassState`; on a device
       mesh each stack is padded to a multiple of the device count (see
       `distribution`).
     consecutive_skips: updates skipped in a row up to now (0 after an
@@ -223,14 +223,16 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
   layouts = [lay for lay, _ in both]
   tensor_layouts = [tensor for _, tensor in both]
   plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
-  if plan.distributed and cfg.grouping == "bucket":
+  if plan.distributed and cfg.refresh_batching == "bucket":
     # Measured on 8 CPU devices: with the batched refresh the collectives
     # around the per-device work reached the devices in different orders
     # and the step deadlocked; the per-factor refresh runs.
     raise ValueError(
-        "grouping='bucket' is not supported on a device mesh (its batched "
+        "refresh_batching='bucket' is not supported on a device mesh (its "
+        "batched "
         "refresh deadlocked the step's collectives on 8 CPU devices); use "
-        "grouping='map', which divides the eigendecompositions among the "
+        "refresh_batching='map', which divides the eigendecompositions among "
+        "the "
         "devices and skips each factor's individually.")
   classes = shaping.block_classes(layouts)
   slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
@@ -256,7 +258,7 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       "inverse_root": _storage(cfg.inv_factor_matrix_dtype, dtype)}
   second_moment_dtype = _storage(cfg.second_moment_dtype, dtype)
   groups = tuple(
-      GroupState(
+      BlockClassState(
           left=factor(count, c.rows, c.left),
           right=factor(count, c.cols, c.right),
           rotated_second_moment=(
@@ -312,7 +314,7 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
   Args:
     blocks: per class ``(grad, momentum, graft)`` stacks of (k, m, n) blocks
       (``graft`` None in eigenvalue-corrected mode).
-    groups: per class its `GroupState`.
+    groups: per class its `BlockClassState`.
     active: per class (k,) bool: the slot holds a block (not padding).
     step: the 1-based step.
 
@@ -387,7 +389,7 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
           cfg)
       moment = None
     directions.append(direction)
-    new_groups.append(GroupState(left, right, moment))
+    new_groups.append(BlockClassState(left, right, moment))
   return tuple(directions), tuple(new_groups)
 
 
@@ -641,9 +643,10 @@ def _keep_factor(new: Optional[FactorState], old: Optional[FactorState], keep):
                          for field in _CHANGED_EVERY_STEP})
 
 
-def _keep_group(new: GroupState, old: GroupState, keep) -> GroupState:
+def _keep_group(new: BlockClassState, old: BlockClassState,
+                keep) -> BlockClassState:
   moment = new.rotated_second_moment
-  return GroupState(
+  return BlockClassState(
       _keep_factor(new.left, old.left, keep),
       _keep_factor(new.right, old.right, keep),
       None if moment is None else keep(moment, old.rotated_second_moment))
@@ -731,7 +734,7 @@ def scale_by_foam(
     preconditioner: Preconditioner = "root_inverse",
     refresh_method: RefreshMethod = "eigh",
     stagger: bool = False,
-    grouping: Grouping = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -798,9 +801,9 @@ def scale_by_foam(
       period (the first check stays at ``s0``), which flattens the cost of
       check steps but moves them off the schedule above; off by default, so
       the defaults run the paper's algorithm.
-    grouping: ``'map'`` (one conditional per factor) or ``'bucket'`` (one
-      conditional per stack of same-sized factors, a batched refresh; one
-      device only).
+    refresh_batching: ``'map'`` (one conditional per factor) or ``'bucket'``
+      (one conditional per stack of same-sized factors, a batched refresh;
+      one device only).
     skip_nonfinite: skip the whole update (zero step, state kept, counter
       incremented) when any gradient is NaN or infinite, or so large that
       the sum of its squares overflows the statistics' dtype.
@@ -880,7 +883,8 @@ def scale_by_foam(
       grafting=grafting, graft_b2=graft_b2, graft_eps=graft_eps,
       controller=controller, residual_tol=residual_tol,
       precondition_1d=precondition_1d, preconditioner=preconditioner,
-      refresh_method=refresh_method, stagger=stagger, grouping=grouping,
+      refresh_method=refresh_method, stagger=stagger,
+      refresh_batching=refresh_batching,
       skip_nonfinite=skip_nonfinite,
       max_consecutive_skips=max_consecutive_skips,
       mu_dtype=mu_dtype,
