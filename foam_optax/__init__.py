@@ -21,6 +21,16 @@ from foam_optax._src.transform import ScaleByFoamState
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # Renamed; the old name goes in the next release.
+  if name == "GroupState":
+    import warnings
+    warnings.warn("foam_optax.GroupState is deprecated: it is now "
+                  "BlockClassState.", DeprecationWarning, stacklevel=2)
+    return BlockClassState
+  raise AttributeError(f"module 'foam_optax' has no attribute {name!r}")
+
 __all__ = [
     "DimensionNumbers",
     "FactorState",

@@ -453,3 +453,23 @@ def test_inject_hyperparams_with_static_storage_dtype_and_dimension_numbers():
   assert set(state.hyperparams) >= {"learning_rate", "epsilon"}
   with pytest.raises(ValueError, match="block_size"):
     jax.jit(optax.inject_hyperparams(fo.foam)(0.1).init)({"w": jnp.ones((4, 4))})
+
+
+@pytest.mark.parametrize("fn", _TRANSFORMS + _ALIASES)
+def test_grouping_still_accepted_as_refresh_batching(fn):
+  lr = {"learning_rate": 1e-3} if fn in _ALIASES else {}
+  with pytest.warns(DeprecationWarning, match="refresh_batching"):
+    fn(**lr, grouping="bucket")
+  # Forwarded: its value is validated as refresh_batching's.
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      ValueError, match="refresh_batching must be one of"):
+    fn(**lr, grouping="per_leaf")
+  with pytest.raises(TypeError, match="refresh_batching= only"):
+    fn(**lr, grouping="map", refresh_batching="map")
+  import inspect
+  assert "grouping" not in inspect.signature(fn).parameters
+
+
+def test_group_state_still_importable():
+  with pytest.warns(DeprecationWarning, match="BlockClassState"):
+    assert fo.GroupState is fo.BlockClassState

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import config
+from foam_optax._src.deprecation import renamed_argument
 from foam_optax._src.config import FirstStep, Grafting, RefreshBatching
 from foam_optax._src.config import Preconditioner, Proxy, RefreshMethod
 from foam_optax._src.config import RotationBasis, TensorShaping
@@ -159,6 +160,7 @@ def skip_nonfinite(
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
+@renamed_argument("grouping", "refresh_batching")
 def foam(
     learning_rate: ScalarOrSchedule,
     *,
@@ -234,6 +236,7 @@ def foam(
   return _alias(scale_by_foam, locals())
 
 
+@renamed_argument("grouping", "refresh_batching")
 def scale_by_shampoo(
     *,
     b1: float = 0.95,
@@ -286,6 +289,7 @@ def scale_by_shampoo(
   return scale_by_foam(controller="stale", max_epsilon=cap, **arguments)
 
 
+@renamed_argument("grouping", "refresh_batching")
 def shampoo(
     learning_rate: ScalarOrSchedule,
     *,
@@ -333,6 +337,7 @@ def shampoo(
   return _alias(scale_by_shampoo, locals())
 
 
+@renamed_argument("grouping", "refresh_batching")
 def scale_by_soap(
     *,
     b1: float = 0.95,
@@ -482,6 +487,7 @@ def scale_by_soap(
       tensor_shaping=tensor_shaping, merge_dims=merge_dims)))
 
 
+@renamed_argument("grouping", "refresh_batching")
 def soap(
     learning_rate: ScalarOrSchedule,
     *,

@@ -28,6 +28,7 @@ from foam_optax._src.config import Config, static_int, validate
 from foam_optax._src.config import Grafting, RefreshBatching, Preconditioner
 from foam_optax._src.config import Proxy, RefreshMethod
 from foam_optax._src.controllers import Controller
+from foam_optax._src.deprecation import renamed_argument
 from foam_optax._src.factors import FactorState
 
 
@@ -713,6 +714,7 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
       consecutive_skips=consecutive)
 
 
+@renamed_argument("grouping", "refresh_batching")
 def scale_by_foam(
     *,
     b1: float = 0.95,
