@@ -46,9 +46,8 @@ import optax
 
 import foam_optax as fo
 from foam_optax._src import controllers, grafting, linalg, preconditioners
-from foam_optax._src import shaping
+from foam_optax._src import transform
 from foam_optax._src.config import Config
-from foam_optax._src.transform import LeafState, block_classes
 
 MODELS = ("digits_mlp", "digits_cnn", "transformer_lm")
 FREQ = 20            # check_frequency of every periodic optimizer here
@@ -166,19 +165,15 @@ def refreshes(state):
 
 
 def block_stacks(params, grads):
-  """[(BlockClass, (count, m, n) gradient blocks)] as the library stacks
-  them: every block of one shape in the tree, together."""
+  """[(BlockClass, (count, m, n) gradient blocks)]: every block of one shape
+  in the tree, stacked by the library's own step code."""
   state = fo.scale_by_foam(check_frequency=FREQ).init(params)
-  layouts = [ls.layout for ls in jax.tree.leaves(
-      state.leaves, is_leaf=lambda x: isinstance(x, LeafState))]
-  grad_leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
-  stacks = []
-  for cls in block_classes(state):
-    blocks = [shaping.extract(shaping.to_matrices(grad_leaves[i], layouts[i]),
-                              layouts[i].groups[j])
-              for i, j in cls.members]
-    stacks.append((cls, jnp.concatenate(blocks)))
-  return stacks
+  cfg = Config(check_frequency=FREQ)
+  leaf_steps = [transform._prepare_leaf(g, ls, 1, cfg) for g, ls in zip(
+      jax.tree.leaves(grads), transform.leaf_states_of(state.leaves))]
+  return [(cls, transform._class_blocks(leaf_steps, "grad", cls, slots))
+          for cls, slots in zip(transform.block_classes(state),
+                                transform.slot_maps(state))]
 
 
 def part_timings(params, grads, repeats):
