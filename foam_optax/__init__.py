@@ -14,17 +14,27 @@ from foam_optax._src.shaping import DimensionNumbers
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.sharding import relayout
 from foam_optax._src.sharding import state_sharding
-from foam_optax._src.transform import GroupState
+from foam_optax._src.transform import BlockClassState
 from foam_optax._src.transform import LeafState
 from foam_optax._src.transform import scale_by_foam
 from foam_optax._src.transform import ScaleByFoamState
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # Renamed; the old name goes in the next release.
+  if name == "GroupState":
+    import warnings
+    warnings.warn("foam_optax.GroupState is deprecated: it is now "
+                  "BlockClassState.", DeprecationWarning, stacklevel=2)
+    return BlockClassState
+  raise AttributeError(f"module 'foam_optax' has no attribute {name!r}")
+
 __all__ = [
     "DimensionNumbers",
     "FactorState",
-    "GroupState",
+    "BlockClassState",
     "LeafState",
     "ScaleByFoamState",
     "decay_updated_weights",

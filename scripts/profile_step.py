@@ -11,7 +11,7 @@ prints:
   ``X_L · M · X_R`` that applying any Shampoo preconditioner must do;
 * whole steps on a replayed gradient sequence (gradients recorded once from
   the model, so every optimizer sees the same statistics): amortized step,
-  check steps, max/median with and without staggering, ``grouping='map'``
+  check steps, max/median with and without staggering, ``refresh_batching='map'``
   against ``'bucket'``, and Shampoo with ``check_frequency=1``;
 * optimizer-state bytes per parameter byte;
 * the compile time of the first ``update`` for a 12-layer, d_model 768
@@ -46,14 +46,13 @@ import optax
 
 import foam_optax as fo
 from foam_optax._src import controllers, grafting, linalg, preconditioners
-from foam_optax._src import shaping
+from foam_optax._src import transform
 from foam_optax._src.config import Config
-from foam_optax._src.transform import LeafState, block_classes
 
 MODELS = ("digits_mlp", "digits_cnn", "transformer_lm")
 FREQ = 20            # check_frequency of every periodic optimizer here
 LR = 1e-3
-DEFAULT_GROUPING = Config().grouping
+DEFAULT_REFRESH_BATCHING = Config().refresh_batching
 MARKERS = ("<!-- perf:start -->", "<!-- perf:end -->")
 APPLY = "apply X_L·M·X_R, cached X (2 products; the library)"
 APPLY_EIGENBASIS = "apply through Q, D, eps instead (4 products)"
@@ -112,10 +111,10 @@ def optimizers():
     return lambda: make(LR, check_frequency=FREQ, **kw)
   table = {"adamw": lambda: optax.adamw(LR)}
   for family, make in (("foam", fo.foam), ("shampoo", fo.shampoo)):
-    for grouping in ("map", "bucket"):
+    for refresh_batching in ("map", "bucket"):
       for stagger in (True, False):
-        table[f"{family} {grouping}{'' if stagger else ' no-stagger'}"] = (
-            foam_like(make, grouping=grouping, stagger=stagger))
+        table[f"{family} {refresh_batching}{'' if stagger else ' no-stagger'}"] = (
+            foam_like(make, refresh_batching=refresh_batching, stagger=stagger))
   table["shampoo f=1"] = lambda: fo.shampoo(LR, check_frequency=1)
   return table
 
@@ -166,19 +165,15 @@ def refreshes(state):
 
 
 def block_stacks(params, grads):
-  """[(BlockClass, (count, m, n) gradient blocks)] as the library stacks
-  them: every block of one shape in the tree, together."""
+  """[(BlockClass, (count, m, n) gradient blocks)]: every block of one shape
+  in the tree, stacked by the library's own step code."""
   state = fo.scale_by_foam(check_frequency=FREQ).init(params)
-  layouts = [ls.layout for ls in jax.tree.leaves(
-      state.leaves, is_leaf=lambda x: isinstance(x, LeafState))]
-  grad_leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
-  stacks = []
-  for cls in block_classes(state):
-    blocks = [shaping.extract(shaping.to_matrices(grad_leaves[i], layouts[i]),
-                              layouts[i].groups[j])
-              for i, j in cls.members]
-    stacks.append((cls, jnp.concatenate(blocks)))
-  return stacks
+  cfg = Config(check_frequency=FREQ)
+  leaf_steps = [transform._prepare_leaf(g, ls, 1, cfg) for g, ls in zip(
+      jax.tree.leaves(grads), transform.leaf_states_of(state.leaves))]
+  return [(cls, transform._class_blocks(leaf_steps, "grad", cls, slots))
+          for cls, slots in zip(transform.block_classes(state),
+                                transform.slot_maps(state))]
 
 
 def part_timings(params, grads, repeats):
@@ -353,7 +348,7 @@ Notes on reading these figures:
   products and grafting run as one batched kernel per stack; with one stack
   per leaf instead, FOAM's optimizer step on the Transformer took ~4.4 ms
   against ~2.7 ms (same machine, interleaved runs).
-* `grouping`: 'map' runs the proxy and `eigh` only for the factors whose
+* `refresh_batching`: 'map' runs the proxy and `eigh` only for the factors whose
   check step it is; 'bucket' runs them for the whole stack when any member
   is checked. The two are within noise here; 'map' stays the default because
   with staggering (opt-in, `stagger=True`) it never pays for unchecked stack
@@ -375,7 +370,7 @@ def report(results, layer, compile_times, command):
     out("|---|---:|")
     for part, seconds in parts.items():
       out(f"| {part} | {ms(seconds)} |")
-    foam_times, evds = runs[f"foam {DEFAULT_GROUPING}"]
+    foam_times, evds = runs[f"foam {DEFAULT_REFRESH_BATCHING}"]
     amortized = (parts["statistics"] + parts[APPLY]
                  + parts["grafting (Adam direction + rescale)"]
                  + parts["momentum EMA"]

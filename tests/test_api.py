@@ -328,6 +328,94 @@ def test_alias_defaults_agree_with_their_transformation(alias, core):
   assert {k: alias_defaults[k] for k in core_defaults} == core_defaults
 
 
+_TRANSFORMS = [fo.scale_by_foam, fo.scale_by_shampoo, fo.scale_by_soap]
+_ALIASES = [fo.foam, fo.shampoo, fo.soap]
+
+
+@pytest.mark.parametrize("fn", _TRANSFORMS + _ALIASES)
+def test_signatures_as_optax_writes_them(fn):
+  """Keyword-only after the learning rate, Literal string options,
+  optax.ScalarOrSchedule, and the type optax.chain returns."""
+  import inspect
+  import typing
+  sig = inspect.signature(fn, eval_str=True)
+  params = list(sig.parameters.values())
+  positional = [p.name for p in params
+                if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+  if fn in _ALIASES:
+    assert positional == ["learning_rate"]
+    assert params[0].annotation is optax.ScalarOrSchedule
+    assert sig.return_annotation is optax.GradientTransformationExtraArgs
+    assert isinstance(fn(1e-3), optax.GradientTransformationExtraArgs)
+  else:
+    assert positional == []
+    assert sig.return_annotation is optax.GradientTransformation
+  strings = {p.name: p for p in params if isinstance(p.default, str)}
+  assert {"controller", "refresh_batching"} <= set(strings) or fn in (
+      fo.shampoo, fo.scale_by_shampoo)
+  for p in strings.values():
+    assert typing.get_origin(p.annotation) is typing.Literal, p.name
+    assert p.default in typing.get_args(p.annotation), p.name
+    wrong = "not_" + p.default
+    with pytest.raises(ValueError, match=p.name):
+      fn(**({"learning_rate": 1e-3} if fn in _ALIASES else {}),
+         **{p.name: wrong})
+
+
+@pytest.mark.parametrize("alias,core", [(fo.foam, fo.scale_by_foam),
+                                        (fo.shampoo, fo.scale_by_shampoo),
+                                        (fo.soap, fo.scale_by_soap),
+                                        (fo.scale_by_shampoo,
+                                         fo.scale_by_foam)])
+def test_shared_arguments_agree_in_default_and_type(alias, core):
+  """Each argument two signatures share has one default and one type
+  (scale_by_shampoo is scale_by_foam with controller='stale')."""
+  import inspect
+  a = inspect.signature(alias, eval_str=True).parameters
+  c = inspect.signature(core, eval_str=True).parameters
+  shared = set(a) & set(c)
+  assert len(shared) >= 20
+  for name in shared:
+    assert (a[name].default, a[name].annotation) == (
+        c[name].default, c[name].annotation), name
+
+
+def test_controller_literal_names_the_registry():
+  import typing
+  from foam_optax._src import controllers
+  assert set(typing.get_args(controllers.Controller)) == set(
+      controllers.CONTROLLERS)
+
+
+def test_a_registered_controller_works_end_to_end():
+  """One registration: validation accepts it, every transformation runs it."""
+  from foam_optax._src import controllers
+  assert "test_never" not in controllers.CONTROLLERS
+
+  def never(factor, basis, eigvals, damping, cfg, key):
+    del factor, basis, key
+    return controllers.Decision(jnp.asarray(False), damping, eigvals,
+                                jnp.zeros((), damping.dtype))
+
+  controllers.register("test_never")(never)
+  try:
+    params = {"w": jnp.ones((6, 4)), "k": jnp.ones((2, 3, 4))}
+    for tx in (fo.scale_by_foam(controller="test_never", check_frequency=2),
+               fo.soap(1e-2, controller="test_never", check_frequency=2),
+               fo.scale_by_foam(controller="test_never", check_frequency=2,
+                                refresh_batching="bucket")):
+      updates, state = _run(tx, params, 6)
+      s = fo.stats(state)
+      # Only the first check of each factor decomposes; the later ones ask
+      # the new controller, which never refreshes.
+      assert int(s["eigendecompositions"]) == int(s["num_factors"]) > 0
+      assert int(s["checks"]) > int(s["num_factors"])
+      assert all(bool(jnp.all(jnp.isfinite(u)))
+                 for u in jax.tree.leaves(updates))
+  finally:
+    del controllers.CONTROLLERS["test_never"]
+
+
 def test_one_controller_registry():
   from foam_optax._src import config, controllers
   assert not hasattr(config, "CONTROLLERS")
@@ -365,3 +453,23 @@ def test_inject_hyperparams_with_static_storage_dtype_and_dimension_numbers():
   assert set(state.hyperparams) >= {"learning_rate", "epsilon"}
   with pytest.raises(ValueError, match="block_size"):
     jax.jit(optax.inject_hyperparams(fo.foam)(0.1).init)({"w": jnp.ones((4, 4))})
+
+
+@pytest.mark.parametrize("fn", _TRANSFORMS + _ALIASES)
+def test_grouping_still_accepted_as_refresh_batching(fn):
+  lr = {"learning_rate": 1e-3} if fn in _ALIASES else {}
+  with pytest.warns(DeprecationWarning, match="refresh_batching"):
+    fn(**lr, grouping="bucket")
+  # Forwarded: its value is validated as refresh_batching's.
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      ValueError, match="refresh_batching must be one of"):
+    fn(**lr, grouping="per_leaf")
+  with pytest.raises(TypeError, match="refresh_batching= only"):
+    fn(**lr, grouping="map", refresh_batching="map")
+  import inspect
+  assert "grouping" not in inspect.signature(fn).parameters
+
+
+def test_group_state_still_importable():
+  with pytest.warns(DeprecationWarning, match="BlockClassState"):
+    assert fo.GroupState is fo.BlockClassState

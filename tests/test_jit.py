@@ -72,9 +72,9 @@ def _unconditional_expensive_calls(hlo):
   return calls, [c for c in calls if c[0] in reached]
 
 
-@pytest.mark.parametrize("grouping", ["map", "bucket"])
-def test_compiled_program_no_retrace_stable_state(grouping):
-  tx = fo.scale_by_foam(grouping=grouping, **KW)
+@pytest.mark.parametrize("refresh_batching", ["map", "bucket"])
+def test_compiled_program_no_retrace_stable_state(refresh_batching):
+  tx = fo.scale_by_foam(refresh_batching=refresh_batching, **KW)
   traces = []
 
   def update(g, s):
@@ -113,7 +113,7 @@ def test_compiled_program_no_retrace_stable_state(grouping):
 
 def test_soap_power_qr_behind_conditionals():
   tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
-                        refresh_method="power_qr", grouping="bucket")
+                        refresh_method="power_qr", refresh_batching="bucket")
   state = tx.init(PARAMS)
   hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
                                  state).compile().as_text()
@@ -137,11 +137,11 @@ def executed_eighs(monkeypatch):
   return executed
 
 
-@pytest.mark.parametrize("grouping", ["map", "bucket"])
-def test_skipped_eigendecompositions_are_not_executed(grouping,
+@pytest.mark.parametrize("refresh_batching", ["map", "bucket"])
+def test_skipped_eigendecompositions_are_not_executed(refresh_batching,
                                                      executed_eighs):
   executed = executed_eighs
-  tx = fo.scale_by_foam(grouping=grouping, b2=0.99, **KW)
+  tx = fo.scale_by_foam(refresh_batching=refresh_batching, b2=0.99, **KW)
   rng = np.random.default_rng(3)
   # A slowly changing problem: a fixed mean gradient plus small noise.
   mean = _grads(rng)
@@ -163,7 +163,7 @@ def test_skipped_eigendecompositions_are_not_executed(grouping,
   # Checks at 2, 4, ..., 30 for every factor; most of them reuse the basis.
   assert checks == num_factors * (steps // 2)
   assert num_factors <= evds < checks // 3
-  if grouping == "map":
+  if refresh_batching == "map":
     # One eigh per factor refresh, none for the skipped ones.
     assert len(executed) == evds
   else:
@@ -225,8 +225,8 @@ def _branch_calls(hlo):
           for branches in conditionals]
 
 
-@pytest.mark.parametrize("grouping", ["map", "bucket"])
-def test_soap_power_qr_eigh_and_qr_in_separate_branches(grouping):
+@pytest.mark.parametrize("refresh_batching", ["map", "bucket"])
+def test_soap_power_qr_eigh_and_qr_in_separate_branches(refresh_batching):
   """Ordinary power-QR checks run a branch with the QR and no eigh.
 
   With 'map' the eigh (first basis) and the QR (later checks) are the two
@@ -236,7 +236,8 @@ def test_soap_power_qr_eigh_and_qr_in_separate_branches(grouping):
   ordinary checks, runs the QR alone.
   """
   tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
-                        refresh_method="power_qr", grouping=grouping)
+                        refresh_method="power_qr",
+                        refresh_batching=refresh_batching)
   hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
                                  tx.init(PARAMS)).compile().as_text()
   eigh, qr = EXPENSIVE
@@ -249,12 +250,12 @@ def test_soap_power_qr_eigh_and_qr_in_separate_branches(grouping):
     (eigh_side,) = [c for c in calls if eigh in c]
     (other,) = [c for c in calls if eigh not in c]
     assert other == {qr}, (names, calls)
-    if grouping == "map":
+    if refresh_batching == "map":
       assert eigh_side == {eigh}, (names, calls)
   # The QR-only branches are exactly those siblings: no other QR.
   assert sum(calls == {qr} for _, cs in conds for calls in cs) == len(
       with_eigh)
-  if grouping == "map":
+  if refresh_batching == "map":
     # No branch, and so no single computation, runs both kernels.
     assert not any({eigh, qr} <= c for _, cs in conds for c in cs)
 
@@ -270,15 +271,15 @@ def test_branch_analysis_detects_eigh_and_qr_together():
   assert sorted(map(sorted, calls)) == [["geqrf"], ["geqrf", "syevd"]]
 
 
-@pytest.mark.parametrize("grouping", ["map", "bucket"])
-def test_soap_power_qr_executes_eigh_only_for_first_bases(grouping,
+@pytest.mark.parametrize("refresh_batching", ["map", "bucket"])
+def test_soap_power_qr_executes_eigh_only_for_first_bases(refresh_batching,
                                                           executed_eighs):
   executed = executed_eighs
   # Stepping from the first gradient, tensors as blocked matrices (stacked
   # with the other blocks).
   tx = fo.scale_by_soap(check_frequency=2, block_size=4, precondition_1d=True,
                         stagger=False, refresh_method="power_qr",
-                        grouping=grouping, first_step="update",
+                        refresh_batching=refresh_batching, first_step="update",
                         tensor_shaping="matrix")
   steps = 8
   rng = np.random.default_rng(5)
@@ -301,7 +302,7 @@ def test_soap_power_qr_executes_eigh_only_for_first_bases(grouping,
   assert int(stats["eigendecompositions"][-1]) == 5 * num_factors
   # One eigh per factor ('map'), one batched eigh per stack ('bucket'),
   # for the first bases only.
-  assert len(executed) == (num_factors if grouping == "map" else stacks)
+  assert len(executed) == (num_factors if refresh_batching == "map" else stacks)
   assert stacks < num_factors
 
 

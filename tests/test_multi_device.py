@@ -170,10 +170,10 @@ _SCRIPT = textwrap.dedent("""
                                   for w in caught)
     try:
       with jax.set_mesh(mesh):
-        fo.shampoo(1e-2, grouping="bucket").init(params)
+        fo.shampoo(1e-2, refresh_batching="bucket").init(params)
       out["bucket_refused"] = False
     except ValueError as e:
-      out["bucket_refused"] = "grouping='map'" in str(e)
+      out["bucket_refused"] = "refresh_batching='map'" in str(e)
     print(json.dumps(out))
 """)
 

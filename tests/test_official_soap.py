@@ -94,10 +94,11 @@ def _compare(shapes, official_kwargs, **ours):
 DEFAULT_SHAPES = [(6, 5), (3, 4, 5), (7,), ()]
 
 
-@pytest.mark.parametrize("grouping", ["map", "bucket"])
-def test_defaults_reproduce_official_soap(grouping):
+@pytest.mark.parametrize("refresh_batching", ["map", "bucket"])
+def test_defaults_reproduce_official_soap(refresh_batching):
   # Every argument at its default on both sides (weight decay 0.01 too).
-  assert _compare(DEFAULT_SHAPES, {}, grouping=grouping) <= TOLERANCE
+  assert _compare(DEFAULT_SHAPES, {},
+                  refresh_batching=refresh_batching) <= TOLERANCE
 
 
 OPTION_CASES = {

@@ -25,7 +25,7 @@ def optimizers(draw):
       block_size=draw(st.sampled_from([None, 2, 3])),
       precondition_1d=draw(st.booleans()),
       stagger=draw(st.booleans()),
-      grouping=draw(st.sampled_from(["map", "bucket"])))
+      refresh_batching=draw(st.sampled_from(["map", "bucket"])))
   if kind == "soap":
     common.update(
         controller=draw(st.sampled_from(["stale", "foam", "residual"])),
@@ -79,7 +79,7 @@ def _bits(tree):
 # printed as drawn.
 @settings(max_examples=15, deadline=None, derandomize=True,
           phases=(Phase.explicit, Phase.generate))
-@example(tx=fo.soap(1e-2, check_frequency=1, grouping="bucket"),
+@example(tx=fo.soap(1e-2, check_frequency=1, refresh_batching="bucket"),
          shapes=[(2, 3), (2, 2, 3)], dtype=jnp.float32, scale=1.0, seed=0)
 @given(tx=optimizers(),
        shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=3),

@@ -123,16 +123,18 @@ def run_reference(shapes, grads, **kwargs):
   return ref, updates, arrays, stats, keys, margin
 
 
-def compare(shapes, kwargs, *, grouping="map", x64=True, rtol=1e-7,
+def compare(shapes, kwargs, *, refresh_batching="map", x64=True, rtol=1e-7,
             atol=1e-9, grads=None, soap=None):
   """Runs library and reference; asserts agreement; returns the reference
   figures for further assertions."""
   grads = make_grads(shapes) if grads is None else grads
   with jax.enable_x64(x64):
     if soap is None:
-      tx = fo.scale_by_foam(stagger=False, grouping=grouping, **kwargs)
+      tx = fo.scale_by_foam(stagger=False, refresh_batching=refresh_batching,
+                            **kwargs)
     else:
-      tx = fo.scale_by_soap(stagger=False, grouping=grouping, **soap)
+      tx = fo.scale_by_soap(stagger=False, refresh_batching=refresh_batching,
+                            **soap)
     dtype = jnp.float64 if x64 else jnp.float32
     _, lib_u, lib_f, lib_s, lib_keys = run_library(tx, grads, dtype)
   ref, ref_u, ref_f, ref_s, ref_keys, margin = run_reference(
@@ -179,12 +181,13 @@ def branches(ref_f):
 
 
 # The leaves split in two halves to keep compile time low: every controller
-# and every grouping meets both halves.
+# and every refresh_batching meets both halves.
 HALVES = {"A": [(4, 4), (2, 3, 4), (1, 5), ()],
           "B": [(2, 1, 2, 2, 3), (3, 5), (7,), ()]}
 
-# Each case: controller x grouping, with grafting / momentum / precondition_1d
-# spread over the cases so that every option meets every grouping.
+# Each case: controller x refresh_batching, with grafting / momentum /
+# precondition_1d
+# spread over the cases so that every option meets every refresh_batching.
 CASES = [
     ("stale", "map", "A", dict(grafting="adam", precondition_1d=True)),
     ("stale", "bucket", "B", dict(grafting="rmsprop", b1=0.0)),
@@ -200,7 +203,7 @@ CASES = [
                                   precondition_1d=True)),
     ("residual", "bucket", "B", dict(grafting="adam", precondition_1d=True)),
     # With those above, every controller meets grafting='none' and b1=0
-    # (no momentum) at least once; map grouping only, to stay cheap.
+    # (no momentum) at least once; map refresh_batching only, to stay cheap.
     ("stale", "map", "B", dict(grafting="none")),
     ("foam", "map", "A", dict(grafting="adam", b1=0.0)),
     ("foam_no_refresh", "map", "A", dict(grafting="none", b1=0.0,
@@ -209,9 +212,9 @@ CASES = [
 ]
 
 
-def _case_id(controller, grouping, half, extra):
+def _case_id(controller, refresh_batching, half, extra):
   momentum = "-b1=0" if extra.get("b1", BASE["b1"]) == 0 else ""
-  return f"{controller}-{grouping}-{half}-{extra['grafting']}{momentum}"
+  return f"{controller}-{refresh_batching}-{half}-{extra['grafting']}{momentum}"
 
 
 def test_cases_cover_every_controller_without_grafting_and_momentum():
@@ -222,11 +225,11 @@ def test_cases_cover_every_controller_without_grafting_and_momentum():
     assert any(e.get("b1", BASE["b1"]) == 0 for e in extras), controller
 
 
-@pytest.mark.parametrize("controller,grouping,half,extra", CASES,
+@pytest.mark.parametrize("controller,refresh_batching,half,extra", CASES,
                          ids=[_case_id(*case) for case in CASES])
-def test_matches_reference(controller, grouping, half, extra):
+def test_matches_reference(controller, refresh_batching, half, extra):
   kwargs = dict(BASE, controller=controller, **extra)
-  _, ref_f, _ = compare(HALVES[half], kwargs, grouping=grouping)
+  _, ref_f, _ = compare(HALVES[half], kwargs, refresh_batching=refresh_batching)
   reuses, later = branches(ref_f)
   checks = ref_f["checks"][-1]
   # Checks at s0=3 and every even step after it: 3, 4, 6, ..., 16.
@@ -256,7 +259,7 @@ def test_unblocked_and_max_precond_dim():
   # right factor, (4,6) only its left one.
   kwargs = dict(BASE, controller="foam", block_size=None, max_precond_dim=5,
                 precondition_1d=True)
-  ref, ref_f, _ = compare(SHAPES, kwargs, grouping="bucket")
+  ref, ref_f, _ = compare(SHAPES, kwargs, refresh_batching="bucket")
   sides = {(k[0], k[3]) for k in ref.factors()}
   assert (1, "L") not in sides and (1, "R") in sides
   assert (2, "L") in sides and (2, "R") not in sides

@@ -260,12 +260,12 @@ def _orthonormal(basis):
   return bool(jnp.all(jnp.abs(jnp.swapaxes(basis, -1, -2) @ basis - eye) < 1e-4))
 
 
-@pytest.mark.parametrize("name,grouping", [
+@pytest.mark.parametrize("name,refresh_batching", [
     ("foam", "map"), ("foam_fixed_damping", "bucket"), ("residual", "map"),
     ("shampoo", "bucket"), ("soap_eigh", "map")])
 def test_failed_eigendecomposition_keeps_basis_and_recovers(
-    name, grouping, monkeypatch):
-  tx = FAILING[name](stagger=False, grouping=grouping)
+    name, refresh_batching, monkeypatch):
+  tx = FAILING[name](stagger=False, refresh_batching=refresh_batching)
   params = _params()
   carry = (params, tx.init(params))
   healthy = _stepper(tx)

@@ -172,3 +172,19 @@ def test_stagger_comparison_one_pair_table(monkeypatch):
     assert np.isfinite(mean) and mean > 0 and std >= 0
   # Three steps, first check at step 20: no eigendecomposition either way.
   assert cells[3:] == ["0", "0"]
+
+
+def test_profile_step_stacks_blocks_as_the_library():
+  """Blocks of one shape across leaves form one stack, in tree order."""
+  import profile_step
+  params = {"a": jnp.ones((4, 3)), "b": jnp.ones((6, 2)), "c": jnp.ones((4, 3)),
+            "v": jnp.ones(3)}
+  grads = jax.tree.map(
+      lambda x: jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) + x.size,
+      params)
+  stacks = {(cls.rows, cls.cols): stack
+            for cls, stack in profile_step.block_stacks(params, grads)}
+  assert set(stacks) == {(4, 3), (6, 2)}
+  np.testing.assert_array_equal(stacks[(4, 3)],
+                                jnp.stack([grads["a"], grads["c"]]))
+  np.testing.assert_array_equal(stacks[(6, 2)], grads["b"][None])

@@ -142,14 +142,15 @@ def _run(tx, steps=16, seed=0):
     return final, jax.tree.map(np.asarray, trace)
 
 
-@pytest.mark.parametrize("controller,grouping", [
+@pytest.mark.parametrize("controller,refresh_batching", [
     ("foam", "map"), ("foam", "bucket"), ("residual", "map"),
     ("stale", "map")])
-def test_cached_inverse_root_matches_its_factors(controller, grouping):
+def test_cached_inverse_root_matches_its_factors(controller, refresh_batching):
   """After every step, X = Q diag((D+ε)^(-1/p)) Qᵀ for every factor, across
   checks that keep the damping, raise it, refresh, or (residual) replace D;
   and each of those kinds of check happened."""
-  tx = fo.scale_by_foam(controller=controller, grouping=grouping, **KW)
+  tx = fo.scale_by_foam(controller=controller,
+                        refresh_batching=refresh_batching, **KW)
   _, trace = _run(tx)
   kept = raised = refreshed = 0
   for proxy, refreshes, damping, error in trace:
@@ -201,15 +202,16 @@ def test_sketch_keys_follow_the_factor_not_the_schedule():
   factors with identical statistics get different probes."""
   params = {"a": jnp.ones((6, 5)), "b": jnp.ones((6, 5))}
   proxies = {}
-  for grouping in ("map", "bucket"):
-    tx = fo.scale_by_foam(proxy="sketch", proxy_probes=4, grouping=grouping,
+  for refresh_batching in ("map", "bucket"):
+    tx = fo.scale_by_foam(proxy="sketch", proxy_probes=4,
+                          refresh_batching=refresh_batching,
                           check_frequency=2, start_preconditioning_step=2)
     state, update = tx.init(params), jax.jit(tx.update)
     for i in range(6):
       grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1) * jnp.arange(5.0)),
                            params)
       _, state = update(grads, state)
-    proxies[grouping] = np.asarray(state.groups[0].left.proxy)
+    proxies[refresh_batching] = np.asarray(state.groups[0].left.proxy)
   np.testing.assert_allclose(proxies["map"], proxies["bucket"], rtol=1e-6)
   assert proxies["map"][0] != proxies["map"][1]
 

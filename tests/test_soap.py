@@ -151,14 +151,15 @@ SOAP_CASES = [
 
 
 @pytest.mark.parametrize(
-    "controller,refresh,grouping,extra", SOAP_CASES,
+    "controller,refresh,refresh_batching,extra", SOAP_CASES,
     ids=[f"{c}-{r}-{g}" + "".join(f"-{k}={v}" for k, v in e.items())
          for c, r, g, e in SOAP_CASES])
-def test_soap_matches_reference(controller, refresh, grouping, extra):
+def test_soap_matches_reference(controller, refresh, refresh_batching, extra):
   soap, ref = _soap_and_reference_kwargs(controller=controller,
                                          refresh_method=refresh, **extra)
   shapes = INIT_ONLY_SHAPES if soap["first_step"] == "init_only" else SHAPES
-  _, ref_f, _ = compare(shapes, ref, soap=soap, grouping=grouping)
+  _, ref_f, _ = compare(shapes, ref, soap=soap,
+                        refresh_batching=refresh_batching)
   reuses, later = branches(ref_f)
   if controller == "foam_no_refresh":
     # Only the first basis; the damping rises to its cap instead.
@@ -175,7 +176,7 @@ def test_foam_eigenvalue_corrected_matches_reference():
   # grafting option applying to the unpreconditioned scalar.
   kwargs = dict(BASE, controller="foam", preconditioner="eigenvalue_corrected",
                 refresh_method="eigh", grafting="sgd", precondition_1d=True)
-  _, ref_f, _ = compare(SHAPES, kwargs, grouping="map")
+  _, ref_f, _ = compare(SHAPES, kwargs, refresh_batching="map")
   reuses, later = branches(ref_f)
   assert reuses > 0 and later > 0, (reuses, later)
 

@@ -60,7 +60,7 @@ CASES = [
     ("grafting", "adagrad", r"one of \("),
     ("preconditioner", "inverse", r"one of \("),
     ("refresh_method", "lanczos", r"one of \("),
-    ("grouping", "vmap", r"one of \("),
+    ("refresh_batching", "vmap", r"one of \("),
     ("proxy", "hutchinson", r"one of \("),
     ("proxy_probes", 0, INT1), ("proxy_probes", 4.5, INT1),
     ("precondition_1d", "yes", "a bool"),

@@ -5,8 +5,6 @@ scale_by_learning_rate(lr))``. Signatures are explicit so that
 `optax.inject_hyperparams` can inject any numeric argument.
 """
 
-from __future__ import annotations
-
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -14,12 +12,17 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import config
+from foam_optax._src.deprecation import renamed_argument
+from foam_optax._src.config import FirstStep, Grafting, RefreshBatching
+from foam_optax._src.config import Preconditioner, Proxy, RefreshMethod
+from foam_optax._src.config import RotationBasis, TensorShaping
+from foam_optax._src.controllers import Controller
 from foam_optax._src.transform import all_finite, from_config, scale_by_foam
 from foam_optax._src.transform import skipping
 from foam_optax._src.transform import ScaleByFoamState
 
-ScalarOrSchedule = Union[float, Any, Callable[[Any], Any]]
-MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+ScalarOrSchedule = optax.ScalarOrSchedule
+MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
 
 def _alias(scale_by, arguments, decay_after_update=False,
@@ -157,8 +160,10 @@ def skip_nonfinite(
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
+@renamed_argument("grouping", "refresh_batching")
 def foam(
     learning_rate: ScalarOrSchedule,
+    *,
     b1: float = 0.95,
     b2: float = 0.995,
     epsilon: float = 1e-9,
@@ -169,17 +174,17 @@ def foam(
     block_size: Optional[int] = 1024,
     max_precond_dim: Optional[int] = None,
     start_preconditioning_step: Optional[int] = None,
-    grafting: str = "adam",
+    grafting: Grafting = "adam",
     graft_b2: float = 0.995,
     graft_eps: float = 1e-9,
-    controller: str = "foam",
+    controller: Controller = "foam",
     residual_tol: float = 0.1,
     precondition_1d: bool = False,
-    preconditioner: str = "root_inverse",
-    refresh_method: str = "eigh",
+    preconditioner: Preconditioner = "root_inverse",
+    refresh_method: RefreshMethod = "eigh",
     stagger: bool = False,
     statistics_compute_steps: int = 1,
-    grouping: str = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -190,11 +195,11 @@ def foam(
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
     cache_inverse_root: bool = True,
-    proxy: str = "exact",
+    proxy: Proxy = "exact",
     proxy_probes: int = 16,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """FOAM: Shampoo with adaptive damping and adaptive eigendecomposition.
 
   ``optax.chain(scale_by_foam(...), add_decayed_weights(weight_decay,
@@ -232,7 +237,9 @@ def foam(
   return _alias(scale_by_foam, locals())
 
 
+@renamed_argument("grouping", "refresh_batching")
 def scale_by_shampoo(
+    *,
     b1: float = 0.95,
     b2: float = 0.995,
     epsilon: float = 1e-9,
@@ -241,13 +248,13 @@ def scale_by_shampoo(
     block_size: Optional[int] = 1024,
     max_precond_dim: Optional[int] = None,
     start_preconditioning_step: Optional[int] = None,
-    grafting: str = "adam",
+    grafting: Grafting = "adam",
     graft_b2: float = 0.995,
     graft_eps: float = 1e-9,
     precondition_1d: bool = False,
     stagger: bool = False,
     statistics_compute_steps: int = 1,
-    grouping: str = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -284,8 +291,10 @@ def scale_by_shampoo(
   return scale_by_foam(controller="stale", max_epsilon=cap, **arguments)
 
 
+@renamed_argument("grouping", "refresh_batching")
 def shampoo(
     learning_rate: ScalarOrSchedule,
+    *,
     b1: float = 0.95,
     b2: float = 0.995,
     epsilon: float = 1e-9,
@@ -294,13 +303,13 @@ def shampoo(
     block_size: Optional[int] = 1024,
     max_precond_dim: Optional[int] = None,
     start_preconditioning_step: Optional[int] = None,
-    grafting: str = "adam",
+    grafting: Grafting = "adam",
     graft_b2: float = 0.995,
     graft_eps: float = 1e-9,
     precondition_1d: bool = False,
     stagger: bool = False,
     statistics_compute_steps: int = 1,
-    grouping: str = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -313,7 +322,7 @@ def shampoo(
     cache_inverse_root: bool = True,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Stale Shampoo (`scale_by_shampoo`) with weight decay and learning rate.
 
   Non-finite gradients: a step with a NaN/Inf gradient is skipped whole
@@ -331,7 +340,9 @@ def shampoo(
   return _alias(scale_by_shampoo, locals())
 
 
+@renamed_argument("grouping", "refresh_batching")
 def scale_by_soap(
+    *,
     b1: float = 0.95,
     b2: float = 0.95,
     epsilon: float = 1e-8,
@@ -339,13 +350,13 @@ def scale_by_soap(
     max_precond_dim: Optional[int] = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
-    rotation_basis: str = "previous",
-    first_step: str = "init_only",
-    tensor_shaping: str = "per_dimension",
+    rotation_basis: RotationBasis = "previous",
+    first_step: FirstStep = "init_only",
+    tensor_shaping: TensorShaping = "per_dimension",
     block_size: Optional[int] = None,
     start_preconditioning_step: int = 1,
-    refresh_method: str = "power_qr",
-    controller: str = "stale",
+    refresh_method: RefreshMethod = "power_qr",
+    controller: Controller = "stale",
     controller_epsilon: float = 1e-9,
     max_epsilon: float = 3e-7,
     threshold: float = 0.75,
@@ -353,7 +364,7 @@ def scale_by_soap(
     residual_tol: float = 0.1,
     stagger: bool = False,
     statistics_compute_steps: int = 1,
-    grouping: str = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -361,7 +372,7 @@ def scale_by_soap(
     factor_matrix_dtype: Optional[Any] = None,
     factor_matrix_eigenvectors_dtype: Optional[Any] = None,
     weight_dimension_numbers: Optional[Any] = None,
-    proxy: str = "exact",
+    proxy: Proxy = "exact",
     proxy_probes: int = 16,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
@@ -469,7 +480,7 @@ def scale_by_soap(
       residual_tol=residual_tol, precondition_1d=precondition_1d,
       preconditioner="eigenvalue_corrected", refresh_method=refresh_method,
       stagger=stagger, statistics_compute_steps=statistics_compute_steps,
-      grouping=grouping, skip_nonfinite=skip_nonfinite,
+      refresh_batching=refresh_batching, skip_nonfinite=skip_nonfinite,
       max_consecutive_skips=max_consecutive_skips,
       mu_dtype=mu_dtype, second_moment_dtype=second_moment_dtype,
       factor_matrix_dtype=factor_matrix_dtype,
@@ -480,8 +491,10 @@ def scale_by_soap(
       tensor_shaping=tensor_shaping, merge_dims=merge_dims)))
 
 
+@renamed_argument("grouping", "refresh_batching")
 def soap(
     learning_rate: ScalarOrSchedule,
+    *,
     b1: float = 0.95,
     b2: float = 0.95,
     epsilon: float = 1e-8,
@@ -489,13 +502,13 @@ def soap(
     max_precond_dim: Optional[int] = 10000,
     merge_dims: bool = False,
     precondition_1d: bool = False,
-    rotation_basis: str = "previous",
-    first_step: str = "init_only",
-    tensor_shaping: str = "per_dimension",
+    rotation_basis: RotationBasis = "previous",
+    first_step: FirstStep = "init_only",
+    tensor_shaping: TensorShaping = "per_dimension",
     block_size: Optional[int] = None,
     start_preconditioning_step: int = 1,
-    refresh_method: str = "power_qr",
-    controller: str = "stale",
+    refresh_method: RefreshMethod = "power_qr",
+    controller: Controller = "stale",
     controller_epsilon: float = 1e-9,
     max_epsilon: float = 3e-7,
     threshold: float = 0.75,
@@ -503,7 +516,7 @@ def soap(
     residual_tol: float = 0.1,
     stagger: bool = False,
     statistics_compute_steps: int = 1,
-    grouping: str = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -511,12 +524,12 @@ def soap(
     factor_matrix_dtype: Optional[Any] = None,
     factor_matrix_eigenvectors_dtype: Optional[Any] = None,
     weight_dimension_numbers: Optional[Any] = None,
-    proxy: str = "exact",
+    proxy: Proxy = "exact",
     proxy_probes: int = 16,
     weight_decay: float = 0.01,
     weight_decay_mask: MaskOrFn = None,
     decay_after_update: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """SOAP (`scale_by_soap`) with decoupled weight decay and learning rate.
 
   Non-finite gradients: a step with a NaN/Inf gradient is skipped whole

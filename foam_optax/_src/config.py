@@ -10,20 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import jax
 import numpy as np
 import jax.numpy as jnp
 
-GRAFTINGS = ("adam", "rmsprop", "sgd", "none")
-PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
-REFRESH_METHODS = ("eigh", "power_qr")
-GROUPINGS = ("map", "bucket")
-PROXIES = ("exact", "sketch")
-ROTATION_BASES = ("updated", "previous")
-FIRST_STEPS = ("update", "init_only")
-TENSOR_SHAPINGS = ("matrix", "per_dimension")
+# The string options: each type annotates the signatures, and validation
+# accepts exactly its values.
+Grafting = Literal["adam", "rmsprop", "sgd", "none"]
+Preconditioner = Literal["root_inverse", "eigenvalue_corrected"]
+RefreshMethod = Literal["eigh", "power_qr"]
+RefreshBatching = Literal["map", "bucket"]
+Proxy = Literal["exact", "sketch"]
+RotationBasis = Literal["updated", "previous"]
+FirstStep = Literal["update", "init_only"]
+TensorShaping = Literal["matrix", "per_dimension"]
+
+GRAFTINGS = get_args(Grafting)
+PRECONDITIONERS = get_args(Preconditioner)
+REFRESH_METHODS = get_args(RefreshMethod)
+REFRESH_BATCHINGS = get_args(RefreshBatching)
+PROXIES = get_args(Proxy)
+ROTATION_BASES = get_args(RotationBasis)
+FIRST_STEPS = get_args(FirstStep)
+TENSOR_SHAPINGS = get_args(TensorShaping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +61,7 @@ class Config:
   refresh_method: str = "eigh"
   stagger: bool = False
   statistics_compute_steps: Any = 1
-  grouping: str = "map"
+  refresh_batching: str = "map"
   skip_nonfinite: bool = True
   max_consecutive_skips: Optional[int] = None
   mu_dtype: Any = None
@@ -207,7 +218,7 @@ def validate(cfg: Config) -> Config:
   _check_choice("grafting", cfg.grafting, GRAFTINGS)
   _check_choice("preconditioner", cfg.preconditioner, PRECONDITIONERS)
   _check_choice("refresh_method", cfg.refresh_method, REFRESH_METHODS)
-  _check_choice("grouping", cfg.grouping, GROUPINGS)
+  _check_choice("refresh_batching", cfg.refresh_batching, REFRESH_BATCHINGS)
   if cfg.pseudo_inverse_rtol is not None:
     _check_range("pseudo_inverse_rtol", cfg.pseudo_inverse_rtol, 0.0, 1.0,
                  high_open=True)

@@ -9,21 +9,48 @@ same controllers serve root-inverse Shampoo and eigenvalue-corrected (SOAP)
 preconditioning.
 
 Adding a method means writing one function `(factor, basis, eigvals, damping,
-cfg, key) -> Decision` and registering it in `CONTROLLERS`. `key` is a
+cfg, key) -> Decision` and decorating it with `register(name)`: that one
+registry is what validation accepts and what `factors.py` dispatches on, so
+``controller=name`` then works in every transformation. `key` is a
 `jax.random` key that the caller derives from the step and the factor's
 identity, so randomized measures (``proxy='sketch'``) are reproducible and
-independent across factors; deterministic controllers ignore it.
+independent across factors; deterministic controllers ignore it (register
+those that use it with ``uses_key=True``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from foam_optax._src import linalg
 from foam_optax._src.config import Config, static_int
+
+
+# The built-in controllers, for type checkers (`register` adds others).
+Controller = Literal["stale", "foam", "foam_fixed_damping", "foam_no_refresh",
+                     "residual"]
+
+ControllerFn = Callable[..., "Decision"]
+
+# name -> controller: the one registry (see `register`).
+CONTROLLERS: dict[str, ControllerFn] = {}
+# Controllers that use their `key`: only they get keys (``proxy='sketch'``).
+SKETCHABLE: set[str] = set()
+
+
+def register(name: str, *, uses_key: bool = False):
+  """Decorator: makes the controller usable as ``controller=name``."""
+
+  def add(fn: ControllerFn) -> ControllerFn:
+    CONTROLLERS[name] = fn
+    if uses_key:
+      SKETCHABLE.add(name)
+    return fn
+
+  return add
 
 
 class Decision(NamedTuple):
@@ -98,6 +125,7 @@ def _damping_floor(damping, cfg):
   return jnp.maximum(jnp.asarray(cfg.epsilon, damping.dtype), damping)
 
 
+@register("stale")
 def stale(factor, basis, eigvals, damping, cfg: Config, key) -> Decision:
   del basis, damping, key
   dtype = eigvals.dtype
@@ -105,6 +133,7 @@ def stale(factor, basis, eigvals, damping, cfg: Config, key) -> Decision:
                   jnp.zeros((), dtype))
 
 
+@register("foam", uses_key=True)
 def foam(factor, basis, eigvals, damping, cfg: Config,
          key) -> Decision:
   current = _damping_floor(damping, cfg)
@@ -116,6 +145,7 @@ def foam(factor, basis, eigvals, damping, cfg: Config,
                   proxy.astype(damping.dtype))
 
 
+@register("foam_fixed_damping", uses_key=True)
 def foam_fixed_damping(factor, basis, eigvals, damping, cfg: Config,
                        key) -> Decision:
   eps0 = jnp.asarray(cfg.epsilon, damping.dtype)
@@ -124,6 +154,7 @@ def foam_fixed_damping(factor, basis, eigvals, damping, cfg: Config,
   return Decision(refresh, eps0, eigvals, proxy.astype(damping.dtype))
 
 
+@register("foam_no_refresh", uses_key=True)
 def foam_no_refresh(factor, basis, eigvals, damping, cfg: Config,
                     key) -> Decision:
   current = _damping_floor(damping, cfg)
@@ -135,6 +166,7 @@ def foam_no_refresh(factor, basis, eigvals, damping, cfg: Config,
                   proxy.astype(damping.dtype))
 
 
+@register("residual")
 def residual(factor, basis, eigvals, damping, cfg: Config, key) -> Decision:
   """Purifying Shampoo: keep Q while Qᵀ A Q stays nearly diagonal."""
   del eigvals, key
@@ -146,15 +178,3 @@ def residual(factor, basis, eigvals, damping, cfg: Config, key) -> Decision:
   refresh = jnp.logical_not(off_diagonal <= cfg.residual_tol * total)
   return Decision(refresh, jnp.asarray(cfg.epsilon, damping.dtype),
                   jnp.maximum(diagonal, 0.0), relative.astype(damping.dtype))
-
-
-# Controllers whose measure `proxy='sketch'` estimates.
-SKETCHABLE = ("foam", "foam_fixed_damping", "foam_no_refresh")
-
-CONTROLLERS: dict[str, Callable[..., Decision]] = {
-    "stale": stale,
-    "foam": foam,
-    "foam_fixed_damping": foam_fixed_damping,
-    "foam_no_refresh": foam_no_refresh,
-    "residual": residual,
-}

@@ -15,10 +15,11 @@ can interleave them across stacks and devices:
    `vmap`-batched one, so a factor that keeps its basis executes no `eigh`.
    Two schedules of that work are offered:
 
-   * ``grouping='map'``: `lax.map` over the stack, one `lax.cond` per factor.
-   * ``grouping='bucket'``: one `lax.cond` for the whole stack that runs a
-     batched refresh when any member needs it, then keeps the old basis of
-     the members that did not ask.
+   * ``refresh_batching='map'``: `lax.map` over the stack, one `lax.cond` per
+     factor.
+   * ``refresh_batching='bucket'``: one `lax.cond` for the whole stack that
+     runs a batched refresh when any member needs it, then keeps the old
+     basis of the members that did not ask.
 
    On a device mesh each device refreshes its own slice of the stack. When
    one device holds more than its share of the step's ``n`` requests (over
@@ -168,7 +169,8 @@ def _compute_refresh(factor, basis, first, cfg: Config) -> _Refresh:
 
 
 def _compute_refresh_stack(factors, basis, first, cfg: Config) -> _Refresh:
-  """Fresh bases for a whole stack with batched kernels (`grouping='bucket'`).
+  """Fresh bases for a whole stack with batched kernels
+  (`refresh_batching='bucket'`).
 
   `first` marks the members that need their first, full eigendecomposition.
   Power-QR stacks run the batched `eigh` only when some member does (at
@@ -235,7 +237,8 @@ def probe_keys(step, factor_ids, cfg: Config):
 
   A key depends only on the step and the factor's integer id, so randomized
   controllers (``proxy='sketch'``) give the same decisions on every run,
-  under either grouping and on any mesh (the ids are the factors' blocks,
+  under either refresh_batching and on any mesh (the ids are the factors'
+  blocks,
   not their slots: see `transform._factor_ids`).
   """
   if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
@@ -287,7 +290,7 @@ def _refresh_local(fs: FactorState, need, correction, cfg: Config) -> _Refresh:
   """Fresh bases for this device's factors that asked."""
   first = fs.checks == 0
   size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
-  if cfg.grouping == "bucket":
+  if cfg.refresh_batching == "bucket":
     stack = lambda: _compute_refresh_stack(
         fs.statistic / correction, fs.basis, first & need, cfg)
     return lax.cond(jnp.any(need), stack,

@@ -30,7 +30,8 @@ import numpy as np
 
 from foam_optax._src import distribution
 from foam_optax._src.transform import leaf_states_of
-from foam_optax._src.transform import GroupState, LeafState, ScaleByFoamState
+from foam_optax._src.transform import BlockClassState, LeafState
+from foam_optax._src.transform import ScaleByFoamState
 from foam_optax._src.transform import slot_maps
 
 
@@ -94,7 +95,7 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding,
   leaves = [leaf(ls, s) for ls, s in
             zip(leaf_states, treedef.flatten_up_to(params_sharding))]
   groups = tuple(
-      GroupState(*(None if part is None else jax.tree.map(lambda _: stack,
+      BlockClassState(*(None if part is None else jax.tree.map(lambda _: stack,
                                                           part)
                    for part in gs))
       for gs in state.groups)

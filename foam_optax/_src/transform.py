@@ -25,10 +25,14 @@ from foam_optax._src import preconditioners
 from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.config import Config, static_int, validate
+from foam_optax._src.config import Grafting, RefreshBatching, Preconditioner
+from foam_optax._src.config import Proxy, RefreshMethod
+from foam_optax._src.controllers import Controller
+from foam_optax._src.deprecation import renamed_argument
 from foam_optax._src.factors import FactorState
 
 
-class GroupState(NamedTuple):
+class BlockClassState(NamedTuple):
   """State of one block class: every block of one shape in the tree, stacked.
 
   The leading axis of every array runs over the class's blocks (see
@@ -56,7 +60,7 @@ class ScaleByFoamState(NamedTuple):
     count: number of updates applied (the next update is step `count + 1`).
     nonfinite_skips: updates skipped because a gradient was not finite.
     leaves: per-parameter `LeafState`, in the parameters' tree structure.
-    groups: per block class (`block_classes`) a `GroupState`; on a device
+    groups: per block class (`block_classes`) a `BlockClassState`; on a device
       mesh each stack is padded to a multiple of the device count (see
       `distribution`).
     consecutive_skips: updates skipped in a row up to now (0 after an
@@ -225,14 +229,16 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
   layouts = [lay for lay, _ in both]
   tensor_layouts = [tensor for _, tensor in both]
   plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
-  if plan.distributed and cfg.grouping == "bucket":
+  if plan.distributed and cfg.refresh_batching == "bucket":
     # Measured on 8 CPU devices: with the batched refresh the collectives
     # around the per-device work reached the devices in different orders
     # and the step deadlocked; the per-factor refresh runs.
     raise ValueError(
-        "grouping='bucket' is not supported on a device mesh (its batched "
+        "refresh_batching='bucket' is not supported on a device mesh (its "
+        "batched "
         "refresh deadlocked the step's collectives on 8 CPU devices); use "
-        "grouping='map', which divides the eigendecompositions among the "
+        "refresh_batching='map', which divides the eigendecompositions among "
+        "the "
         "devices and skips each factor's individually.")
   classes = shaping.block_classes(layouts)
   slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
@@ -258,7 +264,7 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
       "inverse_root": _storage(cfg.inv_factor_matrix_dtype, dtype)}
   second_moment_dtype = _storage(cfg.second_moment_dtype, dtype)
   groups = tuple(
-      GroupState(
+      BlockClassState(
           left=factor(count, c.rows, c.left),
           right=factor(count, c.cols, c.right),
           rotated_second_moment=(
@@ -314,7 +320,7 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
   Args:
     blocks: per class ``(grad, momentum, graft)`` stacks of (k, m, n) blocks
       (``graft`` None in eigenvalue-corrected mode).
-    groups: per class its `GroupState`.
+    groups: per class its `BlockClassState`.
     active: per class (k,) bool: the slot holds a block (not padding).
     step: the 1-based step.
 
@@ -416,7 +422,7 @@ def _block_step(blocks, groups, active, step, cfg: Config, *, classes,
           cfg)
       moment = None
     directions.append(direction)
-    new_groups.append(GroupState(left, right, moment))
+    new_groups.append(BlockClassState(left, right, moment))
   return tuple(directions), tuple(new_groups)
 
 
@@ -670,9 +676,10 @@ def _keep_factor(new: Optional[FactorState], old: Optional[FactorState], keep):
                          for field in _CHANGED_EVERY_STEP})
 
 
-def _keep_group(new: GroupState, old: GroupState, keep) -> GroupState:
+def _keep_group(new: BlockClassState, old: BlockClassState,
+                keep) -> BlockClassState:
   moment = new.rotated_second_moment
-  return GroupState(
+  return BlockClassState(
       _keep_factor(new.left, old.left, keep),
       _keep_factor(new.right, old.right, keep),
       None if moment is None else keep(moment, old.rotated_second_moment))
@@ -739,7 +746,9 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
       consecutive_skips=consecutive)
 
 
+@renamed_argument("grouping", "refresh_batching")
 def scale_by_foam(
+    *,
     b1: float = 0.95,
     b2: float = 0.995,
     epsilon: float = 1e-9,
@@ -750,17 +759,17 @@ def scale_by_foam(
     block_size: Optional[int] = 1024,
     max_precond_dim: Optional[int] = None,
     start_preconditioning_step: Optional[int] = None,
-    grafting: str = "adam",
+    grafting: Grafting = "adam",
     graft_b2: float = 0.995,
     graft_eps: float = 1e-9,
-    controller: str = "foam",
+    controller: Controller = "foam",
     residual_tol: float = 0.1,
     precondition_1d: bool = False,
-    preconditioner: str = "root_inverse",
-    refresh_method: str = "eigh",
+    preconditioner: Preconditioner = "root_inverse",
+    refresh_method: RefreshMethod = "eigh",
     stagger: bool = False,
     statistics_compute_steps: int = 1,
-    grouping: str = "map",
+    refresh_batching: RefreshBatching = "map",
     skip_nonfinite: bool = True,
     max_consecutive_skips: Optional[int] = None,
     mu_dtype: Optional[Any] = None,
@@ -771,7 +780,7 @@ def scale_by_foam(
     pseudo_inverse_rtol: Optional[float] = None,
     weight_dimension_numbers: Optional[Any] = None,
     cache_inverse_root: bool = True,
-    proxy: str = "exact",
+    proxy: Proxy = "exact",
     proxy_probes: int = 16,
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
@@ -832,9 +841,9 @@ def scale_by_foam(
       distributed Shampoo's option of that name), saving ``2 m² n`` flops
       per ``m x n`` block on the other steps; the bias correction counts
       the accumulations. 1 (every step, the paper's) by default.
-    grouping: ``'map'`` (one conditional per factor) or ``'bucket'`` (one
-      conditional per stack of same-sized factors, a batched refresh; one
-      device only).
+    refresh_batching: ``'map'`` (one conditional per factor) or ``'bucket'``
+      (one conditional per stack of same-sized factors, a batched refresh;
+      one device only).
     skip_nonfinite: skip the whole update (zero step, state kept, counter
       incremented) when any gradient is NaN or infinite, or so large that
       the sum of its squares overflows the statistics' dtype.
@@ -915,7 +924,8 @@ def scale_by_foam(
       controller=controller, residual_tol=residual_tol,
       precondition_1d=precondition_1d, preconditioner=preconditioner,
       refresh_method=refresh_method, stagger=stagger,
-      statistics_compute_steps=statistics_compute_steps, grouping=grouping,
+      statistics_compute_steps=statistics_compute_steps,
+      refresh_batching=refresh_batching,
       skip_nonfinite=skip_nonfinite,
       max_consecutive_skips=max_consecutive_skips,
       mu_dtype=mu_dtype,

@@ -1,0 +1,290 @@
+"""optax 0.2.8's own contract suites, run against `foam`, `shampoo` and `soap`.
+
+The test functions are optax's: those of `optax/contrib/_common_test.py` and
+the generic part of `optax/_src/alias_test.py`, imported from the installed
+package and re-bound so that the names they look optimizers up by resolve to
+ours. Two substitutions only:
+
+* the optimizer factories (``_get_opt_factory`` / ``_get_opt``);
+* ``inject_hyperparams`` makes `block_size` and `max_precond_dim` static, as
+  optax's suite does for adafactor's ``min_dim_size_to_factor``: they decide
+  the state's shapes, so a jitted ``init`` cannot read them traced.
+
+Complex dtypes are left out: the optimizers reject complex parameters at
+``init`` (tested in test_api.py). Each optimizer also runs with
+``precondition_1d=True`` (the suites' problems are mostly vectors); outside
+the convergence tests those runs are marked slow.
+"""
+
+import types
+import unittest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import foam_optax as fo
+
+absltest = pytest.importorskip("absl.testing.absltest")
+contrib_suite = pytest.importorskip("optax.contrib._common_test")
+alias_suite = pytest.importorskip("optax._src.alias_test")
+
+FACTORIES = {"foam": fo.foam, "shampoo": fo.shampoo, "soap": fo.soap}
+STRUCTURAL = ("block_size", "max_precond_dim")
+
+# As optax lists its own: a name and the arguments the suites call it with.
+# The suites' problems are mostly vectors, which only `precondition_1d`
+# preconditions: each optimizer runs with it too.
+OPTIMIZERS = tuple(
+    {"opt_name": name, "opt_kwargs": {"learning_rate": 1e-2, **extra}}
+    for name in FACTORIES for extra in ({}, {"precondition_1d": True}))
+NO_WRAPPER = {"wrapper_name": None, "wrapper_kwargs": None}
+
+
+def _inject_with_static_structure(factory, static_args=()):
+  return optax.inject_hyperparams(
+      factory, static_args=tuple(static_args) + STRUCTURAL)
+
+
+_INJECT = types.SimpleNamespace(inject_hyperparams=_inject_with_static_structure)
+
+
+def _rebind(suite, class_name, name):
+  """optax's test function `suite.class_name.name`, reading our
+  optimizers. (Classes are looked up here, not held at module level, where
+  pytest would collect and run optax's whole suites.)"""
+  cls = getattr(suite, class_name)
+  generated = next(v for k, v in vars(cls).items()
+                   if k.startswith(name) and k[len(name):].isdigit())
+  original = generated.__wrapped__
+  namespace = dict(original.__globals__,
+                   _get_opt_factory=FACTORIES.__getitem__,
+                   _get_opt=lambda self, opt_name: FACTORIES[opt_name],
+                   _inject=_INJECT)
+  assert suite.__name__ == original.__module__
+  return types.FunctionType(original.__code__, namespace, original.__name__,
+                            original.__defaults__, original.__closure__)
+
+
+class _Case(absltest.TestCase):
+  """The `self` optax's tests use (subTest, assertEmpty, skipTest...)."""
+
+  __test__ = False
+
+  def runTest(self):   # pylint: disable=invalid-name
+    pass
+
+
+def _run(suite, class_name, name, **kwargs):
+  _rebind(suite, class_name, name)(_Case(), **kwargs)
+
+
+def _cases(*extra_axes, vectors_preconditioned_in_ci=False):
+  """pytest params: every optimizer times every value of `extra_axes`
+  ((name, values) pairs). The `precondition_1d` runs are slow (opt-in)
+  unless `vectors_preconditioned_in_ci`: CI keeps them for the convergence
+  tests, where preconditioning changes the result."""
+  result = []
+  for o in OPTIMIZERS:
+    combos = [{}]
+    for axis, values in extra_axes:
+      combos = [{**c, axis: v} for c in combos for v in values]
+    for c in combos:
+      ident = "-".join([o["opt_name"]] + [
+          k for k, v in o["opt_kwargs"].items() if v is True] + [
+              getattr(v, "__name__", str(v)) for v in c.values()])
+      slow = ("precondition_1d" in o["opt_kwargs"]
+              and not vectors_preconditioned_in_ci)
+      result.append(pytest.param({**o, **c}, id=ident,
+                                 marks=(pytest.mark.slow,) if slow else ()))
+  return result
+
+
+_TARGETS = (contrib_suite._setup_parabola, contrib_suite._setup_rosenbrock,
+            contrib_suite._setup_matrix_parabola,
+            contrib_suite._setup_mixed_tensor_target)
+
+# --- optax/contrib/_common_test.py --------------------------------------------
+
+_CONTRIB = "ContribTest"
+
+
+@pytest.mark.parametrize("kwargs", _cases(("wrap", (True, False))))
+def test_contrib_accept_extra_args(kwargs):
+  _run(contrib_suite, _CONTRIB, "test_optimizers_accept_extra_args",
+       **NO_WRAPPER, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases(
+    ("target", _TARGETS), ("dtype", ("float32",)),
+    vectors_preconditioned_in_ci=True))
+def test_contrib_optimizers(kwargs):
+  """map_params, 30 000 scanned steps, convergence to 3e-2."""
+  _run(contrib_suite, _CONTRIB, "test_optimizers", **NO_WRAPPER, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases())
+def test_contrib_inject_hyperparams(kwargs):
+  _run(contrib_suite, _CONTRIB,
+       "test_optimizers_can_be_wrapped_in_inject_hyperparams", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+def test_contrib_preserve_dtype(kwargs):
+  _run(contrib_suite, _CONTRIB, "test_preserve_dtype", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+def test_contrib_gradient_accumulation(kwargs):
+  _run(contrib_suite, _CONTRIB, "test_gradient_accumulation", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases(
+    ("dtype", (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))))
+def test_contrib_state_shape_dtype_shard_stability(kwargs):
+  _run(contrib_suite, _CONTRIB, "test_state_shape_dtype_shard_stability",
+       **NO_WRAPPER, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases())
+def test_contrib_learning_rate_schedule(kwargs):
+  # optax skips this test unless `learning_rate` is annotated
+  # optax.ScalarOrSchedule: here a skip is a failure.
+  name = "test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such"
+  try:
+    _run(contrib_suite, _CONTRIB, name, **NO_WRAPPER, **kwargs)
+  except unittest.SkipTest as skipped:
+    pytest.fail(f"optax skipped the test: {skipped}")
+
+
+# --- optax/_src/alias_test.py (its common tests) -----------------------------
+
+_ALIAS = "AliasTest"
+
+
+@pytest.mark.parametrize("kwargs", _cases(
+    ("target", (alias_suite._setup_parabola, alias_suite._setup_rosenbrock)),
+    ("dtype", (jnp.float32,)), vectors_preconditioned_in_ci=True))
+def test_alias_optimization(kwargs):
+  """map_params, 10 000 steps, no recompilation, convergence to 3e-2."""
+  _run(alias_suite, _ALIAS, "test_optimization", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases())
+def test_alias_accept_extra_args(kwargs):
+  _run(alias_suite, _ALIAS, "test_optimizers_accept_extra_args", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases())
+def test_alias_inject_hyperparams(kwargs):
+  _run(alias_suite, _ALIAS,
+       "test_optimizers_can_be_wrapped_in_inject_hyperparams", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+def test_alias_preserve_dtype(kwargs):
+  _run(alias_suite, _ALIAS, "test_preserve_dtype", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases(
+    ("dtype", (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))))
+def test_alias_state_shape_dtype_shard_stability(kwargs):
+  _run(alias_suite, _ALIAS, "test_state_shape_dtype_shard_stability",
+       **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+def test_alias_gradient_accumulation(kwargs):
+  _run(alias_suite, _ALIAS, "test_gradient_accumulation", **kwargs)
+
+
+# --- optax.tree.map_params, as optax/tree_utils/_state_utils_test.py uses it --
+
+_PARAMS = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
+
+
+def _leaf_states(state):
+  is_leaf = lambda x: isinstance(x, fo.LeafState)
+  return [x for x in jax.tree.leaves(state, is_leaf=is_leaf) if is_leaf(x)]
+
+
+def _arrays_outside_leaf_states(core):
+  return jax.tree.leaves(core._replace(leaves=None))
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_map_params_inject_hyperparams(name):
+  opt = optax.inject_hyperparams(FACTORIES[name])(learning_rate=1e-3)
+  state = opt.init(_PARAMS)
+  mapped = optax.tree.map_params(opt, lambda v: v + 1, state)
+  assert mapped.hyperparams["learning_rate"] == 1e-3
+  core, mapped_core = state.inner_state[0], mapped.inner_state[0]
+  for ls in _leaf_states(mapped_core):
+    np.testing.assert_array_equal(ls.momentum, 1.0)
+  # Factor statistics and counters are not parameters: left as they were.
+  for a, b in zip(_arrays_outside_leaf_states(core),
+                  _arrays_outside_leaf_states(mapped_core)):
+    assert a is b
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_map_params_to_none_and_non_params_to_none(name):
+  opt = FACTORIES[name](optax.linear_schedule(1e-2, 1e-4, 10))
+  state = opt.init(_PARAMS)
+  to_none = optax.tree.map_params(opt, lambda _: None, state)
+  assert all(ls.momentum is None for ls in _leaf_states(to_none))
+  assert jax.tree.structure(_arrays_outside_leaf_states(to_none[0])) == (
+      jax.tree.structure(_arrays_outside_leaf_states(state[0])))
+  ones = optax.tree.map_params(opt, lambda _: 1, state,
+                               transform_non_params=lambda _: None)
+  assert all(ls.momentum == 1 for ls in _leaf_states(ones))
+  assert ones[0].count is None and ones[0].groups is None
+
+
+def test_map_params_through_partition_with_adamw():
+  params = {"embed": jnp.zeros((10, 3)), **_PARAMS}
+  opt = fo.partition(fo.foam(1e-2), optax.adamw(1e-2))
+  state = opt.init(params)
+  mapped = optax.tree.map_params(opt, lambda v: v + 1, state)
+  adam = optax.tree.get(mapped, "mu")
+  np.testing.assert_array_equal(adam["embed"], 1.0)
+  assert all(bool(jnp.all(ls.momentum == 1.0))
+             for ls in _leaf_states(mapped))
+
+
+# Known defects. optax maps `f` over every copy of the parameter tree in the
+# state; here the per-parameter buffers are fields of one `LeafState` per
+# parameter (a tree of LeafStates, not trees of buffers), so
+# 1. an extra tree (`*rest`, e.g. the parameters' partition specs) does not
+#    match the structure `f` is mapped over, and
+# 2. `f` also reaches what a LeafState holds that is not parameter-shaped:
+#    the per-dimension factors of a tensor (SOAP's default shaping).
+# Fixing both needs the state to hold the buffers as parameter-shaped trees
+# (as optax's ScaleByAdamState does).
+_KNOWN_LAYOUT_DEFECT = pytest.mark.xfail(
+    strict=True, reason="LeafState per parameter, not parameter-shaped trees")
+
+
+@_KNOWN_LAYOUT_DEFECT
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_map_params_with_an_extra_tree(name):
+  opt = FACTORIES[name](1e-2)
+  specs = {"w": ("rows", None), "b": (None,)}
+  mapped = optax.tree.map_params(
+      opt, lambda _, spec: spec, opt.init(_PARAMS), specs,
+      transform_non_params=lambda _: None)
+  for ls, key in zip(_leaf_states(mapped), sorted(_PARAMS)):
+    assert ls.momentum == specs[key]
+
+
+@_KNOWN_LAYOUT_DEFECT
+def test_map_params_leaves_tensor_factors_alone():
+  params = {"k": jnp.zeros((2, 3, 4))}
+  opt = fo.soap(1e-2)
+  state = opt.init(params)
+  mapped = optax.tree.map_params(opt, lambda _: None, state)
+  tensor, = [ls.tensor for ls in _leaf_states(mapped)]
+  assert all(x is not None for x in jax.tree.leaves(
+      tensor, is_leaf=lambda x: x is None))
