@@ -30,9 +30,14 @@ def _numbers(value):
 
 def test_quick_benchmark(tmp_path, capsys):
   cli.main(["--quick", "--no-progress", "--out", str(tmp_path)])
-  assert "| optimizer |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| optimizer |" in out
   raw = json.loads((tmp_path / "results.json").read_text())
   assert set(raw) == {"meta", "workloads", "targets"}
+  # The targets table: one row per target, its verdict in the last column.
+  for target in raw["targets"].values():
+    verdict = "met" if target["met"] else "missed"
+    assert f"| {target['target']} | {target['measured']} | {verdict} |" in out
   assert set(raw["workloads"]) == set(cli.QUICK["workloads"])
   for data in raw["workloads"].values():
     assert set(data["results"]) == set(cli.QUICK["optimizers"])
