@@ -45,6 +45,10 @@ class Trainer:
       trace["damping_max"] = stats["damping_max"]
     return optax.apply_updates(params, updates), opt_state, trace
 
+  def step(self, params, opt_state, batch, lr):
+    """One compiled train step; returns (params, opt_state, trace)."""
+    return self._step(params, opt_state, batch, lr)
+
   def init(self, seed):
     params = self.workload.init_params(seed)
     return params, self.tx.init(params)

@@ -304,8 +304,8 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
   pairs = []
   for i in range(steps):
     batch = jax.tree.map(lambda b: b[i], batches)
-    params, opt_state, _ = trainer._step(params, opt_state, batch,
-                                         jnp.float32(lr))
+    params, opt_state, _ = trainer.step(params, opt_state, batch,
+                                        jnp.float32(lr))
     step = i + 1
     state = _foam_state(opt_state)
     for key in chosen:
