@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="'scale': the FOAM paper's claims on a Transformer "
                            "with 512-wide factors, 1000 steps (about 30 min on "
                            "2 CPU cores; with --quick a smoke run of under a "
-                           "minute); it ignores the options below --quick")
+                           "minute); it ignores --workloads, --optimizers, "
+                           "--seeds, --steps and --sweep-steps")
   parser.add_argument("--quick", action="store_true",
                       help="smoke run (about a minute): "
                            f"{', '.join(QUICK['workloads'])}; "
