@@ -295,6 +295,8 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
   """
   settings = trainer.spec.settings
   b2, exponent = settings["b2"], settings["exponent"]
+  # Bias correction counts accumulations: one every `every_stat` steps.
+  every_stat = settings.get("statistics_compute_steps", 1)
   params, opt_state = trainer.init(0)
   batches = trainer.workload.sample_batches(0, steps)
   chosen = _recorded_factors(_foam_state(opt_state), per_size)
@@ -321,7 +323,7 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
     for key in chosen:
       g, side, slot = key
       fs = getattr(state.groups[g], side)
-      factor = fs.statistic[slot] / (1 - b2 ** step)
+      factor = fs.statistic[slot] / (1 - b2 ** -(-step // every_stat))
       basis, eigvals, damping = fs.basis[slot], fs.eigvals[slot], fs.damping[slot]
       h = float(proxy(factor.astype(eigvals.dtype), basis.astype(eigvals.dtype),
                       eigvals, damping, exponent))
