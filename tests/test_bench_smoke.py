@@ -1,11 +1,15 @@
-"""Smoke test of `foam-bench --quick`: runs in-process into a temporary
-directory and checks the JSON structure and that every figure is finite."""
+"""Smoke tests of `foam-bench --quick` and `foam-bench --suite scale --quick`:
+run in-process into a temporary directory and check the JSON structure and
+that every figure is finite."""
 
 import json
 import math
 
+import numpy as np
+
 from foam_optax.bench import cli
 from foam_optax.bench import runner
+from foam_optax.bench import scale
 
 SUMMARY_KEYS = {"lr", "final_train_loss", "final_test_loss", "steps_to_target",
                 "seconds_to_target", "train_seconds", "step_ms_median",
@@ -26,9 +30,14 @@ def _numbers(value):
 
 def test_quick_benchmark(tmp_path, capsys):
   cli.main(["--quick", "--no-progress", "--out", str(tmp_path)])
-  assert "| optimizer |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| optimizer |" in out
   raw = json.loads((tmp_path / "results.json").read_text())
   assert set(raw) == {"meta", "workloads", "targets"}
+  # The targets table: one row per target, its verdict in the last column.
+  for target in raw["targets"].values():
+    verdict = "met" if target["met"] else "missed"
+    assert f"| {target['target']} | {target['measured']} | {verdict} |" in out
   assert set(raw["workloads"]) == set(cli.QUICK["workloads"])
   for data in raw["workloads"].values():
     assert set(data["results"]) == set(cli.QUICK["optimizers"])
@@ -58,3 +67,57 @@ def test_quick_benchmark(tmp_path, capsys):
   assert all(math.isfinite(x) for x in _numbers(raw))
   assert (tmp_path / "table.md").exists()
   assert sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+def test_quick_scale_suite(tmp_path, capsys):
+  cli.main(["--suite", "scale", "--quick", "--no-progress", "--out",
+            str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "| target | measured | met/missed |" in out
+  raw = json.loads((tmp_path / "results.json").read_text())
+  assert set(raw) == {"meta", "workload", "compile_seconds", "runs", "claims",
+                      "targets"}
+  cfg = scale.QUICK
+  assert set(raw["runs"]) == ({"foam"} | set(scale.ABLATIONS)
+                              | {f"shampoo_f{f}" for f in cfg.frequencies})
+  for run in raw["runs"].values():
+    assert len(run["trace"]["step_seconds"]) == cfg.steps
+    stats = run["stats"]
+    assert (stats["eigendecompositions_left"]
+            + stats["eigendecompositions_right"]) == stats["eigendecompositions"]
+  claims = raw["claims"]
+  assert set(claims) == {"eigendecompositions", "wallclock", "robustness",
+                         "proxy", "ablations"}
+  # Shampoo f=1 refreshes every factor every step from the first check on.
+  f1 = raw["runs"]["shampoo_f1"]["stats"]
+  start = scale.foam_settings()["start_preconditioning_step"]
+  assert f1["eigendecompositions"] == f1["num_factors"] * (cfg.steps - start + 1)
+  robustness = claims["robustness"]
+  assert len(robustness["runs"]) == (2 * len(cfg.robustness_frequencies)
+                                     * len(cfg.robustness_epsilons)
+                                     * len(cfg.robustness_lrs))
+  for fractions in robustness["failure_fraction"].values():
+    assert all(0.0 <= x <= 1.0 for x in fractions.values())
+  proxy = claims["proxy"]
+  assert proxy["finite_pairs"] > 0
+  assert all(r["error"] >= 0 and r["proxy"] >= 0 for r in proxy["records"])
+  assert set(raw["targets"]) == {
+      "foam_fastest_to_shampoo_f20_loss", "foam_evds_le_20pct_of_shampoo_f20",
+      "foam_robustness_le_shampoo", "proxy_roc_auc_ge_0.9"}
+  for target in raw["targets"].values():
+    assert {"target", "measured", "met"} <= set(target)
+  assert all(math.isfinite(x) for x in _numbers(raw))
+  assert sorted(p.name for p in tmp_path.glob("scale_*.png")) == [
+      "scale_ablations.png", "scale_eigendecompositions.png",
+      "scale_proxy.png", "scale_robustness.png", "scale_wallclock.png"]
+
+
+def test_stale_inverse_root_error_is_zero_for_a_fresh_basis():
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((6, 6))
+  factor = g @ g.T
+  eigvals, basis = np.linalg.eigh(factor)
+  assert scale.true_relative_error(factor, basis, eigvals, 1e-3, 2) < 1e-12
+  # A stale basis of a different factor gives a positive error.
+  other = factor + 3.0 * np.diag(np.arange(6.0))
+  assert scale.true_relative_error(other, basis, eigvals, 1e-3, 2) > 1e-2

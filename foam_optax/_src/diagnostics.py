@@ -29,6 +29,12 @@ def stats(opt_state) -> dict[str, jax.Array]:
 
     - ``eigendecompositions``: fresh eigendecompositions (or power-QR
       refreshes) so far, over all factors;
+    - ``eigendecompositions_left``, ``eigendecompositions_right``: the
+      same count split by side, over the left (rows, ``G Gᵀ``) and right
+      (columns, ``Gᵀ G``) factors of matrix blocks; the per-dimension
+      factors of tensor leaves (``tensor_shaping='per_dimension'``) are in
+      neither, so the two sum to ``eigendecompositions`` exactly when there
+      are none;
     - ``checks``: check-step evaluations so far;
     - ``damping_max``, ``damping_mean``: current damping ε of the factors
       (``damping_min <= damping_mean <= damping_max`` holds exactly). It
@@ -62,10 +68,14 @@ def stats(opt_state) -> dict[str, jax.Array]:
   # padding, see `distribution`). Reductions per stack, then over stacks,
   # so that sharded stacks are never gathered.
   stacks = []
+  sides = {"left": [], "right": []}
   for state in states:
     for gs, slots in zip(state.groups, slot_maps(state)):
-      stacks += [(fs, slots >= 0) for fs in (gs.left, gs.right)
-                 if fs is not None]
+      for side in sides:
+        fs = getattr(gs, side)
+        if fs is not None:
+          stacks.append((fs, slots >= 0))
+          sides[side].append(fs)
     # Per-dimension factors of tensor leaves: stacks of one, never padded.
     stacks += [(fs, np.ones((1,), bool))
                for fs in _find(state.leaves, FactorState)]
@@ -73,6 +83,9 @@ def stats(opt_state) -> dict[str, jax.Array]:
 
   def total(field):
     return sum((jnp.sum(getattr(f, field)) for f, _ in stacks), int_zero)
+
+  def side_total(side):
+    return sum((jnp.sum(f.refreshes) for f in sides[side]), int_zero)
 
   def largest(field):
     return jnp.max(jnp.stack([jnp.max(jnp.where(real, getattr(f, field), 0.0))
@@ -92,6 +105,8 @@ def stats(opt_state) -> dict[str, jax.Array]:
     damping_min = damping_max = damping_mean = proxy_max = jnp.zeros(())
   return {
       "eigendecompositions": total("refreshes"),
+      "eigendecompositions_left": side_total("left"),
+      "eigendecompositions_right": side_total("right"),
       "checks": total("checks"),
       "damping_max": damping_max,
       "damping_mean": damping_mean,

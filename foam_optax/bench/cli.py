@@ -3,6 +3,8 @@
 Writes to ``--out``: ``results.json`` (structure in BENCHMARKS.md), ``table.md``
 and PNG plots; prints the Markdown table. ``--update-docs`` also rewrites the
 marked block of ./BENCHMARKS.md and copies the plots to ./docs/figures/.
+``--suite scale`` runs the FOAM paper's claims on a larger workload instead
+(`foam_optax.bench.scale`), with its own block in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import optimizers, report, runner, workloads
+  from foam_optax.bench import optimizers, report, runner, scale, workloads
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
   # are an extra, not part of the library's.
@@ -39,6 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="foam-bench", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--suite", choices=("default", "scale"),
+                      default="default",
+                      help="'scale': the FOAM paper's claims on a Transformer "
+                           "with 512-wide factors, 1000 steps (about 30 min on "
+                           "2 CPU cores; with --quick a smoke run of under a "
+                           "minute); it ignores --workloads, --optimizers, "
+                           "--seeds, --steps and --sweep-steps")
   parser.add_argument("--quick", action="store_true",
                       help="smoke run (about a minute): "
                            f"{', '.join(QUICK['workloads'])}; "
@@ -57,13 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--sweep-steps", type=int,
                       help="steps of each learning-rate sweep run "
                            "(default: a third of --steps)")
-  parser.add_argument("--out", default="bench_out", help="output directory")
+  parser.add_argument("--out", help="output directory (default bench_out, "
+                                     "or bench_scale_out for --suite scale)")
   parser.add_argument("--update-docs", action="store_true",
                       help="rewrite the bench block of ./BENCHMARKS.md and "
                            "copy plots to ./docs/figures/")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar")
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = "bench_scale_out" if args.suite == "scale" else "bench_out"
   defaults = QUICK if args.quick else dict(
       workloads=tuple(workloads.WORKLOADS),
       optimizers=optimizers.DEFAULT_OPTIMIZERS, seeds=3, steps=None)
@@ -93,6 +105,8 @@ def _json_safe(value):
 
 def run(args: argparse.Namespace) -> dict:
   """Runs the benchmark and writes the outputs; returns the raw results."""
+  if args.suite == "scale":
+    return run_scale(args)
   specs = optimizers.optimizer_specs()
   unknown = [name for name in args.optimizers if name not in specs]
   if unknown:
@@ -159,6 +173,50 @@ def docs_block(raw: dict, table: str, figures) -> str:
       f"{meta['total_seconds'] / 60:.1f} min. Figures are means ± std over "
       f"seeds {meta['seeds']}.", "",
       table, "#### Plots", ""]
+  lines += [f"![{f.stem}](docs/figures/{f.name})" for f in figures]
+  return "\n".join(lines)
+
+
+def run_scale(args: argparse.Namespace) -> dict:
+  """Runs the scale suite and writes its outputs; returns the raw results."""
+  cfg = scale.QUICK if args.quick else scale.FULL
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  started = time.perf_counter()
+  meta = {"command": "foam-bench " + shlex.join(sys.argv[1:]),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "machine": machine(), "seeds": [0]}
+  with tqdm(total=scale.units_of_work(cfg), unit="step",
+            disable=args.no_progress, file=sys.stderr) as bar:
+    raw = {"meta": meta, **scale.run_suite(cfg, bar.update)}
+  raw["meta"]["total_seconds"] = time.perf_counter() - started
+  raw = _json_safe(raw)
+  (out / "results.json").write_text(json.dumps(raw))
+  table = scale.markdown(raw)
+  (out / "table.md").write_text(table)
+  figures = scale.plot(raw, out)
+  if args.update_docs:
+    report.update_benchmarks_md(
+        pathlib.Path("BENCHMARKS.md"), scale_docs_block(raw, table, figures),
+        figures, pathlib.Path("docs/figures"),
+        markers=(scale.START_MARKER, scale.END_MARKER))
+  print(table)
+  print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
+  return raw
+
+
+def scale_docs_block(raw: dict, table: str, figures) -> str:
+  """The scale suite's BENCHMARKS.md block."""
+  meta = raw["meta"]
+  m = meta["machine"]
+  lines = [
+      "## The FOAM paper's claims at scale (`foam-bench --suite scale`)", "",
+      f"Output of `{meta['command']}` on {meta['date'][:10]}: "
+      f"{m['processor'] or m['platform']}, {m['cpu_count']} CPU cores, "
+      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; total "
+      f"{meta['total_seconds'] / 60:.1f} min (compilation "
+      f"{raw['compile_seconds'] / 60:.1f} min of it).", "",
+      table, "", "#### Plots", ""]
   lines += [f"![{f.stem}](docs/figures/{f.name})" for f in figures]
   return "\n".join(lines)
 

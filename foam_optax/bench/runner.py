@@ -45,6 +45,10 @@ class Trainer:
       trace["damping_max"] = stats["damping_max"]
     return optax.apply_updates(params, updates), opt_state, trace
 
+  def step(self, params, opt_state, batch, lr):
+    """One compiled train step; returns (params, opt_state, trace)."""
+    return self._step(params, opt_state, batch, lr)
+
   def init(self, seed):
     params = self.workload.init_params(seed)
     return params, self.tx.init(params)
@@ -60,11 +64,11 @@ class Trainer:
 
   def train(self, seed: int, steps: int, lr: float,
             progress: Optional[Callable[[int], None]] = None,
-            record: bool = True) -> dict:
+            record: bool = True, eval_points: int = EVAL_POINTS) -> dict:
     """Trains `steps` steps from `seed`.
 
     Returns ``curve`` (lists over evaluation points: ``step``, ``seconds``
-    and the workload's metrics; evaluated `EVAL_POINTS` times when `record`,
+    and the workload's metrics; evaluated `eval_points` times when `record`,
     else only at the start and end), ``trace`` (per-step lists: ``loss``,
     ``step_seconds`` and, for foam_optax optimizers, cumulative
     ``eigendecompositions`` and ``damping_max``), ``stats`` (final
@@ -73,7 +77,7 @@ class Trainer:
     params, opt_state = self.init(seed)
     batches = self.workload.sample_batches(seed, steps)
     lr = jnp.float32(lr)
-    eval_every = max(1, steps // EVAL_POINTS) if record else steps
+    eval_every = max(1, steps // eval_points) if record else steps
     curve = {"step": [0], "seconds": [0.0]}
     for key, value in self.evaluate(params).items():
       curve[key] = [float(value)]

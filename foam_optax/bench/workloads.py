@@ -239,14 +239,16 @@ def _pydoc_text():
 
 
 class TransformerLM(nnx.Module):
-  """Pre-norm causal Transformer language model (MLP width 2 x d_model)."""
+  """Pre-norm causal Transformer language model (MLP width default 2 x d_model)."""
 
   def __init__(self, vocab_size: int, seq_len: int, rngs: nnx.Rngs,
-               d_model: int = 64, num_heads: int = 4, num_layers: int = 2):
+               d_model: int = 64, num_heads: int = 4, num_layers: int = 2,
+               mlp_width: int | None = None):
     self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
     self.position = nnx.Param(
         0.02 * jax.random.normal(rngs.params(), (seq_len, d_model)))
-    self.blocks = nnx.List([_Block(d_model, num_heads, rngs)
+    self.blocks = nnx.List([_Block(d_model, num_heads,
+                                   mlp_width or 2 * d_model, rngs)
                             for _ in range(num_layers)])
     self.norm = nnx.LayerNorm(d_model, rngs=rngs)
     self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
@@ -261,13 +263,13 @@ class TransformerLM(nnx.Module):
 
 class _Block(nnx.Module):
 
-  def __init__(self, d_model, num_heads, rngs):
+  def __init__(self, d_model, num_heads, mlp_width, rngs):
     self.norm1 = nnx.LayerNorm(d_model, rngs=rngs)
     self.attention = nnx.MultiHeadAttention(
         num_heads, d_model, decode=False, rngs=rngs)
     self.norm2 = nnx.LayerNorm(d_model, rngs=rngs)
-    self.up = nnx.Linear(d_model, 2 * d_model, rngs=rngs)
-    self.down = nnx.Linear(2 * d_model, d_model, rngs=rngs)
+    self.up = nnx.Linear(d_model, mlp_width, rngs=rngs)
+    self.down = nnx.Linear(mlp_width, d_model, rngs=rngs)
 
   def __call__(self, x, mask):
     x = x + self.attention(self.norm1(x), mask=mask)
@@ -276,11 +278,15 @@ class _Block(nnx.Module):
 
 def transformer_lm(steps: int = 200, seq_len: int = 64, batch_size: int = 16,
                    d_model: int = 64, num_layers: int = 2,
-                   eval_sequences: int = 64) -> Workload:
+                   eval_sequences: int = 64, mlp_width: int | None = None,
+                   name: str = "transformer_lm") -> Workload:
   """Character-level Transformer LM on the text of `pydoc_data.topics`.
 
   The last 10% of the text is held out. Evaluation uses `eval_sequences`
-  fixed windows from each split; losses are nats per character.
+  fixed windows from each split; losses are nats per character. The MLP of
+  each block is ``d_model -> mlp_width -> d_model`` (default width
+  ``2 * d_model``), so its kernels have Kronecker factors of size
+  `mlp_width`.
   """
   text = _pydoc_text()
   chars = sorted(set(text))
@@ -291,7 +297,8 @@ def transformer_lm(steps: int = 200, seq_len: int = 64, batch_size: int = 16,
 
   def make(seed):
     return TransformerLM(len(chars), seq_len, nnx.Rngs(seed),
-                         d_model=d_model, num_layers=num_layers)
+                         d_model=d_model, num_layers=num_layers,
+                         mlp_width=mlp_width)
 
   apply = _functional(make(0))[1]
 
@@ -315,9 +322,10 @@ def transformer_lm(steps: int = 200, seq_len: int = 64, batch_size: int = 16,
       for name, data in (("train", train), ("test", test))}
 
   return Workload(
-      name="transformer_lm",
+      name=name,
       description=(f"char Transformer LM, {num_layers} layers, d_model "
-                   f"{d_model}, seq {seq_len}, on pydoc_data.topics "
+                   f"{d_model}, MLP {mlp_width or 2 * d_model}, seq "
+                   f"{seq_len}, batch {batch_size}, on pydoc_data.topics "
                    f"({len(text)} chars, vocab {len(chars)})"),
       init_params=lambda seed: _functional(make(seed))[0],
       loss_fn=lambda params, batch: jnp.mean(token_losses(params, batch)),

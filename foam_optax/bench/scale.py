@@ -1,0 +1,642 @@
+"""`foam-bench --suite scale`: the FOAM paper's claims where eigendecompositions cost.
+
+One workload with Kronecker factors of 512 (a character Transformer LM whose
+MLP is 128 -> 512 -> 128) trained for 1000 steps, and five experiments on it:
+
+1. **eigendecompositions**: FOAM's fresh EVDs against stale Shampoo's at the
+   same check frequency (20), split by left and right factors, at equal loss;
+2. **wall-clock**: FOAM against Shampoo at f in {1, 5, 20, 100, 500}: time to
+   Shampoo f=20's final train loss, and eigendecompositions and seconds
+   against final loss (Pareto plot);
+3. **robustness**: learning rate x staleness f x damping eps0, for FOAM and
+   Shampoo; per f, the fraction of runs that fail (diverge, or finish more
+   than 10% above the grid's best loss);
+4. **proxy decision utility**: on factor snapshots recorded during training,
+   ROC-AUC of FOAM's proxy h (the library's `staleness_proxy`) for predicting
+   that the stale inverse root's true relative error exceeds tau, and
+   Spearman's correlation between h and that error (float64 reference);
+5. **ablations**: FOAM with ``controller='foam_fixed_damping'``,
+   ``'foam_no_refresh'``, ``'residual'`` and ``proxy='sketch'``.
+
+Every run uses one learning rate (`ScaleConfig.lr`), chosen once with a short
+sweep of Shampoo f=20 and FOAM (see BENCHMARKS.md). Wall-clock is the sum of
+the timed train steps (compilation and evaluation excluded), as in the
+default suite. Runs on any JAX backend unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import foam_optax as fo
+from foam_optax._src.controllers import staleness_proxy
+from foam_optax._src.transform import ScaleByFoamState, slot_maps
+from foam_optax.bench import metrics, optimizers, report, runner, workloads
+
+START_MARKER = "<!-- bench-scale:start -->"
+END_MARKER = "<!-- bench-scale:end -->"
+FAILURE_MARGIN = 0.10   # a run fails when its loss is above (1 + this) x best
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleConfig:
+  """Sizes of the scale suite (`FULL`) or of its smoke run (`QUICK`).
+
+  Attributes:
+    make_workload: () -> the workload.
+    steps: training steps of the main and ablation runs.
+    lr: the learning rate of every main and ablation run.
+    frequencies: Shampoo's check frequencies in the wall-clock comparison.
+    robustness_steps: steps of each robustness run.
+    robustness_lrs, robustness_frequencies, robustness_epsilons: the grid.
+      FOAM's ``max_epsilon`` is ``MAX_EPSILON_RATIO`` x eps0 (the paper's
+      3e-7 / 1e-9).
+    proxy_steps: steps of each recording run (FOAM and Shampoo at the
+      largest frequency).
+    snapshot_every: a snapshot of the recorded factors every this many steps.
+    factors_per_size: recorded factors per distinct factor size and side.
+    eval_points: train-loss evaluations per main run (resolution of the time
+      to target).
+    taus: error thresholds of the ROC-AUC; the first is the target's.
+  """
+
+  make_workload: Callable[[], workloads.Workload]
+  steps: int
+  lr: float
+  frequencies: tuple = (1, 5, 20, 100, 500)
+  robustness_steps: int = 300
+  robustness_lrs: tuple = (3e-3, 1e-2, 3e-2)
+  robustness_frequencies: tuple = (20, 100, 500)
+  robustness_epsilons: tuple = (1e-9, 1e-6)
+  proxy_steps: int = 500
+  snapshot_every: int = 20
+  factors_per_size: int = 2
+  eval_points: int = 100
+  taus: tuple = (0.75, 0.25, 0.1)
+
+
+def scale_workload(steps: int = 1000) -> workloads.Workload:
+  """Char Transformer LM, 2 layers, d_model 128, MLP 512, seq 64, batch 16."""
+  return workloads.transformer_lm(steps=steps, d_model=128, mlp_width=512,
+                                  num_layers=2, seq_len=64, batch_size=16,
+                                  name="transformer_lm_scale")
+
+
+FULL = ScaleConfig(make_workload=scale_workload, steps=1000, lr=3e-3)
+# Smoke run: a tiny quadratic, a few steps, one point per grid axis but f.
+QUICK = ScaleConfig(
+    make_workload=lambda: workloads.kronecker_quadratic(
+        kappa=1e2, rows=16, cols=8, steps=30),
+    steps=30, lr=3e-2, frequencies=(1, 20), robustness_steps=25,
+    robustness_lrs=(3e-2,), robustness_frequencies=(5, 20),
+    robustness_epsilons=(1e-9,), proxy_steps=30, snapshot_every=5,
+    factors_per_size=1, eval_points=10)
+MAX_EPSILON_RATIO = 300.0
+ABLATIONS = {"foam_fixed_damping": dict(controller="foam_fixed_damping"),
+             "foam_no_refresh": dict(controller="foam_no_refresh"),
+             "residual": dict(controller="residual"),
+             "foam_sketch": dict(proxy="sketch")}
+
+
+def shampoo_settings(check_frequency: int, epsilon: float = 1e-9) -> dict:
+  return dict(optimizers._shampoo_settings(check_frequency), epsilon=epsilon)
+
+
+def foam_settings(check_frequency: int = 20, epsilon: float = 1e-9,
+                  **overrides) -> dict:
+  """The paper's configuration (`optimizers.FOAM_PAPER`) at f and eps0."""
+  return dict(optimizers.FOAM_PAPER, check_frequency=check_frequency,
+              epsilon=epsilon, max_epsilon=MAX_EPSILON_RATIO * epsilon,
+              **overrides)
+
+
+class Trainers:
+  """One compiled `runner.Trainer` per distinct optimizer configuration."""
+
+  def __init__(self, workload: workloads.Workload):
+    self.workload, self._cache = workload, {}
+    self.compile_seconds = {}
+
+  def get(self, method: str, settings: dict) -> runner.Trainer:
+    key = (method, tuple(sorted(settings.items())))
+    if key not in self._cache:
+      factory = fo.foam if method == "foam" else fo.shampoo
+      spec = optimizers.OptimizerSpec(
+          name=method, lr_grid=(), settings=settings, foam_family=True,
+          build=lambda lr: factory(learning_rate=lr, **settings))
+      trainer = runner.Trainer(self.workload, spec)
+      self.compile_seconds[key] = trainer.compile()
+      self._cache[key] = trainer
+    return self._cache[key]
+
+
+def _main_run(trainers, method, settings, cfg, progress) -> dict:
+  trainer = trainers.get(method, settings)
+  run = trainer.train(0, cfg.steps, cfg.lr, progress,
+                      eval_points=cfg.eval_points)
+  return {"method": method, "settings": settings, "lr": cfg.lr,
+          "steps": cfg.steps, **run}
+
+
+def _seconds_to(curve, target) -> Optional[float]:
+  for loss, seconds in zip(curve["train_loss"], curve["seconds"]):
+    if loss <= target:
+      return seconds
+  return None
+
+
+def _final(run) -> float:
+  return run["curve"]["train_loss"][-1]
+
+
+def summarize_run(run: dict, target: float) -> dict:
+  stats = run["stats"]
+  return {"final_train_loss": _final(run),
+          "final_test_loss": run["curve"]["test_loss"][-1],
+          "train_seconds": run["curve"]["seconds"][-1],
+          "seconds_to_target": _seconds_to(run["curve"], target),
+          "eigendecompositions": stats["eigendecompositions"],
+          "eigendecompositions_left": stats["eigendecompositions_left"],
+          "eigendecompositions_right": stats["eigendecompositions_right"],
+          "checks": stats["checks"],
+          "step_ms_median": float(1e3 * np.median(run["trace"]["step_seconds"]))}
+
+
+def _ratio(a, b):
+  return None if not b else a / b
+
+
+def eigendecomposition_claim(summaries: dict) -> dict:
+  """FOAM's EVDs over Shampoo f=20's, total and per side, with the loss ratio."""
+  foam, stale = summaries["foam"], summaries["shampoo_f20"]
+  return {
+      "foam": {k: foam[k] for k in ("eigendecompositions",
+                                    "eigendecompositions_left",
+                                    "eigendecompositions_right",
+                                    "final_train_loss")},
+      "shampoo_f20": {k: stale[k] for k in ("eigendecompositions",
+                                            "eigendecompositions_left",
+                                            "eigendecompositions_right",
+                                            "final_train_loss")},
+      "ratio_total": _ratio(foam["eigendecompositions"],
+                            stale["eigendecompositions"]),
+      "ratio_left": _ratio(foam["eigendecompositions_left"],
+                           stale["eigendecompositions_left"]),
+      "ratio_right": _ratio(foam["eigendecompositions_right"],
+                            stale["eigendecompositions_right"]),
+      "loss_ratio": foam["final_train_loss"] / stale["final_train_loss"],
+  }
+
+
+def _failed(run: dict, best: float) -> bool:
+  final, initial = run["final_train_loss"], run["initial_train_loss"]
+  return (not math.isfinite(final) or final > initial
+          or final > (1 + FAILURE_MARGIN) * best)
+
+
+def robustness(trainers: Trainers, cfg: ScaleConfig, progress) -> dict:
+  """The grid's runs and each method's failure fraction per frequency.
+
+  A run fails when its final train loss is not finite, is above its initial
+  loss, or is more than `FAILURE_MARGIN` above the best final loss of the
+  whole grid (both methods, every f, lr and eps0).
+  """
+  runs = []
+  for f in cfg.robustness_frequencies:
+    for eps in cfg.robustness_epsilons:
+      for method in ("foam", "shampoo"):
+        settings = (foam_settings(f, eps) if method == "foam"
+                    else shampoo_settings(f, eps))
+        trainer = trainers.get(method, settings)
+        for lr in cfg.robustness_lrs:
+          run = trainer.train(0, cfg.robustness_steps, lr, progress,
+                              record=False)
+          runs.append({"method": method, "check_frequency": f,
+                       "epsilon": eps, "lr": lr,
+                       "initial_train_loss": run["curve"]["train_loss"][0],
+                       "final_train_loss": _final(run),
+                       "eigendecompositions": run["stats"]["eigendecompositions"]})
+  finite = [r["final_train_loss"] for r in runs
+            if math.isfinite(r["final_train_loss"])]
+  best = min(finite) if finite else math.inf
+  for r in runs:
+    r["failed"] = _failed(r, best)
+  fractions = {}
+  for method in ("foam", "shampoo"):
+    fractions[method] = {}
+    for f in cfg.robustness_frequencies:
+      mine = [r["failed"] for r in runs
+              if r["method"] == method and r["check_frequency"] == f]
+      fractions[method][str(f)] = sum(mine) / len(mine)
+  return {"steps": cfg.robustness_steps, "best_final_train_loss": best,
+          "failure_margin": FAILURE_MARGIN, "failure_fraction": fractions,
+          "runs": runs}
+
+
+# ------------------------------------------------------------ proxy utility
+
+
+def _recorded_factors(state: ScaleByFoamState, per_size: int) -> list:
+  """(group, side, slot) of up to `per_size` real factors per size and side."""
+  chosen, counts = [], {}
+  for g, (gs, slots) in enumerate(zip(state.groups, slot_maps(state))):
+    for side in ("left", "right"):
+      fs = getattr(gs, side)
+      if fs is None:
+        continue
+      size = fs.statistic.shape[-1]
+      for slot in np.flatnonzero(np.asarray(slots) >= 0):
+        if counts.get((size, side), 0) < per_size:
+          counts[(size, side)] = counts.get((size, side), 0) + 1
+          chosen.append((g, side, int(slot)))
+  return chosen
+
+
+def _foam_state(opt_state) -> ScaleByFoamState:
+  return [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, ScaleByFoamState))
+          if isinstance(x, ScaleByFoamState)][0]
+
+
+def inverse_root(eigvals, basis, damping, exponent):
+  """Q diag((max(D, 0) + eps)^(-1/p)) Qᵀ in float64."""
+  weights = (np.maximum(eigvals, 0.0) + damping) ** (-1.0 / exponent)
+  return (basis * weights) @ basis.T
+
+
+def true_relative_error(factor, basis, eigvals, damping, exponent) -> float:
+  """‖X_stale − X(A)‖_F / ‖X(A)‖_F in float64, X(A) = (A + εI)^(-1/p)."""
+  factor = np.asarray(factor, np.float64)
+  exact_eigvals, exact_basis = np.linalg.eigh(0.5 * (factor + factor.T))
+  exact = inverse_root(exact_eigvals, exact_basis, damping, exponent)
+  stale = inverse_root(np.asarray(eigvals, np.float64),
+                       np.asarray(basis, np.float64), damping, exponent)
+  return float(np.linalg.norm(stale - exact) / np.linalg.norm(exact))
+
+
+def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
+                     per_size: int, lr: float, progress) -> list:
+  """Trains and, every `every` steps, pairs each recorded factor's current
+  bias-corrected statistic A_t with its cached (Q, D, ε).
+
+  A pair is taken after step t with t % every == every - 1 (from the first
+  check on), comparing the cache that step t+1 would check against A_t.
+  Returns dicts with the proxy h (library `staleness_proxy`,
+  computed as the optimizer does, in the statistic's dtype), the float64 true
+  relative error, the factor's size, side, and the steps since its cache was
+  refreshed.
+  """
+  settings = trainer.spec.settings
+  b2, exponent = settings["b2"], settings["exponent"]
+  # Bias correction counts accumulations: one every `every_stat` steps.
+  every_stat = settings.get("statistics_compute_steps", 1)
+  params, opt_state = trainer.init(0)
+  batches = trainer.workload.sample_batches(0, steps)
+  chosen = _recorded_factors(_foam_state(opt_state), per_size)
+  last_refresh = {key: 0 for key in chosen}
+  refreshes = {key: 0 for key in chosen}
+  proxy = jax.jit(staleness_proxy, static_argnums=4)
+  pairs = []
+  for i in range(steps):
+    batch = jax.tree.map(lambda b: b[i], batches)
+    params, opt_state, _ = trainer.step(params, opt_state, batch,
+                                        jnp.float32(lr))
+    step = i + 1
+    state = _foam_state(opt_state)
+    for key in chosen:
+      g, side, slot = key
+      fs = getattr(state.groups[g], side)
+      count = int(fs.refreshes[slot])
+      if count != refreshes[key]:
+        refreshes[key], last_refresh[key] = count, step
+    if step % every != every - 1 or step < settings["start_preconditioning_step"]:
+      if progress:
+        progress(1)
+      continue
+    for key in chosen:
+      g, side, slot = key
+      fs = getattr(state.groups[g], side)
+      factor = fs.statistic[slot] / (1 - b2 ** -(-step // every_stat))
+      basis, eigvals, damping = fs.basis[slot], fs.eigvals[slot], fs.damping[slot]
+      h = float(proxy(factor.astype(eigvals.dtype), basis.astype(eigvals.dtype),
+                      eigvals, damping, exponent))
+      error = true_relative_error(np.asarray(factor), np.asarray(basis),
+                                  np.asarray(eigvals), float(damping), exponent)
+      pairs.append({"step": step, "size": int(basis.shape[-1]), "side": side,
+                    "age": step - last_refresh[key], "damping": float(damping),
+                    "proxy": h, "error": error})
+    if progress:
+      progress(1)
+  return pairs
+
+
+def proxy_utility(pairs: list, taus) -> dict:
+  """ROC-AUC of h for error > tau (each tau) and Spearman(h, error)."""
+  h = np.array([p["proxy"] for p in pairs])
+  error = np.array([p["error"] for p in pairs])
+  keep = np.isfinite(h) & np.isfinite(error)
+  h, error = h[keep], error[keep]
+  per_tau = {}
+  for tau in taus:
+    labels = error > tau
+    per_tau[str(tau)] = {"positives": int(labels.sum()),
+                         "negatives": int((~labels).sum()),
+                         "roc_auc": metrics.roc_auc(h, labels)}
+  return {"pairs": len(pairs), "finite_pairs": int(keep.sum()),
+          "spearman": metrics.spearman(h, error), "roc_auc": per_tau,
+          "primary_tau": taus[0]}
+
+
+# ------------------------------------------------------------------ targets
+
+
+def targets(claims: dict, cfg: ScaleConfig) -> dict:
+  """The suite's targets, each with its statement, measured figure and met."""
+  result = {}
+  summaries = claims["wallclock"]["summaries"]
+  fixed = [f"shampoo_f{f}" for f in cfg.frequencies]
+  foam_s = summaries["foam"]["seconds_to_target"]
+  others = {n: summaries[n]["seconds_to_target"] for n in fixed}
+  fmt = lambda s: "not reached" if s is None else f"{s:.1f} s"
+  result["foam_fastest_to_shampoo_f20_loss"] = {
+      "target": "FOAM reaches Shampoo f=20's final train loss in less "
+                "wall-clock than every fixed frequency",
+      "measured": f"FOAM {fmt(foam_s)}; " + ", ".join(
+          f"f={n.split('_f')[1]} {fmt(s)}" for n, s in others.items()),
+      "met": foam_s is not None and all(s is None or s > foam_s
+                                        for s in others.values())}
+  evd = claims["eigendecompositions"]
+  result["foam_evds_le_20pct_of_shampoo_f20"] = {
+      "target": "FOAM's eigendecompositions ≤ 20% of Shampoo f=20's "
+                "(paper: >80% fewer) at final loss within 1%",
+      "measured": (f"{_pct(evd['ratio_total'])} (left {_pct(evd['ratio_left'])}, "
+                   f"right {_pct(evd['ratio_right'])}); loss ratio "
+                   f"{evd['loss_ratio']:.4f}"),
+      "met": (evd["ratio_total"] is not None and evd["ratio_total"] <= 0.2
+              and evd["loss_ratio"] <= 1.01)}
+  fractions = claims["robustness"]["failure_fraction"]
+  result["foam_robustness_le_shampoo"] = {
+      "target": "FOAM's failure fraction ≤ Shampoo's at every f",
+      "measured": "; ".join(
+          f"f={f}: FOAM {fractions['foam'][f]:.2f}, Shampoo "
+          f"{fractions['shampoo'][f]:.2f}" for f in fractions["foam"]),
+      "met": all(fractions["foam"][f] <= fractions["shampoo"][f]
+                 for f in fractions["foam"])}
+  proxy = claims["proxy"]
+  primary = proxy["roc_auc"][str(proxy["primary_tau"])]
+  auc = primary["roc_auc"]
+  result["proxy_roc_auc_ge_0.9"] = {
+      "target": f"proxy ROC-AUC ≥ 0.9 (error > τ = {proxy['primary_tau']})",
+      "measured": (f"{auc:.3f}" if auc is not None else "undefined")
+                  + f" ({primary['positives']} of {proxy['finite_pairs']} "
+                    f"pairs above τ); Spearman "
+                  + ("—" if proxy["spearman"] is None
+                     else f"{proxy['spearman']:.3f}"),
+      "met": auc is not None and auc >= 0.9}
+  return result
+
+
+def _pct(ratio):
+  return "—" if ratio is None else f"{100 * ratio:.1f}%"
+
+
+# --------------------------------------------------------------------- run
+
+
+def units_of_work(cfg: ScaleConfig) -> int:
+  main = (1 + len(cfg.frequencies) + len(ABLATIONS)) * cfg.steps
+  grid = (2 * len(cfg.robustness_frequencies) * len(cfg.robustness_epsilons)
+          * len(cfg.robustness_lrs) * cfg.robustness_steps)
+  return main + grid + 2 * cfg.proxy_steps
+
+
+def run_suite(cfg: ScaleConfig, progress=None) -> dict:
+  """Runs the five experiments; returns the workload, runs and claims."""
+  workload = cfg.make_workload()
+  trainers = Trainers(workload)
+  runs = {"foam": _main_run(trainers, "foam", foam_settings(), cfg, progress)}
+  for f in cfg.frequencies:
+    runs[f"shampoo_f{f}"] = _main_run(trainers, "shampoo", shampoo_settings(f),
+                                      cfg, progress)
+  for name, overrides in ABLATIONS.items():
+    runs[name] = _main_run(trainers, "foam", foam_settings(**overrides), cfg,
+                           progress)
+  target = _final(runs["shampoo_f20"])
+  summaries = {n: summarize_run(r, target) for n, r in runs.items()}
+  main_names = ["foam"] + [f"shampoo_f{f}" for f in cfg.frequencies]
+  claims = {
+      "eigendecompositions": eigendecomposition_claim(summaries),
+      "wallclock": {"target_train_loss": target,
+                    "summaries": {n: summaries[n] for n in main_names}},
+      "robustness": robustness(trainers, cfg, progress),
+  }
+  recordings = {
+      "foam": trainers.get("foam", foam_settings()),
+      f"shampoo_f{max(cfg.frequencies)}": trainers.get(
+          "shampoo", shampoo_settings(max(cfg.frequencies)))}
+  pairs = []
+  for source, trainer in recordings.items():
+    for pair in record_snapshots(trainer, cfg.proxy_steps, cfg.snapshot_every,
+                                 cfg.factors_per_size, cfg.lr, progress):
+      pairs.append({"source": source, **pair})
+  claims["proxy"] = {**proxy_utility(pairs, cfg.taus),
+                     "steps": cfg.proxy_steps, "sources": list(recordings),
+                     "records": pairs}
+  claims["ablations"] = {n: summaries[n] for n in ["foam", "shampoo_f20",
+                                                   *ABLATIONS]}
+  return {"workload": {"name": workload.name,
+                       "description": workload.description,
+                       "steps": cfg.steps, "lr": cfg.lr},
+          "compile_seconds": sum(trainers.compile_seconds.values()),
+          "runs": runs, "claims": claims, "targets": targets(claims, cfg)}
+
+
+# ------------------------------------------------------------------- report
+
+
+def _f(value, spec=".4g"):
+  return "—" if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+  """The five claims' tables and the targets table."""
+  claims, wl = result["claims"], result["workload"]
+  evd = claims["eigendecompositions"]
+  lines = [f"Workload: {wl['description']}; {wl['steps']} steps, lr "
+           f"{wl['lr']:g} for every run; seed 0.", "",
+           "#### 1. Eigendecompositions: FOAM vs Shampoo at the same check "
+           "frequency (f=20)", "",
+           "| optimizer | EVDs | left factors | right factors | final train loss |",
+           "|---|---|---|---|---|"]
+  for name in ("foam", "shampoo_f20"):
+    s = evd[name]
+    lines.append(f"| {name} | {s['eigendecompositions']:.0f} | "
+                 f"{s['eigendecompositions_left']:.0f} | "
+                 f"{s['eigendecompositions_right']:.0f} | "
+                 f"{s['final_train_loss']:.4f} |")
+  lines += ["", f"FOAM/Shampoo: total {_pct(evd['ratio_total'])}, left "
+            f"{_pct(evd['ratio_left'])}, right {_pct(evd['ratio_right'])} "
+            f"(paper: left ≈ 10%, right ≈ 5%); loss ratio "
+            f"{evd['loss_ratio']:.4f}.", ""]
+  wall = claims["wallclock"]
+  lines += ["#### 2. Wall-clock: time to Shampoo f=20's final train loss "
+            f"({wall['target_train_loss']:.4f})", "",
+            _run_table(wall["summaries"]), ""]
+  rob = claims["robustness"]
+  fractions = rob["failure_fraction"]
+  lrs = sorted({r["lr"] for r in rob["runs"]})
+  epsilons = sorted({r["epsilon"] for r in rob["runs"]})
+  lines += ["#### 3. Robustness: fraction of failed runs", "",
+            f"Grid: lr ∈ {{{', '.join(f'{x:g}' for x in lrs)}}} × ε0 ∈ "
+            f"{{{', '.join(f'{x:g}' for x in epsilons)}}} per method and f, "
+            f"{rob['steps']} steps each (fewer than the main runs, to fit "
+            f"the budget); FOAM's ε_max = {MAX_EPSILON_RATIO:g} × ε0. A run "
+            f"fails when its final train loss is not finite, above its "
+            f"initial loss, or more than {100 * rob['failure_margin']:.0f}% "
+            f"above the grid's best ({rob['best_final_train_loss']:.4f}).", "",
+            "| f | FOAM | Shampoo |", "|---|---|---|"]
+  for f in fractions["foam"]:
+    lines.append(f"| {f} | {fractions['foam'][f]:.2f} | "
+                 f"{fractions['shampoo'][f]:.2f} |")
+  proxy = claims["proxy"]
+  lines += ["", "#### 4. Proxy decision utility", "",
+            f"{proxy['finite_pairs']} (A_t, cached Q, D, ε) pairs recorded every "
+            f"few steps over {proxy['steps']} steps of "
+            f"{' and '.join(proxy['sources'])}; h from the library's "
+            f"`staleness_proxy`, error ‖X_stale − X(A_t)‖_F / ‖X(A_t)‖_F in "
+            f"float64. Spearman(h, error) = {_f(proxy['spearman'], '.3f')}.", "",
+            "| τ | pairs with error > τ | ROC-AUC of h |", "|---|---|---|"]
+  for tau, r in proxy["roc_auc"].items():
+    lines.append(f"| {tau} | {r['positives']} / {r['positives'] + r['negatives']}"
+                 f" | {_f(r['roc_auc'], '.3f')} |")
+  lines += ["", "#### 5. Ablations (FOAM's paper configuration, one change each)",
+            "", _run_table(claims["ablations"]), "",
+            "#### Targets", "", report.targets_table(result["targets"])]
+  return "\n".join(lines)
+
+
+def _run_table(summaries: dict) -> str:
+  lines = ["| run | final train loss | held-out loss | s to target | train s "
+           "| EVDs (left / right) | checks | step ms median |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, s in summaries.items():
+    lines.append(
+        f"| {name} | {s['final_train_loss']:.4f} | {s['final_test_loss']:.4f} "
+        f"| {_f(s['seconds_to_target'], '.1f')} | {s['train_seconds']:.1f} | "
+        f"{s['eigendecompositions']:.0f} ({s['eigendecompositions_left']:.0f} / "
+        f"{s['eigendecompositions_right']:.0f}) | {s['checks']:.0f} | "
+        f"{s['step_ms_median']:.1f} |")
+  return "\n".join(lines)
+
+
+def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """One PNG per claim, named ``scale_*.png``."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  claims, runs = result["claims"], result["runs"]
+  paths = []
+
+  def save(fig, name):
+    fig.tight_layout()
+    paths.append(out_dir / f"scale_{name}.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+  # 1. Cumulative EVDs over steps, and the per-side counts.
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=70)
+  for name in claims["wallclock"]["summaries"]:
+    trace = runs[name]["trace"]["eigendecompositions"]
+    axes[0].plot(np.arange(1, len(trace) + 1), trace, label=name, lw=1.2)
+  axes[0].set_yscale("symlog")
+  axes[0].set_xlabel("step")
+  axes[0].set_ylabel("cumulative fresh EVDs")
+  axes[0].legend(fontsize=6)
+  evd = claims["eigendecompositions"]
+  x = np.arange(2)
+  for offset, name in ((-0.2, "foam"), (0.2, "shampoo_f20")):
+    axes[1].bar(x + offset, [evd[name]["eigendecompositions_left"],
+                             evd[name]["eigendecompositions_right"]],
+                width=0.4, label=name)
+  axes[1].set_xticks(x, ["left factors", "right factors"])
+  axes[1].set_ylabel("fresh EVDs")
+  axes[1].legend(fontsize=6)
+  fig.suptitle("FOAM vs Shampoo f=20: eigendecompositions", fontsize=9)
+  save(fig, "eigendecompositions")
+
+  # 2. Loss against seconds, and the Pareto plots.
+  summaries = claims["wallclock"]["summaries"]
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=70)
+  for name in summaries:
+    curve = runs[name]["curve"]
+    axes[0].plot(curve["seconds"], curve["train_loss"], label=name, lw=1.2)
+  axes[0].axhline(claims["wallclock"]["target_train_loss"], color="k", lw=0.6,
+                  ls="--")
+  axes[0].set_xlabel("wall-clock seconds (steps only)")
+  axes[0].set_ylabel("train loss")
+  axes[0].set_yscale("log")
+  axes[0].legend(fontsize=6)
+  for ax, key, label in ((axes[1], "eigendecompositions", "fresh EVDs"),
+                         (axes[2], "train_seconds", "train seconds")):
+    for name, s in summaries.items():
+      # Log axis: a run without EVDs is drawn at 1.
+      x = max(s[key], 1) if key == "eigendecompositions" else s[key]
+      ax.scatter(x, s["final_train_loss"], s=18)
+      ax.annotate(name.replace("shampoo_", ""), (x, s["final_train_loss"]),
+                  fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("final train loss")
+  fig.suptitle("Wall-clock and Pareto fronts", fontsize=9)
+  save(fig, "wallclock")
+
+  # 3. Robustness: failure fraction per f.
+  fractions = claims["robustness"]["failure_fraction"]
+  fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=70)
+  x = np.arange(len(fractions["foam"]))
+  for offset, name in ((-0.2, "foam"), (0.2, "shampoo")):
+    ax.bar(x + offset, list(fractions[name].values()), width=0.4, label=name)
+  ax.set_xticks(x, [f"f={f}" for f in fractions["foam"]])
+  ax.set_ylabel("fraction of failed runs")
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=7)
+  fig.suptitle("Robustness over lr × ε0", fontsize=9)
+  save(fig, "robustness")
+
+  # 4. Proxy h against the true relative error.
+  records = claims["proxy"]["records"]
+  fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=70)
+  for source in claims["proxy"]["sources"]:
+    mine = [r for r in records if r["source"] == source]
+    ax.scatter([r["proxy"] for r in mine], [r["error"] for r in mine], s=8,
+               label=source, alpha=0.7)
+  for tau in claims["proxy"]["roc_auc"]:
+    ax.axhline(float(tau), color="k", lw=0.5, ls=":")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("proxy h")
+  ax.set_ylabel("true relative error of X_stale")
+  ax.legend(fontsize=7)
+  fig.suptitle("Proxy decision utility", fontsize=9)
+  save(fig, "proxy")
+
+  # 5. Ablations: loss against seconds.
+  fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=70)
+  for name in claims["ablations"]:
+    curve = runs[name]["curve"]
+    ax.plot(curve["seconds"], curve["train_loss"], label=name, lw=1.2)
+  ax.set_yscale("log")
+  ax.set_xlabel("wall-clock seconds (steps only)")
+  ax.set_ylabel("train loss")
+  ax.legend(fontsize=6)
+  fig.suptitle("Ablations", fontsize=9)
+  save(fig, "ablations")
+  return paths
