@@ -170,7 +170,7 @@ def block_stacks(params, grads):
   state = fo.scale_by_foam(check_frequency=FREQ).init(params)
   cfg = Config(check_frequency=FREQ)
   leaf_steps = [transform._prepare_leaf(g, ls, 1, cfg) for g, ls in zip(
-      jax.tree.leaves(grads), transform.leaf_states_of(state.leaves))]
+      jax.tree.leaves(grads), state.leaf_states())]
   return [(cls, transform._class_blocks(leaf_steps, "grad", cls, slots))
           for cls, slots in zip(transform.block_classes(state),
                                 transform.slot_maps(state))]

@@ -37,8 +37,9 @@ def _run(tx, params, steps, seed=0):
 
 
 def _leaf_states(state):
-  is_leaf = lambda x: isinstance(x, fo.LeafState)
-  return [x for x in jax.tree.leaves(state, is_leaf=is_leaf) if is_leaf(x)]
+  is_core = lambda x: isinstance(x, fo.ScaleByFoamState)
+  return [ls for core in jax.tree.leaves(state, is_leaf=is_core)
+          if is_core(core) for ls in core.leaf_states()]
 
 
 @pytest.mark.parametrize("name", list(ALIASES))

@@ -116,7 +116,7 @@ def test_inject_hyperparams_default_foam_injects_block_size_and_changes():
              for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(_W)))
   # b1: the momentum after one step is (1 - b1) * g.
   _, s = run(steps=1, b1=0.25)
-  np.testing.assert_allclose(s.inner_state[0].leaves["m"].momentum,
+  np.testing.assert_allclose(s.inner_state[0].mu["m"],
                              0.75 * _grads(0)["m"], rtol=1e-6)
   # epsilon: a fresh eigendecomposition resets the damping to epsilon.
   _, s = run(epsilon=1e-4, threshold=1e6)
@@ -174,8 +174,7 @@ def test_update_contracts(name):
   applied = optax.apply_updates(params, updates)
   assert [p.dtype for p in jax.tree.leaves(applied)] == dtypes
   core = state.inner_state[0]
-  momenta = jax.tree.map(lambda ls: ls.momentum, core.leaves,
-                         is_leaf=lambda x: isinstance(x, fo.LeafState))
+  momenta = core.mu
   assert [m.dtype for m in jax.tree.leaves(momenta)] == dtypes   # mu_dtype
   stat_dtypes = {x.dtype for x in jax.tree.leaves(state)
                  if jnp.issubdtype(x.dtype, jnp.floating)

@@ -205,13 +205,18 @@ def test_alias_gradient_accumulation(kwargs):
 _PARAMS = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
 
 
-def _leaf_states(state):
-  is_leaf = lambda x: isinstance(x, fo.LeafState)
-  return [x for x in jax.tree.leaves(state, is_leaf=is_leaf) if is_leaf(x)]
+def _cores(state):
+  is_core = lambda x: isinstance(x, fo.ScaleByFoamState)
+  return [x for x in jax.tree.leaves(state, is_leaf=is_core) if is_core(x)]
 
 
-def _arrays_outside_leaf_states(core):
-  return jax.tree.leaves(core._replace(leaves=None))
+def _momenta(state):
+  """The momentum buffers of every foam_optax state in `state`."""
+  return [m for core in _cores(state) for m in jax.tree.leaves(core.mu)]
+
+
+def _arrays_outside_params(core):
+  return jax.tree.leaves(core._replace(mu=None, nu=None))
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
@@ -221,11 +226,11 @@ def test_map_params_inject_hyperparams(name):
   mapped = optax.tree.map_params(opt, lambda v: v + 1, state)
   assert mapped.hyperparams["learning_rate"] == 1e-3
   core, mapped_core = state.inner_state[0], mapped.inner_state[0]
-  for ls in _leaf_states(mapped_core):
-    np.testing.assert_array_equal(ls.momentum, 1.0)
+  for momentum in _momenta(mapped_core):
+    np.testing.assert_array_equal(momentum, 1.0)
   # Factor statistics and counters are not parameters: left as they were.
-  for a, b in zip(_arrays_outside_leaf_states(core),
-                  _arrays_outside_leaf_states(mapped_core)):
+  for a, b in zip(_arrays_outside_params(core),
+                  _arrays_outside_params(mapped_core)):
     assert a is b
 
 
@@ -234,12 +239,12 @@ def test_map_params_to_none_and_non_params_to_none(name):
   opt = FACTORIES[name](optax.linear_schedule(1e-2, 1e-4, 10))
   state = opt.init(_PARAMS)
   to_none = optax.tree.map_params(opt, lambda _: None, state)
-  assert all(ls.momentum is None for ls in _leaf_states(to_none))
-  assert jax.tree.structure(_arrays_outside_leaf_states(to_none[0])) == (
-      jax.tree.structure(_arrays_outside_leaf_states(state[0])))
+  assert to_none[0].mu == {"w": None, "b": None}
+  assert jax.tree.structure(_arrays_outside_params(to_none[0])) == (
+      jax.tree.structure(_arrays_outside_params(state[0])))
   ones = optax.tree.map_params(opt, lambda _: 1, state,
                                transform_non_params=lambda _: None)
-  assert all(ls.momentum == 1 for ls in _leaf_states(ones))
+  assert ones[0].mu == {"w": 1, "b": 1}
   assert ones[0].count is None and ones[0].groups is None
 
 
@@ -248,26 +253,15 @@ def test_map_params_through_partition_with_adamw():
   opt = fo.partition(fo.foam(1e-2), optax.adamw(1e-2))
   state = opt.init(params)
   mapped = optax.tree.map_params(opt, lambda v: v + 1, state)
-  adam = optax.tree.get(mapped, "mu")
+  adam = mapped.inner_states["diagonal"].inner_state[0].mu
   np.testing.assert_array_equal(adam["embed"], 1.0)
-  assert all(bool(jnp.all(ls.momentum == 1.0))
-             for ls in _leaf_states(mapped))
+  assert all(bool(jnp.all(m == 1.0)) for m in _momenta(mapped))
 
 
-# Known defects. optax maps `f` over every copy of the parameter tree in the
-# state; here the per-parameter buffers are fields of one `LeafState` per
-# parameter (a tree of LeafStates, not trees of buffers), so
-# 1. an extra tree (`*rest`, e.g. the parameters' partition specs) does not
-#    match the structure `f` is mapped over, and
-# 2. `f` also reaches what a LeafState holds that is not parameter-shaped:
-#    the per-dimension factors of a tensor (SOAP's default shaping).
-# Fixing both needs the state to hold the buffers as parameter-shaped trees
-# (as optax's ScaleByAdamState does).
-_KNOWN_LAYOUT_DEFECT = pytest.mark.xfail(
-    strict=True, reason="LeafState per parameter, not parameter-shaped trees")
+# optax maps `f` over every copy of the parameter tree in a state, with any
+# extra trees (`*rest`, e.g. the parameters' partition specs) alongside.
 
 
-@_KNOWN_LAYOUT_DEFECT
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_map_params_with_an_extra_tree(name):
   opt = FACTORIES[name](1e-2)
@@ -275,16 +269,21 @@ def test_map_params_with_an_extra_tree(name):
   mapped = optax.tree.map_params(
       opt, lambda _, spec: spec, opt.init(_PARAMS), specs,
       transform_non_params=lambda _: None)
-  for ls, key in zip(_leaf_states(mapped), sorted(_PARAMS)):
-    assert ls.momentum == specs[key]
+  core, = _cores(mapped)
+  assert core.mu == specs
+  # Root-inverse preconditioning with Adam grafting keeps a grafting moment
+  # for every parameter: a second copy of the tree. SOAP does not.
+  assert core.nu == (specs if name != "soap" else None)
 
 
-@_KNOWN_LAYOUT_DEFECT
 def test_map_params_leaves_tensor_factors_alone():
   params = {"k": jnp.zeros((2, 3, 4))}
   opt = fo.soap(1e-2)
   state = opt.init(params)
   mapped = optax.tree.map_params(opt, lambda _: None, state)
-  tensor, = [ls.tensor for ls in _leaf_states(mapped)]
-  assert all(x is not None for x in jax.tree.leaves(
-      tensor, is_leaf=lambda x: x is None))
+  core, = _cores(mapped)
+  assert core.mu == {"k": None}
+  # The per-dimension factors are not parameter-shaped: kept as they were.
+  (tensor,), (before,) = core.tensors, _cores(state)[0].tensors
+  assert jax.tree.leaves(tensor) and all(
+      a is b for a, b in zip(jax.tree.leaves(tensor), jax.tree.leaves(before)))

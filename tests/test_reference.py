@@ -47,9 +47,7 @@ def factor_keys(core):
   """Per factor stack of a ScaleByFoamState, in stacking order: the
   FactorState and the keys (leaf, row0, col0, side) of its factors, keyed
   like `reference.Reference.factors()`."""
-  layouts = [ls.layout for ls in jax.tree.leaves(
-      core.leaves, is_leaf=lambda x: isinstance(x, fo.LeafState))
-             if isinstance(ls, fo.LeafState)]
+  layouts = list(core.layouts)
   stacks = []
   for cls, gs in zip(block_classes(core), core.groups):
     for side, fs in (("L", gs.left), ("R", gs.right)):

@@ -539,9 +539,9 @@ def test_low_precision_parameters(name, dtype):
   tx = optax.chain(OPTIMIZERS[name](), optax.scale(-5e-2)) if name.startswith(
       "scale_by") else OPTIMIZERS[name]()
   state = tx.init(params)
-  is_leaf_state = lambda x: isinstance(x, fo.LeafState)
-  leaf_states = [x for x in jax.tree.leaves(state, is_leaf=is_leaf_state)
-                 if is_leaf_state(x)]
+  is_core = lambda x: isinstance(x, fo.ScaleByFoamState)
+  leaf_states = [ls for core in jax.tree.leaves(state, is_leaf=is_core)
+                 if is_core(core) for ls in core.leaf_states()]
   assert {x.momentum.dtype for x in leaf_states} == {jnp.dtype(dtype)}
   momenta = {id(x.momentum) for x in leaf_states}
   float_leaves = [x for x in jax.tree.leaves(state)

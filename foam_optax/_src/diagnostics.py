@@ -78,7 +78,7 @@ def stats(opt_state) -> dict[str, jax.Array]:
           sides[side].append(fs)
     # Per-dimension factors of tensor leaves: stacks of one, never padded.
     stacks += [(fs, np.ones((1,), bool))
-               for fs in _find(state.leaves, FactorState)]
+               for fs in _find(state.tensors, FactorState)]
   int_zero = jnp.zeros((), jnp.int32)
 
   def total(field):

@@ -27,10 +27,10 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
+import optax
 
 from foam_optax._src import distribution
-from foam_optax._src.transform import leaf_states_of
-from foam_optax._src.transform import BlockClassState, LeafState
+from foam_optax._src.transform import BlockClassState
 from foam_optax._src.transform import ScaleByFoamState
 from foam_optax._src.transform import slot_maps
 
@@ -60,8 +60,6 @@ def _split_further(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
 def _foam_sharding(state: ScaleByFoamState, params_sharding,
                    mesh: Mesh) -> ScaleByFoamState:
   replicated = NamedSharding(mesh, PartitionSpec())
-  treedef = jax.tree.structure(params_sharding)
-  leaf_states = treedef.flatten_up_to(state.leaves)
   if not state.plan.distributed:
     if mesh.size > 1:
       raise ValueError(
@@ -77,31 +75,33 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding,
           f"{state.plan.shape}, not {dict(mesh.shape)}.")
     stack = NamedSharding(mesh, PartitionSpec(state.plan.block_spec))
 
-  def leaf(ls, param_sharding):
-    if not isinstance(ls, LeafState):   # e.g. optax.masked's MaskedNode
-      return ls
-
-    def follow(x):
-      if x is None:
-        return None
+  def follow(buffers):
+    """A parameter-shaped tree of buffers (arrays, or optax.MaskedNode where
+    a parameter has none) placed like the parameters, further split over
+    the mesh axes a parameter leaves unused."""
+    def one(x, param_sharding):
       return NamedSharding(
           mesh, _split_further(x.shape, param_sharding.spec, mesh))
+    # The parameters' structure: inside `optax.masked` the buffers hold a
+    # MaskedNode where a parameter is masked out.
+    treedef = jax.tree.structure(params_sharding)
+    return treedef.unflatten([
+        x if isinstance(x, optax.MaskedNode) else one(x, sharding)
+        for x, sharding in zip(treedef.flatten_up_to(buffers),
+                               jax.tree.leaves(params_sharding))])
 
-    # A tensor leaf's per-dimension factors stay whole on every device.
-    return LeafState(follow(ls.momentum), follow(ls.graft_second_moment),
-                     ls.layout,
-                     jax.tree.map(lambda _: replicated, ls.tensor))
-
-  leaves = [leaf(ls, s) for ls, s in
-            zip(leaf_states, treedef.flatten_up_to(params_sharding))]
   groups = tuple(
       BlockClassState(*(None if part is None else jax.tree.map(lambda _: stack,
                                                           part)
                    for part in gs))
       for gs in state.groups)
+  # A tensor leaf's per-dimension factors stay whole on every device.
   return state._replace(count=replicated, nonfinite_skips=replicated,
-                        consecutive_skips=replicated,
-                        leaves=treedef.unflatten(leaves), groups=groups)
+                        consecutive_skips=replicated, mu=follow(state.mu),
+                        nu=follow(state.nu),
+                        tensors=jax.tree.map(lambda _: replicated,
+                                             state.tensors),
+                        groups=groups)
 
 
 def state_sharding(opt_state, params, params_sharding) -> Any:
@@ -156,8 +156,7 @@ def state_sharding(opt_state, params, params_sharding) -> Any:
 
 def _relayout_core(source: ScaleByFoamState,
                    target: ScaleByFoamState) -> ScaleByFoamState:
-  if [ls.layout for ls in leaf_states_of(source.leaves)] != [
-      ls.layout for ls in leaf_states_of(target.leaves)]:
+  if source.layouts != target.layouts:
     raise ValueError("relayout: the two states belong to different "
                      "parameters or block settings.")
   groups = []
@@ -175,7 +174,8 @@ def _relayout_core(source: ScaleByFoamState,
   return target._replace(count=source.count,
                          nonfinite_skips=source.nonfinite_skips,
                          consecutive_skips=source.consecutive_skips,
-                         leaves=source.leaves, groups=tuple(groups))
+                         mu=source.mu, nu=source.nu, tensors=source.tensors,
+                         groups=tuple(groups))
 
 
 def relayout(opt_state, target):

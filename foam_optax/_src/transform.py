@@ -46,6 +46,8 @@ class BlockClassState(NamedTuple):
 
 
 class LeafState(NamedTuple):
+  """One parameter's part of `ScaleByFoamState` (see its `leaf_states`)."""
+
   momentum: jax.Array                  # EMA of gradients (not bias-corrected)
   graft_second_moment: Optional[jax.Array]
   layout: shaping.LeafLayout           # static: no arrays
@@ -56,10 +58,21 @@ class LeafState(NamedTuple):
 class ScaleByFoamState(NamedTuple):
   """State of `scale_by_foam`.
 
+  The per-parameter buffers are trees shaped like the parameters, as in
+  optax's own states, so `optax.tree.map_params` reaches them.
+
   Attributes:
     count: number of updates applied (the next update is step `count + 1`).
     nonfinite_skips: updates skipped because a gradient was not finite.
-    leaves: per-parameter `LeafState`, in the parameters' tree structure.
+    mu: the momentum (EMA of gradients, not bias-corrected), shaped like
+      the parameters.
+    nu: the grafting optimizer's second moment, shaped like the
+      parameters; `optax.MaskedNode()` for a parameter that has none
+      (grafting ``'sgd'``/``'none'``, or a leaf that SOAP preconditions in
+      its eigenbasis).
+    tensors: per parameter (in `jax.tree.leaves` order) its per-dimension
+      factors (``tensor_shaping='per_dimension'``) or None.
+    layouts: static: per parameter its block structure.
     groups: per block class (`block_classes`) a `BlockClassState`; on a device
       mesh each stack is padded to a multiple of the device count (see
       `distribution`).
@@ -70,22 +83,47 @@ class ScaleByFoamState(NamedTuple):
 
   count: jax.Array
   nonfinite_skips: jax.Array
-  leaves: Any
+  mu: Any
+  nu: Any
+  tensors: tuple
+  layouts: tuple
   groups: tuple
   consecutive_skips: jax.Array
   plan: distribution.Plan = distribution.Plan()
 
+  def leaf_states(self) -> list:
+    """Each parameter's `LeafState`, in `jax.tree.leaves` order."""
+    return [LeafState(m, None if isinstance(n, optax.MaskedNode) else n,
+                      layout, tensor)
+            for m, n, layout, tensor in zip(
+                jax.tree.leaves(self.mu), _graft_leaves(self.mu, self.nu),
+                self.layouts, self.tensors)]
 
-def leaf_states_of(leaves_tree) -> list:
-  return [x for x in jax.tree.leaves(
-      leaves_tree, is_leaf=lambda x: isinstance(x, LeafState))
-          if isinstance(x, LeafState)]
+  @property
+  def leaves(self):
+    """`leaf_states` in the parameters' tree structure (a read-only view)."""
+    return jax.tree.structure(self.mu).unflatten(self.leaf_states())
+
+
+def _graft_leaves(mu, nu) -> list:
+  """`nu`'s entry for each leaf of `mu`: an array or `optax.MaskedNode`."""
+  return jax.tree.structure(mu).flatten_up_to(nu)
+
+
+def _with_leaf_states(state: ScaleByFoamState, leaf_states) -> ScaleByFoamState:
+  """`state` with its per-parameter fields taken from `leaf_states`."""
+  treedef = jax.tree.structure(state.mu)
+  return state._replace(
+      mu=treedef.unflatten([ls.momentum for ls in leaf_states]),
+      nu=treedef.unflatten([
+          optax.MaskedNode() if ls.graft_second_moment is None
+          else ls.graft_second_moment for ls in leaf_states]),
+      tensors=tuple(ls.tensor for ls in leaf_states))
 
 
 def block_classes(state: ScaleByFoamState) -> tuple:
   """The `shaping.BlockClass` of each entry of ``state.groups``."""
-  return shaping.block_classes(
-      [ls.layout for ls in leaf_states_of(state.leaves)])
+  return shaping.block_classes(list(state.layouts))
 
 
 def slot_maps(state: ScaleByFoamState) -> tuple:
@@ -146,10 +184,11 @@ def _storage(dtype, default):
 
 
 class _ShapeDependent:
-  """Stands for the block-class states in what `init` returns for optax's
-  parameter placeholder (`optax.tree.map_params`): their structure depends
-  on parameter shapes that the placeholder does not have. `map_params` then
-  passes ``groups`` whole to its ``transform_non_params``."""
+  """Stands for the fields whose structure depends on parameter shapes
+  (block-class states, layouts, tensor factors) in what `init` returns for
+  optax's parameter placeholder (`optax.tree.map_params`), which has no
+  shapes. `map_params` then passes those fields whole to its
+  ``transform_non_params``."""
 
 
 def _is_params_placeholder(params) -> bool:
@@ -201,7 +240,7 @@ def _plain_arrays(tree):
   """`tree` with Flax NNX variables replaced by the arrays they hold.
 
   `nnx.Optimizer` hands `init` its parameters as `nnx.Param` variables; the
-  state keeps one `LeafState` per parameter array, not wrapped in them.
+  state keeps plain arrays, not wrapped in them.
   Flax is not a dependency: a tree can hold NNX variables only once the
   caller has imported `flax.nnx`.
   """
@@ -271,7 +310,7 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
               jnp.zeros((count, c.rows, c.cols), second_moment_dtype)
               if cfg.eigenvalue_corrected else None))
       for c, count in zip(classes, slots))
-  leaf_states = []
+  momenta, graft_moments, tensor_states = [], [], []
   for p, lay, tensor_layout in zip(leaves, layouts, tensor_layouts):
     shape = jnp.shape(p)
     tensor = None
@@ -281,18 +320,33 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
         lay.preconditioned or tensor is not None)
     needs_graft_moment = (cfg.grafting in grafting.USES_SECOND_MOMENT and
                           not in_eigenbasis)
-    leaf_states.append(LeafState(
-        momentum=jnp.zeros(shape, _storage(cfg.mu_dtype, jnp.result_type(p))),
-        graft_second_moment=jnp.zeros(shape, second_moment_dtype)
-        if needs_graft_moment else None,
-        layout=lay, tensor=tensor))
+    momenta.append(
+        jnp.zeros(shape, _storage(cfg.mu_dtype, jnp.result_type(p))))
+    graft_moments.append(jnp.zeros(shape, second_moment_dtype)
+                         if needs_graft_moment else optax.MaskedNode())
+    tensor_states.append(tensor)
+  if placeholder:
+    # optax's parameter placeholder: `map_params` maps over the fields
+    # returned as the placeholder itself, which must be whole copies of the
+    # parameter tree in every state. `nu` is one when every leaf has a
+    # grafting moment, which root-inverse preconditioning with Adam or
+    # RMSProp grafting guarantees.
+    every_leaf_grafts = (cfg.grafting in grafting.USES_SECOND_MOMENT
+                         and not cfg.eigenvalue_corrected)
+    shape_dependent = _ShapeDependent()
+    return ScaleByFoamState(
+        count=jnp.zeros([], jnp.int32),
+        nonfinite_skips=jnp.zeros([], jnp.int32),
+        mu=params, nu=params if every_leaf_grafts else shape_dependent,
+        tensors=shape_dependent, layouts=shape_dependent,
+        groups=shape_dependent, consecutive_skips=jnp.zeros([], jnp.int32),
+        plan=plan)
   return ScaleByFoamState(
       count=jnp.zeros([], jnp.int32),
       nonfinite_skips=jnp.zeros([], jnp.int32),
-      leaves=jax.tree.unflatten(treedef, leaf_states),
-      groups=_ShapeDependent() if placeholder else groups,
-      consecutive_skips=jnp.zeros([], jnp.int32),
-      plan=plan)
+      mu=treedef.unflatten(momenta), nu=treedef.unflatten(graft_moments),
+      tensors=tuple(tensor_states), layouts=tuple(layouts), groups=groups,
+      consecutive_skips=jnp.zeros([], jnp.int32), plan=plan)
 
 
 _SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
@@ -688,16 +742,18 @@ def _keep_group(new: BlockClassState, old: BlockClassState,
 def _update(updates, state: ScaleByFoamState, cfg: Config):
   updates = _plain_arrays(updates)
   _check_mesh(state.plan, state)
-  guards.check_structure(
-      [ls.layout for ls in leaf_states_of(state.leaves)], cfg)
+  guards.check_structure(list(state.layouts), cfg)
 
   def apply(updates, state, step, cfg):
     grads, treedef = jax.tree.flatten(updates)
-    leaf_states = treedef.flatten_up_to(state.leaves)
+    if treedef != jax.tree.structure(state.mu):
+      raise ValueError(
+          f"updates have the tree structure {treedef}, but the state was "
+          f"initialised for {jax.tree.structure(state.mu)}.")
     new_updates, new_leaves, new_groups = _update_tree(
-        grads, leaf_states, state.groups, step, cfg, state.plan)
-    return treedef.unflatten(new_updates), state._replace(
-        count=step, leaves=treedef.unflatten(new_leaves), groups=new_groups)
+        grads, state.leaf_states(), state.groups, step, cfg, state.plan)
+    return treedef.unflatten(new_updates), _with_leaf_states(
+        state, new_leaves)._replace(count=step, groups=new_groups)
 
   traced = _traced_hyperparameters(cfg)
   run = _with_arguments(apply, cfg)
@@ -740,7 +796,9 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
       nonfinite_skips=jnp.where(skip,
                                 optax.safe_increment(state.nonfinite_skips),
                                 state.nonfinite_skips),
-      leaves=jax.tree.map(keep, new_state.leaves, state.leaves),
+      mu=jax.tree.map(keep, new_state.mu, state.mu),
+      nu=jax.tree.map(keep, new_state.nu, state.nu),
+      tensors=jax.tree.map(keep, new_state.tensors, state.tensors),
       groups=tuple(_keep_group(n, o, keep)
                    for n, o in zip(new_state.groups, state.groups)),
       consecutive_skips=consecutive)
