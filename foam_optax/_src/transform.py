@@ -715,27 +715,19 @@ def skipping(skip):
     _OUTER_SKIP.reset(token)
 
 
-# The one factor array that changes on every step. The others change only
-# inside a check's `lax.cond`, and step 0 is never a check step (checks start
-# at s0 >= 1): a skipped step, run with step 0, leaves them untouched, so they
-# need no select (selecting the bases would cost a pass over the largest
-# arrays of the state, and each small counter a kernel of its own).
-_CHANGED_EVERY_STEP = ("statistic",)
-
-
-def _keep_factor(new: Optional[FactorState], old: Optional[FactorState], keep):
-  if new is None:
-    return None
-  return new._replace(**{field: keep(getattr(new, field), getattr(old, field))
-                         for field in _CHANGED_EVERY_STEP})
-
-
 def _keep_group(new: BlockClassState, old: BlockClassState,
                 keep) -> BlockClassState:
+  """The class state to keep on a skipped step.
+
+  A skipped step runs with step 0 (never a check step: checks start at
+  s0 >= 1), zero gradients and b2 = 1, so the factors come out exactly as
+  they went in: the statistics' average is ``1·S + 0·(0·0ᵀ)`` and nothing
+  else changes outside a check. They need no select, which on a CPU cost a
+  pass over the largest arrays of the state.
+  """
   moment = new.rotated_second_moment
   return BlockClassState(
-      _keep_factor(new.left, old.left, keep),
-      _keep_factor(new.right, old.right, keep),
+      new.left, new.right,
       None if moment is None else keep(moment, old.rotated_second_moment))
 
 
@@ -777,10 +769,14 @@ def _update(updates, state: ScaleByFoamState, cfg: Config):
     return run(updates, state, step, traced)
 
   # One pass, no conditional over the state: a skipped step runs with step 0
-  # (no factor is checked) and its results are discarded by selects, which
-  # XLA fuses into the arithmetic that produces them. Selects, not
-  # multiplications by a 0/1 flag: NaN * 0 is NaN.
-  new_updates, new_state = run(updates, state, jnp.where(skip, 0, step),
+  # (no factor is checked), zero gradients and b2 = 1, which leave the
+  # factors as they were (`_keep_group`); the other results are discarded by
+  # selects, which XLA fuses into the arithmetic that produces them.
+  # Selects, not multiplications by a 0/1 flag: NaN * 0 is NaN.
+  zeroed = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u),
+                        updates)
+  traced = dict(traced, b2=jnp.where(skip, 1.0, cfg.b2))
+  new_updates, new_state = run(zeroed, state, jnp.where(skip, 0, step),
                                traced)
   keep = lambda new, old: jnp.where(skip, old, new)
   if cfg.skip_nonfinite:
