@@ -111,7 +111,20 @@ def test_nonfinite_gradient_skips_whole_update(name, bad):
   1e20 is finite but its square overflows float32 statistics, so it is
   treated like an infinity.
   """
-  tx = OPTIMIZERS[name]()
+  _check_skipped_step(OPTIMIZERS[name](), bad)
+
+
+@pytest.mark.parametrize("options", [
+    dict(factor_matrix_dtype=jnp.bfloat16), dict(statistics_compute_steps=2)],
+    ids=["bfloat16_statistics", "statistics_every_2_steps"])
+def test_skipped_step_keeps_statistics_exactly(options):
+  # A skipped step leaves the factor statistics as they were by arithmetic
+  # (zero gradients, b2 = 1), not by a select: exact in low-precision
+  # storage, and with statistics accumulated on some steps only.
+  _check_skipped_step(OPTIMIZERS["foam"](**options), math.nan)
+
+
+def _check_skipped_step(tx, bad):
   step = _stepper(tx)
   params = _params()
   clean = (params, tx.init(params))
