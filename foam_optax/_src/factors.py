@@ -238,8 +238,7 @@ def probe_keys(step, factor_ids, cfg: Config):
   A key depends only on the step and the factor's integer id, so randomized
   controllers (``proxy='sketch'``) give the same decisions on every run,
   under either refresh_batching and on any mesh (the ids are the factors'
-  blocks,
-  not their slots: see `transform._factor_ids`).
+  blocks, not their slots: see `transform._factor_ids`).
   """
   if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
     return None

@@ -217,16 +217,16 @@ def _phases(stack_sizes, num_shards, cfg: Config) -> list:
   refreshes follow the updates ``t - 1 = f, 2f, ...``).
   """
   total = sum(stack_sizes)
-  shift = 1 if cfg.init_only_first_step else 0
+  offset = _uniform_phase(cfg)
   phases, start = [], 0
   for size in stack_sizes:
     if not cfg.stagger:
-      phases.append(jnp.full((size,), _uniform_phase(cfg), jnp.int32))
+      phases.append(jnp.full((size,), offset, jnp.int32))
       continue
     rank = jnp.asarray(
         start + distribution.interleaved_ranks(size, num_shards), jnp.int32)
     freq = jnp.asarray(cfg.check_frequency, jnp.int32)
-    phases.append((rank * freq) // total - shift)
+    phases.append((rank * freq) // total + offset)
     start += size
   return phases
 
@@ -274,11 +274,10 @@ def _init(params, cfg: Config) -> ScaleByFoamState:
     # and the step deadlocked; the per-factor refresh runs.
     raise ValueError(
         "refresh_batching='bucket' is not supported on a device mesh (its "
-        "batched "
-        "refresh deadlocked the step's collectives on 8 CPU devices); use "
-        "refresh_batching='map', which divides the eigendecompositions among "
-        "the "
-        "devices and skips each factor's individually.")
+        "batched refresh deadlocked the step's collectives on 8 CPU "
+        "devices); use refresh_batching='map', which divides the "
+        "eigendecompositions among the devices and skips each factor's "
+        "individually.")
   classes = shaping.block_classes(layouts)
   slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
   sides = [(size, side) for cls, size in zip(classes, slots)

@@ -161,20 +161,27 @@ def run(args: argparse.Namespace) -> dict:
   return raw
 
 
+def _block(title: str, meta: dict, totals: str, table: str, figures) -> str:
+  """A BENCHMARKS.md block: title, command and machine, `totals`, the
+  table and the plots."""
+  m = meta["machine"]
+  lines = [
+      title, "",
+      f"Output of `{meta['command']}` on {meta['date'][:10]}: "
+      f"{m['processor'] or m['platform']}, {m['cpu_count']} CPU cores, "
+      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; {totals}", "",
+      table, "", "#### Plots", ""]
+  lines += [f"![{f.stem}](docs/figures/{f.name})" for f in figures]
+  return "\n".join(lines)
+
+
 def docs_block(raw: dict, table: str, figures) -> str:
   """The BENCHMARKS.md block: command, machine, table and figures."""
   meta = raw["meta"]
-  m = meta["machine"]
-  lines = [
-      "## Optimizer comparison (`foam-bench`)", "",
-      f"Output of `{meta['command']}` on {meta['date'][:10]}: "
-      f"{m['processor'] or m['platform']}, {m['cpu_count']} CPU cores, "
-      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; total "
-      f"{meta['total_seconds'] / 60:.1f} min. Figures are means ± std over "
-      f"seeds {meta['seeds']}.", "",
-      table, "#### Plots", ""]
-  lines += [f"![{f.stem}](docs/figures/{f.name})" for f in figures]
-  return "\n".join(lines)
+  return _block(
+      "## Optimizer comparison (`foam-bench`)", meta,
+      f"total {meta['total_seconds'] / 60:.1f} min. Figures are means ± std "
+      f"over seeds {meta['seeds']}.", table, figures)
 
 
 def run_scale(args: argparse.Namespace) -> dict:
@@ -208,17 +215,10 @@ def run_scale(args: argparse.Namespace) -> dict:
 def scale_docs_block(raw: dict, table: str, figures) -> str:
   """The scale suite's BENCHMARKS.md block."""
   meta = raw["meta"]
-  m = meta["machine"]
-  lines = [
-      "## The FOAM paper's claims at scale (`foam-bench --suite scale`)", "",
-      f"Output of `{meta['command']}` on {meta['date'][:10]}: "
-      f"{m['processor'] or m['platform']}, {m['cpu_count']} CPU cores, "
-      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; total "
-      f"{meta['total_seconds'] / 60:.1f} min (compilation "
-      f"{raw['compile_seconds'] / 60:.1f} min of it).", "",
-      table, "", "#### Plots", ""]
-  lines += [f"![{f.stem}](docs/figures/{f.name})" for f in figures]
-  return "\n".join(lines)
+  return _block(
+      "## The FOAM paper's claims at scale (`foam-bench --suite scale`)",
+      meta, f"total {meta['total_seconds'] / 60:.1f} min (compilation "
+      f"{raw['compile_seconds'] / 60:.1f} min of it).", table, figures)
 
 
 def main(argv=None) -> None:
