@@ -15,6 +15,7 @@ from foam_optax._src import config
 from foam_optax._src.deprecation import renamed_argument
 from foam_optax._src.config import FirstStep, Grafting, RefreshBatching
 from foam_optax._src.config import Preconditioner, Proxy, RefreshMethod
+from foam_optax._src.config import RootDamping
 from foam_optax._src.config import RotationBasis, TensorShaping
 from foam_optax._src.controllers import Controller
 from foam_optax._src.transform import all_finite, from_config, scale_by_foam
@@ -197,6 +198,7 @@ def foam(
     cache_inverse_root: bool = True,
     proxy: Proxy = "exact",
     proxy_probes: int = 16,
+    root_damping: RootDamping = "controller",
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:

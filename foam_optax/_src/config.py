@@ -26,6 +26,7 @@ Proxy = Literal["exact", "sketch"]
 RotationBasis = Literal["updated", "previous"]
 FirstStep = Literal["update", "init_only"]
 TensorShaping = Literal["matrix", "per_dimension"]
+RootDamping = Literal["controller", "epsilon"]
 
 GRAFTINGS = get_args(Grafting)
 PRECONDITIONERS = get_args(Preconditioner)
@@ -35,6 +36,7 @@ PROXIES = get_args(Proxy)
 ROTATION_BASES = get_args(RotationBasis)
 FIRST_STEPS = get_args(FirstStep)
 TENSOR_SHAPINGS = get_args(TensorShaping)
+ROOT_DAMPINGS = get_args(RootDamping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Config:
   weight_dimension_numbers: Any = None
   proxy: str = "exact"
   proxy_probes: Any = 16
+  root_damping: str = "controller"
   # Eigenvalue-corrected preconditioning only (see `scale_by_soap`).
   rotation_basis: str = "updated"
   first_step: str = "update"
@@ -94,6 +97,14 @@ class Config:
   @property
   def init_only_first_step(self) -> bool:
     return self.first_step == "init_only"
+
+  def root_damping_of(self, damping):
+    """The damping X is built with: the controller's stored one, or ε0
+    for ``root_damping='epsilon'`` (the ablation that keeps FOAM's refresh
+    decisions but not its damping)."""
+    if self.root_damping == "epsilon":
+      return jnp.full_like(damping, self.epsilon)
+    return damping
 
 
 STORAGE_DTYPES = ("mu_dtype", "second_moment_dtype", "factor_matrix_dtype",
@@ -226,6 +237,7 @@ def validate(cfg: Config) -> Config:
     _check_dtype(name, getattr(cfg, name))
   _check_choice("proxy", cfg.proxy, PROXIES)
   _check_int("proxy_probes", cfg.proxy_probes, 1)
+  _check_choice("root_damping", cfg.root_damping, ROOT_DAMPINGS)
   _check_choice("rotation_basis", cfg.rotation_basis, ROTATION_BASES)
   _check_choice("first_step", cfg.first_step, FIRST_STEPS)
   _check_choice("tensor_shaping", cfg.tensor_shaping, TENSOR_SHAPINGS)

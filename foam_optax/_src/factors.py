@@ -225,7 +225,8 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
                | jnp.logical_not(jnp.all(new.eigvals == fs.eigvals)))
     new = new._replace(inverse_root=lax.cond(
         changed,
-        lambda: linalg.inverse_root(new.basis, new.eigvals, new.damping,
+        lambda: linalg.inverse_root(new.basis, new.eigvals,
+                                    cfg.root_damping_of(new.damping),
                                     cfg.exponent, cfg.pseudo_inverse_rtol),
         lambda: fs.inverse_root))
   order = jnp.where(success, fresh.order, jnp.arange(fresh.order.shape[-1]))

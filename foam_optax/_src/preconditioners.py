@@ -27,7 +27,9 @@ def basis(fs):
 
 
 def _weights(fs, cfg: Config):
-  return linalg.inverse_root_weights(fs.eigvals, fs.damping, cfg.exponent,
+  return linalg.inverse_root_weights(fs.eigvals,
+                                     cfg.root_damping_of(fs.damping),
+                                     cfg.exponent,
                                      cfg.pseudo_inverse_rtol)
 
 

@@ -26,7 +26,7 @@ from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.config import Config, static_int, validate
 from foam_optax._src.config import Grafting, RefreshBatching, Preconditioner
-from foam_optax._src.config import Proxy, RefreshMethod
+from foam_optax._src.config import Proxy, RefreshMethod, RootDamping
 from foam_optax._src.controllers import Controller
 from foam_optax._src.deprecation import renamed_argument
 from foam_optax._src.factors import FactorState
@@ -835,6 +835,7 @@ def scale_by_foam(
     cache_inverse_root: bool = True,
     proxy: Proxy = "exact",
     proxy_probes: int = 16,
+    root_damping: RootDamping = "controller",
 ) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
 
@@ -942,6 +943,11 @@ def scale_by_foam(
       factor, so runs are reproducible). See BENCHMARKS.md for when the
       sketch's decisions match the exact proxy's.
     proxy_probes: number of probe vectors of ``proxy='sketch'``.
+    root_damping: the damping the inverse roots X are built with:
+      ``'controller'`` (the controller's, FOAM's adaptive one) or
+      ``'epsilon'`` (always ``ε0``): an ablation that keeps the controller's
+      refresh decisions, which still follow its damping, but takes the
+      damping out of the preconditioner.
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
@@ -989,7 +995,7 @@ def scale_by_foam(
       pseudo_inverse_rtol=pseudo_inverse_rtol,
       weight_dimension_numbers=weight_dimension_numbers,
       cache_inverse_root=cache_inverse_root,
-      proxy=proxy, proxy_probes=proxy_probes))
+      proxy=proxy, proxy_probes=proxy_probes, root_damping=root_damping))
   return from_config(cfg)
 
 
