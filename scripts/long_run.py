@@ -43,7 +43,7 @@ def _is_proxy(path):
 def state_finite(state):
   """Whether every floating array of the optimizer state is finite.
 
-  `FactorState.proxy` is left out: it is a write-only diagnostic (only
+  `FactorStack.proxy` is left out: it is a write-only diagnostic (only
   `fo.stats` reads it back, the update never does), and the controllers are
   written so that a non-finite proxy just requests a fresh basis, so an
   overflowing proxy (a large drift divided by a damping as small as 1e-9) is
@@ -85,8 +85,8 @@ def run(tx, steps, chunk=1000, lr=1e-2, seed=0):
       p = jax.tree.map(lambda w, d: w - lr * d, p, u)
       r = cayley @ r
       dampings = jnp.concatenate([f.damping for f in jax.tree.leaves(
-          s, is_leaf=lambda x: isinstance(x, fo.FactorState))
-          if isinstance(f, fo.FactorState)])
+          s, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+          if isinstance(f, fo.FactorStack)])
       finite = (jnp.all(jnp.isfinite(p["w"])) & jnp.all(jnp.isfinite(u["w"]))
                 & state_finite(s))
       return (p, s, r), (jnp.min(dampings), jnp.max(dampings), finite,

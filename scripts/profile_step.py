@@ -46,7 +46,8 @@ import optax
 
 import foam_optax as fo
 from foam_optax._src import controllers, grafting, linalg, preconditioners
-from foam_optax._src import transform
+from foam_optax._src import leaves
+from foam_optax._src import state as state_lib
 from foam_optax._src.config import Config
 
 MODELS = ("digits_mlp", "digits_cnn", "transformer_lm")
@@ -169,11 +170,11 @@ def block_stacks(params, grads):
   in the tree, stacked by the library's own step code."""
   state = fo.scale_by_foam(check_frequency=FREQ).init(params)
   cfg = Config(check_frequency=FREQ)
-  leaf_steps = [transform._prepare_leaf(g, ls, 1, cfg) for g, ls in zip(
+  leaf_steps = [leaves.prepare(g, ls, 1, cfg) for g, ls in zip(
       jax.tree.leaves(grads), state.leaf_states())]
-  return [(cls, transform._class_blocks(leaf_steps, "grad", cls, slots))
-          for cls, slots in zip(transform.block_classes(state),
-                                transform.slot_maps(state))]
+  return [(cls, leaves.class_stack(leaf_steps, "grad", cls, slots))
+          for cls, slots in zip(state_lib.block_classes(state),
+                                state_lib.slot_maps(state))]
 
 
 def part_timings(params, grads, repeats):
@@ -199,7 +200,7 @@ def part_timings(params, grads, repeats):
   facs = [f for _, l, r in data for f in (l, r) if f is not None]
   stored_x = lambda f: None if f is None else jax.vmap(
       linalg.inverse_root, (0, 0, 0, None))(f[1], f[2], f[3], cfg.exponent)
-  as_state = lambda f: None if f is None else fo.FactorState(
+  as_state = lambda f: None if f is None else fo.FactorStack(
       f[0], f[1], f[2], f[3], *(None,) * 5, inverse_root=stored_x(f))
 
   def statistics_part(data):

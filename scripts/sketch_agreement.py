@@ -35,7 +35,7 @@ import optax
 import foam_optax as fo
 from foam_optax._src import controllers, factors
 from foam_optax._src.config import Config
-from foam_optax._src.transform import ScaleByFoamState
+from foam_optax._src.state import ScaleByFoamState
 from foam_optax.bench import optimizers, workloads
 
 
@@ -46,7 +46,7 @@ def _core(opt_state) -> ScaleByFoamState:
 
 
 def _stacks(core):
-  return [fs for gs in core.groups for fs in (gs.left, gs.right)
+  return [fs for gs in core.classes for fs in (gs.left, gs.right)
           if fs is not None]
 
 

@@ -57,8 +57,8 @@ def test_tree_map_params(name):
   for before, after in zip(_leaf_states(core), _leaf_states(marked_core)):
     assert bool(jnp.all(after.momentum == 7.0))
     assert before.layout == after.layout
-  for a, b in zip(jax.tree.leaves(core.groups),
-                  jax.tree.leaves(marked_core.groups)):
+  for a, b in zip(jax.tree.leaves(core.classes),
+                  jax.tree.leaves(marked_core.classes)):
     assert a is b
   assert marked_core.count is core.count
 
@@ -87,7 +87,7 @@ def test_mu_dtype(name, mu_dtype):
     want = p.dtype if mu_dtype is None else jnp.dtype(mu_dtype)
     assert ls.momentum.dtype == want, key
     assert updates[key].dtype == p.dtype
-  factors = [x for x in jax.tree.leaves(state.groups)
+  factors = [x for x in jax.tree.leaves(state.classes)
              if jnp.issubdtype(x.dtype, jnp.floating)]
   assert factors and all(x.dtype == jnp.float32 for x in factors)
 
@@ -111,7 +111,7 @@ def test_storage_dtypes(name, options):
   before = [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
   updates, state = _run(tx, params, 6)
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == before
-  (group,) = state.groups
+  (group,) = state.classes
   for fs in (group.left, group.right):
     assert fs.statistic.dtype == options["factor_matrix_dtype"]
     assert fs.basis.dtype == options["factor_matrix_eigenvectors_dtype"]
@@ -180,7 +180,7 @@ def test_stacked_layers_equal_independent_layers(name, numbers):
   out, slices, state = _independent(batched, single, (L, m, n), L,
                                     lambda x: list(x), 7)
   np.testing.assert_allclose(out, jnp.stack(slices), rtol=2e-5, atol=2e-6)
-  assert sum(int(fs.refreshes.sum()) for g in state.groups
+  assert sum(int(fs.refreshes.sum()) for g in state.classes
              for fs in (g.left, g.right) if fs is not None) > 0
 
 
@@ -437,7 +437,7 @@ def test_uncached_inverse_root_matches_cached(name):
   for key in params:
     np.testing.assert_allclose(uncached[key], cached[key], rtol=2e-4,
                                atol=1e-6)
-  assert all(fs.inverse_root is None for g in state.groups
+  assert all(fs.inverse_root is None for g in state.classes
              for fs in (g.left, g.right) if fs is not None)
 
 
@@ -454,26 +454,6 @@ def test_inject_hyperparams_with_static_storage_dtype_and_dimension_numbers():
   assert set(state.hyperparams) >= {"learning_rate", "epsilon"}
   with pytest.raises(ValueError, match="block_size"):
     jax.jit(optax.inject_hyperparams(fo.foam)(0.1).init)({"w": jnp.ones((4, 4))})
-
-
-@pytest.mark.parametrize("fn", _TRANSFORMS + _ALIASES)
-def test_grouping_still_accepted_as_refresh_batching(fn):
-  lr = {"learning_rate": 1e-3} if fn in _ALIASES else {}
-  with pytest.warns(DeprecationWarning, match="refresh_batching"):
-    fn(**lr, grouping="bucket")
-  # Forwarded: its value is validated as refresh_batching's.
-  with pytest.warns(DeprecationWarning), pytest.raises(
-      ValueError, match="refresh_batching must be one of"):
-    fn(**lr, grouping="per_leaf")
-  with pytest.raises(TypeError, match="refresh_batching= only"):
-    fn(**lr, grouping="map", refresh_batching="map")
-  import inspect
-  assert "grouping" not in inspect.signature(fn).parameters
-
-
-def test_group_state_still_importable():
-  with pytest.warns(DeprecationWarning, match="BlockClassState"):
-    assert fo.GroupState is fo.BlockClassState
 
 
 def test_root_damping_epsilon_keeps_decisions_and_builds_x_with_epsilon0():
@@ -495,7 +475,7 @@ def test_root_damping_epsilon_keeps_decisions_and_builds_x_with_epsilon0():
     dampings, updates = [], []
     for g in grads:
       u, state = step(jnp.asarray(g, jnp.float32), state)
-      dampings.append(np.asarray(state.groups[0].left.damping))
+      dampings.append(np.asarray(state.classes[0].left.damping))
       updates.append(u)
     runs[root_damping] = (np.stack(dampings), state, updates)
   d_controller, _, u_controller = runs["controller"]
@@ -503,7 +483,7 @@ def test_root_damping_epsilon_keeps_decisions_and_builds_x_with_epsilon0():
   np.testing.assert_array_equal(d_controller, d_epsilon)
   assert d_controller.max() > 1e-3   # the damping moved: the test can fail
   assert fo.stats(state)["eigendecompositions"] > 2
-  gs = state.groups[0]
+  gs = state.classes[0]
   x = lambda fs: (fs.basis[0] * (fs.eigvals[0] + 1e-3) ** -0.5) @ fs.basis[0].T
   corrected = grads[-1]   # b1 = 0: the momentum is the gradient
   np.testing.assert_allclose(u_epsilon[-1], x(gs.left) @ corrected @ x(gs.right),

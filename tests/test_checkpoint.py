@@ -185,7 +185,7 @@ def _train_sharded_and_save(directory, out_file):
   params, state = _run(params, state, _FIRST)
   tree = jax.device_put({"params": params, "opt_state": state}, shardings)
   # The factor stacks really are split: one block of each stack per device.
-  is_factor = lambda x: isinstance(x, fo.FactorState)
+  is_factor = lambda x: isinstance(x, fo.FactorStack)
   stacks = jax.tree.leaves([f for f in jax.tree.leaves(
       tree["opt_state"], is_leaf=is_factor) if is_factor(f)])
   assert stacks and all(
@@ -255,7 +255,7 @@ def _resume_uneven_on_8(directory, out_file):
   with jax.set_mesh(_mesh()):
     target = jax.jit(_TX_UNEVEN.init, out_shardings=shardings["opt_state"])(
         jax.device_put(params, shardings["params"]))
-  is_factor = lambda x: isinstance(x, fo.FactorState)
+  is_factor = lambda x: isinstance(x, fo.FactorStack)
   sizes = {f.statistic.shape[0] for f in jax.tree.leaves(
       target, is_leaf=is_factor) if is_factor(f)}
   assert sizes == {16}, sizes   # padded: the saved stacks hold 10

@@ -295,8 +295,8 @@ def test_soap_power_qr_executes_eigh_only_for_first_bases(refresh_batching,
   jax.effects_barrier()
   num_factors = int(stats["num_factors"][-1])
   stacks = len([f for f in jax.tree.leaves(
-      state.groups, is_leaf=lambda x: isinstance(x, fo.FactorState))
-                if isinstance(f, fo.FactorState)])
+      state.classes, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+                if isinstance(f, fo.FactorStack)])
   # Checks at 1, 2, 4, 6, 8, each a refresh ('stale'): the first by eigh,
   # the other four by power-QR.
   assert int(stats["eigendecompositions"][-1]) == 5 * num_factors

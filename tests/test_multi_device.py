@@ -68,7 +68,7 @@ _SCRIPT = textwrap.dedent("""
     from jax import lax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import foam_optax as fo
-    from foam_optax._src import config, distribution, factors, linalg
+    from foam_optax._src import config, distribution, factors, linalg, refresh
 
     out = {}
     mesh = jax.make_mesh((8,), ("data",))
@@ -78,8 +78,7 @@ _SCRIPT = textwrap.dedent("""
     k, m = 16, 6
     a = jax.random.normal(jax.random.PRNGKey(0), (k, m, m))
     stats = jnp.einsum("kij,klj->kil", a, a)
-    fs = factors.init_factor_state(k, m, 1e-9, jnp.zeros(k, jnp.int32),
-                                   jnp.float32, exponent=2)
+    fs = factors.init_stack(k, m, jnp.zeros(k, jnp.int32), config.Config())
     fs = fs._replace(statistic=stats)
     need = jnp.zeros(k, bool).at[jnp.array([0, 1, 9])].set(True)
     cfg = config.Config()
@@ -90,14 +89,14 @@ _SCRIPT = textwrap.dedent("""
                          lax.axis_index("data"))
       return original(matrix)
     linalg.eigh = counting
-    body = lambda fs, need, need_all: factors.refresh(
+    body = lambda fs, need: refresh.refresh(
         fs, need, jnp.float32(1.0), cfg, plan,
-        factors.requests([need_all], 8)[0])
+        refresh.requests([need], plan)[0])
     auto_mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     run = jax.jit(jax.shard_map(
-        body, mesh=auto_mesh, in_specs=(P("data"), P("data"), P()),
+        body, mesh=auto_mesh, in_specs=(P("data"), P("data")),
         out_specs=P("data"), check_vma=False))
-    fresh = run(fs, need, need)
+    fresh = run(fs, need)
     jax.effects_barrier()
     linalg.eigh = original
     want = jax.vmap(lambda s: linalg.fresh_eigendecomposition(s)[1])(stats)
@@ -125,8 +124,8 @@ _SCRIPT = textwrap.dedent("""
                                 p_shard)
       eight = jax.jit(tx.init, out_shardings=shard)(params)
     stacks = [f.statistic.shape[0] for f in jax.tree.leaves(
-        eight, is_leaf=lambda x: isinstance(x, fo.FactorState))
-        if isinstance(f, fo.FactorState)]
+        eight, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+        if isinstance(f, fo.FactorStack)]
     out["padded_stacks"] = stacks
     moved = fo.relayout(s1, eight)
     back = fo.relayout(moved, one)

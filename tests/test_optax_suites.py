@@ -245,7 +245,7 @@ def test_map_params_to_none_and_non_params_to_none(name):
   ones = optax.tree.map_params(opt, lambda _: 1, state,
                                transform_non_params=lambda _: None)
   assert ones[0].mu == {"w": 1, "b": 1}
-  assert ones[0].count is None and ones[0].groups is None
+  assert ones[0].count is None and ones[0].classes is None
 
 
 def test_map_params_through_partition_with_adamw():

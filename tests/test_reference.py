@@ -17,7 +17,7 @@ import pytest
 from jax import lax
 
 import foam_optax as fo
-from foam_optax._src.transform import block_classes
+from foam_optax._src.state import block_classes
 import reference
 
 # (4,4) square; (2,3,4) -> (6,4) tall, row blocks 4+2; (2,1,2,2,3) ->
@@ -45,11 +45,11 @@ def make_grads(shapes=SHAPES, steps=STEPS, jump=JUMP, seed=0, sigma=0.3):
 
 def factor_keys(core):
   """Per factor stack of a ScaleByFoamState, in stacking order: the
-  FactorState and the keys (leaf, row0, col0, side) of its factors, keyed
+  FactorStack and the keys (leaf, row0, col0, side) of its factors, keyed
   like `reference.Reference.factors()`."""
   layouts = list(core.layouts)
   stacks = []
-  for cls, gs in zip(block_classes(core), core.groups):
+  for cls, gs in zip(block_classes(core), core.classes):
     for side, fs in (("L", gs.left), ("R", gs.right)):
       if fs is None:
         continue

@@ -48,8 +48,8 @@ def _core(state):
 
 def _factors(state):
   return [x for x in jax.tree.leaves(
-      _core(state).groups, is_leaf=lambda x: isinstance(x, fo.FactorState))
-          if isinstance(x, fo.FactorState)]
+      _core(state).groups, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+          if isinstance(x, fo.FactorStack)]
 
 
 def _same(a, b):
@@ -84,9 +84,9 @@ def _without_proxy(state):
   core = _core(state)
   groups = jax.tree.map(
       lambda f: f._replace(proxy=jnp.zeros_like(f.proxy))
-      if isinstance(f, fo.FactorState) else f,
-      core.groups, is_leaf=lambda x: isinstance(x, fo.FactorState))
-  return _replace_core(state, core._replace(groups=groups))
+      if isinstance(f, fo.FactorStack) else f,
+      core.classes, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+  return _replace_core(state, core._replace(classes=groups))
 
 
 def _replace_core(state, new_core):

@@ -76,8 +76,8 @@ def _poisoned(tx, field, after):
             getattr(getattr(gs, side), field))})
                        for side in ("left", "right")
                        if getattr(gs, side) is not None})
-        for gs in state.groups)
-    return updates, state._replace(groups=groups)
+        for gs in state.classes)
+    return updates, state._replace(classes=groups)
   return optax.GradientTransformation(tx.init, update)
 
 

@@ -122,7 +122,7 @@ def _run(tx, steps=16, seed=0):
   params = [jnp.zeros(s) for s in SHAPES]
 
   def stacks(state):
-    return [fs for gs in state.groups for fs in (gs.left, gs.right)
+    return [fs for gs in state.classes for fs in (gs.left, gs.right)
             if fs is not None]
 
   def body(state, g):
@@ -211,7 +211,7 @@ def test_sketch_keys_follow_the_factor_not_the_schedule():
       grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1) * jnp.arange(5.0)),
                            params)
       _, state = update(grads, state)
-    proxies[refresh_batching] = np.asarray(state.groups[0].left.proxy)
+    proxies[refresh_batching] = np.asarray(state.classes[0].left.proxy)
   np.testing.assert_allclose(proxies["map"], proxies["bucket"], rtol=1e-6)
   assert proxies["map"][0] != proxies["map"][1]
 

@@ -56,8 +56,8 @@ def _soap_and_reference_kwargs(**soap):
 
 def _factor_states(state):
   return [x for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, fo.FactorState))
-          if isinstance(x, fo.FactorState)]
+      state, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+          if isinstance(x, fo.FactorStack)]
 
 
 def test_no_factors_is_adam():

@@ -12,15 +12,13 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import config
-from foam_optax._src.deprecation import renamed_argument
 from foam_optax._src.config import FirstStep, Grafting, RefreshBatching
 from foam_optax._src.config import Preconditioner, Proxy, RefreshMethod
 from foam_optax._src.config import RootDamping
 from foam_optax._src.config import RotationBasis, TensorShaping
 from foam_optax._src.controllers import Controller
-from foam_optax._src.transform import all_finite, from_config, scale_by_foam
-from foam_optax._src.transform import skipping
-from foam_optax._src.transform import ScaleByFoamState
+from foam_optax._src.skipping import skip_nonfinite
+from foam_optax._src.transform import from_config, scale_by_foam
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
@@ -119,49 +117,6 @@ def decay_updated_weights(
   return tx if mask is None else optax.masked(tx, mask)
 
 
-def skip_nonfinite(
-    inner: optax.GradientTransformation,
-) -> optax.GradientTransformationExtraArgs:
-  """Skips the whole of `inner` on a step whose gradients are not finite.
-
-  On such a step the updates are zero and every array of `inner`'s state is
-  kept exactly, except the skip counters (``nonfinite_skips``,
-  ``consecutive_skips``) of the foam_optax transformations inside, which
-  count the step (`stats` reports them) and also obey their own
-  ``max_consecutive_skips``. Use it around a chain that adds anything after
-  `scale_by_foam` (weight decay, a schedule, `optax.partition` with AdamW):
-  `scale_by_foam` on its own skips only its own state. The aliases (`foam`,
-  `shampoo`, `soap`) and `partition` already apply it.
-
-  `inner` is traced once: its new state is selected against the old one
-  (``jnp.where`` on the finite flag, fused by XLA into the arithmetic),
-  and the foam_optax transformations inside skip their own work.
-
-  Example:
-    >>> import optax, foam_optax as fo
-    >>> tx = fo.skip_nonfinite(optax.chain(
-    ...     fo.scale_by_foam(), optax.add_decayed_weights(1e-4),
-    ...     optax.scale_by_learning_rate(1e-3)))
-  """
-  is_core = lambda x: isinstance(x, ScaleByFoamState)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    skip = jnp.logical_not(all_finite(updates))
-    with skipping(skip):
-      new_updates, new_state = inner.update(updates, state, params,
-                                            **extra_args)
-    new_updates = jax.tree.map(
-        lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-    # foam_optax states already kept what a skipped step must keep.
-    new_state = jax.tree.map(
-        lambda new, old: new if is_core(new) else jnp.where(skip, old, new),
-        new_state, state, is_leaf=is_core)
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
-
-
-@renamed_argument("grouping", "refresh_batching")
 def foam(
     learning_rate: ScalarOrSchedule,
     *,
@@ -239,7 +194,6 @@ def foam(
   return _alias(scale_by_foam, locals())
 
 
-@renamed_argument("grouping", "refresh_batching")
 def scale_by_shampoo(
     *,
     b1: float = 0.95,
@@ -293,7 +247,6 @@ def scale_by_shampoo(
   return scale_by_foam(controller="stale", max_epsilon=cap, **arguments)
 
 
-@renamed_argument("grouping", "refresh_batching")
 def shampoo(
     learning_rate: ScalarOrSchedule,
     *,
@@ -342,7 +295,6 @@ def shampoo(
   return _alias(scale_by_shampoo, locals())
 
 
-@renamed_argument("grouping", "refresh_batching")
 def scale_by_soap(
     *,
     b1: float = 0.95,
@@ -493,7 +445,6 @@ def scale_by_soap(
       tensor_shaping=tensor_shaping, merge_dims=merge_dims)))
 
 
-@renamed_argument("grouping", "refresh_batching")
 def soap(
     learning_rate: ScalarOrSchedule,
     *,

@@ -98,6 +98,11 @@ class Config:
   def init_only_first_step(self) -> bool:
     return self.first_step == "init_only"
 
+  def traced(self) -> dict:
+    """The hyperparameters held as arrays (`optax.inject_hyperparams`)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), jax.Array)}
+
   def root_damping_of(self, damping):
     """The damping X is built with: the controller's stored one, or ε0
     for ``root_damping='epsilon'`` (the ablation that keeps FOAM's refresh
@@ -105,6 +110,20 @@ class Config:
     if self.root_damping == "epsilon":
       return jnp.full_like(damping, self.epsilon)
     return damping
+
+
+def with_arguments(fn, cfg: Config):
+  """`fn(*args, cfg)` as a function of ``(*args, traced)``, `traced` being
+  ``cfg.traced()``.
+
+  Array-valued hyperparameters travel as arguments, never as closures, into
+  `shard_map` and `auto_axes`, whose bodies may not capture arrays placed
+  under another mesh.
+  """
+  def call(*args):
+    *args, traced = args
+    return fn(*args, dataclasses.replace(cfg, **traced))
+  return call
 
 
 STORAGE_DTYPES = ("mu_dtype", "second_moment_dtype", "factor_matrix_dtype",

@@ -6,14 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from foam_optax._src.factors import FactorState
-from foam_optax._src.transform import ScaleByFoamState
-from foam_optax._src.transform import slot_maps
-
-
-def _find(tree, kind):
-  return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
-          if isinstance(x, kind)]
+from foam_optax._src.factors import FactorStack
+from foam_optax._src.state import find_states
+from foam_optax._src.state import slot_maps
 
 
 def stats(opt_state) -> dict[str, jax.Array]:
@@ -61,7 +56,7 @@ def stats(opt_state) -> dict[str, jax.Array]:
   Raises:
     ValueError: if `opt_state` holds no foam_optax state.
   """
-  states = _find(opt_state, ScaleByFoamState)
+  states = find_states(opt_state)
   if not states:
     raise ValueError("opt_state holds no foam_optax transformation state.")
   # Every factor stack with the mask of its real slots (the others are
@@ -70,7 +65,7 @@ def stats(opt_state) -> dict[str, jax.Array]:
   stacks = []
   sides = {"left": [], "right": []}
   for state in states:
-    for gs, slots in zip(state.groups, slot_maps(state)):
+    for gs, slots in zip(state.classes, slot_maps(state)):
       for side in sides:
         fs = getattr(gs, side)
         if fs is not None:
@@ -78,7 +73,7 @@ def stats(opt_state) -> dict[str, jax.Array]:
           sides[side].append(fs)
     # Per-dimension factors of tensor leaves: stacks of one, never padded.
     stacks += [(fs, np.ones((1,), bool))
-               for fs in _find(state.tensors, FactorState)]
+               for fs in find_states(state.tensors, FactorStack)]
   int_zero = jnp.zeros((), jnp.int32)
 
   def total(field):

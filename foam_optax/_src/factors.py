@@ -1,39 +1,28 @@
-"""Kronecker-factor state: statistics, cached eigenbases, and their refresh.
+"""The factor pipeline: statistics, cached eigenbases and their refresh.
 
-A `FactorState` holds a stack of `k` same-sized factors (one per block of a
-block group). Each factor has its own statistic, basis, eigenvalues, damping,
-check phase and counters; nothing is shared between factors.
+A `FactorStack` holds `k` same-sized Kronecker factors (one per block of a
+block class, or one per-dimension factor of a tensor leaf). Each factor has
+its own statistic, basis, eigenvalues, damping, check phase and counters;
+nothing is shared between factors.
 
-A step runs in four phases, each over a whole stack, so that the transform
-can interleave them across stacks and devices:
+`advance` runs one step of the pipeline over a list of stacks, in four
+phases, each over whole stacks:
 
-1. `accumulate`: the statistics' moving average (batched products).
-2. `decide`: on its check step, each factor's controller decides whether a
-   fresh eigendecomposition is needed (one `lax.cond` per factor).
-3. `refresh`: the eigendecompositions of the factors that asked. Each sits in
-   a `lax.cond` branch whose predicate is a per-factor scalar, never a
-   `vmap`-batched one, so a factor that keeps its basis executes no `eigh`.
-   Two schedules of that work are offered:
+1. accumulate: the statistics' moving average (batched products);
+2. decide: on its check step, each factor's controller decides whether a
+   fresh eigendecomposition is needed (one `lax.cond` per factor);
+3. refresh: the eigendecompositions of the factors that asked (`refresh`,
+   which also deals them out over the devices of a mesh);
+4. commit: the new bases, damping and counters of the checked factors.
 
-   * ``refresh_batching='map'``: `lax.map` over the stack, one `lax.cond` per
-     factor.
-   * ``refresh_batching='bucket'``: one `lax.cond` for the whole stack that
-     runs a batched refresh when any member needs it, then keeps the old
-     basis of the members that did not ask.
-
-   On a device mesh each device refreshes its own slice of the stack. When
-   one device holds more than its share of the step's ``n`` requests (over
-   all stacks), the work is rebalanced: the stacks' statistics are gathered,
-   the requests are dealt round-robin (each device computes at most
-   ``ceil(n / devices)``), and the results are gathered back. Every
-   collective sits behind a predicate computed from gathered data, identical
-   on all devices.
-4. `commit`: the new bases, damping and counters of the checked factors.
+Every user of factors (the block stacks of matrix leaves, the per-dimension
+factors of tensor leaves) goes through `advance`, so controllers, refresh
+methods, storage dtypes and the check schedule are the same for all.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +30,12 @@ from jax import lax
 import numpy as np
 
 from foam_optax._src import linalg
+from foam_optax._src import refresh as refreshing
 from foam_optax._src.config import Config
 from foam_optax._src.controllers import CONTROLLERS, SKETCHABLE, Decision
 
 
-class FactorState(NamedTuple):
+class FactorStack(NamedTuple):
   """State of a stack of `k` Kronecker factors of size `m`."""
 
   statistic: jax.Array       # (k, m, m) EMA of G Gᵀ (or Gᵀ G), not bias-corrected
@@ -59,36 +49,38 @@ class FactorState(NamedTuple):
   failures: jax.Array        # (k,) int32 refreshes that failed (basis kept)
   # (k, m, m) X = Q diag((D + ε_s)^(-1/p)) Qᵀ, rebuilt at the checks that
   # change it; None for eigenvalue-corrected preconditioning, which applies
-  # Q itself.
+  # Q itself, and with ``cache_inverse_root=False``.
   inverse_root: Optional[jax.Array] = None
 
 
-def init_factor_state(count, size, epsilon, phase, dtype,
-                      exponent=None, storage: Optional[dict] = None,
-                      pseudo_inverse_rtol=None) -> FactorState:
-  """Identity bases, zero statistics; `exponent` (root-inverse
-  preconditioning only) makes the state cache the inverse roots.
+def storage_dtype(dtype):
+  """The dtype a buffer is stored in: the option's, else the statistics'."""
+  return linalg.stat_dtype() if dtype is None else jnp.dtype(dtype)
 
-  `storage` maps ``'statistic'``, ``'basis'`` and ``'inverse_root'`` to the
-  dtypes they are stored in (default `dtype`); a step computes in `dtype`
-  and casts on load and store (`load`, `store`).
-  """
-  storage = storage or {}
+
+def init_stack(count, size, phase, cfg: Config) -> FactorStack:
+  """Identity bases and zero statistics, stored in the configured dtypes
+  (``factor_matrix_dtype`` etc.; a step computes in the statistics' dtype
+  and casts on load and store). Root-inverse preconditioning with
+  ``cache_inverse_root`` also caches X."""
+  dtype = linalg.stat_dtype()
   eye = jnp.broadcast_to(jnp.eye(size, dtype=dtype), (count, size, size))
   # A fresh array per field: a state whose fields share a buffer cannot be
   # donated to a jitted step (XLA rejects donating one buffer twice).
   zeros_i = lambda: jnp.zeros((count,), jnp.int32)
-  damping = jnp.full((count,), epsilon, dtype)
+  damping = jnp.full((count,), cfg.epsilon, dtype)
   eigvals = jnp.zeros((count, size), dtype)
   inverse_root = None
-  if exponent is not None:
+  if cfg.cache_inverse_root and not cfg.eigenvalue_corrected:
     inverse_root = eye * linalg.inverse_root_weights(
-        eigvals, damping, exponent, pseudo_inverse_rtol)[:, None, :]
-    inverse_root = inverse_root.astype(storage.get("inverse_root", dtype))
-  return FactorState(
+        eigvals, cfg.root_damping_of(damping), cfg.exponent,
+        cfg.pseudo_inverse_rtol)[:, None, :]
+    inverse_root = inverse_root.astype(
+        storage_dtype(cfg.inv_factor_matrix_dtype))
+  return FactorStack(
       statistic=jnp.zeros((count, size, size),
-                          storage.get("statistic", dtype)),
-      basis=eye.astype(storage.get("basis", dtype)),
+                          storage_dtype(cfg.factor_matrix_dtype)),
+      basis=eye.astype(storage_dtype(cfg.factor_matrix_eigenvectors_dtype)),
       eigvals=eigvals,
       damping=damping,
       proxy=jnp.zeros((count,), dtype),
@@ -97,8 +89,15 @@ def init_factor_state(count, size, epsilon, phase, dtype,
       inverse_root=inverse_root)
 
 
+def uniform_phase(cfg: Config) -> int:
+  """The check offset of every factor without stagger: -1 with
+  ``first_step='init_only'`` (the schedule's step count then starts at the
+  second gradient, as SOAP's does), else 0."""
+  return -1 if cfg.init_only_first_step else 0
+
+
 def is_check_step(step, phase, cfg: Config):
-  """`t == s0` or (`t > s0` and `(t + phase) % f == 0`); phase 0 without stagger."""
+  """`t == s0` or (`t > s0` and `(t + phase) % f == 0`)."""
   first = cfg.first_check_step
   freq = jnp.asarray(cfg.check_frequency, jnp.int32)
   periodic = (step > first) & ((step + phase) % freq == 0)
@@ -121,82 +120,83 @@ def bias_correction(step, cfg: Config, dtype):
   return 1 - jnp.asarray(cfg.b2, dtype) ** accumulations
 
 
-def accumulates_every_step(cfg: Config) -> bool:
+def _accumulates_every_step(cfg: Config) -> bool:
   """True when `statistics_compute_steps` is known to be 1 at trace time:
   then no conditional guards the statistics."""
   k = cfg.statistics_compute_steps
   return isinstance(k, (int, np.integer)) and int(k) == 1
 
 
-def maybe_accumulate(step, states, grams, cfg: Config):
-  """`accumulate` for a list of stacks on statistics steps; `grams` is a
-  function returning their Gram matrices, computed only on those steps."""
-  add = lambda: [accumulate(fs, g, cfg) for fs, g in zip(states, grams())]
-  if accumulates_every_step(cfg):
-    return add()
-  return lax.cond(is_statistics_step(step, cfg), add, lambda: list(states))
-
-
-def accumulate(fs: FactorState, gram, cfg: Config) -> FactorState:
+def accumulate(fs: FactorStack, gram, cfg: Config) -> FactorStack:
   """Adds this step's (k, m, m) Gram matrices to the moving average."""
   b2 = jnp.asarray(cfg.b2, fs.statistic.dtype)
   return fs._replace(statistic=b2 * fs.statistic + (1 - b2) * gram)
 
 
-class _Refresh(NamedTuple):
-  basis: jax.Array
-  eigvals: jax.Array
-  order: jax.Array   # permutation of the basis columns (for rotated moments)
-  ok: jax.Array
+def _accumulated(step, stacks, grams, cfg: Config):
+  """`accumulate` for a list of stacks on statistics steps; `grams` returns
+  their Gram matrices, computed only on those steps."""
+  add = lambda: [accumulate(fs, g, cfg) for fs, g in zip(stacks, grams())]
+  if _accumulates_every_step(cfg):
+    return add()
+  return lax.cond(is_statistics_step(step, cfg), add, lambda: list(stacks))
 
 
-def _by_eigh(factor) -> _Refresh:
-  basis, eigvals, ok = linalg.fresh_eigendecomposition(factor)
-  return _Refresh(basis, eigvals, jnp.arange(factor.shape[-1]), ok)
+def probe_keys(step, factor_ids, cfg: Config):
+  """Per-factor `jax.random` keys for this step, or None when unused.
 
-
-def _by_power_qr(factor, basis) -> _Refresh:
-  return _Refresh(*linalg.power_qr_refresh(factor, basis))
-
-
-def _compute_refresh(factor, basis, first, cfg: Config) -> _Refresh:
-  """The expensive part: a fresh basis for one factor."""
-  if cfg.refresh_method == "eigh":
-    return _by_eigh(factor)
-  # The first basis of every factor is a full eigendecomposition.
-  return lax.cond(first, lambda: _by_eigh(factor),
-                  lambda: _by_power_qr(factor, basis))
-
-
-def _compute_refresh_stack(factors, basis, first, cfg: Config) -> _Refresh:
-  """Fresh bases for a whole stack with batched kernels
-  (`refresh_batching='bucket'`).
-
-  `first` marks the members that need their first, full eigendecomposition.
-  Power-QR stacks run the batched `eigh` only when some member does (at
-  `s0`, or after a failed first decomposition), never on ordinary checks.
+  A key depends only on the step and the factor's integer id, so randomized
+  controllers (``proxy='sketch'``) give the same decisions on every run,
+  under either refresh_batching and on any mesh (the ids number the
+  factors, not their slots on a mesh).
   """
-  by_eigh = lambda: jax.vmap(_by_eigh)(factors)
-  if cfg.refresh_method == "eigh":
-    return by_eigh()
-  by_power_qr = lambda: jax.vmap(_by_power_qr)(factors, basis)
-
-  def mixed():
-    full, warm = by_eigh(), by_power_qr()
-    pick = lambda x, y: jnp.where(
-        first.reshape(first.shape + (1,) * (x.ndim - 1)), x, y)
-    return jax.tree.map(pick, full, warm)
-
-  return lax.cond(jnp.any(first), mixed, by_power_qr)
+  if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
+    return None
+  base = jax.random.key(0)
+  return jax.vmap(lambda i: jax.random.fold_in(
+      jax.random.fold_in(base, i), step))(factor_ids)
 
 
-def _placeholder(size, dtype) -> _Refresh:
-  """Stands in for a refresh that was not computed (never committed)."""
-  return _Refresh(jnp.eye(size, dtype=dtype), jnp.zeros((size,), dtype),
-                  jnp.arange(size), jnp.asarray(False))
+def _decide_one(factor, fs: FactorStack, cfg: Config, key=None) -> Decision:
+  decision = CONTROLLERS[cfg.controller](
+      factor, fs.basis, fs.eigvals, fs.damping, cfg, key)
+  # The first check of every factor computes a fresh basis with ε0.
+  first = fs.checks == 0
+  return decision._replace(
+      refresh=first | decision.refresh,
+      proxy=jnp.where(first, jnp.zeros_like(decision.proxy), decision.proxy))
 
 
-def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
+def _idle(fs: FactorStack) -> Decision:
+  """The decision of a factor that is not checked this step."""
+  return Decision(jnp.zeros(fs.damping.shape, bool), fs.damping, fs.eigvals,
+                  fs.proxy)
+
+
+def decide(fs: FactorStack, checks, correction, cfg: Config,
+           keys=None) -> Decision:
+  """Each checked factor's controller decision; `refresh` False elsewhere.
+
+  Args:
+    fs: a stack of factors (statistics already accumulated).
+    checks: (k,) bool, the factors checked this step.
+    correction: the statistics' bias correction ``1 - b2^t``.
+    cfg: hyperparameters.
+    keys: (k,) `jax.random` keys of the factors at this step
+      (`probe_keys`), or None for deterministic controllers.
+  """
+  def one(args):
+    fs1, check, key = args
+    return lax.cond(
+        check, lambda: _decide_one(fs1.statistic / correction, fs1, cfg, key),
+        lambda: _idle(fs1))
+  # On most steps no factor is checked: skip the loop entirely.
+  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks, keys)),
+                  lambda: _idle(fs))
+
+
+def _commit_one(fs: FactorStack, decision: Decision,
+                fresh: refreshing.Refresh, cfg: Config):
   """New state of one checked factor given the decision and refresh result."""
   eps0 = jnp.asarray(cfg.epsilon, fs.damping.dtype)
   refresh = decision.refresh
@@ -233,203 +233,95 @@ def _commit(fs: FactorState, decision: Decision, fresh: _Refresh, cfg: Config):
   return new, order
 
 
-def probe_keys(step, factor_ids, cfg: Config):
-  """Per-factor `jax.random` keys for this step, or None when unused.
-
-  A key depends only on the step and the factor's integer id, so randomized
-  controllers (``proxy='sketch'``) give the same decisions on every run,
-  under either refresh_batching and on any mesh (the ids are the factors'
-  blocks, not their slots: see `transform._factor_ids`).
-  """
-  if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
-    return None
-  base = jax.random.key(0)
-  return jax.vmap(lambda i: jax.random.fold_in(
-      jax.random.fold_in(base, i), step))(factor_ids)
+def identity_orders(fs: FactorStack):
+  """(k, m) column orders of bases that did not change."""
+  return jnp.broadcast_to(jnp.arange(fs.eigvals.shape[-1]), fs.eigvals.shape)
 
 
-def _decide(factor, fs: FactorState, cfg: Config, key=None) -> Decision:
-  decision = CONTROLLERS[cfg.controller](
-      factor, fs.basis, fs.eigvals, fs.damping, cfg, key)
-  # The first check of every factor computes a fresh basis with ε0.
-  first = fs.checks == 0
-  return decision._replace(
-      refresh=first | decision.refresh,
-      proxy=jnp.where(first, jnp.zeros_like(decision.proxy), decision.proxy))
-
-
-def _idle(fs: FactorState) -> Decision:
-  """The decision of a factor that is not checked this step."""
-  return Decision(jnp.zeros(fs.damping.shape, bool), fs.damping, fs.eigvals,
-                  fs.proxy)
-
-
-def decide(fs: FactorState, checks, correction, cfg: Config,
-           keys=None) -> Decision:
-  """Each checked factor's controller decision; `refresh` False elsewhere.
-
-  Args:
-    fs: a stack of factors (statistics already accumulated).
-    checks: (k,) bool, the factors checked this step.
-    correction: the statistics' bias correction ``1 - b2^t``.
-    cfg: hyperparameters.
-    keys: (k,) `jax.random` keys of the factors at this step
-      (`probe_keys`), or None for deterministic controllers.
-  """
-  def one(args):
-    fs1, check, key = args
-    return lax.cond(
-        check, lambda: _decide(fs1.statistic / correction, fs1, cfg, key),
-        lambda: _idle(fs1))
-  # On most steps no factor is checked: skip the loop entirely.
-  return lax.cond(jnp.any(checks), lambda: lax.map(one, (fs, checks, keys)),
-                  lambda: _idle(fs))
-
-
-def _refresh_local(fs: FactorState, need, correction, cfg: Config) -> _Refresh:
-  """Fresh bases for this device's factors that asked."""
-  first = fs.checks == 0
-  size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
-  if cfg.refresh_batching == "bucket":
-    stack = lambda: _compute_refresh_stack(
-        fs.statistic / correction, fs.basis, first & need, cfg)
-    return lax.cond(jnp.any(need), stack,
-                    lambda: jax.vmap(lambda _: _placeholder(size, dtype))(need))
-
-  def one(args):
-    statistic, basis, first1, need1 = args
-    return lax.cond(
-        need1, lambda: _compute_refresh(statistic / correction, basis, first1,
-                                        cfg),
-        lambda: _placeholder(size, dtype))
-  return lax.map(one, (fs.statistic, fs.basis, first, need))
-
-
-def _refresh_rebalanced(fs: FactorState, need_all, offset, correction,
-                        cfg: Config, plan) -> _Refresh:
-  """Fresh bases with the requests dealt round-robin over the devices.
-
-  Runs inside `shard_map`, on steps where some device holds more than its
-  share of the requests. The stack's ``j``-th request is the step's request
-  number ``offset + j`` (counting the earlier stacks' requests first) and
-  goes to device ``(offset + j) % S`` (``S`` devices), which computes it from
-  the gathered stack; the results are gathered and each device keeps those of
-  its own factors. Over all stacks each device computes at most
-  ``ceil(requests / S)``.
-  """
-  axes, shards = plan.axes, plan.num_shards
-  per = fs.basis.shape[0]
-  total_slots = per * shards
-  gather = lambda x: lax.all_gather(x, axes, tiled=True)
-  statistics = gather(fs.statistic)
-  bases = gather(fs.basis) if cfg.refresh_method == "power_qr" else None
-  first = gather(fs.checks == 0)
-  device = lax.axis_index(axes)
-  # Global indices of the factors that asked, first; then the rest.
-  requests = jnp.argsort(jnp.logical_not(need_all), stable=True)
-  rank = (device - offset) % shards + shards * jnp.arange(per)
-  valid = rank < jnp.sum(need_all)
-  index = requests[jnp.minimum(rank, total_slots - 1)]
-  size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
-
-  def one(args):
-    i, valid1 = args
-    basis = None if bases is None else bases[i]
-    return lax.cond(
-        valid1,
-        lambda: _compute_refresh(statistics[i] / correction, basis, first[i],
-                                 cfg),
-        lambda: _placeholder(size, dtype))
-  results = jax.tree.map(gather, lax.map(one, (index, valid)))
-  index, valid = gather(index), gather(valid)
-  # source[g]: the row of `results` holding factor g's refresh.
-  source = jnp.zeros((total_slots,), jnp.int32).at[
-      jnp.where(valid, index, total_slots)].set(
-          jnp.arange(total_slots, dtype=jnp.int32), mode="drop")
-  mine = source[device * per + jnp.arange(per)]
-  return jax.tree.map(lambda r: r[mine], results)
-
-
-class Requests(NamedTuple):
-  """A stack's refresh requests, identical on every device of a mesh."""
-
-  need_all: jax.Array    # (stack,) bool: factors of this stack that asked
-  offset: jax.Array      # requests of the stacks refreshed before this one
-  rebalance: jax.Array   # bool: some device holds more than its share
-
-
-def requests(needs_all, num_shards) -> list:
-  """`Requests` of each stack from every stack's gathered `need` flags.
-
-  A device's share is ``ceil(requests / devices)`` over all stacks; when
-  every device holds at most its share, each refreshes its own factors,
-  otherwise every stack deals its requests round-robin.
-  """
-  held = sum(n.reshape(num_shards, -1).sum(axis=1) for n in needs_all)
-  total = jnp.sum(held)
-  rebalance = jnp.any(held > (total + num_shards - 1) // num_shards)
-  out, offset = [], jnp.zeros((), jnp.int32)
-  for need_all in needs_all:
-    out.append(Requests(need_all, offset, rebalance))
-    offset = offset + jnp.sum(need_all, dtype=jnp.int32)
-  return out
-
-
-def refresh(fs: FactorState, need, correction, cfg: Config, plan,
-            stack_requests: Optional[Requests] = None) -> _Refresh:
-  """Fresh bases for the factors in `need`; placeholders elsewhere.
-
-  Args:
-    fs: this device's slice of a stack (all of it without a mesh).
-    need: (k,) bool, the slice's factors that need a fresh basis.
-    correction: the statistics' bias correction ``1 - b2^t``.
-    cfg: hyperparameters.
-    plan: the state's `distribution.Plan`.
-    stack_requests: on a mesh, the stack's `Requests` (see `requests`).
-  """
-  size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
-  none = lambda: jax.vmap(lambda _: _placeholder(size, dtype))(need)
-  local = lambda: _refresh_local(fs, need, correction, cfg)
-  if not plan.distributed:
-    return lax.cond(jnp.any(need), local, none)
-  r = stack_requests
-  branch = jnp.where(jnp.any(r.need_all), jnp.where(r.rebalance, 2, 1), 0)
-  return lax.switch(branch, [
-      none, local,
-      lambda: _refresh_rebalanced(fs, r.need_all, r.offset, correction, cfg,
-                                  plan)])
-
-
-def commit(fs: FactorState, checks, decision: Decision, fresh: _Refresh,
-           cfg: Config):
+def commit(fs: FactorStack, checks, decision: Decision,
+           fresh: refreshing.Refresh, cfg: Config):
   """New state of the checked factors.
 
   Returns:
     (new state, (k, m) column orders of the new bases relative to the old).
   """
-  count, size = fs.eigvals.shape
-  identity = lambda: jnp.arange(size)
+  identity = lambda: jnp.arange(fs.eigvals.shape[-1])
 
   def one(args):
     fs1, check, decision1, fresh1 = args
-    return lax.cond(check, lambda: _commit(fs1, decision1, fresh1, cfg),
+    return lax.cond(check, lambda: _commit_one(fs1, decision1, fresh1, cfg),
                     lambda: (fs1, identity()))
   return lax.cond(
       jnp.any(checks), lambda: lax.map(one, (fs, checks, decision, fresh)),
-      lambda: (fs, jnp.broadcast_to(identity(), (count, size))))
+      lambda: (fs, identity_orders(fs)))
 
 
 _STORED = ("statistic", "basis", "inverse_root")
 
 
-def load(fs: FactorState, dtype) -> FactorState:
+def load(fs: FactorStack, dtype) -> FactorStack:
   """The state with its (possibly low-precision) matrices in `dtype`."""
   return fs._replace(**{name: getattr(fs, name).astype(dtype)
                         for name in _STORED if getattr(fs, name) is not None})
 
 
-def store(fs: FactorState, like: FactorState) -> FactorState:
+def store(fs: FactorStack, like: FactorStack) -> FactorStack:
   """`fs` with its matrices cast back to the dtypes of `like`."""
   return fs._replace(**{
       name: getattr(fs, name).astype(getattr(like, name).dtype)
       for name in _STORED if getattr(fs, name) is not None})
+
+
+def advance(stacks: Sequence[FactorStack],
+            grams: Callable[[], Sequence[jax.Array]], ids, step, cfg: Config,
+            plan, active=None):
+  """One step of the pipeline: accumulate, decide, refresh, commit.
+
+  Args:
+    stacks: the factor stacks as stored (this device's slices on a mesh).
+    grams: returns each stack's (k, m, m) new statistic term; called only on
+      statistics steps (``statistics_compute_steps``).
+    ids: per stack the (k,) int32 ids of its factors (`probe_keys`).
+    step: the 1-based step (0 on a skipped step: no factor is checked).
+    cfg: hyperparameters.
+    plan: the `distribution.Plan` the stacks are divided by; on a mesh this
+      runs inside `shard_map` and the refresh requests are gathered.
+    active: per stack (k,) bool, the slots that hold a factor (not mesh
+      padding, which is never checked); None: all.
+
+  Returns:
+    (new stacks in their storage dtypes, per stack the (k, m) column orders
+    of the new bases relative to the old ones).
+  """
+  dtype = linalg.stat_dtype()
+  loaded = _accumulated(step, [load(fs, dtype) for fs in stacks], grams, cfg)
+  correction = bias_correction(step, cfg, dtype)
+  if active is None:
+    active = [True] * len(stacks)
+  checks = [is_check_step(step, fs.phase, cfg) & act
+            for fs, act in zip(loaded, active)]
+
+  def check(loaded):
+    decisions = [decide(fs, c, correction, cfg, probe_keys(step, i, cfg))
+                 for fs, c, i in zip(loaded, checks, ids)]
+    needs = [c & d.refresh for c, d in zip(checks, decisions)]
+    new, orders = [], []
+    for fs, c, decision, need, stack_requests in zip(
+        loaded, checks, decisions, needs, refreshing.requests(needs, plan)):
+      fresh = refreshing.refresh(fs, need, correction, cfg, plan,
+                                 stack_requests)
+      new_fs, order = commit(fs, c, decision, fresh, cfg)
+      new.append(new_fs)
+      orders.append(order)
+    return new, orders
+
+  if cfg.stagger:
+    new, orders = check(loaded)
+  else:
+    # Every factor has the same check steps: a step without checks (most
+    # steps) skips decisions, refresh and commit with one conditional for
+    # all stacks.
+    new, orders = lax.cond(
+        is_check_step(step, uniform_phase(cfg), cfg), lambda: check(loaded),
+        lambda: (loaded, [identity_orders(fs) for fs in loaded]))
+  return [store(n, fs) for n, fs in zip(new, stacks)], orders

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import optax
 
-from foam_optax._src.alias import skip_nonfinite
+from foam_optax._src.skipping import skip_nonfinite
 
 PRECONDITION = "precondition"
 DIAGONAL = "diagonal"

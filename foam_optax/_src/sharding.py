@@ -3,7 +3,7 @@
 A state initialised under a mesh (see `distribution`) stacks its factors in
 multiples of the device count. `state_sharding` places every array:
 
-* the per-factor stacks (`FactorState` fields and rotated second moments,
+* the per-factor stacks (`FactorStack` fields and rotated second moments,
   whose leading axis runs over the blocks of a block class) are split along
   that block axis over all mesh axes: each device stores, checks and
   decomposes only its share of the factors;
@@ -30,9 +30,9 @@ import numpy as np
 import optax
 
 from foam_optax._src import distribution
-from foam_optax._src.transform import BlockClassState
-from foam_optax._src.transform import ScaleByFoamState
-from foam_optax._src.transform import slot_maps
+from foam_optax._src.state import BlockClassState
+from foam_optax._src.state import ScaleByFoamState
+from foam_optax._src.state import slot_maps
 
 
 def _axes_of(entry) -> tuple:
@@ -90,18 +90,18 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding,
         for x, sharding in zip(treedef.flatten_up_to(buffers),
                                jax.tree.leaves(params_sharding))])
 
-  groups = tuple(
+  classes = tuple(
       BlockClassState(*(None if part is None else jax.tree.map(lambda _: stack,
                                                           part)
                    for part in gs))
-      for gs in state.groups)
+      for gs in state.classes)
   # A tensor leaf's per-dimension factors stay whole on every device.
   return state._replace(count=replicated, nonfinite_skips=replicated,
                         consecutive_skips=replicated, mu=follow(state.mu),
                         nu=follow(state.nu),
                         tensors=jax.tree.map(lambda _: replicated,
                                              state.tensors),
-                        groups=groups)
+                        classes=classes)
 
 
 def state_sharding(opt_state, params, params_sharding) -> Any:
@@ -159,9 +159,9 @@ def _relayout_core(source: ScaleByFoamState,
   if source.layouts != target.layouts:
     raise ValueError("relayout: the two states belong to different "
                      "parameters or block settings.")
-  groups = []
+  classes = []
   for src, dst, src_slots, dst_slots in zip(
-      source.groups, target.groups, slot_maps(source), slot_maps(target)):
+      source.classes, target.classes, slot_maps(source), slot_maps(target)):
     src_pos = distribution.positions(src_slots)
     dst_pos = distribution.positions(dst_slots)
 
@@ -170,12 +170,12 @@ def _relayout_core(source: ScaleByFoamState,
       moved = np.array(jax.device_get(d))
       moved[dst_pos] = np.asarray(jax.device_get(s))[src_pos]
       return jax.device_put(moved, getattr(d, "sharding", None))
-    groups.append(jax.tree.map(move, src, dst))
+    classes.append(jax.tree.map(move, src, dst))
   return target._replace(count=source.count,
                          nonfinite_skips=source.nonfinite_skips,
                          consecutive_skips=source.consecutive_skips,
                          mu=source.mu, nu=source.nu, tensors=source.tensors,
-                         groups=tuple(groups))
+                         classes=tuple(classes))
 
 
 def relayout(opt_state, target):

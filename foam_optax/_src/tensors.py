@@ -13,15 +13,16 @@ factor would be the scalar 1).
 
 A view of rank 1 or 2 is a matrix and takes the stacked block path of
 `transform`; only views of rank >= 3 are handled here, one leaf at a time,
-each factor a `FactorState` stack of one so that controllers, refresh
-methods and the check schedule are exactly those of the matrix path. They
+each factor a `FactorStack` of one that goes through the same factor
+pipeline (`factors.advance`) as the block stacks of the matrix path:
+controllers, refresh methods, storage dtypes and the check schedule are
+theirs. They
 are not divided among devices: on a mesh every device runs them whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -49,7 +50,7 @@ class TensorLayout:
 class TensorState(NamedTuple):
   """Factors and rotated second moment of one per-dimension leaf."""
 
-  factors: tuple                    # per dimension a FactorState or None
+  factors: tuple                    # per dimension a FactorStack or None
   rotated_second_moment: jax.Array  # in `layout.shape`
   layout: TensorLayout
 
@@ -96,14 +97,15 @@ def layouts(shape, cfg: Config, block_size, max_precond_dim):
   return shaping.LeafLayout(shape, None, ()), TensorLayout(view, factored)
 
 
-def init_state(layout: TensorLayout, phases, cfg: Config, dtype):
+def init_state(layout: TensorLayout, phases, cfg: Config):
   """Zero statistics and identity bases; `phases` yields each factor's (1,)
   check phase."""
-  states = []
-  for size, factored in zip(layout.shape, layout.factored):
-    states.append(factors.init_factor_state(
-        1, size, cfg.epsilon, next(phases), dtype) if factored else None)
-  return TensorState(tuple(states), jnp.zeros(layout.shape, dtype), layout)
+  states = [factors.init_stack(1, size, next(phases), cfg) if factored
+            else None
+            for size, factored in zip(layout.shape, layout.factored)]
+  moment = jnp.zeros(layout.shape,
+                     factors.storage_dtype(cfg.second_moment_dtype))
+  return TensorState(tuple(states), moment, layout)
 
 
 def num_factors(layout: Optional[TensorLayout]) -> int:
@@ -119,7 +121,9 @@ def _along(x, basis, axis, transpose):
 
 
 def _rotations(states):
-  bases = [None if fs is None else fs.basis[0] for fs in states]
+  # Stored bases (maybe low precision) in the computation's dtype.
+  bases = [None if fs is None else fs.basis[0].astype(linalg.stat_dtype())
+           for fs in states]
 
   def rotate(x):
     for axis, basis in enumerate(bases):
@@ -136,38 +140,29 @@ def _rotations(states):
   return rotate, unrotate
 
 
-def _update_factor(fs: factors.FactorState, gram, step, cfg: Config):
-  """Accumulate (`gram` returns the statistic's new term), and on a check
-  step decide and refresh, one factor (a stack of one, on no mesh). Returns
-  (new state, (1, m) column order)."""
-  fs, = factors.maybe_accumulate(step, [fs], lambda: [gram()[None]], cfg)
-  checks = factors.is_check_step(step, fs.phase, cfg)
-  correction = factors.bias_correction(step, cfg, fs.statistic.dtype)
-  decision = factors.decide(fs, checks, correction, cfg)
-  need = checks & decision.refresh
-  fresh = factors.refresh(fs, need, correction, cfg, distribution.Plan())
-  return factors.commit(fs, checks, decision, fresh, cfg)
+def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config):
+  """Accumulates each dimension's statistic and refreshes on its checks
+  (`factors.advance`, ids from `first_id` on); the second moment follows
+  the reordered basis columns."""
+  axes = [axis for axis, fs in enumerate(ts.factors) if fs is not None]
 
-
-def _update_factors(grad, ts: TensorState, step, cfg: Config):
-  """Accumulates each dimension's statistic and refreshes on its checks;
-  the second moment follows the reordered basis columns."""
-  moment = ts.rotated_second_moment
-  states = []
-  for axis, fs in enumerate(ts.factors):
-    if fs is None:
-      states.append(None)
-      continue
-    others = [a for a in range(grad.ndim) if a != axis]
-    gram = functools.partial(jnp.tensordot, grad, grad,
-                             axes=(others, others), precision=linalg.HIGHEST)
-    fs, order = _update_factor(fs, gram, step, cfg)
+  def grams():
+    return [jnp.tensordot(grad, grad, axes=(others, others),
+                          precision=linalg.HIGHEST)[None]
+            for others in ([a for a in range(grad.ndim) if a != axis]
+                           for axis in axes)]
+  ids = [jnp.full((1,), first_id + i, jnp.int32) for i in range(len(axes))]
+  stacks, orders = factors.advance([ts.factors[a] for a in axes], grams, ids,
+                                   step, cfg, distribution.Plan())
+  moment, states = ts.rotated_second_moment, list(ts.factors)
+  for axis, fs, order in zip(axes, stacks, orders):
     moment = jnp.take(moment, order[0], axis=axis)
-    states.append(fs)
+    states[axis] = fs
   return ts._replace(factors=tuple(states), rotated_second_moment=moment)
 
 
-def update(grad, momentum, ts: TensorState, step, adam_step, cfg: Config):
+def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
+           cfg: Config):
   """Direction (in the leaf's shape) and new state of one tensor leaf.
 
   Args:
@@ -175,18 +170,20 @@ def update(grad, momentum, ts: TensorState, step, adam_step, cfg: Config):
     ts: the leaf's tensor state.
     step: 1-based step of the factor statistics and check schedule.
     adam_step: the step of Adam's bias correction.
+    first_id: the id of the leaf's first factor (`factors.probe_keys`).
     cfg: hyperparameters.
   """
   shape = grad.shape
   grad = grad.reshape(ts.layout.shape)
   momentum = momentum.reshape(ts.layout.shape)
   if cfg.rotation_basis == "updated":
-    ts = _update_factors(grad, ts, step, cfg)
+    ts = _update_factors(grad, ts, step, first_id, cfg)
   rotate, unrotate = _rotations(ts.factors)
+  stored = ts.rotated_second_moment.dtype
   direction, moment = preconditioners.adam_in_basis(
-      grad, momentum, ts.rotated_second_moment, adam_step, cfg.b2,
-      cfg.graft_eps, rotate, unrotate)
-  ts = ts._replace(rotated_second_moment=moment)
+      grad, momentum, ts.rotated_second_moment.astype(grad.dtype), adam_step,
+      cfg.b2, cfg.graft_eps, rotate, unrotate)
+  ts = ts._replace(rotated_second_moment=moment.astype(stored))
   if cfg.rotation_basis == "previous":
-    ts = _update_factors(grad, ts, step, cfg)
+    ts = _update_factors(grad, ts, step, first_id, cfg)
   return direction.reshape(shape), ts

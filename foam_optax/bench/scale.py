@@ -37,7 +37,7 @@ import numpy as np
 
 import foam_optax as fo
 from foam_optax._src.controllers import staleness_proxy
-from foam_optax._src.transform import ScaleByFoamState, slot_maps
+from foam_optax._src.state import ScaleByFoamState, slot_maps
 from foam_optax.bench import metrics, optimizers, report, runner, workloads
 
 START_MARKER = "<!-- bench-scale:start -->"
@@ -246,7 +246,7 @@ def robustness(trainers: Trainers, cfg: ScaleConfig, progress) -> dict:
 def _recorded_factors(state: ScaleByFoamState, per_size: int) -> list:
   """(group, side, slot) of up to `per_size` real factors per size and side."""
   chosen, counts = [], {}
-  for g, (gs, slots) in enumerate(zip(state.groups, slot_maps(state))):
+  for g, (gs, slots) in enumerate(zip(state.classes, slot_maps(state))):
     for side in ("left", "right"):
       fs = getattr(gs, side)
       if fs is None:
@@ -312,7 +312,7 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
     state = _foam_state(opt_state)
     for key in chosen:
       g, side, slot = key
-      fs = getattr(state.groups[g], side)
+      fs = getattr(state.classes[g], side)
       count = int(fs.refreshes[slot])
       if count != refreshes[key]:
         refreshes[key], last_refresh[key] = count, step
@@ -322,7 +322,7 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
       continue
     for key in chosen:
       g, side, slot = key
-      fs = getattr(state.groups[g], side)
+      fs = getattr(state.classes[g], side)
       factor = fs.statistic[slot] / (1 - b2 ** -(-step // every_stat))
       basis, eigvals, damping = fs.basis[slot], fs.eigvals[slot], fs.damping[slot]
       h = float(proxy(factor.astype(eigvals.dtype), basis.astype(eigvals.dtype),

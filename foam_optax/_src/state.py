@@ -1,0 +1,135 @@
+"""The state of `scale_by_foam` and how to find it inside any optax state."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NamedTuple, Optional
+
+import jax
+import optax
+
+from foam_optax._src import distribution
+from foam_optax._src import shaping
+from foam_optax._src import tensors
+from foam_optax._src.factors import FactorStack
+
+
+class BlockClassState(NamedTuple):
+  """State of one block class: every block of one shape in the tree, stacked.
+
+  The leading axis of every array runs over the class's blocks (see
+  `shaping.BlockClass`); None marks a side that is not preconditioned, or
+  a part the preconditioner does not use.
+  """
+
+  left: Optional[FactorStack]
+  right: Optional[FactorStack]
+  rotated_second_moment: Optional[jax.Array]   # (k, m, n), eigenvalue-corrected
+
+
+class LeafState(NamedTuple):
+  """One parameter's part of `ScaleByFoamState` (see its `leaf_states`)."""
+
+  momentum: jax.Array                  # EMA of gradients (not bias-corrected)
+  graft_second_moment: Optional[jax.Array]
+  layout: shaping.LeafLayout           # static: no arrays
+  # Per-dimension factors of a tensor leaf (``tensor_shaping='per_dimension'``).
+  tensor: Optional[tensors.TensorState] = None
+
+
+class ScaleByFoamState(NamedTuple):
+  """State of `scale_by_foam`.
+
+  The per-parameter buffers are trees shaped like the parameters, as in
+  optax's own states, so `optax.tree.map_params` reaches them.
+
+  Attributes:
+    count: number of updates applied (the next update is step `count + 1`).
+    nonfinite_skips: updates skipped because a gradient was not finite.
+    mu: the momentum (EMA of gradients, not bias-corrected), shaped like
+      the parameters.
+    nu: the grafting optimizer's second moment, shaped like the
+      parameters; `optax.MaskedNode()` for a parameter that has none
+      (grafting ``'sgd'``/``'none'``, or a leaf that SOAP preconditions in
+      its eigenbasis).
+    tensors: per parameter (in `jax.tree.leaves` order) its per-dimension
+      factors (``tensor_shaping='per_dimension'``) or None.
+    layouts: static: per parameter its block structure.
+    classes: per block class (`block_classes`) a `BlockClassState`; on a
+      device mesh each stack is padded to a multiple of the device count
+      (see `distribution`).
+    consecutive_skips: updates skipped in a row up to now (0 after an
+      applied update); a growing value means a stuck run.
+    plan: static: the device mesh the stacks are laid out for.
+  """
+
+  count: jax.Array
+  nonfinite_skips: jax.Array
+  mu: Any
+  nu: Any
+  tensors: tuple
+  layouts: tuple
+  classes: tuple
+  consecutive_skips: jax.Array
+  plan: distribution.Plan = distribution.Plan()
+
+  def leaf_states(self) -> list:
+    """Each parameter's `LeafState`, in `jax.tree.leaves` order."""
+    graft = jax.tree.structure(self.mu).flatten_up_to(self.nu)
+    return [LeafState(m, None if isinstance(n, optax.MaskedNode) else n,
+                      layout, tensor)
+            for m, n, layout, tensor in zip(
+                jax.tree.leaves(self.mu), graft, self.layouts, self.tensors)]
+
+  @property
+  def leaves(self):
+    """`leaf_states` in the parameters' tree structure (a read-only view)."""
+    return jax.tree.structure(self.mu).unflatten(self.leaf_states())
+
+
+def with_leaf_states(state: ScaleByFoamState, leaf_states) -> ScaleByFoamState:
+  """`state` with its per-parameter fields taken from `leaf_states`."""
+  treedef = jax.tree.structure(state.mu)
+  return state._replace(
+      mu=treedef.unflatten([ls.momentum for ls in leaf_states]),
+      nu=treedef.unflatten([
+          optax.MaskedNode() if ls.graft_second_moment is None
+          else ls.graft_second_moment for ls in leaf_states]),
+      tensors=tuple(ls.tensor for ls in leaf_states))
+
+
+def block_classes(state: ScaleByFoamState) -> tuple:
+  """The `shaping.BlockClass` of each entry of ``state.classes``."""
+  return shaping.block_classes(list(state.layouts))
+
+
+def slot_maps(state: ScaleByFoamState) -> tuple:
+  """For each entry of ``state.classes``, the block held by each stack slot
+  (-1: padding); see `distribution.slot_maps`."""
+  return distribution.slot_maps(block_classes(state), state.plan.num_shards)
+
+
+def find_states(tree, kind=None) -> list:
+  """Every `kind` NamedTuple (default `ScaleByFoamState`) inside `tree`, an
+  optimizer state of any chain or wrapper, in `jax.tree.leaves` order."""
+  kind = kind or ScaleByFoamState
+  is_kind = lambda x: isinstance(x, kind)
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_kind) if is_kind(x)]
+
+
+def plain_arrays(tree):
+  """`tree` with Flax NNX variables replaced by the arrays they hold.
+
+  `nnx.Optimizer` hands `init` its parameters as `nnx.Param` variables; the
+  state keeps plain arrays, not wrapped in them.
+  Flax is not a dependency: a tree can hold NNX variables only once the
+  caller has imported `flax.nnx`.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return tree
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  # `get_value` from Flax 0.12 on (where `.value` is deprecated).
+  unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
+  return jax.tree.map(lambda x: unwrap(x) if is_variable(x) else x, tree,
+                      is_leaf=is_variable)

@@ -1,0 +1,73 @@
+"""`update` of `scale_by_foam`: checks, mesh handling and the skip wiring
+around the leaf step (`leaves.update_tree`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import optax
+
+from foam_optax._src import distribution
+from foam_optax._src import guards
+from foam_optax._src import leaves
+from foam_optax._src import skipping
+from foam_optax._src.config import Config, with_arguments
+from foam_optax._src.state import ScaleByFoamState, plain_arrays
+from foam_optax._src.state import with_leaf_states
+
+
+def _check_mesh(plan: distribution.Plan, tree) -> None:
+  """The state's plan against the mesh `update` runs under."""
+  mesh = distribution.current_mesh(tree)
+  if mesh is None:
+    return
+  if not plan.distributed:
+    warnings.warn(
+        f"foam_optax: updating under a mesh of {mesh.size} devices a state "
+        "initialised without one: every device repeats every "
+        "eigendecomposition. Initialise the state under the mesh (inside "
+        "`with jax.set_mesh(mesh):`, or from parameters sharded on it).",
+        stacklevel=4)
+  elif dict(mesh.shape) != plan.shape:
+    raise ValueError(
+        f"the optimizer state was laid out for the mesh {plan.shape}"
+        f" but is updated under {dict(mesh.shape)}; initialise it for this "
+        "mesh, or move a saved state with `foam_optax.relayout`.")
+
+
+def _specs(tree):
+  return jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+
+
+def _apply(updates, state: ScaleByFoamState, step, cfg: Config):
+  grads, treedef = jax.tree.flatten(updates)
+  if treedef != jax.tree.structure(state.mu):
+    raise ValueError(
+        f"updates have the tree structure {treedef}, but the state was "
+        f"initialised for {jax.tree.structure(state.mu)}.")
+  new_updates, new_leaves, new_classes = leaves.update_tree(
+      grads, state.leaf_states(), state.classes, step, cfg, state.plan)
+  return treedef.unflatten(new_updates), with_leaf_states(
+      state, new_leaves)._replace(count=step, classes=new_classes)
+
+
+def update(updates, state: ScaleByFoamState, cfg: Config):
+  """The update of `scale_by_foam` for an already validated `Config`."""
+  updates = plain_arrays(updates)
+  _check_mesh(state.plan, state)
+  guards.check_structure(list(state.layouts), cfg)
+  run = with_arguments(_apply, cfg)
+  explicit = distribution.typed_mesh(state)
+  if explicit is not None:
+    # On Explicit axes every reshape of a sharded array would need its output
+    # sharding spelled out; let the partitioner place the intermediates and
+    # return every array with the sharding it came in with.
+    def run(updates, state, step, traced, inner=run):
+      with jax.sharding.use_abstract_mesh(explicit):
+        return jax.sharding.auto_axes(
+            inner, out_sharding=(_specs(updates), _specs(state)))(
+                updates, state, step, traced)
+  return skipping.run_or_skip(run, updates, state,
+                              optax.safe_increment(state.count), cfg.traced(),
+                              cfg)
