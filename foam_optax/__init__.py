@@ -1,11 +1,11 @@
 """foam_optax: FOAM, Shampoo and SOAP as optax gradient transformations."""
 
 from foam_optax import controllers
+from foam_optax import kernels
 from foam_optax._src.alias import foam
 from foam_optax._src.alias import scale_by_shampoo
 from foam_optax._src.alias import scale_by_soap
 from foam_optax._src.alias import shampoo
-from foam_optax._src.alias import decay_updated_weights
 from foam_optax._src.alias import soap
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorStack
@@ -20,6 +20,10 @@ from foam_optax._src.state import find_states
 from foam_optax._src.state import LeafState
 from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.transform import scale_by_foam
+from foam_optax._src.weight_decay import decay_updated_weights
+from foam_optax._src.views import FactorStackView
+from foam_optax._src.views import block_stacks
+from foam_optax._src.views import factor_stacks
 
 __version__ = "0.1.0"
 
@@ -27,12 +31,16 @@ __all__ = [
     "BlockClassState",
     "DimensionNumbers",
     "FactorStack",
+    "FactorStackView",
     "LeafState",
     "ScaleByFoamState",
+    "block_stacks",
     "controllers",
     "decay_updated_weights",
+    "factor_stacks",
     "find_states",
     "foam",
+    "kernels",
     "partition",
     "precondition_labels",
     "relayout",

@@ -21,6 +21,7 @@ from foam_optax._src.controllers import Decision
 from foam_optax._src.controllers import foam
 from foam_optax._src.controllers import foam_fixed_damping
 from foam_optax._src.controllers import foam_no_refresh
+from foam_optax._src.controllers import probe_keys
 from foam_optax._src.controllers import register
 from foam_optax._src.controllers import residual
 from foam_optax._src.controllers import sketched_staleness_proxy
@@ -33,6 +34,7 @@ __all__ = [
     "foam",
     "foam_fixed_damping",
     "foam_no_refresh",
+    "probe_keys",
     "register",
     "residual",
     "sketched_staleness_proxy",

@@ -42,7 +42,8 @@ import numpy as np
 import optax
 
 import foam_optax as fo
-from foam_optax._src import controllers, linalg
+from foam_optax import controllers
+from foam_optax import kernels
 
 LR = 3e-3
 BATCH = 128
@@ -145,22 +146,21 @@ def check_parts(m, probes):
   rng = np.random.default_rng(0)
   g = rng.standard_normal((m, 2 * m)).astype(np.float32)
   a = jnp.asarray(g @ g.T / (2 * m))
-  q, d, _ = jax.jit(linalg.fresh_eigendecomposition)(a)
+  q, d, _ = jax.jit(kernels.fresh_eigendecomposition)(a)
   a2 = a + 1e-3 * jnp.eye(m)
   eps = jnp.float32(1e-9)
   parts = {
-      "eigh": (jax.jit(linalg.fresh_eigendecomposition), (a,)),
+      "eigh": (jax.jit(kernels.fresh_eigendecomposition), (a,)),
       "exact proxy (QᵀAQ, 2 products)": (
           jax.jit(lambda *z: controllers.staleness_proxy(*z, 2)),
           (a2, q, d, eps)),
       "rebuild X (1 product)": (
-          jax.jit(lambda *z: linalg.inverse_root(*z, 2)), (q, d, eps)),
-      "one m³ product": (jax.jit(linalg.matmul), (a, q)),
+          jax.jit(lambda *z: kernels.inverse_root(*z, 2)), (q, d, eps)),
+      "one m³ product": (jax.jit(kernels.matmul), (a, q)),
   }
-  if hasattr(controllers, "sketched_staleness_proxy"):
-    parts[f"sketched proxy (k={probes})"] = (
-        jax.jit(lambda *z: controllers.sketched_staleness_proxy(
-            *z, 2, jax.random.key(0), probes)), (a2, q, d, eps))
+  parts[f"sketched proxy (k={probes})"] = (
+      jax.jit(lambda *z: controllers.sketched_staleness_proxy(
+          *z, 2, jax.random.key(0), probes)), (a2, q, d, eps))
   return {name: timed(fn, *args) for name, (fn, args) in parts.items()}
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from bench_width1024 import _digits, init_mlp, loss_fn
-from foam_optax._src import controllers
+from foam_optax import controllers
 
 FORMATS = {"float32": 23, "tf32": 10, "bf16": 7}
 

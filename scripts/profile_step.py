@@ -27,11 +27,13 @@ Every time is the median over repeats of a jitted call followed by
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import pathlib
 import re
 import statistics
 import time
+import types
 
 # jaxlib's CPU eigendecomposition calls OpenBLAS, whose worker threads compete
 # with XLA's own thread pool: on a 2-core machine one 256x256 `eigh` then takes
@@ -45,15 +47,17 @@ import numpy as np
 import optax
 
 import foam_optax as fo
-from foam_optax._src import controllers, grafting, linalg, preconditioners
-from foam_optax._src import leaves
-from foam_optax._src import state as state_lib
-from foam_optax._src.config import Config
+from foam_optax import controllers
+from foam_optax import kernels as linalg
 
 MODELS = ("digits_mlp", "digits_cnn", "transformer_lm")
 FREQ = 20            # check_frequency of every periodic optimizer here
 LR = 1e-3
-DEFAULT_REFRESH_BATCHING = Config().refresh_batching
+DEFAULT_REFRESH_BATCHING = inspect.signature(
+    fo.scale_by_foam).parameters["refresh_batching"].default
+# The paper's settings, which the parts below are timed with.
+DEFAULTS = {name: p.default for name, p in
+            inspect.signature(fo.scale_by_foam).parameters.items()}
 MARKERS = ("<!-- perf:start -->", "<!-- perf:end -->")
 APPLY = "apply X_L·M·X_R, cached X (2 products; the library)"
 APPLY_EIGENBASIS = "apply through Q, D, eps instead (4 products)"
@@ -169,17 +173,13 @@ def block_stacks(params, grads):
   """[(BlockClass, (count, m, n) gradient blocks)]: every block of one shape
   in the tree, stacked by the library's own step code."""
   state = fo.scale_by_foam(check_frequency=FREQ).init(params)
-  cfg = Config(check_frequency=FREQ)
-  leaf_steps = [leaves.prepare(g, ls, 1, cfg) for g, ls in zip(
-      jax.tree.leaves(grads), state.leaf_states())]
-  return [(cls, leaves.class_stack(leaf_steps, "grad", cls, slots))
-          for cls, slots in zip(state_lib.block_classes(state),
-                                state_lib.slot_maps(state))]
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+  return fo.block_stacks(state, grads)
 
 
 def part_timings(params, grads, repeats):
   """Seconds of each part of one step, summed over the model's blocks."""
-  cfg = Config()
+  cfg = types.SimpleNamespace(**DEFAULTS)
   stacks = block_stacks(params, grads)
   grad_leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
   key = iter(jax.random.split(jax.random.key(0), 4 * len(stacks) + 1))
@@ -200,8 +200,6 @@ def part_timings(params, grads, repeats):
   facs = [f for _, l, r in data for f in (l, r) if f is not None]
   stored_x = lambda f: None if f is None else jax.vmap(
       linalg.inverse_root, (0, 0, 0, None))(f[1], f[2], f[3], cfg.exponent)
-  as_state = lambda f: None if f is None else fo.FactorStack(
-      f[0], f[1], f[2], f[3], *(None,) * 5, inverse_root=stored_x(f))
 
   def statistics_part(data):
     out = []
@@ -232,23 +230,22 @@ def part_timings(params, grads, repeats):
     return out
 
   def stored_x_part(states):
-    return [preconditioners.root_inverse(b, l, r, cfg) for b, l, r in states]
+    return [linalg.apply_inverse_roots(b, l, r) for b, l, r in states]
 
   def rebuild_x_part(facs):
     return [stored_x(f) for f in facs]
 
   def graft_part(grad_leaves, data):
-    cfg_ = cfg
-    out = [grafting.direction(jnp.zeros_like(g), g, g, 5, cfg_)
-           for g in grad_leaves]
-    out += [grafting.rescale(b, b * 0.5, cfg_) for b, _, _ in data]
+    out = [linalg.adam_direction(jnp.zeros_like(g), g, g, 5, cfg.graft_b2,
+                                 cfg.graft_eps) for g in grad_leaves]
+    out += [linalg.match_norms(b, b * 0.5) for b, _, _ in data]
     return out
 
   def momentum_part(grad_leaves):
     return [(cfg.b1 * g + (1 - cfg.b1) * g) / (1 - cfg.b1 ** 5)
             for g in grad_leaves]
 
-  states = [(b, as_state(l), as_state(r)) for b, l, r in data]
+  states = [(b, stored_x(l), stored_x(r)) for b, l, r in data]
   run = lambda fn, *a: timed(jax.jit(fn), *a, repeats=repeats)
   return {
       "statistics": run(statistics_part, data),

@@ -33,47 +33,33 @@ import numpy as np
 import optax
 
 import foam_optax as fo
-from foam_optax._src import controllers, factors
-from foam_optax._src.config import Config
-from foam_optax._src.state import ScaleByFoamState
+from foam_optax import controllers
 from foam_optax.bench import optimizers, workloads
-
-
-def _core(opt_state) -> ScaleByFoamState:
-  is_core = lambda x: isinstance(x, ScaleByFoamState)
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_core)
-          if is_core(x)][0]
-
-
-def _stacks(core):
-  return [fs for gs in core.classes for fs in (gs.left, gs.right)
-          if fs is not None]
 
 
 def _open_loop(before, after, step, probe_counts, settings):
   """Exact and sketched h at the factors checked by this step.
 
-  `before`/`after` are the core states around step `step`; the check saw
-  A_t = after.statistic / (1 − b2^t) and before's basis, eigenvalues and
-  damping. Returns per-stack (checked mask, exact h, {k: sketched h}).
+  `before`/`after` are the optimizer states around step `step`; the check
+  saw A_t = after.statistic / (1 − b2^t) and before's basis, eigenvalues
+  and damping. Returns per-stack (checked mask, exact h, {k: sketched h}).
   """
   eps0, b2 = settings["epsilon"], settings["b2"]
-  out, first_id = [], 0
-  for fs0, fs1 in zip(_stacks(before), _stacks(after)):
-    count = fs0.damping.shape[0]
+  out = []
+  for view, fs1 in zip(fo.factor_stacks(before),
+                       (v.stack for v in fo.factor_stacks(after))):
+    fs0 = view.stack
     checked = (fs1.checks > fs0.checks) & (fs0.checks > 0)
     factor = fs1.statistic / (1 - b2 ** step)
     damping = jnp.maximum(eps0, fs0.damping)
     exact = jax.vmap(controllers.staleness_proxy, (0, 0, 0, 0, None))(
         factor, fs0.basis, fs0.eigvals, damping, settings["exponent"])
-    ids = first_id + jnp.arange(count, dtype=jnp.int32)
-    keys = factors.probe_keys(step, ids, Config(proxy="sketch"))
+    keys = controllers.probe_keys(step, jnp.asarray(view.ids, jnp.int32))
     sketched = {k: jax.vmap(controllers.sketched_staleness_proxy,
                             (0, 0, 0, 0, None, 0, None))(
         factor, fs0.basis, fs0.eigvals, damping, settings["exponent"], keys, k)
                 for k in probe_counts}
     out.append((checked, exact, sketched, damping))
-    first_id += count
   return out
 
 
@@ -88,8 +74,8 @@ def _train_step(workload, tx, lr, settings, probe_counts, params, opt_state,
   loss, grads = jax.value_and_grad(workload.loss_fn)(params, batch)
   updates, new_state = tx.update(grads, opt_state, params)
   updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
-  step = _core(new_state).count
-  measured = (_open_loop(_core(opt_state), _core(new_state), step,
+  step = fo.find_states(new_state)[0].count
+  measured = (_open_loop(opt_state, new_state, step,
                          probe_counts, settings) if probe_counts else None)
   return optax.apply_updates(params, updates), new_state, loss, measured
 

@@ -255,11 +255,14 @@ class Reference:
     kind = c["grafting"]
     if kind in ("sgd", "none"):
       return m
-    leaf.graft_v = c["graft_b2"] * leaf.graft_v + (1 - c["graft_b2"]) * g * g
+    # In eigenvalue-corrected mode a leaf without a factor runs the
+    # eigenbasis Adam in the identity basis: its decay is b2.
+    corrected = c["preconditioner"] == "eigenvalue_corrected"
+    b2 = c["b2"] if corrected and kind == "adam" else c["graft_b2"]
+    leaf.graft_v = b2 * leaf.graft_v + (1 - b2) * g * g
     v = leaf.graft_v
-    if kind == "adam" and c["preconditioner"] == "eigenvalue_corrected":
-      return m * np.sqrt(1 - c["graft_b2"] ** t) / (np.sqrt(v) +
-                                                     c["graft_eps"])
+    if kind == "adam" and corrected:
+      return m * np.sqrt(1 - b2 ** t) / (np.sqrt(v) + c["graft_eps"])
     if kind == "adam":
       v = v / (1 - c["graft_b2"] ** t)
     return m / (np.sqrt(v) + c["graft_eps"])

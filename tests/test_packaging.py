@@ -3,6 +3,8 @@ imports without Flax and ships `py.typed`."""
 
 import glob
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -47,3 +49,13 @@ def test_wheel_builds_checks_installs_and_imports_without_flax(tmp_path):
   location, flax_imported, typed = report
   assert location.startswith(str(venv))   # the wheel, not a checkout
   assert flax_imported == "False" and typed == "True"
+
+
+def test_scripts_examples_bench_and_notebooks_use_the_public_api_only():
+  root = pathlib.Path(__file__).resolve().parents[1]
+  files = [*root.glob("scripts/*.py"), *root.glob("examples/*.py"),
+           *root.glob("foam_optax/bench/*.py"), *root.glob("notebooks/*.ipynb")]
+  private = re.compile(r"foam_optax\._src|from foam_optax import _src")
+  offenders = [str(f.relative_to(root)) for f in files
+               if private.search(f.read_text())]
+  assert len(files) > 20 and not offenders, offenders

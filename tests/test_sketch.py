@@ -95,14 +95,14 @@ def test_sketch_of_a_fresh_basis_is_zero():
 def test_probe_keys_depend_on_step_and_factor_only():
   cfg = Config(proxy="sketch")
   ids = jnp.arange(3, dtype=jnp.int32)
-  data = lambda step, i: jax.random.key_data(factors.probe_keys(step, i, cfg))
+  data = lambda step, i: jax.random.key_data(factors._probe_keys(step, i, cfg))
   np.testing.assert_array_equal(data(7, ids), data(7, ids))
   # A factor's key does not depend on its position in a stack.
   np.testing.assert_array_equal(data(7, ids)[2], data(7, ids[2:])[0])
   distinct = {tuple(np.asarray(k).ravel()) for k in
               list(data(7, ids)) + list(data(8, ids))}
   assert len(distinct) == 6
-  assert factors.probe_keys(7, ids, Config()) is None   # exact proxy
+  assert factors._probe_keys(7, ids, Config()) is None   # exact proxy
 
 
 SHAPES = [(6, 6), (6, 4), (12, 5)]

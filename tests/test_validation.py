@@ -62,6 +62,7 @@ CASES = [
     ("refresh_method", "lanczos", r"one of \("),
     ("refresh_batching", "vmap", r"one of \("),
     ("proxy", "hutchinson", r"one of \("),
+    ("root_damping", "zero", r"one of \("),
     ("proxy_probes", 0, INT1), ("proxy_probes", 4.5, INT1),
     ("precondition_1d", "yes", "a bool"),
     ("stagger", 1, "a bool"),

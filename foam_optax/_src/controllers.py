@@ -20,13 +20,16 @@ those that use it with ``uses_key=True``).
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from foam_optax._src import linalg
-from foam_optax._src.config import Config, static_int
+from foam_optax._src.checks import static_int
+
+if TYPE_CHECKING:   # `config` reads the registry: no import at run time
+  from foam_optax._src.config import Config
 
 
 # The built-in controllers, for type checkers (`register` adds others).
@@ -58,6 +61,18 @@ class Decision(NamedTuple):
   damping: jax.Array   # damping to store if the basis is kept
   eigvals: jax.Array   # eigenvalues to store if the basis is kept
   proxy: jax.Array     # the controller's staleness measure (reported)
+
+
+def probe_keys(step, factor_ids):
+  """Per-factor `jax.random` keys of the sketched proxy at this step.
+
+  A key depends only on the step and the factor's integer id (see
+  `foam_optax.factor_stacks`), so randomized controllers give the same
+  decisions on every run, under either refresh_batching and on any mesh.
+  """
+  base = jax.random.key(0)
+  return jax.vmap(lambda i: jax.random.fold_in(
+      jax.random.fold_in(base, i), step))(factor_ids)
 
 
 def staleness_proxy(factor, basis, eigvals, damping, exponent):
@@ -121,8 +136,12 @@ def _proxy(factor, basis, eigvals, damping, cfg: Config, key):
   return staleness_proxy(factor, basis, eigvals, damping, cfg.exponent)
 
 
-def _damping_floor(damping, cfg):
-  return jnp.maximum(jnp.asarray(cfg.epsilon, damping.dtype), damping)
+def _proposed_damping(factor, basis, eigvals, damping, cfg: Config, key):
+  """FOAM's proxy h, measured at the current damping ``ε_c = max(ε0, ε_s)``,
+  and the damping it proposes, ``ε_n = max(ε0, ε_c·h/τ)`` (SPEC 2.2)."""
+  current = jnp.maximum(jnp.asarray(cfg.epsilon, damping.dtype), damping)
+  proxy = _proxy(factor, basis, eigvals, current, cfg, key)
+  return proxy, jnp.maximum(cfg.epsilon, current * proxy / cfg.threshold)
 
 
 @register("stale")
@@ -136,9 +155,8 @@ def stale(factor, basis, eigvals, damping, cfg: Config, key) -> Decision:
 @register("foam", uses_key=True)
 def foam(factor, basis, eigvals, damping, cfg: Config,
          key) -> Decision:
-  current = _damping_floor(damping, cfg)
-  proxy = _proxy(factor, basis, eigvals, current, cfg, key)
-  proposed = jnp.maximum(cfg.epsilon, current * proxy / cfg.threshold)
+  proxy, proposed = _proposed_damping(factor, basis, eigvals, damping, cfg,
+                                      key)
   # Written as "not <=" so a NaN proxy asks for a fresh basis.
   refresh = jnp.logical_not(proposed <= cfg.max_epsilon)
   return Decision(refresh, proposed.astype(damping.dtype), eigvals,
@@ -157,9 +175,8 @@ def foam_fixed_damping(factor, basis, eigvals, damping, cfg: Config,
 @register("foam_no_refresh", uses_key=True)
 def foam_no_refresh(factor, basis, eigvals, damping, cfg: Config,
                     key) -> Decision:
-  current = _damping_floor(damping, cfg)
-  proxy = _proxy(factor, basis, eigvals, current, cfg, key)
-  proposed = jnp.maximum(cfg.epsilon, current * proxy / cfg.threshold)
+  proxy, proposed = _proposed_damping(factor, basis, eigvals, damping, cfg,
+                                      key)
   capped = jnp.minimum(jnp.nan_to_num(proposed, nan=cfg.max_epsilon),
                        cfg.max_epsilon)
   return Decision(jnp.asarray(False), capped.astype(damping.dtype), eigvals,

@@ -33,6 +33,7 @@ from foam_optax._src import linalg
 from foam_optax._src import refresh as refreshing
 from foam_optax._src.config import Config
 from foam_optax._src.controllers import CONTROLLERS, SKETCHABLE, Decision
+from foam_optax._src.controllers import probe_keys
 
 
 class FactorStack(NamedTuple):
@@ -142,19 +143,11 @@ def _accumulated(step, stacks, grams, cfg: Config):
   return lax.cond(is_statistics_step(step, cfg), add, lambda: list(stacks))
 
 
-def probe_keys(step, factor_ids, cfg: Config):
-  """Per-factor `jax.random` keys for this step, or None when unused.
-
-  A key depends only on the step and the factor's integer id, so randomized
-  controllers (``proxy='sketch'``) give the same decisions on every run,
-  under either refresh_batching and on any mesh (the ids number the
-  factors, not their slots on a mesh).
-  """
+def _probe_keys(step, factor_ids, cfg: Config):
+  """`controllers.probe_keys` for the controllers that use them, else None."""
   if cfg.proxy != "sketch" or cfg.controller not in SKETCHABLE:
     return None
-  base = jax.random.key(0)
-  return jax.vmap(lambda i: jax.random.fold_in(
-      jax.random.fold_in(base, i), step))(factor_ids)
+  return probe_keys(step, factor_ids)
 
 
 def _decide_one(factor, fs: FactorStack, cfg: Config, key=None) -> Decision:
@@ -183,7 +176,7 @@ def decide(fs: FactorStack, checks, correction, cfg: Config,
     correction: the statistics' bias correction ``1 - b2^t``.
     cfg: hyperparameters.
     keys: (k,) `jax.random` keys of the factors at this step
-      (`probe_keys`), or None for deterministic controllers.
+      (`controllers.probe_keys`), or None for deterministic controllers.
   """
   def one(args):
     fs1, check, key = args
@@ -281,7 +274,7 @@ def advance(stacks: Sequence[FactorStack],
     stacks: the factor stacks as stored (this device's slices on a mesh).
     grams: returns each stack's (k, m, m) new statistic term; called only on
       statistics steps (``statistics_compute_steps``).
-    ids: per stack the (k,) int32 ids of its factors (`probe_keys`).
+    ids: per stack the (k,) int32 ids of its factors (`controllers.probe_keys`).
     step: the 1-based step (0 on a skipped step: no factor is checked).
     cfg: hyperparameters.
     plan: the `distribution.Plan` the stacks are divided by; on a mesh this
@@ -302,7 +295,7 @@ def advance(stacks: Sequence[FactorStack],
             for fs, act in zip(loaded, active)]
 
   def check(loaded):
-    decisions = [decide(fs, c, correction, cfg, probe_keys(step, i, cfg))
+    decisions = [decide(fs, c, correction, cfg, _probe_keys(step, i, cfg))
                  for fs, c, i in zip(loaded, checks, ids)]
     needs = [c & d.refresh for c, d in zip(checks, decisions)]
     new, orders = [], []

@@ -15,6 +15,16 @@ from foam_optax._src.config import Config
 USES_SECOND_MOMENT = ("adam", "rmsprop")
 
 
+def adam_direction(second_moment, grad, momentum, step, b2, eps,
+                   bias_correction=True):
+  """Adam's direction ``M / (sqrt(V / (1 - b2^t)) + eps)`` (RMSProp's
+  without the bias correction) and the new second moment ``V``."""
+  b2 = jnp.asarray(b2, grad.dtype)
+  second_moment = b2 * second_moment + (1 - b2) * grad * grad
+  scale = second_moment / (1 - b2 ** step) if bias_correction else second_moment
+  return momentum / (jnp.sqrt(scale) + eps), second_moment
+
+
 def direction(second_moment, grad, momentum, step, cfg: Config):
   """Grafting direction `a_t` and the new second moment (None if unused).
 
@@ -22,24 +32,28 @@ def direction(second_moment, grad, momentum, step, cfg: Config):
   """
   if cfg.grafting not in USES_SECOND_MOMENT:   # 'sgd' and 'none'
     return momentum, second_moment
-  b2 = jnp.asarray(cfg.graft_b2, grad.dtype)
-  second_moment = b2 * second_moment + (1 - b2) * grad * grad
-  scale = second_moment
-  if cfg.grafting == "adam":
-    scale = second_moment / (1 - b2 ** step)
-  return momentum / (jnp.sqrt(scale) + cfg.graft_eps), second_moment
+  return adam_direction(second_moment, grad, momentum, step, cfg.graft_b2,
+                        cfg.adam_eps, bias_correction=cfg.grafting == "adam")
+
+
+def _frobenius_norms(x):
+  """Per block of a (k, m, n) stack, scaled by the largest entry first so
+  that the squares cannot overflow."""
+  peak = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
+  peak = jnp.where(peak > 0, peak, 1.0)
+  return peak * jnp.sqrt(jnp.sum((x / peak) ** 2, axis=(1, 2), keepdims=True))
+
+
+def match_norms(blocks, reference):
+  """Each (m, n) block of a (k, m, n) stack rescaled to the Frobenius norm
+  of the same block of `reference`."""
+  tiny = jnp.finfo(blocks.dtype).tiny
+  return blocks * (_frobenius_norms(reference) /
+                   (_frobenius_norms(blocks) + tiny))
 
 
 def rescale(blocks, graft_blocks, cfg: Config):
   """Give each (m, n) block of a (k, m, n) stack its grafting norm."""
   if cfg.grafting == "none":
     return blocks
-  tiny = jnp.finfo(blocks.dtype).tiny
-
-  def norm(x):
-    # Scaled by the largest entry first so that the squares cannot overflow.
-    peak = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
-    peak = jnp.where(peak > 0, peak, 1.0)
-    return peak * jnp.sqrt(jnp.sum((x / peak) ** 2, axis=(1, 2), keepdims=True))
-
-  return blocks * (norm(graft_blocks) / (norm(blocks) + tiny))
+  return match_norms(blocks, graft_blocks)

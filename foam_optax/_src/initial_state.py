@@ -12,7 +12,8 @@ from foam_optax._src import factors
 from foam_optax._src import grafting
 from foam_optax._src import shaping
 from foam_optax._src import tensors
-from foam_optax._src.config import Config, static_int
+from foam_optax._src.checks import static_int
+from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, ScaleByFoamState
 from foam_optax._src.state import plain_arrays
 

@@ -68,7 +68,7 @@ def prepare(grad, ls: LeafState, step, cfg: Config) -> LeafStep:
     # decay and epsilon, as SOAP steps such leaves.
     graft_dir, new_graft_moment = preconditioners.adam_in_basis(
         g, corrected, graft_moment.astype(g.dtype), step, cfg.b2,
-        cfg.graft_eps)
+        cfg.adam_eps)
     graft_moment = new_graft_moment.astype(graft_moment.dtype)
   else:
     graft_dir, new_graft_moment = grafting.direction(
@@ -81,14 +81,13 @@ def prepare(grad, ls: LeafState, step, cfg: Config) -> LeafStep:
       graft_second_moment=graft_moment))
 
 
-def class_stack(leaf_steps, field, cls: shaping.BlockClass, slots):
-  """(slots, m, n) stack of `field` over every block of the class, with
-  zero blocks in the padding slots."""
+def class_stack(arrays, layouts, cls: shaping.BlockClass, slots):
+  """(slots, m, n) stack of every block of the class cut from the leaves'
+  `arrays`, with zero blocks in the padding slots."""
   stacks = []
   for i, j in cls.members:
-    layout = leaf_steps[i].state.layout
-    matrices = shaping.to_matrices(getattr(leaf_steps[i], field), layout)
-    stacks.append(shaping.extract(matrices, layout.groups[j]))
+    matrices = shaping.to_matrices(arrays[i], layouts[i])
+    stacks.append(shaping.extract(matrices, layouts[i].groups[j]))
   stack = stacks[0] if len(stacks) == 1 else jnp.concatenate(stacks)
   if distribution.is_natural(slots):
     return stack
@@ -130,7 +129,8 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
   stacks = tuple(
       blocks.ClassBlocks(*(
           None if field == "graft_dir" and cfg.eigenvalue_corrected
-          else class_stack(leaf_steps, field, cls, slots)
+          else class_stack([getattr(ls, field) for ls in leaf_steps], layouts,
+                           cls, slots)
           for field in ("grad", "corrected", "graft_dir")))
       for cls, slots in zip(classes, slot_maps))
   active = tuple(jnp.asarray(slots >= 0) for slots in slot_maps)

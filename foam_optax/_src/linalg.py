@@ -7,6 +7,8 @@ a fresh `eigh` and SOAP's power-QR refresh agree on column order.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -18,16 +20,45 @@ def matmul(a, b):
   return jnp.matmul(a, b, precision=HIGHEST)
 
 
-def all_finite(*arrays):
+def arrays_finite(*arrays):
+  """True when every entry of every array is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
-def eigh(matrix):
-  """Symmetric eigendecomposition, the single place `eigh` is called.
+# The implementation `eigh` calls, innermost `using_eigh` last.
+_EIGH = [jnp.linalg.eigh]
 
-  Tests replace this function to inject failures.
+
+def eigh(matrix):
+  """Symmetric eigendecomposition: the single place the optimizers call
+  one (`jnp.linalg.eigh`, or the function of the innermost `using_eigh`)."""
+  return _EIGH[-1](matrix)
+
+
+@contextlib.contextmanager
+def using_eigh(fn):
+  """Within this context, every eigendecomposition the optimizers trace is
+  ``fn(matrix) -> (eigenvalues, eigenvectors)`` instead of
+  `jnp.linalg.eigh`: e.g. one that also counts the decompositions a jitted
+  step really executes, with a `jax.debug.callback`.
+
+  It applies to what is traced inside the context: a function jitted and
+  traced before keeps the implementation it was traced with.
+
+  Example:
+    >>> import jax, foam_optax as fo
+    >>> executed = []
+    >>> def counting(matrix):
+    ...   jax.debug.callback(lambda: executed.append(1))
+    ...   return jax.numpy.linalg.eigh(matrix)
+    >>> with fo.kernels.using_eigh(counting):
+    ...   step = jax.jit(tx.update).lower(grads, state).compile()  # doctest: +SKIP
   """
-  return jnp.linalg.eigh(matrix)
+  _EIGH.append(fn)
+  try:
+    yield
+  finally:
+    _EIGH.remove(fn)
 
 
 def fresh_eigendecomposition(factor):
@@ -41,7 +72,7 @@ def fresh_eigendecomposition(factor):
   sym = jnp.where(finite_in, 0.5 * (factor + factor.T), 0.0)
   eigvals, eigvecs = eigh(sym)
   eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
-  ok = finite_in & all_finite(eigvals, eigvecs)
+  ok = finite_in & arrays_finite(eigvals, eigvecs)
   return eigvecs, jnp.maximum(eigvals, 0.0), ok
 
 
@@ -58,7 +89,7 @@ def power_qr_refresh(factor, basis):
   sorted_basis = basis[:, order]
   new_basis, _ = jnp.linalg.qr(matmul(factor, sorted_basis))
   eigvals = jnp.maximum(estimates[order], 0.0)
-  ok = all_finite(factor, new_basis, eigvals)
+  ok = arrays_finite(factor, new_basis, eigvals)
   return new_basis, eigvals, order, ok
 
 
@@ -86,22 +117,31 @@ def inverse_root(basis, eigvals, damping, exponent, pseudo_inverse_rtol=None):
   return matmul(basis * weights[None, :], basis.T)
 
 
+def _two_sided(blocks, left, right, left_spec, right_spec):
+  """`left` and `right` (None: the identity) applied to a (k, m, n) stack
+  by the given einsum specifications."""
+  if left is not None:
+    blocks = jnp.einsum(left_spec, left, blocks, precision=HIGHEST)
+  if right is not None:
+    blocks = jnp.einsum(right_spec, blocks, right, precision=HIGHEST)
+  return blocks
+
+
 def rotate(blocks, left_basis, right_basis):
   """Q_Lᵀ · B · Q_R for a (k, m, n) stack; a None basis is the identity."""
-  if left_basis is not None:
-    blocks = jnp.einsum("kji,kjn->kin", left_basis, blocks, precision=HIGHEST)
-  if right_basis is not None:
-    blocks = jnp.einsum("kmj,kjn->kmn", blocks, right_basis, precision=HIGHEST)
-  return blocks
+  return _two_sided(blocks, left_basis, right_basis, "kji,kjn->kin",
+                    "kmj,kjn->kmn")
 
 
 def unrotate(blocks, left_basis, right_basis):
   """Q_L · B · Q_Rᵀ for a (k, m, n) stack; a None basis is the identity."""
-  if left_basis is not None:
-    blocks = jnp.einsum("kij,kjn->kin", left_basis, blocks, precision=HIGHEST)
-  if right_basis is not None:
-    blocks = jnp.einsum("kmj,knj->kmn", blocks, right_basis, precision=HIGHEST)
-  return blocks
+  return _two_sided(blocks, left_basis, right_basis, "kij,kjn->kin",
+                    "kmj,knj->kmn")
+
+
+def multiply(blocks, left, right):
+  """L · B · R for a (k, m, n) stack; a None factor is the identity."""
+  return _two_sided(blocks, left, right, "kij,kjn->kin", "kmj,kjn->kmn")
 
 
 def gram_left(blocks):

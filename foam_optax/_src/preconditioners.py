@@ -33,6 +33,12 @@ def _weights(fs, cfg: Config):
                                      cfg.pseudo_inverse_rtol)
 
 
+def apply_inverse_roots(momentum, left, right):
+  """``X_L · M · X_R`` for a (k, m, n) stack and (k, m, m), (k, n, n)
+  inverse roots (None: the identity)."""
+  return linalg.multiply(momentum, left, right)
+
+
 def root_inverse(momentum, left, right, cfg: Config):
   """X_L · M · X_R for a (k, m, n) stack; a None factor is the identity.
 
@@ -41,24 +47,24 @@ def root_inverse(momentum, left, right, cfg: Config):
   Stored matrices are loaded in the momentum's (computation) dtype.
   """
   dtype = momentum.dtype
-  if left is not None and left.inverse_root is not None:
-    momentum = jnp.einsum("kij,kjn->kin", left.inverse_root.astype(dtype),
-                          momentum, precision=linalg.HIGHEST)
-  elif left is not None:
-    basis = left.basis.astype(dtype)
-    rotated = linalg.rotate(momentum, basis, None) * _weights(left, cfg)[
-        :, :, None]
-    momentum = linalg.unrotate(rotated, basis, None)
-  if right is not None and right.inverse_root is not None:
-    momentum = jnp.einsum("kmj,kjn->kmn", momentum,
-                          right.inverse_root.astype(dtype),
-                          precision=linalg.HIGHEST)
-  elif right is not None:
-    basis = right.basis.astype(dtype)
-    rotated = linalg.rotate(momentum, None, basis) * _weights(right, cfg)[
-        :, None, :]
-    momentum = linalg.unrotate(rotated, None, basis)
-  return momentum
+  cached = lambda fs: fs is not None and fs.inverse_root is not None
+  if not (cached(left) or cached(right)):
+    return _through_bases(momentum, left, right, cfg)
+  as_dtype = lambda fs: None if fs is None else fs.inverse_root.astype(dtype)
+  return apply_inverse_roots(momentum, as_dtype(left), as_dtype(right))
+
+
+def _through_bases(momentum, left, right, cfg: Config):
+  """X_L · M · X_R applied through Q and D (four products)."""
+  dtype = momentum.dtype
+  left_basis = None if left is None else left.basis.astype(dtype)
+  right_basis = None if right is None else right.basis.astype(dtype)
+  rotated = linalg.rotate(momentum, left_basis, right_basis)
+  if left is not None:
+    rotated = rotated * _weights(left, cfg)[:, :, None]
+  if right is not None:
+    rotated = rotated * _weights(right, cfg)[:, None, :]
+  return linalg.unrotate(rotated, left_basis, right_basis)
 
 
 def permute(second_moment, left_order, right_order):
@@ -98,6 +104,6 @@ def eigenvalue_corrected(grad, momentum, second_moment, left_basis,
   Returns (direction, new second moment).
   """
   return adam_in_basis(
-      grad, momentum, second_moment, step, cfg.b2, cfg.graft_eps,
+      grad, momentum, second_moment, step, cfg.b2, cfg.adam_eps,
       rotate=lambda x: linalg.rotate(x, left_basis, right_basis),
       unrotate=lambda x: linalg.unrotate(x, left_basis, right_basis))

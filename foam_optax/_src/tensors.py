@@ -170,7 +170,7 @@ def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
     ts: the leaf's tensor state.
     step: 1-based step of the factor statistics and check schedule.
     adam_step: the step of Adam's bias correction.
-    first_id: the id of the leaf's first factor (`factors.probe_keys`).
+    first_id: the id of the leaf's first factor (`controllers.probe_keys`).
     cfg: hyperparameters.
   """
   shape = grad.shape
@@ -182,7 +182,7 @@ def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
   stored = ts.rotated_second_moment.dtype
   direction, moment = preconditioners.adam_in_basis(
       grad, momentum, ts.rotated_second_moment.astype(grad.dtype), adam_step,
-      cfg.b2, cfg.graft_eps, rotate, unrotate)
+      cfg.b2, cfg.adam_eps, rotate, unrotate)
   ts = ts._replace(rotated_second_moment=moment.astype(stored))
   if cfg.rotation_basis == "previous":
     ts = _update_factors(grad, ts, step, first_id, cfg)

@@ -9,55 +9,16 @@ pipeline of `factors` and `refresh`, then `preconditioners`), `tensors`
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import optax
 
 from foam_optax._src import initial_state
+from foam_optax._src import signatures
 from foam_optax._src import update
-from foam_optax._src.config import Config, validate
-from foam_optax._src.config import Grafting, RefreshBatching, Preconditioner
-from foam_optax._src.config import Proxy, RefreshMethod, RootDamping
-from foam_optax._src.controllers import Controller
+from foam_optax._src.config import Config
 
 
-def scale_by_foam(
-    *,
-    b1: float = 0.95,
-    b2: float = 0.995,
-    epsilon: float = 1e-9,
-    max_epsilon: float = 3e-7,
-    threshold: float = 0.75,
-    check_frequency: int = 20,
-    exponent: float = 2,
-    block_size: Optional[int] = 1024,
-    max_precond_dim: Optional[int] = None,
-    start_preconditioning_step: Optional[int] = None,
-    grafting: Grafting = "adam",
-    graft_b2: float = 0.995,
-    graft_eps: float = 1e-9,
-    controller: Controller = "foam",
-    residual_tol: float = 0.1,
-    precondition_1d: bool = False,
-    preconditioner: Preconditioner = "root_inverse",
-    refresh_method: RefreshMethod = "eigh",
-    stagger: bool = False,
-    statistics_compute_steps: int = 1,
-    refresh_batching: RefreshBatching = "map",
-    skip_nonfinite: bool = True,
-    max_consecutive_skips: Optional[int] = None,
-    mu_dtype: Optional[Any] = None,
-    second_moment_dtype: Optional[Any] = None,
-    factor_matrix_dtype: Optional[Any] = None,
-    factor_matrix_eigenvectors_dtype: Optional[Any] = None,
-    inv_factor_matrix_dtype: Optional[Any] = None,
-    pseudo_inverse_rtol: Optional[float] = None,
-    weight_dimension_numbers: Optional[Any] = None,
-    cache_inverse_root: bool = True,
-    proxy: Proxy = "exact",
-    proxy_probes: int = 16,
-    root_damping: RootDamping = "controller",
-) -> optax.GradientTransformation:
+@signatures.optimizer_function("foam")
+def scale_by_foam(**arguments) -> optax.GradientTransformation:
   r"""Shampoo-family preconditioning with FOAM's adaptive damping and refresh.
 
   For each block ``G`` (``m x n``) of each parameter, with ``t`` the 1-based
@@ -81,94 +42,7 @@ def scale_by_foam(
   Adam step. Under `jax.jit` the skipped eigendecompositions are not executed.
 
   Args:
-    b1: momentum decay (0 disables momentum).
-    b2: decay of the factor statistics (and, in eigenvalue-corrected mode, of
-      the rotated second moment).
-    epsilon: base damping ``ε0``.
-    max_epsilon: damping cap ``ε_max``; beyond it a fresh basis is computed.
-    threshold: ``τ``, the tolerated staleness proxy.
-    check_frequency: ``f``, steps between checks of a factor.
-    exponent: ``p`` of the inverse root ``(A + ε)^{-1/p}``; 2 as in the FOAM
-      paper, 4 for classic Shampoo.
-    block_size: largest block side; None for no blocking.
-    max_precond_dim: a matrix side longer than this gets no factor
-      (identity); None for no limit.
-    start_preconditioning_step: ``s0``, the first check step; before it only
-      the grafting optimizer steps. Defaults to ``check_frequency``.
-    grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'`` or ``'none'``.
-    graft_b2: second-moment decay of the grafting optimizer.
-    graft_eps: epsilon of the grafting optimizer; in eigenvalue-corrected mode,
-      the epsilon of Adam in the eigenbasis.
-    controller: when bases are refreshed: ``'foam'``, ``'stale'`` (every check),
-      ``'foam_fixed_damping'``, ``'foam_no_refresh'`` or ``'residual'``.
-    residual_tol: relative off-diagonal tolerance of ``'residual'``.
-    precondition_1d: precondition vectors as ``1 x n`` matrices.
-    preconditioner: ``'root_inverse'`` (Shampoo) or ``'eigenvalue_corrected'``
-      (Adam in the eigenbasis, as SOAP; grafting is then unused).
-    refresh_method: ``'eigh'`` or ``'power_qr'`` (one warm-started power step
-      and QR, as SOAP; the first basis is always a full ``eigh``).
-    stagger: spread later check steps of different factors over the check
-      period (the first check stays at ``s0``), which flattens the cost of
-      check steps but moves them off the schedule above; off by default, so
-      the defaults run the paper's algorithm.
-    statistics_compute_steps: add the gradient's Gram matrices to the
-      statistics on steps ``1, 1 + k, 1 + 2k, ...`` only (Google's
-      distributed Shampoo's option of that name), saving ``2 m² n`` flops
-      per ``m x n`` block on the other steps; the bias correction counts
-      the accumulations. 1 (every step, the paper's) by default.
-    refresh_batching: ``'map'`` (one conditional per factor) or ``'bucket'``
-      (one conditional per stack of same-sized factors, a batched refresh;
-      one device only).
-    skip_nonfinite: skip the whole update (zero step, state kept, counter
-      incremented) when any gradient is NaN or infinite, or so large that
-      the sum of its squares overflows the statistics' dtype.
-    max_consecutive_skips: stop the run with an error once this many updates
-      in a row have been skipped (a run whose every gradient is non-finite,
-      e.g. an `optax.MultiSteps` accumulator holding a NaN, is stuck); None
-      never stops. Under `jax.jit` the error is raised from a host callback
-      and surfaces as a `jax.errors.JaxRuntimeError` naming the cause.
-    mu_dtype: dtype the momentum is stored in; None (optax's convention):
-      each parameter's dtype.
-    second_moment_dtype: storage dtype of the grafting second moment (and of
-      the rotated second moment in eigenvalue-corrected mode); None: float32.
-    factor_matrix_dtype: storage dtype of the factor statistics L and R;
-      None: float32.
-    factor_matrix_eigenvectors_dtype: storage dtype of the cached eigenbases
-      Q; None: float32.
-    inv_factor_matrix_dtype: storage dtype of the cached inverse roots X;
-      None: float32. All computations run in float32 (float64 with x64):
-      the storage dtypes only cast on load and store. See BENCHMARKS.md for
-      the memory each saves and its effect on training.
-    pseudo_inverse_rtol: None (the paper's configuration) or a relative
-      tolerance: eigenvalues at most ``rtol`` times a factor's largest are
-      treated as zero (weight 0 in X, a pseudo-inverse, as in Meta's
-      Distributed Shampoo) instead of being amplified by up to
-      ``ε^(-1/p)``. Makes updates far less sensitive to noise in near-null
-      directions.
-    weight_dimension_numbers: None (the default reshaping, see
-      `foam_optax._src.shaping`), or as ``muon_weight_dimension_numbers`` of
-      `optax.contrib.muon`: a pytree (a prefix of the parameters) of
-      `optax.contrib.MuonDimensionNumbers` / `fo.DimensionNumbers`
-      ``(reduction_axis, output_axis)`` or None per leaf, or a callable of
-      the parameters returning one. The reduction axes form the matrix's
-      rows, the output axes its columns, and every other axis is a batch
-      axis whose slices get independent factors (stacked scanned layers,
-      attention heads).
-    cache_inverse_root: keep each factor's X = Q diag((D+ε)^(-1/p)) Qᵀ in
-      the state (two products per block and step); False applies X through
-      Q and D instead (four products) and saves one (m, m) array per factor.
-    proxy: how the FOAM controllers measure ``RC``: ``'exact'`` (the
-      paper's, two m³ products per check) or ``'sketch'`` (an unbiased
-      estimate of ``RC²`` from `proxy_probes` random sign vectors, three
-      m×m mat-vecs per probe; the probes depend only on the step and the
-      factor, so runs are reproducible). See BENCHMARKS.md for when the
-      sketch's decisions match the exact proxy's.
-    proxy_probes: number of probe vectors of ``proxy='sketch'``.
-    root_damping: the damping the inverse roots X are built with:
-      ``'controller'`` (the controller's, FOAM's adaptive one) or
-      ``'epsilon'`` (always ``ε0``): an ablation that keeps the controller's
-      refresh decisions, which still follow its damping, but takes the
-      damping out of the preconditioner.
+    <<arguments>>
 
   Returns:
     An `optax.GradientTransformation` producing the preconditioned direction
@@ -195,29 +69,7 @@ def scale_by_foam(
     Distributed Shampoo Optimizer for Training Neural Networks At-Scale,
     2023. arXiv:2309.06497 (storage dtypes, pseudo-inverse).
   """
-  cfg = validate(Config(
-      b1=b1, b2=b2, epsilon=epsilon, max_epsilon=max_epsilon,
-      threshold=threshold, check_frequency=check_frequency, exponent=exponent,
-      block_size=block_size, max_precond_dim=max_precond_dim,
-      start_preconditioning_step=start_preconditioning_step,
-      grafting=grafting, graft_b2=graft_b2, graft_eps=graft_eps,
-      controller=controller, residual_tol=residual_tol,
-      precondition_1d=precondition_1d, preconditioner=preconditioner,
-      refresh_method=refresh_method, stagger=stagger,
-      statistics_compute_steps=statistics_compute_steps,
-      refresh_batching=refresh_batching,
-      skip_nonfinite=skip_nonfinite,
-      max_consecutive_skips=max_consecutive_skips,
-      mu_dtype=mu_dtype,
-      second_moment_dtype=second_moment_dtype,
-      factor_matrix_dtype=factor_matrix_dtype,
-      factor_matrix_eigenvectors_dtype=factor_matrix_eigenvectors_dtype,
-      inv_factor_matrix_dtype=inv_factor_matrix_dtype,
-      pseudo_inverse_rtol=pseudo_inverse_rtol,
-      weight_dimension_numbers=weight_dimension_numbers,
-      cache_inverse_root=cache_inverse_root,
-      proxy=proxy, proxy_probes=proxy_probes, root_damping=root_damping))
-  return from_config(cfg)
+  return from_config(signatures.config_for("foam", arguments))
 
 
 def from_config(cfg: Config) -> optax.GradientTransformation:

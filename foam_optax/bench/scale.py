@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import foam_optax as fo
-from foam_optax._src.controllers import staleness_proxy
-from foam_optax._src.state import ScaleByFoamState, slot_maps
+from foam_optax.controllers import staleness_proxy
 from foam_optax.bench import metrics, optimizers, report, runner, workloads
 
 START_MARKER = "<!-- bench-scale:start -->"
@@ -243,26 +242,17 @@ def robustness(trainers: Trainers, cfg: ScaleConfig, progress) -> dict:
 # ------------------------------------------------------------ proxy utility
 
 
-def _recorded_factors(state: ScaleByFoamState, per_size: int) -> list:
-  """(group, side, slot) of up to `per_size` real factors per size and side."""
+def _recorded_factors(opt_state, per_size: int) -> list:
+  """(stack, side, slot) of up to `per_size` real factors per size and
+  side; `stack` indexes `fo.factor_stacks`."""
   chosen, counts = [], {}
-  for g, (gs, slots) in enumerate(zip(state.classes, slot_maps(state))):
-    for side in ("left", "right"):
-      fs = getattr(gs, side)
-      if fs is None:
-        continue
-      size = fs.statistic.shape[-1]
-      for slot in np.flatnonzero(np.asarray(slots) >= 0):
-        if counts.get((size, side), 0) < per_size:
-          counts[(size, side)] = counts.get((size, side), 0) + 1
-          chosen.append((g, side, int(slot)))
+  for s, view in enumerate(fo.factor_stacks(opt_state)):
+    for slot in np.flatnonzero(view.real):
+      if counts.get((view.size, view.side), 0) < per_size:
+        counts[(view.size, view.side)] = counts.get((view.size, view.side),
+                                                    0) + 1
+        chosen.append((s, view.side, int(slot)))
   return chosen
-
-
-def _foam_state(opt_state) -> ScaleByFoamState:
-  return [x for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, ScaleByFoamState))
-          if isinstance(x, ScaleByFoamState)][0]
 
 
 def inverse_root(eigvals, basis, damping, exponent):
@@ -299,7 +289,7 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
   every_stat = settings.get("statistics_compute_steps", 1)
   params, opt_state = trainer.init(0)
   batches = trainer.workload.sample_batches(0, steps)
-  chosen = _recorded_factors(_foam_state(opt_state), per_size)
+  chosen = _recorded_factors(opt_state, per_size)
   last_refresh = {key: 0 for key in chosen}
   refreshes = {key: 0 for key in chosen}
   proxy = jax.jit(staleness_proxy, static_argnums=4)
@@ -309,10 +299,10 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
     params, opt_state, _ = trainer.step(params, opt_state, batch,
                                         jnp.float32(lr))
     step = i + 1
-    state = _foam_state(opt_state)
+    stacks = [view.stack for view in fo.factor_stacks(opt_state)]
     for key in chosen:
-      g, side, slot = key
-      fs = getattr(state.classes[g], side)
+      s, _, slot = key
+      fs = stacks[s]
       count = int(fs.refreshes[slot])
       if count != refreshes[key]:
         refreshes[key], last_refresh[key] = count, step
@@ -321,8 +311,8 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
         progress(1)
       continue
     for key in chosen:
-      g, side, slot = key
-      fs = getattr(state.classes[g], side)
+      s, side, slot = key
+      fs = stacks[s]
       factor = fs.statistic[slot] / (1 - b2 ** -(-step // every_stat))
       basis, eigvals, damping = fs.basis[slot], fs.eigvals[slot], fs.damping[slot]
       h = float(proxy(factor.astype(eigvals.dtype), basis.astype(eigvals.dtype),
