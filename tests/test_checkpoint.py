@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+import host_devices
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
@@ -135,7 +136,7 @@ def _in_subprocess(call, out_file, eight_devices):
   if asked); returns the arrays it saved to `out_file`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   if eight_devices:
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env = host_devices.env(8)
   code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
           f"import test_checkpoint as t; t.{call}")
   out = subprocess.run([sys.executable, "-c", code], env=env,

@@ -59,8 +59,8 @@ def test_mesh_2d_example_trains_on_8_devices():
   import subprocess
   script = os.path.join(os.path.dirname(__file__), "..", "examples",
                         "mesh_2d.py")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  import host_devices
+  env = host_devices.env(8)
   out = subprocess.run(
       [sys.executable, script, "--steps", "30", "--learning-rate", "1e-2",
        "--check-frequency", "5", "--log-every", "10"],

@@ -15,9 +15,10 @@ import textwrap
 
 import pytest
 
+import host_devices
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-_ENV = dict(os.environ, JAX_PLATFORMS="cpu",
-            XLA_FLAGS="--xla_force_host_platform_device_count=8")
+_ENV = host_devices.env(8)
 
 
 def _run(args, timeout):

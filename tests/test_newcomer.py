@@ -334,3 +334,102 @@ def test_readme_defaults_are_the_signatures():
   for factory in factories[:3]:
     assert set(inspect.signature(factory).parameters) - {"learning_rate"} <= (
         documented), factory.__name__
+
+# ---------------------------------------------------------------------------
+# 7. Flax NNX: the functional loop, integer leaves, NNX-built trees.
+
+
+def test_readme_nnx_recipe_both_loops_agree():
+  ns, printed, expected = _run(_recipe("nnx.split"))
+  assert printed == expected
+  first, second = ns["model"], ns["model_2"]
+  for a, b in zip(jax.tree.leaves(nnx.state(first, nnx.Param)),
+                  jax.tree.leaves(nnx.state(second, nnx.Param))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _split_mlp():
+  model = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(
+      jnp.ones((3, 4))) ** 2))(params)
+  return params, grads
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fo.foam(1e-3), lambda: fo.shampoo(1e-3), lambda: fo.soap(1e-3),
+    lambda: fo.partition(fo.foam(1e-3), optax.adamw(1e-3))])
+def test_updates_keep_the_gradients_structure_with_nnx_params(make):
+  params, grads = _split_mlp()
+  tx = make()
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(grads)
+  new = optax.apply_updates(params, updates)
+  assert jax.tree.structure(new) == jax.tree.structure(params)
+
+
+def test_dimension_numbers_from_nnx_state_and_short_errors():
+  params, _ = _split_mlp()
+  numbers = jax.tree.map(
+      lambda p: fo.DimensionNumbers(0, 1) if p.ndim == 2 else None, params)
+  fo.foam(1e-3, weight_dimension_numbers=numbers).init(params)
+  # A tree that still holds the arrays: one short line naming the leaf.
+  with pytest.raises(ValueError) as error:
+    fo.foam(1e-3, weight_dimension_numbers=params).init(params)
+  message = str(error.value)
+  assert "['bias']" in message and "DimensionNumbers" in message
+  assert len(message) < 400 and "0." not in message
+  with pytest.raises(ValueError) as error:
+    fo.foam(1e-3, weight_dimension_numbers={"other": None}).init(
+        {"w": jnp.full((64, 64), 0.123)})
+  assert "prefix" in str(error.value) and "0.123" not in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_parameters_rejected_at_init_naming_the_leaf(dtype):
+  params = {"w": jnp.ones((4, 3)), "steps": jnp.zeros((4, 3), dtype)}
+  for tx in (fo.foam(1e-3), fo.soap(1e-3),
+             fo.partition(fo.foam(1e-3), optax.adamw(1e-3))):
+    with pytest.raises(ValueError, match=r"\['steps'\].*floating-point"):
+      tx.init(params)
+
+
+def test_float0_gradient_rejected_naming_the_leaf():
+  tx = fo.foam(1e-3)
+  state = tx.init({"w": jnp.ones((4, 3))})
+  grads = {"w": np.zeros((4, 3), jax.dtypes.float0)}
+  with pytest.raises(ValueError, match=r"\['w'\].*float0"):
+    tx.update(grads, state)
+
+
+def test_stuck_run_with_nonfinite_parameters_names_them():
+  """A NaN learning rate makes the parameters NaN; the stuck run's error
+  then names the parameters, not the gradients."""
+  tx = fo.foam(lambda count: jnp.where(count >= 2, jnp.nan, 1e-3),
+               max_consecutive_skips=3)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  with pytest.raises(Exception, match="parameters themselves are not finite"):
+    for _ in range(8):
+      params, state = step(params, state)
+      jax.block_until_ready(params)
+
+
+def test_overflowing_finite_gradients_are_counted_apart():
+  tx = fo.foam(1e-3)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  for g in (1e30, np.nan, 1.0):
+    _, state = tx.update({"w": jnp.full((4, 3), g)}, state, params)
+  stats = fo.stats(state)
+  assert int(stats["nonfinite_skips"]) == 2
+  assert int(stats["overflow_skips"]) == 1
+  assert int(stats["step"]) == 1

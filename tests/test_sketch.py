@@ -20,6 +20,7 @@ from foam_optax._src.config import Config
 from foam_optax._src.controllers import (sketched_staleness_proxy,
                                          staleness_proxy)
 
+import host_devices
 import reference
 
 
@@ -257,8 +258,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 def test_sketch_gives_the_same_decisions_on_a_mesh():
   """Probe keys follow the factor's block, not its slot: on 8 devices
   (padded, rebalanced stacks) the sketched FOAM matches one device."""
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = host_devices.env(8)
   root = os.path.join(os.path.dirname(__file__), "..")
   out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env,
                        cwd=root, capture_output=True, text=True, timeout=600)

@@ -250,3 +250,73 @@ def test_tensor_factors_are_counted_and_refreshed_on_soaps_schedule():
   tensor = state.leaves["k"].tensor
   assert [f.statistic.shape for f in tensor.factors] == [
       (1, 3, 3), (1, 4, 4), (1, 5, 5)]
+
+
+def test_tensor_leaves_use_the_storage_dtypes():
+  """The per-dimension factors and rotated second moment of a rank-3 leaf
+  are stored in the storage dtypes, as matrix leaves' are, and stay so."""
+  bf16 = jnp.bfloat16
+  tx = fo.scale_by_soap(factor_matrix_dtype=bf16,
+                        factor_matrix_eigenvectors_dtype=bf16,
+                        second_moment_dtype=bf16)
+  params = {"t": jnp.zeros((3, 4, 5)), "w": jnp.zeros((6, 5))}
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  step = jax.jit(tx.update)
+  for _ in range(3):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+        params)
+    updates, state = step(grads, state)
+  views = fo.factor_stacks(state)
+  assert {v.side for v in views} >= {"dim0", "dim1", "dim2", "left", "right"}
+  for view in views:
+    assert view.stack.statistic.dtype == bf16, view.side
+    assert view.stack.basis.dtype == bf16, view.side
+  (tensor,) = [t for t in state.tensors if t is not None]
+  assert tensor.rotated_second_moment.dtype == bf16
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_eigenvalue_corrected_leaves_without_a_factor_decay_with_b2():
+  """In eigenvalue-corrected mode a leaf without a factor runs the
+  eigenbasis Adam (decay `b2`), not the grafting optimizer's `graft_b2`."""
+  tx = fo.scale_by_foam(preconditioner="eigenvalue_corrected", b2=0.5,
+                        graft_b2=0.995, b1=0.0)
+  params = {"v": jnp.zeros(4), "w": jnp.zeros((3, 3))}
+  grads = {"v": jnp.arange(1.0, 5.0), "w": jnp.ones((3, 3))}
+  state = tx.init(params)
+  updates, state = tx.update(grads, state)
+  np.testing.assert_allclose(state.nu["v"], 0.5 * grads["v"] ** 2,
+                             rtol=1e-6)
+  # SOAP's step of such a leaf: m·sqrt(1 - b2^t) / (sqrt(v) + eps).
+  np.testing.assert_allclose(
+      updates["v"], grads["v"] * np.sqrt(0.5) / (np.sqrt(0.5) * grads["v"]
+                                                  + 1e-9), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make,phase,refresh_steps", [
+    (lambda: fo.scale_by_soap(check_frequency=3), -1, [1, 4, 7]),
+    (lambda: fo.scale_by_foam(check_frequency=3, controller="stale"), 0,
+     [3, 6]),
+])
+def test_check_phase_and_schedule(make, phase, refresh_steps):
+  """Without stagger every factor's check phase is -1 with the init-only
+  first step (SOAP: refreshes after updates s = t - 1 = 0, f, 2f, ...) and 0
+  otherwise (checks at t = s0, 2f, ...)."""
+  tx = make()
+  params = {"w": jnp.zeros((4, 3))}
+  state = tx.init(params)
+  assert all(np.all(np.asarray(v.stack.phase) == phase)
+             for v in fo.factor_stacks(state))
+  step = jax.jit(tx.update)
+  rng = np.random.default_rng(0)
+  seen, before = [], 0
+  for t in range(1, 8):
+    grads = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
+    _, state = step(grads, state)
+    total = int(fo.stats(state)["eigendecompositions"])
+    if total > before:
+      seen.append(t)
+    before = total
+  assert seen == refresh_steps

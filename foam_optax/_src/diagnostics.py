@@ -40,7 +40,11 @@ def stats(opt_state) -> dict[str, jax.Array]:
       ``controller='foam'`` and is not Adam's `epsilon`;
     - ``damping_min``: the smallest such damping;
     - ``proxy_max``: largest last staleness measure over factors;
-    - ``nonfinite_skips``: updates skipped for non-finite gradients;
+    - ``nonfinite_skips``: updates skipped for non-finite gradients,
+      including finite ones so large that their squares overflow the
+      statistics' dtype (float32: entries beyond about 1e19);
+    - ``overflow_skips``: the part of ``nonfinite_skips`` whose gradients
+      were finite but overflowed so;
     - ``consecutive_skips``: updates skipped in a row up to now (largest
       over transformations found); 0 after an applied update, so a value
       that keeps growing means a stuck run (see ``max_consecutive_skips``);
@@ -53,12 +57,21 @@ def stats(opt_state) -> dict[str, jax.Array]:
       ``nnx.Optimizer.step`` and the ``count`` of
       `optax.inject_hyperparams` count.
 
+  The figures are computed by one compiled function, cached per state
+  structure: after the first call an eager call costs about one jitted
+  dispatch, and inside a jitted train step it is inlined.
+
   Raises:
     ValueError: if `opt_state` holds no foam_optax state.
   """
-  states = find_states(opt_state)
-  if not states:
+  if not find_states(opt_state):
     raise ValueError("opt_state holds no foam_optax transformation state.")
+  return _stats(opt_state)
+
+
+@jax.jit
+def _stats(opt_state) -> dict[str, jax.Array]:
+  states = find_states(opt_state)
   # Every factor stack with the mask of its real slots (the others are
   # padding, see `distribution`). Reductions per stack, then over stacks,
   # so that sharded stacks are never gathered.
@@ -108,6 +121,7 @@ def stats(opt_state) -> dict[str, jax.Array]:
       "damping_min": damping_min,
       "proxy_max": proxy_max,
       "nonfinite_skips": sum((s.nonfinite_skips for s in states), int_zero),
+      "overflow_skips": sum((s.overflow_skips for s in states), int_zero),
       "consecutive_skips": jnp.max(jnp.stack(
           [s.consecutive_skips for s in states])),
       "eigendecomposition_failures": total("failures"),

@@ -38,16 +38,39 @@ def fail_if(condition, error: type, message: str, *values) -> None:
            lambda: None)
 
 
-def check_consecutive_skips(consecutive, limit) -> None:
-  if limit is None:
-    return
-  fail_if(consecutive >= limit, FloatingPointError,
+def check_gradient_dtypes(updates) -> None:
+  """Gradients must be real floating arrays: a float0 gradient
+  (``jax.grad(..., allow_int=True)`` of an integer leaf) or an integer one
+  raises, naming the leaf."""
+  for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    dtype = jnp.result_type(g)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"the update of {jax.tree_util.keystr(path)} has dtype {dtype}; "
+          "foam_optax takes floating-point gradients only (a float0 "
+          "gradient comes from jax.grad(..., allow_int=True) of an integer "
+          "leaf: keep such leaves out of the optimized tree).")
+
+
+def check_consecutive_skips(consecutive, limit, params_finite=True) -> None:
+  """Stops a run stuck on skipped updates, naming the likelier cause: the
+  parameters, when they are themselves not finite, else the gradients."""
+  stuck = consecutive >= limit
+  fail_if(stuck & params_finite, FloatingPointError,
           "foam_optax: {} updates in a row were skipped because their "
           "gradients were not finite (max_consecutive_skips={}); the run is "
           "stuck. Under optax.MultiSteps one NaN micro-batch poisons the "
           "accumulator for good: pass "
           "should_skip_update_fn=optax.skip_not_finite to MultiSteps.",
           consecutive, jnp.asarray(limit))
+  fail_if(stuck & jnp.logical_not(params_finite), FloatingPointError,
+          "foam_optax: {} updates in a row were skipped "
+          "(max_consecutive_skips={}) and the parameters themselves are not "
+          "finite, so every gradient is NaN: the run is stuck. The cause is "
+          "upstream of the gradients: a NaN or infinite learning rate or "
+          "schedule value, or an update from another transformation that "
+          "this optimizer's skip does not cover (wrap the whole chain in "
+          "fo.skip_nonfinite).", consecutive, jnp.asarray(limit))
 
 
 def _block_size_range(layouts: Sequence[shaping.LeafLayout]):

@@ -43,26 +43,48 @@ def _dimension_numbers(params, num_leaves, cfg: Config) -> list:
     spec = spec(params)
   if spec is None:
     return [None] * num_leaves
+  # A tree built from `nnx.state(model, nnx.Param)` keeps the wrappers.
+  spec = plain_arrays(spec)
   is_leaf = lambda x: x is None or shaping.is_dimension_numbers(x)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      spec, is_leaf=is_leaf)[0]:
+    if not is_leaf(leaf):
+      raise ValueError(
+          f"weight_dimension_numbers holds a {type(leaf).__name__} at "
+          f"{jax.tree_util.keystr(path)}; it must hold DimensionNumbers or "
+          "None per parameter (e.g. jax.tree.map(lambda p: "
+          "fo.DimensionNumbers(0, 1) if p.ndim == 2 else None, params)), or "
+          "be a callable of the parameters returning such a tree.")
   prefix = jax.tree.structure(spec, is_leaf=is_leaf)
   try:
     subtrees = prefix.flatten_up_to(params)
-  except (ValueError, TypeError) as e:
-    raise ValueError("weight_dimension_numbers must be a prefix of the "
-                     f"parameters' tree structure: {e}") from e
+  except (ValueError, TypeError):
+    # Structures only: jax's own message would print the arrays.
+    short = lambda treedef: str(treedef)[:400]
+    raise ValueError(
+        "weight_dimension_numbers must be a prefix of the parameters' tree "
+        f"structure; its structure {short(prefix)} does not match the "
+        f"parameters' {short(jax.tree.structure(params))}.") from None
   numbers = []
   for dims, subtree in zip(jax.tree.leaves(spec, is_leaf=is_leaf), subtrees):
     numbers.extend([dims] * len(jax.tree.leaves(subtree)))
   return numbers
 
 
-def _reject_complex(paths_and_leaves):
+def _reject_non_real_floating(paths_and_leaves):
   for path, p in paths_and_leaves:
-    if jnp.iscomplexobj(p):
+    name, dtype = jax.tree_util.keystr(path), jnp.result_type(p)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
       raise ValueError(
-          f"parameter {jax.tree_util.keystr(path)} is complex "
-          f"({jnp.result_type(p)}); foam_optax supports real parameters "
-          "only. Split it into real and imaginary parts.")
+          f"parameter {name} is complex ({dtype}); foam_optax supports real "
+          "parameters only. Split it into real and imaginary parts.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"parameter {name} has dtype {dtype}; foam_optax optimizes "
+          "floating-point parameters only. Keep integer and boolean arrays "
+          "out of the tree the optimizer sees (in Flax NNX, as a variable "
+          "that is not an nnx.Param), or give them no update: "
+          "optax.partition(..., optax.set_to_zero()) for those leaves.")
 
 
 class _ShapeDependent:
@@ -137,14 +159,15 @@ def _placeholder_state(params, cfg: Config, plan) -> ScaleByFoamState:
       count=zero(), nonfinite_skips=zero(), mu=params,
       nu=params if every_leaf_grafts else shape_dependent,
       tensors=shape_dependent, layouts=shape_dependent,
-      classes=shape_dependent, consecutive_skips=zero(), plan=plan)
+      classes=shape_dependent, consecutive_skips=zero(),
+      overflow_skips=zero(), plan=plan)
 
 
 def init(params, cfg: Config) -> ScaleByFoamState:
   """The initial state of `scale_by_foam` for `params`."""
   params = plain_arrays(params)
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  _reject_complex(paths_and_leaves)
+  _reject_non_real_floating(paths_and_leaves)
   leaves = [p for _, p in paths_and_leaves]
   plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
   _refuse_bucket_on_a_mesh(plan, cfg)
@@ -192,4 +215,5 @@ def init(params, cfg: Config) -> ScaleByFoamState:
       count=zero(), nonfinite_skips=zero(),
       mu=treedef.unflatten(momenta), nu=treedef.unflatten(graft_moments),
       tensors=tuple(tensor_states), layouts=tuple(layouts),
-      classes=class_states, consecutive_skips=zero(), plan=plan)
+      classes=class_states, consecutive_skips=zero(), overflow_skips=zero(),
+      plan=plan)

@@ -19,6 +19,7 @@ import jax
 import optax
 
 from foam_optax._src.skipping import skip_nonfinite
+from foam_optax._src.state import is_variable, plain_arrays
 
 PRECONDITION = "precondition"
 DIAGONAL = "diagonal"
@@ -45,7 +46,8 @@ def precondition_labels(params,
   * its path matches `embedding_pattern` (embedding tables).
 
   Patterns are regular expressions searched case-insensitively; an empty
-  one matches nothing.
+  one matches nothing. A Flax NNX variable (``nnx.Param``) gets one label,
+  in place of the variable, as `optax.partition` needs.
 
   Example:
     >>> import jax.numpy as jnp, foam_optax as fo
@@ -57,13 +59,13 @@ def precondition_labels(params,
   embedding = _compile(embedding_pattern)
 
   def label(path, leaf):
-    big_dims = sum(d > 1 for d in getattr(leaf, "shape", ()))
+    big_dims = sum(d > 1 for d in getattr(plain_arrays(leaf), "shape", ()))
     name = jax.tree_util.keystr(path)
     by_name = any(p is not None and p.search(name)
                   for p in (bias_and_norm, embedding))
     return DIAGONAL if big_dims < 2 or by_name else PRECONDITION
 
-  return jax.tree_util.tree_map_with_path(label, params)
+  return jax.tree_util.tree_map_with_path(label, params, is_leaf=is_variable)
 
 
 def partition(preconditioned: optax.GradientTransformation,

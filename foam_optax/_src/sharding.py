@@ -97,6 +97,7 @@ def _foam_sharding(state: ScaleByFoamState, params_sharding,
       for gs in state.classes)
   # A tensor leaf's per-dimension factors stay whole on every device.
   return state._replace(count=replicated, nonfinite_skips=replicated,
+                        overflow_skips=replicated,
                         consecutive_skips=replicated, mu=follow(state.mu),
                         nu=follow(state.nu),
                         tensors=jax.tree.map(lambda _: replicated,
@@ -173,6 +174,7 @@ def _relayout_core(source: ScaleByFoamState,
     classes.append(jax.tree.map(move, src, dst))
   return target._replace(count=source.count,
                          nonfinite_skips=source.nonfinite_skips,
+                         overflow_skips=source.overflow_skips,
                          consecutive_skips=source.consecutive_skips,
                          mu=source.mu, nu=source.nu, tensors=source.tensors,
                          classes=tuple(classes))

@@ -21,12 +21,21 @@ from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, ScaleByFoamState
 
 
+def entries_finite(tree) -> jax.Array:
+  """True when every entry of every leaf is finite."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]
+                           or [jnp.asarray(True)]))
+
+
 def gradients_finite(updates) -> jax.Array:
   """True when every leaf's sum of squares is finite in the statistics dtype.
 
   Rules out NaN and Inf, and gradients so large (|g| ~ 1e19 in float32) that
-  their Gram matrices or squared entries would overflow.
+  their Gram matrices or squared entries would overflow. A gradient that is
+  not floating-point raises, naming its leaf.
   """
+  guards.check_gradient_dtypes(updates)
   leaves = jax.tree.leaves(updates)
   if not leaves:
     return jnp.asarray(True)
@@ -73,10 +82,11 @@ def _keep_class(new: BlockClassState, old: BlockClassState,
 
 
 def run_or_skip(run, updates, state: ScaleByFoamState, step, traced,
-                cfg: Config):
+                cfg: Config, params=None):
   """``run(updates, state, step, traced)``, or a skipped step when the
   gradients are not finite (``cfg.skip_nonfinite``) or an enclosing
-  `skip_nonfinite` skips."""
+  `skip_nonfinite` skips. `params`, when given, lets a stuck run's error
+  name non-finite parameters as its likelier cause."""
   skip = _OUTER_SKIP.get()
   if cfg.skip_nonfinite:
     own = jnp.logical_not(gradients_finite(updates))
@@ -99,7 +109,12 @@ def run_or_skip(run, updates, state: ScaleByFoamState, step, traced,
     new_updates = _zeroed(skip, new_updates)
   consecutive = jnp.where(skip, optax.safe_increment(state.consecutive_skips),
                           jnp.zeros_like(state.consecutive_skips))
-  guards.check_consecutive_skips(consecutive, cfg.max_consecutive_skips)
+  if cfg.max_consecutive_skips is not None:
+    guards.check_consecutive_skips(
+        consecutive, cfg.max_consecutive_skips,
+        True if params is None else entries_finite(params))
+  # Finite entries whose squares overflow: skipped, and counted apart too.
+  overflow = skip & entries_finite(updates)
   return new_updates, state._replace(
       count=keep(step, state.count),
       nonfinite_skips=jnp.where(skip,
@@ -110,7 +125,10 @@ def run_or_skip(run, updates, state: ScaleByFoamState, step, traced,
       tensors=jax.tree.map(keep, new_state.tensors, state.tensors),
       classes=tuple(_keep_class(n, o, keep)
                     for n, o in zip(new_state.classes, state.classes)),
-      consecutive_skips=consecutive)
+      consecutive_skips=consecutive,
+      overflow_skips=jnp.where(overflow,
+                               optax.safe_increment(state.overflow_skips),
+                               state.overflow_skips))
 
 
 def skip_nonfinite(

@@ -60,6 +60,8 @@ class ScaleByFoamState(NamedTuple):
       (see `distribution`).
     consecutive_skips: updates skipped in a row up to now (0 after an
       applied update); a growing value means a stuck run.
+    overflow_skips: the skipped updates whose gradients were finite but so
+      large that their squares overflow (also in `nonfinite_skips`).
     plan: static: the device mesh the stacks are laid out for.
   """
 
@@ -71,6 +73,7 @@ class ScaleByFoamState(NamedTuple):
   layouts: tuple
   classes: tuple
   consecutive_skips: jax.Array
+  overflow_skips: jax.Array
   plan: distribution.Plan = distribution.Plan()
 
   def leaf_states(self) -> list:
@@ -117,18 +120,24 @@ def find_states(tree, kind=None) -> list:
   return [x for x in jax.tree.leaves(tree, is_leaf=is_kind) if is_kind(x)]
 
 
-def plain_arrays(tree):
-  """`tree` with Flax NNX variables replaced by the arrays they hold.
+def is_variable(x) -> bool:
+  """Whether `x` is a Flax NNX variable (``nnx.Param`` and the like).
 
-  `nnx.Optimizer` hands `init` its parameters as `nnx.Param` variables; the
-  state keeps plain arrays, not wrapped in them.
   Flax is not a dependency: a tree can hold NNX variables only once the
   caller has imported `flax.nnx`.
   """
   nnx = sys.modules.get("flax.nnx")
-  if nnx is None:
-    return tree
-  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def plain_arrays(tree):
+  """`tree` with Flax NNX variables replaced by the values they hold.
+
+  `nnx.split(model, nnx.Param)` and `nnx.Optimizer` hand the optimizer
+  parameters wrapped in `nnx.Param` variables; the state keeps plain
+  arrays, and trees built from the parameters (dimension numbers) are read
+  without the wrappers.
+  """
   # `get_value` from Flax 0.12 on (where `.value` is deprecated).
   unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
   return jax.tree.map(lambda x: unwrap(x) if is_variable(x) else x, tree,

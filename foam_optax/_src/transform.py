@@ -79,7 +79,6 @@ def from_config(cfg: Config) -> optax.GradientTransformation:
     return initial_state.init(params, cfg)
 
   def update_fn(updates, state, params=None):
-    del params
-    return update.update(updates, state, cfg)
+    return update.update(updates, state, cfg, params)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -52,9 +52,16 @@ def _apply(updates, state: ScaleByFoamState, step, cfg: Config):
       state, new_leaves)._replace(count=step, classes=new_classes)
 
 
-def update(updates, state: ScaleByFoamState, cfg: Config):
-  """The update of `scale_by_foam` for an already validated `Config`."""
+def update(updates, state: ScaleByFoamState, cfg: Config, params=None):
+  """The update of `scale_by_foam` for an already validated `Config`.
+
+  The updates come back with exactly the structure of `updates`: wrappers
+  such as Flax's ``nnx.Param`` stay (the state holds plain arrays, which are
+  the wrappers' leaves, in the same order).
+  """
+  structure = jax.tree.structure(updates)
   updates = plain_arrays(updates)
+  guards.check_gradient_dtypes(updates)
   _check_mesh(state.plan, state)
   guards.check_structure(list(state.layouts), cfg)
   run = with_arguments(_apply, cfg)
@@ -68,6 +75,7 @@ def update(updates, state: ScaleByFoamState, cfg: Config):
         return jax.sharding.auto_axes(
             inner, out_sharding=(_specs(updates), _specs(state)))(
                 updates, state, step, traced)
-  return skipping.run_or_skip(run, updates, state,
-                              optax.safe_increment(state.count), cfg.traced(),
-                              cfg)
+  new_updates, new_state = skipping.run_or_skip(
+      run, updates, state, optax.safe_increment(state.count), cfg.traced(),
+      cfg, params)
+  return structure.unflatten(jax.tree.leaves(new_updates)), new_state
