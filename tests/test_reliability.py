@@ -48,7 +48,7 @@ def _core(state):
 
 def _factors(state):
   return [x for x in jax.tree.leaves(
-      _core(state).groups, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+      _core(state).classes, is_leaf=lambda x: isinstance(x, fo.FactorStack))
           if isinstance(x, fo.FactorStack)]
 
 
@@ -77,7 +77,8 @@ def _without_skips(state):
   core = _core(state)
   return _replace_core(state, core._replace(
       nonfinite_skips=jnp.zeros_like(core.nonfinite_skips),
-      consecutive_skips=jnp.zeros_like(core.consecutive_skips)))
+      consecutive_skips=jnp.zeros_like(core.consecutive_skips),
+      overflow_skips=jnp.zeros_like(core.overflow_skips)))
 
 
 def _without_proxy(state):
