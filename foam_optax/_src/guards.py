@@ -96,10 +96,11 @@ def _max_precond_dim_range(layouts: Sequence[shaping.LeafLayout]):
     if layout.matrix_shape is None:
       continue
     for g in layout.groups:
-      for size, block, kept in ((layout.matrix_shape[0], g.rows, g.left),
-                                (layout.matrix_shape[1], g.cols, g.right)):
-        if block <= 1:
-          continue       # a side of length 1 is never preconditioned
+      for side, size, block, kept in (
+          ("left", layout.matrix_shape[0], g.rows, g.left),
+          ("right", layout.matrix_shape[1], g.cols, g.right)):
+        if block <= 1 or layout.one_side not in (None, side):
+          continue       # never preconditioned, whatever max_precond_dim
         if kept:
           low = max(low, size)
         else:

@@ -23,7 +23,7 @@ def _layout(path, shape, dimension_numbers, cfg: Config) -> shaping.LeafLayout:
     return shaping.leaf_layout(
         shape, static_int("block_size", cfg.block_size),
         static_int("max_precond_dim", cfg.max_precond_dim),
-        cfg.precondition_1d, dimension_numbers)
+        cfg.precondition_1d, dimension_numbers, cfg.one_sided)
   except ValueError as e:
     if dimension_numbers is None:
       raise

@@ -105,6 +105,11 @@ OPTIONS = (
            "merge adjacent dimensions while their product stays within "
            "`max_precond_dim`, as the official ``merge_dims``.",
            checks.boolean, static=True),
+    Option("one_sided", bool, False,
+           "precondition each matrix on its smaller side only, the rows "
+           "(the reduction axis) on a tie, as ASGO does; the other side's "
+           "factor is the identity. SOAP's tensor leaves keep the factor of "
+           "their smallest dimension.", checks.boolean, static=True),
     Option("precondition_1d", bool, False,
            "precondition vectors as ``1 x n`` matrices.", checks.boolean,
            static=True),
@@ -282,7 +287,8 @@ _SHAMPOO = (
     "b1", "b2", "epsilon", "check_frequency", "exponent", "block_size",
     "max_precond_dim", "start_preconditioning_step", "grafting", "graft_b2",
     "adam_eps", "precondition_1d", "stagger", "statistics_compute_steps",
-    "refresh_batching", "skip_nonfinite", "max_consecutive_skips",
+    "one_sided", "refresh_batching", "skip_nonfinite",
+    "max_consecutive_skips",
     "mu_dtype", "second_moment_dtype", "factor_matrix_dtype",
     "factor_matrix_eigenvectors_dtype", "inv_factor_matrix_dtype",
     "pseudo_inverse_rtol", "weight_dimension_numbers", "cache_inverse_root")
@@ -296,7 +302,7 @@ EXPOSED = {
     "shampoo": _SHAMPOO,
     "soap": (
         "b1", "b2", "adam_eps", "check_frequency", "max_precond_dim",
-        "merge_dims", "precondition_1d", "rotation_basis", "first_step",
+        "merge_dims", "precondition_1d", "one_sided", "rotation_basis", "first_step",
         "tensor_shaping", "block_size", "start_preconditioning_step",
         "refresh_method", "controller", "epsilon", "max_epsilon",
         "threshold", "exponent", "residual_tol", "stagger",

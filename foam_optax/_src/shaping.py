@@ -101,6 +101,8 @@ class LeafLayout:
   # then the reduction and the output axes; None for the default reshaping.
   transpose: Optional[tuple] = None
   batch: int = 1
+  # With ``one_sided``: the side kept ('left' or 'right'); None: both.
+  one_side: Optional[str] = None
 
   @property
   def preconditioned(self) -> bool:
@@ -213,9 +215,18 @@ def dimension_numbers_transpose(shape, dimension_numbers):
           (size(reduction), size(output)))
 
 
+def kept_side(rows: int, cols: int) -> str:
+  """The side a one-sided preconditioner keeps: the smaller, the rows on a
+  tie. The rows are the reduction (input) axis of a ``x @ W`` kernel, the
+  side ASGO keeps for square weights (the input side of torch's
+  ``(out, in)`` weights)."""
+  return "left" if rows <= cols else "right"
+
+
 def leaf_layout(shape, block_size, max_precond_dim, precondition_1d,
-                dimension_numbers: Any = None):
-  """Static layout of a leaf; `dimension_numbers` as in the module doc."""
+                dimension_numbers: Any = None, one_sided: bool = False):
+  """Static layout of a leaf; `dimension_numbers` as in the module doc;
+  `one_sided` keeps one factor per matrix (`kept_side`)."""
   shape = tuple(int(d) for d in shape)
   transpose, batch = None, 1
   if dimension_numbers is not None:
@@ -228,14 +239,17 @@ def leaf_layout(shape, block_size, max_precond_dim, precondition_1d,
   if mshape is None:
     return LeafLayout(shape, None, ())
   rows, cols = mshape
-  left_ok = max_precond_dim is None or rows <= max_precond_dim
-  right_ok = max_precond_dim is None or cols <= max_precond_dim
+  one_side = kept_side(rows, cols) if one_sided else None
+  left_ok = ((max_precond_dim is None or rows <= max_precond_dim)
+             and one_side in (None, "left"))
+  right_ok = ((max_precond_dim is None or cols <= max_precond_dim)
+              and one_side in (None, "right"))
   groups = tuple(
       BlockGroup(r0, nr, m, c0, nc, n, left_ok and m > 1, right_ok and n > 1,
                  batch)
       for (r0, nr, m) in _parts(rows, block_size)
       for (c0, nc, n) in _parts(cols, block_size))
-  return LeafLayout(shape, mshape, groups, transpose, batch)
+  return LeafLayout(shape, mshape, groups, transpose, batch, one_side)
 
 
 def extract(matrices, group: BlockGroup):

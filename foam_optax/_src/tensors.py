@@ -90,10 +90,14 @@ def layouts(shape, cfg: Config, block_size, max_precond_dim):
   view = tuple(d for d in view if d != 1)
   if len(view) <= 2 or 0 in shape:
     layout = shaping.leaf_layout(view, block_size, max_precond_dim,
-                                 cfg.precondition_1d or len(shape) >= 2)
+                                 cfg.precondition_1d or len(shape) >= 2,
+                                 one_sided=cfg.one_sided)
     return dataclasses.replace(layout, shape=shape), None
   factored = tuple(max_precond_dim is None or d <= max_precond_dim
                    for d in view)
+  if cfg.one_sided:   # the smallest dimension only (the first on a tie)
+    smallest = view.index(min(view))
+    factored = tuple(f and d == smallest for d, f in enumerate(factored))
   return shaping.LeafLayout(shape, None, ()), TensorLayout(view, factored)
 
 
