@@ -305,7 +305,8 @@ def test_readme_tables_are_derived_from_the_option_table(marker, table):
   block = text[text.index(start) + len(start):text.index(end)]
   expected = getattr(signatures, table)()
   assert block == expected, (
-      f"README.md's {marker} is stale; replace it with:\n{expected}")
+      f"README.md's {marker} is stale: run `python -m "
+      "foam_optax._src.signatures README.md`")
 
 
 def test_readme_defaults_are_the_signatures():

@@ -65,7 +65,7 @@ CASES = [
     ("root_damping", "zero", r"one of \("),
     ("proxy_probes", 0, INT1), ("proxy_probes", 4.5, INT1),
     ("precondition_1d", "yes", "a bool"),
-    ("stagger", 1, "a bool"),
+    ("stagger", 1, "a bool"), ("one_sided", "yes", "a bool"),
     ("skip_nonfinite", None, "a bool"),
     ("max_consecutive_skips", 0, INT1),
     ("statistics_compute_steps", 0, INT1),

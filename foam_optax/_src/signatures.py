@@ -168,3 +168,24 @@ def arguments_table() -> str:
                        for first, who in meanings.items())
     lines.append(f"| `{name}` | {text} |")
   return "\n".join(lines)
+
+
+README_TABLES = {"defaults-table": defaults_table,
+                 "arguments-table": arguments_table}
+
+
+def update_readme(path: str) -> None:
+  """Rewrites the generated tables between their markers in `path`."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  for marker, table in README_TABLES.items():
+    start, end = f"<!-- {marker}:start -->\n", f"\n<!-- {marker}:end -->"
+    head, rest = text.split(start)
+    text = head + start + table() + end + rest.split(end, 1)[1]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+if __name__ == "__main__":
+  import sys
+  update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
