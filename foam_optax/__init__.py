@@ -2,11 +2,16 @@
 
 from foam_optax import controllers
 from foam_optax import kernels
+from foam_optax._src.alias import asgo
 from foam_optax._src.alias import foam
+from foam_optax._src.alias import scale_by_asgo
 from foam_optax._src.alias import scale_by_shampoo
 from foam_optax._src.alias import scale_by_soap
 from foam_optax._src.alias import shampoo
 from foam_optax._src.alias import soap
+from foam_optax._src.dasgo import dasgo
+from foam_optax._src.dasgo import scale_by_dasgo
+from foam_optax._src.dasgo import ScaleByDasgoState
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.partition import partition
@@ -33,9 +38,12 @@ __all__ = [
     "FactorStack",
     "FactorStackView",
     "LeafState",
+    "ScaleByDasgoState",
     "ScaleByFoamState",
+    "asgo",
     "block_stacks",
     "controllers",
+    "dasgo",
     "decay_updated_weights",
     "factor_stacks",
     "find_states",
@@ -44,6 +52,8 @@ __all__ = [
     "partition",
     "precondition_labels",
     "relayout",
+    "scale_by_asgo",
+    "scale_by_dasgo",
     "scale_by_foam",
     "scale_by_shampoo",
     "scale_by_soap",

@@ -16,6 +16,8 @@ from foam_optax._src.linalg import gram_right
 from foam_optax._src.linalg import inverse_root
 from foam_optax._src.linalg import inverse_root_weights
 from foam_optax._src.linalg import matmul
+from foam_optax._src.linalg import newton_schulz_inverse_sqrt
+from foam_optax._src.linalg import polar_express_inverse_sqrt
 from foam_optax._src.linalg import power_qr_refresh
 from foam_optax._src.linalg import rotate
 from foam_optax._src.linalg import unrotate
@@ -33,6 +35,8 @@ __all__ = [
     "inverse_root_weights",
     "match_norms",
     "matmul",
+    "newton_schulz_inverse_sqrt",
+    "polar_express_inverse_sqrt",
     "power_qr_refresh",
     "rotate",
     "unrotate",

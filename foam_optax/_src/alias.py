@@ -189,3 +189,71 @@ def soap(**arguments) -> optax.GradientTransformationExtraArgs:
     >>> opt = fo.soap(3e-3)
   """
   return _alias("soap", scale_by_soap, arguments)
+
+
+@signatures.optimizer_function("asgo")
+def scale_by_asgo(**arguments) -> optax.GradientTransformation:
+  r"""ASGO: one-sided structured preconditioning of each weight matrix.
+
+  For each matrix gradient ``G`` (``m x n``, preconditioned on its smaller
+  side; on the rows, the reduction axis, when ``m <= n``):
+
+  .. math::
+
+    M_t = b_1 M_{t-1} + (1-b_1) G_t, \quad
+    V_t = b_2 V_{t-1} + (1-b_2) G_t G_t^\top, \quad
+    U_t = V_t^{-1/2} M_t, \quad
+    \mathrm{update} = U_t \cdot \frac{r\sqrt{mn}}{\|U_t\|_F}
+
+  (``GᵀG`` and ``M_t V_t^{-1/2}`` for the columns), with ``r = graft_rms``.
+  With its defaults this is the official ASGO (infinity-stars/ASGO at
+  d3ef14b, ``optimizers/asgo.py``) step for step: ``V^{-1/2}`` by 10 steps
+  of the Polar Express iteration, recomputed every step, with the official
+  ``eps`` and decays; the tests compare it with a float64 port of that
+  code. (The bias corrections of ``M`` and ``V`` that this library applies
+  are scalars that the rescaling removes.) Where the root is not finite, the
+  official code's identity fallback is taken and counted in
+  ``fo.stats(state)['eigendecomposition_failures']``; a zero statistic
+  (dead units) gives a zero step, never NaN.
+
+  The factor goes through the library's factor pipeline, so FOAM's control
+  is one argument away: ``root_method='eigh', controller='foam'`` keeps a
+  cached eigenbasis of ``V`` and refreshes it only when FOAM's staleness
+  proxy asks, with its adaptive damping (set ``check_frequency``, e.g. 20).
+  Vectors and scalars get their momentum rescaled to RMS `graft_rms`; the
+  official runs train them (and embeddings) with Adam instead, which
+  `fo.partition` reproduces (see the README).
+
+  Args:
+    <<arguments>>
+
+  Example:
+    >>> import jax.numpy as jnp, foam_optax as fo
+    >>> state = fo.scale_by_asgo().init({'w': jnp.zeros((8, 4))})
+
+  References:
+    An, Liu, Pan, Ren, Ma, Goldfarb and Zhang, ASGO: Adaptive Structured
+    Gradient Optimization, NeurIPS 2025. arXiv:2503.20762.
+
+    Amsel, Persson, Musco and Gower, The Polar Express: Optimal Matrix Sign
+    Methods and Their Application to the Muon Algorithm, 2025.
+    arXiv:2505.16932.
+  """
+  return from_config(signatures.config_for("asgo", arguments))
+
+
+@signatures.optimizer_function("asgo", alias=True)
+def asgo(**arguments) -> optax.GradientTransformationExtraArgs:
+  """ASGO (`scale_by_asgo`) with decoupled weight decay and learning rate.
+
+  ``p ← p·(1 - lr·wd) - lr·update``, as the official optimizer; its
+  ``weight_decay`` default is the official 0.1.
+
+  Args:
+    <<arguments>>
+
+  Example:
+    >>> import optax, foam_optax as fo
+    >>> opt = fo.partition(fo.asgo(1e-2), optax.adam(1e-2, b2=0.95))
+  """
+  return _alias("asgo", scale_by_asgo, arguments)

@@ -107,6 +107,20 @@ def validate(cfg: Config, names: Mapping[str, str] = None) -> Config:
   if cfg.merge_dims and cfg.tensor_shaping != "per_dimension":
     raise ValueError(f"{name('merge_dims')}=True needs "
                      f"{name('tensor_shaping')}='per_dimension'.")
+  if cfg.root_method != "eigh":
+    # The iterations compute X = A^(-1/2) directly, with no eigenbasis for
+    # a controller to measure or for Adam to run in.
+    needs = {"controller": "stale", "preconditioner": "root_inverse",
+             "cache_inverse_root": True}
+    for field, needed in needs.items():
+      if getattr(cfg, field) != needed:
+        raise ValueError(
+            f"{name('root_method')}={cfg.root_method!r} needs "
+            f"{name(field)}={needed!r}, got {getattr(cfg, field)!r}.")
+    if checks.known(cfg.exponent) not in (None, 2.0):
+      raise ValueError(f"{name('root_method')}={cfg.root_method!r} computes "
+                       f"inverse square roots: it needs {name('exponent')}=2, "
+                       f"got {cfg.exponent!r}.")
   first_check = checks.known(cfg.first_check_step)
   if cfg.init_only_first_step and first_check not in (None, 1):
     # The first step computes every first basis: it is the first check.

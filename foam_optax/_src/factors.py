@@ -210,7 +210,14 @@ def _commit_one(fs: FactorStack, decision: Decision,
       checks=fs.checks + 1,
       refreshes=fs.refreshes + success.astype(jnp.int32),
       failures=fs.failures + failure.astype(jnp.int32))
-  if fs.inverse_root is not None:
+  if fresh.inverse_root is not None:
+    # An iterative root (ASGO's): the fresh X, or on failure the identity,
+    # as ASGO's official code falls back to.
+    eye = jnp.eye(fresh.inverse_root.shape[-1], dtype=fs.inverse_root.dtype)
+    new = new._replace(inverse_root=jnp.where(
+        success, fresh.inverse_root, jnp.where(failure, eye,
+                                               fs.inverse_root)))
+  elif fs.inverse_root is not None:
     # Cached so that every step applies X with two products instead of four;
     # rebuilt (one m³ product) only when the check changed what X is made
     # of.

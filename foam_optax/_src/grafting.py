@@ -3,7 +3,9 @@
 The preconditioned direction fixes the *direction* of each block's step; the
 grafting optimizer fixes its *size*: ``P · ‖a‖_F / (‖P‖_F + tiny)``. Leaves
 that are not preconditioned (and every leaf before the first check step) use
-the grafting direction `a` itself.
+the grafting direction `a` itself. ``grafting='rms'`` (ASGO's rescaling)
+fixes the size instead: every block, and every leaf's momentum, gets the
+entries' RMS ``graft_rms``, i.e. the norm ``graft_rms·√(size)``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def direction(second_moment, grad, momentum, step, cfg: Config):
 
   `momentum` is the bias-corrected `M_t` shared with the preconditioner.
   """
+  if cfg.grafting == "rms":
+    return with_rms(momentum[None], cfg.graft_rms)[0], second_moment
   if cfg.grafting not in USES_SECOND_MOMENT:   # 'sgd' and 'none'
     return momentum, second_moment
   return adam_direction(second_moment, grad, momentum, step, cfg.graft_b2,
@@ -37,11 +41,20 @@ def direction(second_moment, grad, momentum, step, cfg: Config):
 
 
 def _frobenius_norms(x):
-  """Per block of a (k, m, n) stack, scaled by the largest entry first so
-  that the squares cannot overflow."""
-  peak = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
+  """Per entry of the leading axis, over the others, scaled by the largest
+  entry first so that the squares cannot overflow."""
+  axes = tuple(range(1, x.ndim))
+  peak = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
   peak = jnp.where(peak > 0, peak, 1.0)
-  return peak * jnp.sqrt(jnp.sum((x / peak) ** 2, axis=(1, 2), keepdims=True))
+  return peak * jnp.sqrt(jnp.sum((x / peak) ** 2, axis=axes, keepdims=True))
+
+
+def with_rms(x, rms):
+  """Each entry of the leading axis rescaled to the entries' RMS `rms`
+  (zero stays zero)."""
+  size = x[0].size
+  target = jnp.asarray(rms, x.dtype) * jnp.sqrt(jnp.asarray(size, x.dtype))
+  return x * (target / (_frobenius_norms(x) + jnp.finfo(x.dtype).tiny))
 
 
 def match_norms(blocks, reference):
@@ -52,8 +65,16 @@ def match_norms(blocks, reference):
                    (_frobenius_norms(blocks) + tiny))
 
 
+def borrows_norm(cfg: Config) -> bool:
+  """Whether a block's step takes its norm from the grafting direction
+  (else: fixed by ``'rms'``, or no rescaling, or Adam in the eigenbasis)."""
+  return not (cfg.eigenvalue_corrected or cfg.grafting in ("rms", "none"))
+
+
 def rescale(blocks, graft_blocks, cfg: Config):
   """Give each (m, n) block of a (k, m, n) stack its grafting norm."""
   if cfg.grafting == "none":
     return blocks
+  if cfg.grafting == "rms":
+    return with_rms(blocks, cfg.graft_rms)
   return match_norms(blocks, graft_blocks)

@@ -31,14 +31,14 @@ def _layout(path, shape, dimension_numbers, cfg: Config) -> shaping.LeafLayout:
                      f"{jax.tree_util.keystr(path)}: {e}") from e
 
 
-def _dimension_numbers(params, num_leaves, cfg: Config) -> list:
+def dimension_numbers(spec, params) -> list:
   """Each leaf's dimension numbers (None: the default reshaping).
 
-  `cfg.weight_dimension_numbers` is None, a pytree that is a prefix of the
-  parameters with dimension numbers or None at its leaves, or a callable of
-  the parameters returning one.
+  `spec` (``weight_dimension_numbers``) is None, a pytree that is a prefix
+  of the parameters with dimension numbers or None at its leaves, or a
+  callable of the parameters returning one.
   """
-  spec = cfg.weight_dimension_numbers
+  num_leaves = len(jax.tree.leaves(params))
   if callable(spec):
     spec = spec(params)
   if spec is None:
@@ -173,9 +173,9 @@ def init(params, cfg: Config) -> ScaleByFoamState:
   _refuse_bucket_on_a_mesh(plan, cfg)
   if _is_params_placeholder(params):   # has no leaves
     return _placeholder_state(params, cfg, plan)
-  dimension_numbers = _dimension_numbers(params, len(leaves), cfg)
   both = [_layouts(path, jnp.shape(p), dims, cfg) for (path, p), dims in
-          zip(paths_and_leaves, dimension_numbers)]
+          zip(paths_and_leaves,
+              dimension_numbers(cfg.weight_dimension_numbers, params))]
   layouts = [lay for lay, _ in both]
   tensor_layouts = [tensor for _, tensor in both]
   classes = shaping.block_classes(layouts)

@@ -128,7 +128,7 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
   slot_maps = distribution.slot_maps(classes, plan.num_shards)
   stacks = tuple(
       blocks.ClassBlocks(*(
-          None if field == "graft_dir" and cfg.eigenvalue_corrected
+          None if field == "graft_dir" and not grafting.borrows_norm(cfg)
           else class_stack([getattr(ls, field) for ls in leaf_steps], layouts,
                            cls, slots)
           for field in ("grad", "corrected", "graft_dir")))

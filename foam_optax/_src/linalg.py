@@ -157,3 +157,63 @@ def gram_right(blocks):
 def stat_dtype():
   """float32, or float64 when x64 is enabled."""
   return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+# The Polar Express polynomials (Amsel et al., 2025) as ASGO's official code
+# lists them, each (a, b, c) of p(x) = a·x + b·x³ + c·x⁵; every one but the
+# last is divided by its safety factor (1.01, 1.01³, 1.01⁵), and the last
+# repeats once the list is used up.
+_POLAR_EXPRESS = tuple(
+    (a / 1.01, b / 1.01 ** 3, c / 1.01 ** 5) for a, b, c in (
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    )) + ((1.875, -1.25, 0.375),)
+
+# The Newton–Schulz polynomial of ASGO's official alternative: a = 2,
+# b = -3/2, c = 1/2.
+_NEWTON_SCHULZ = (2.0, -1.5, 0.5)
+
+
+def _coupled_inverse_sqrt(scaled, coefficients):
+  """Z ≈ Y^(-1/2) from the coupled iteration ``ZY = Z·Y``, ``B = b·ZY +
+  c·(ZY)²``, ``Y ← a·Y + Y·B``, ``Z ← a·Z + B·Z`` on a normalised Y."""
+  eye = jnp.eye(scaled.shape[-1], dtype=scaled.dtype)
+
+  def body(carry, abc):
+    y, z = carry
+    a, b, c = abc
+    zy = matmul(z, y)
+    poly = b * zy + c * matmul(zy, zy)
+    return (a * y + matmul(y, poly), a * z + matmul(poly, z)), None
+
+  (_, z), _ = lax.scan(body, (scaled, eye),
+                       jnp.asarray(coefficients, scaled.dtype))
+  return z
+
+
+def polar_express_inverse_sqrt(factor, epsilon, iterations=10):
+  """A^(-1/2) by ASGO's Polar Express iteration, as its official code:
+  ``Y = A / n`` with ``n = 1.01·‖A + εI‖_F``, `iterations` coupled steps
+  with the Polar Express polynomials, then ``Z / √n``. No eigendecomposition:
+  matrix products only."""
+  eye = jnp.eye(factor.shape[-1], dtype=factor.dtype)
+  norm = jnp.linalg.norm(factor + epsilon * eye) * 1.01
+  steps = [_POLAR_EXPRESS[min(i, len(_POLAR_EXPRESS) - 1)]
+           for i in range(iterations)]
+  return _coupled_inverse_sqrt(factor / norm, steps) / jnp.sqrt(norm)
+
+
+def newton_schulz_inverse_sqrt(factor, epsilon, iterations=10):
+  """A^(-1/2) by ASGO's official Newton–Schulz alternative:
+  ``Y = (A + εI) / (‖A‖_F + ε)``, `iterations` coupled steps with ``(a, b,
+  c) = (2, -3/2, 1/2)``, then ``Z / √‖A‖_F``."""
+  eye = jnp.eye(factor.shape[-1], dtype=factor.dtype)
+  norm = jnp.linalg.norm(factor)
+  scaled = (factor + epsilon * eye) / (norm + epsilon)
+  return (_coupled_inverse_sqrt(scaled, [_NEWTON_SCHULZ] * iterations)
+          / jnp.sqrt(norm))

@@ -21,7 +21,7 @@ import optax
 from foam_optax._src import checks
 from foam_optax._src import controllers
 
-Grafting = Literal["adam", "rmsprop", "sgd", "none"]
+Grafting = Literal["adam", "rmsprop", "sgd", "rms", "none"]
 Preconditioner = Literal["root_inverse", "eigenvalue_corrected"]
 RefreshMethod = Literal["eigh", "power_qr"]
 RefreshBatching = Literal["map", "bucket"]
@@ -30,6 +30,7 @@ RotationBasis = Literal["updated", "previous"]
 FirstStep = Literal["update", "init_only"]
 TensorShaping = Literal["matrix", "per_dimension"]
 RootDamping = Literal["controller", "epsilon"]
+RootMethod = Literal["eigh", "polar_express", "newton_schulz"]
 MaskOrFn = Optional[Any]
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +68,22 @@ _NON_NEGATIVE = checks.in_range(0.0, math.inf)
 
 OPTIONS = (
     Option("b1", float, 0.95, "momentum decay (0 disables momentum).", _UNIT,
-           docs={"soap": "Adam's momentum decay."}),
+           defaults={"asgo": 0.9}, docs={"soap": "Adam's momentum decay."}),
     Option("b2", float, 0.995,
            "decay of the factor statistics (and, in eigenvalue-corrected "
            "mode, of Adam's second moment, in the eigenbasis and for the "
-           "leaves without a factor).", _UNIT, defaults={"soap": 0.95},
+           "leaves without a factor).", _UNIT,
+           defaults={"soap": 0.95, "asgo": 0.8},
            docs={"soap": "Adam's second-moment decay, also the decay of the "
                          "factor statistics."}),
     Option("epsilon", float, 1e-9, "base damping ``ε0``.", _POSITIVE,
-           public={"soap": "controller_epsilon"},
+           public={"soap": "controller_epsilon"}, defaults={"asgo": 1e-10},
            docs={"soap": "the FOAM controllers' base damping (not Adam's "
-                         "epsilon)."}),
+                         "epsilon).",
+                 "asgo": "``ε``: with the iterative roots, the ``εI`` in "
+                         "their normalisation ``1.01·‖V + εI‖_F`` (ASGO's "
+                         "``eps``); with ``root_method='eigh'``, the base "
+                         "damping ``ε0`` of ``(V + ε)^{-1/2}``."}),
     Option("max_epsilon", float, 3e-7,
            "damping cap ``ε_max``; beyond it a fresh basis is computed.",
            _POSITIVE),
@@ -85,7 +91,7 @@ OPTIONS = (
            _POSITIVE),
     Option("check_frequency", int, 20,
            "``f``, steps between checks of a factor.", checks.integer(1),
-           defaults={"soap": 10}),
+           defaults={"soap": 10, "asgo": 1}),
     Option("exponent", float, 2,
            "``p`` of the inverse root ``(A + ε)^{-1/p}``; 2 as in the FOAM "
            "paper, 4 for classic Shampoo.", _POSITIVE,
@@ -95,7 +101,7 @@ OPTIONS = (
     Option("block_size", Optional[int], 1024,
            "largest block side; None for no blocking.",
            checks.integer(1, allow_none=True), static=True,
-           defaults={"soap": None}),
+           defaults={"soap": None, "asgo": None}),
     Option("max_precond_dim", Optional[int], None,
            "a matrix side (SOAP: a dimension) longer than this gets no "
            "factor (identity); None for no limit.",
@@ -134,12 +140,19 @@ OPTIONS = (
     Option("start_preconditioning_step", Optional[int], None,
            "``s0``, the first check step; before it only the grafting "
            "optimizer steps. Defaults to ``check_frequency``.",
-           checks.integer(1, allow_none=True), defaults={"soap": 1}),
+           checks.integer(1, allow_none=True),
+           defaults={"soap": 1, "asgo": 1}),
     Option("grafting", Grafting, "adam",
-           "``'adam'``, ``'rmsprop'``, ``'sgd'`` or ``'none'``: the "
-           "optimizer whose per-block step norm the preconditioned "
-           "direction takes (and that steps the leaves without a factor).",
+           "``'adam'``, ``'rmsprop'``, ``'sgd'``, ``'rms'`` or ``'none'``: "
+           "the optimizer whose per-block step norm the preconditioned "
+           "direction takes (and that steps the leaves without a factor); "
+           "``'rms'`` gives every block the Frobenius norm "
+           "``graft_rms·√(m·n)`` (entries of RMS `graft_rms`), as ASGO.",
            _literal(Grafting)),
+    Option("graft_rms", float, 0.2,
+           "the RMS of each block's step with ``grafting='rms'``.", _POSITIVE,
+           docs={"asgo": "the RMS of each matrix's step: ‖U‖_F = "
+                         "graft_rms·√(m·n)."}),
     Option("graft_b2", float, 0.995,
            "second-moment decay of the grafting optimizer (root-inverse "
            "mode; in eigenvalue-corrected mode Adam decays with `b2`).",
@@ -157,7 +170,7 @@ OPTIONS = (
            "``'residual'``, or any name given to "
            "`foam_optax.controllers.register`.",
            checks.choice(lambda: controllers.CONTROLLERS),
-           defaults={"soap": "stale"}),
+           defaults={"soap": "stale", "asgo": "stale"}),
     Option("residual_tol", float, 0.1,
            "relative off-diagonal tolerance of ``controller='residual'``.",
            checks.in_range(0.0, 1.0)),
@@ -251,6 +264,17 @@ OPTIONS = (
     Option("proxy_probes", int, 16,
            "number of probe vectors of ``proxy='sketch'``.",
            checks.integer(1), static=True),
+    Option("root_method", RootMethod, "eigh",
+           "how the inverse roots X are computed: ``'eigh'``, from the "
+           "cached eigendecomposition (which the controller decides when to "
+           "refresh); or ``'polar_express'`` / ``'newton_schulz'``, ASGO's "
+           "iterations of matrix products, recomputed at every refresh with "
+           "no eigenbasis (for the ``'stale'`` controller and the exponent "
+           "2 only).", _literal(RootMethod),
+           defaults={"asgo": "polar_express"}),
+    Option("root_iterations", int, 10,
+           "iterations of ``root_method='polar_express'`` or "
+           "``'newton_schulz'``.", checks.integer(1)),
     Option("root_damping", RootDamping, "controller",
            "the damping the inverse roots X are built with: "
            "``'controller'`` (the controller's, FOAM's adaptive one) or "
@@ -266,7 +290,7 @@ BY_NAME = {option.name: option for option in OPTIONS}
 ALIAS_OPTIONS = (
     Option("weight_decay", float, 0.0,
            "decoupled weight decay (multiplied by the learning rate).",
-           _NON_NEGATIVE, defaults={"soap": 0.01}),
+           _NON_NEGATIVE, defaults={"soap": 0.01, "asgo": 0.1}),
     Option("weight_decay_mask", MaskOrFn, None,
            "pytree of bools or a callable of the params choosing the leaves "
            "that decay; None decays all."),
@@ -310,11 +334,21 @@ EXPOSED = {
         "max_consecutive_skips", "mu_dtype", "second_moment_dtype",
         "factor_matrix_dtype", "factor_matrix_eigenvectors_dtype",
         "weight_dimension_numbers", "proxy", "proxy_probes"),
+    "asgo": (
+        "b1", "b2", "epsilon", "root_method", "root_iterations", "graft_rms",
+        "controller", "max_epsilon", "threshold", "check_frequency",
+        "start_preconditioning_step", "block_size", "max_precond_dim",
+        "residual_tol", "stagger", "statistics_compute_steps",
+        "refresh_batching", "skip_nonfinite", "max_consecutive_skips",
+        "mu_dtype", "factor_matrix_dtype", "factor_matrix_eigenvectors_dtype",
+        "inv_factor_matrix_dtype", "pseudo_inverse_rtol",
+        "weight_dimension_numbers", "proxy", "proxy_probes"),
 }
 
 EXPOSED_BY_ALIAS = {
     "foam": ("weight_decay", "weight_decay_mask"),
     "shampoo": ("weight_decay", "weight_decay_mask"),
+    "asgo": ("weight_decay", "weight_decay_mask"),
     "soap": ("weight_decay", "weight_decay_mask", "decay_after_update"),
 }
 
@@ -336,6 +370,7 @@ FIXED = {
     "foam": {},
     "shampoo": {"controller": "stale", "max_epsilon": _shampoo_cap},
     "soap": {"preconditioner": "eigenvalue_corrected", "grafting": "adam"},
+    "asgo": {"one_sided": True, "grafting": "rms", "exponent": 2},
 }
 
 

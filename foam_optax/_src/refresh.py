@@ -32,12 +32,28 @@ from foam_optax._src.config import Config
 
 
 class Refresh(NamedTuple):
-  """A fresh basis of one factor (or of each factor of a stack)."""
+  """A fresh basis of one factor (or of each factor of a stack); with an
+  iterative ``root_method``, a fresh inverse root and no basis."""
 
   basis: jax.Array
   eigvals: jax.Array
   order: jax.Array   # permutation of the basis columns (for rotated moments)
   ok: jax.Array
+  inverse_root: Optional[jax.Array] = None
+
+
+_ITERATIVE_ROOTS = {"polar_express": linalg.polar_express_inverse_sqrt,
+                    "newton_schulz": linalg.newton_schulz_inverse_sqrt}
+
+
+def _by_iteration(factor, cfg: Config) -> Refresh:
+  """X = A^(-1/2) by ASGO's iterations; the basis stays the identity."""
+  root = _ITERATIVE_ROOTS[cfg.root_method](factor, cfg.epsilon,
+                                           cfg.root_iterations)
+  size = factor.shape[-1]
+  return Refresh(jnp.eye(size, dtype=factor.dtype),
+                 jnp.zeros((size,), factor.dtype), jnp.arange(size),
+                 linalg.arrays_finite(root), root)
 
 
 def _by_eigh(factor) -> Refresh:
@@ -50,7 +66,9 @@ def _by_power_qr(factor, basis) -> Refresh:
 
 
 def _compute(factor, basis, first, cfg: Config) -> Refresh:
-  """The expensive part: a fresh basis for one factor."""
+  """The expensive part: a fresh basis (or inverse root) for one factor."""
+  if cfg.root_method != "eigh":
+    return _by_iteration(factor, cfg)
   if cfg.refresh_method == "eigh":
     return _by_eigh(factor)
   # The first basis of every factor is a full eigendecomposition.
@@ -66,6 +84,8 @@ def _compute_stack(factors, basis, first, cfg: Config) -> Refresh:
   Power-QR stacks run the batched `eigh` only when some member does (at
   `s0`, or after a failed first decomposition), never on ordinary checks.
   """
+  if cfg.root_method != "eigh":
+    return jax.vmap(lambda factor: _by_iteration(factor, cfg))(factors)
   by_eigh = lambda: jax.vmap(_by_eigh)(factors)
   if cfg.refresh_method == "eigh":
     return by_eigh()
@@ -80,10 +100,12 @@ def _compute_stack(factors, basis, first, cfg: Config) -> Refresh:
   return lax.cond(jnp.any(first), mixed, by_power_qr)
 
 
-def _placeholder(size, dtype) -> Refresh:
+def _placeholder(size, dtype, cfg: Config) -> Refresh:
   """Stands in for a refresh that was not computed (never committed)."""
-  return Refresh(jnp.eye(size, dtype=dtype), jnp.zeros((size,), dtype),
-                 jnp.arange(size), jnp.asarray(False))
+  eye = jnp.eye(size, dtype=dtype)
+  return Refresh(eye, jnp.zeros((size,), dtype), jnp.arange(size),
+                 jnp.asarray(False),
+                 None if cfg.root_method == "eigh" else eye)
 
 
 def _local(fs, need, correction, cfg: Config) -> Refresh:
@@ -93,14 +115,14 @@ def _local(fs, need, correction, cfg: Config) -> Refresh:
   if cfg.refresh_batching == "bucket":
     stack = lambda: _compute_stack(fs.statistic / correction, fs.basis,
                                    first & need, cfg)
-    return lax.cond(jnp.any(need), stack,
-                    lambda: jax.vmap(lambda _: _placeholder(size, dtype))(need))
+    none = lambda: jax.vmap(lambda _: _placeholder(size, dtype, cfg))(need)
+    return lax.cond(jnp.any(need), stack, none)
 
   def one(args):
     statistic, basis, first1, need1 = args
     return lax.cond(
         need1, lambda: _compute(statistic / correction, basis, first1, cfg),
-        lambda: _placeholder(size, dtype))
+        lambda: _placeholder(size, dtype, cfg))
   return lax.map(one, (fs.statistic, fs.basis, first, need))
 
 
@@ -137,7 +159,7 @@ def _rebalanced(fs, need_all, offset, correction, cfg: Config,
     return lax.cond(
         valid1,
         lambda: _compute(statistics[i] / correction, basis, first[i], cfg),
-        lambda: _placeholder(size, dtype))
+        lambda: _placeholder(size, dtype, cfg))
   results = jax.tree.map(gather, lax.map(one, (index, valid)))
   index, valid = gather(index), gather(valid)
   # source[g]: the row of `results` holding factor g's refresh.
@@ -195,7 +217,7 @@ def refresh(fs, need, correction, cfg: Config, plan,
     stack_requests: on a mesh, the stack's `Requests` (see `requests`).
   """
   size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype
-  none = lambda: jax.vmap(lambda _: _placeholder(size, dtype))(need)
+  none = lambda: jax.vmap(lambda _: _placeholder(size, dtype, cfg))(need)
   local = lambda: _local(fs, need, correction, cfg)
   if not plan.distributed:
     return lax.cond(jnp.any(need), local, none)
