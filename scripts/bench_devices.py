@@ -147,7 +147,9 @@ def run_sharded(tx, loss, params, batches, mesh, layout, use_set_mesh):
     step = jax.jit(make_step(tx, loss), in_shardings=(p_shard, s_shard, None),
                    out_shardings=(p_shard, s_shard))
     for i in range(batches[0].shape[0]):
-      params, state = step(params, state, (batches[0][i], batches[1][i]))
+      # Each step completes before the next: see docs/multi_device.md.
+      params, state = jax.block_until_ready(
+          step(params, state, (batches[0][i], batches[1][i])))
     kept = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
         jax.tree.leaves(state), jax.tree.leaves(s_shard)))
     stats = {k: float(v) for k, v in jax.jit(fo.stats)(state).items()}
@@ -184,6 +186,10 @@ OPTIMIZERS = {
                                       check_frequency=3, stagger=False),
     "soap": lambda eps: fo.soap(3e-3, block_size=16, check_frequency=3,
                                 stagger=False),
+    "foam_one_sided": lambda eps: fo.foam(
+        2e-2, epsilon=eps, max_epsilon=30 * eps, block_size=16,
+        check_frequency=3, stagger=False, one_sided=True),
+    "asgo": lambda eps: fo.asgo(2e-2, block_size=16),
 }
 
 # (optimizer, mesh, parameter layout) run by --quick.
@@ -192,7 +198,9 @@ QUICK = {("foam", "make_mesh", "replicated"),
          ("foam", "Mesh_auto", "fsdp"),
          ("foam", "make_mesh_2d", "replicated"),
          ("shampoo", "make_mesh", "fsdp"),
-         ("soap", "make_mesh", "replicated")}
+         ("soap", "make_mesh", "replicated"),
+         ("foam_one_sided", "make_mesh", "fsdp"),
+         ("asgo", "Mesh_auto", "replicated")}
 
 
 def meshes(n):

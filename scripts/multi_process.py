@@ -63,7 +63,9 @@ def _train(params, data, tx, shardings=None):
     step = jax.jit(step, in_shardings=(p_shard, s_shard, None, None),
                    out_shardings=(p_shard, s_shard))
   for i in range(STEPS):
-    params, state = step(params, state, data[0][i], data[1][i])
+    # Each step completes before the next: see docs/multi_device.md.
+    params, state = jax.block_until_ready(
+        step(params, state, data[0][i], data[1][i]))
   return params, state
 
 

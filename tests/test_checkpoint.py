@@ -62,7 +62,8 @@ def _params_uneven():
 
 def _run(params, state, steps, step=_step):
   for _ in range(steps):
-    params, state = step(params, state)
+    # Each step completes before the next (host devices' collectives).
+    params, state = jax.block_until_ready(step(params, state))
   return params, state
 
 

@@ -236,7 +236,7 @@ _MESH_SCRIPT = textwrap.dedent("""
       return optax.apply_updates(p, updates), s
     p1, s1 = params, tx.init(params)
     for _ in range(9):
-      p1, s1 = step(p1, s1)
+      p1, s1 = jax.block_until_ready(step(p1, s1))
     p_shard = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
     with jax.set_mesh(mesh):
       shard = fo.state_sharding(jax.eval_shape(tx.init, params), params,
@@ -244,7 +244,7 @@ _MESH_SCRIPT = textwrap.dedent("""
       p8 = jax.device_put(params, p_shard)
       s8 = jax.jit(tx.init, out_shardings=shard)(params)
       for _ in range(9):
-        p8, s8 = step(p8, s8)
+        p8, s8 = jax.block_until_ready(step(p8, s8))
     one, eight = fo.stats(s1), fo.stats(s8)
     print(json.dumps({
         "evds": [int(one["eigendecompositions"]),
