@@ -194,3 +194,38 @@ def test_one_sided_foam_is_asgo_with_foams_refresh():
   assert 1 <= int(stats["eigendecompositions"]) < 9
   rms = float(jnp.sqrt(jnp.mean(updates["w"] ** 2)))
   assert rms == pytest.approx(1e-2 * 0.2, rel=1e-3)
+
+
+@pytest.mark.parametrize("make,needed", [
+    (lambda: fo.foam(1e-3, root_method="polar_express"), "controller"),
+    (lambda: fo.scale_by_shampoo(root_method="newton_schulz", exponent=4),
+     "exponent"),
+    (lambda: fo.scale_by_asgo(controller="foam"), "controller"),
+    (lambda: fo.shampoo(1e-3, root_method="polar_express",
+                        cache_inverse_root=False), "cache_inverse_root"),
+])
+def test_iterative_roots_refuse_what_needs_an_eigenbasis(make, needed):
+  with pytest.raises(ValueError, match=f"^root_method=.*{needed}"):
+    make()
+
+
+def test_shampoo_with_polar_express_roots_matches_eigh_roots():
+  """Shampoo's own option: the inverse roots by Polar Express instead of
+  eigh give the same preconditioned step once both factors have full rank
+  (on a rank-deficient factor the iteration leaves near-null directions
+  amplified by about 1e5, eigh by ``ε^(-1/2)``: a one-sided factor on the
+  smaller side, as ASGO's, has full rank)."""
+  rng = np.random.default_rng(0)
+  grads = [jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
+           for _ in range(4)]
+  steps = {}
+  for method in ("eigh", "polar_express"):
+    tx = fo.scale_by_shampoo(root_method=method, check_frequency=1,
+                             start_preconditioning_step=1, epsilon=1e-6,
+                             grafting="none", b1=0.0)
+    state = tx.init(grads[0])
+    for g in grads:
+      update, state = tx.update(g, state)
+    steps[method] = np.asarray(update)
+  np.testing.assert_allclose(steps["polar_express"], steps["eigh"],
+                             rtol=1e-3, atol=1e-4)

@@ -20,8 +20,10 @@ FACTORIES = {
     "scale_by_foam": fo.scale_by_foam,
     "scale_by_shampoo": fo.scale_by_shampoo,
     "scale_by_soap": fo.scale_by_soap,
+    "asgo": fo.asgo,
+    "scale_by_asgo": fo.scale_by_asgo,
 }
-NEEDS_LR = ("foam", "shampoo", "soap")
+NEEDS_LR = ("foam", "shampoo", "soap", "asgo")
 
 UNIT = r"\[0\.0, 1\.0\)"
 POSITIVE = r"\(0\.0, inf\)"
@@ -63,6 +65,8 @@ CASES = [
     ("refresh_batching", "vmap", r"one of \("),
     ("proxy", "hutchinson", r"one of \("),
     ("root_damping", "zero", r"one of \("),
+    ("root_method", "svd", r"one of \("), ("root_iterations", 0, INT1),
+    ("graft_rms", 0.0, POSITIVE), ("graft_rms", -0.2, POSITIVE),
     ("proxy_probes", 0, INT1), ("proxy_probes", 4.5, INT1),
     ("precondition_1d", "yes", "a bool"),
     ("stagger", 1, "a bool"), ("one_sided", "yes", "a bool"),

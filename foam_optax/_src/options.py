@@ -310,18 +310,19 @@ LEARNING_RATE = Option("learning_rate", optax.ScalarOrSchedule, None,
 _SHAMPOO = (
     "b1", "b2", "epsilon", "check_frequency", "exponent", "block_size",
     "max_precond_dim", "start_preconditioning_step", "grafting", "graft_b2",
-    "adam_eps", "precondition_1d", "stagger", "statistics_compute_steps",
+    "adam_eps", "graft_rms", "precondition_1d", "stagger", "statistics_compute_steps",
     "one_sided", "refresh_batching", "skip_nonfinite",
     "max_consecutive_skips",
     "mu_dtype", "second_moment_dtype", "factor_matrix_dtype",
     "factor_matrix_eigenvectors_dtype", "inv_factor_matrix_dtype",
-    "pseudo_inverse_rtol", "weight_dimension_numbers", "cache_inverse_root")
+    "pseudo_inverse_rtol", "weight_dimension_numbers", "cache_inverse_root",
+    "root_method", "root_iterations")
 
 # Per optimizer, the options its functions take, in signature order.
 EXPOSED = {
-    "foam": _SHAMPOO[:3] + ("max_epsilon", "threshold") + _SHAMPOO[3:11] + (
+    "foam": _SHAMPOO[:3] + ("max_epsilon", "threshold") + _SHAMPOO[3:12] + (
         "controller", "residual_tol", "precondition_1d", "preconditioner",
-        "refresh_method") + _SHAMPOO[12:] + ("proxy", "proxy_probes",
+        "refresh_method") + _SHAMPOO[13:] + ("proxy", "proxy_probes",
                                              "root_damping"),
     "shampoo": _SHAMPOO,
     "soap": (

@@ -102,7 +102,7 @@ def optimizer_function(optimizer: str, alias: bool = False):
 
 # --- README tables ------------------------------------------------------------
 
-_ALIASES = ("foam", "shampoo", "soap")
+_ALIASES = ("foam", "shampoo", "soap", "asgo")
 # optax.adamw's names for the arguments it shares with the aliases.
 _ADAMW = {"b1": "b1", "b2": "b2", "epsilon": "eps", "weight_decay":
           "weight_decay", "mu_dtype": "mu_dtype"}
@@ -124,8 +124,8 @@ def _argument_rows() -> list:
 def defaults_table() -> str:
   """The README's side-by-side defaults of the aliases and optax.adamw."""
   adamw = inspect.signature(optax.adamw).parameters
-  lines = ["| argument | `fo.foam` | `fo.shampoo` | `fo.soap` | `optax.adamw` |",
-           "|---|---|---|---|---|"]
+  lines = ["| argument | " + " | ".join(f"`fo.{o}`" for o in _ALIASES)
+           + " | `optax.adamw` |", "|---" * (len(_ALIASES) + 2) + "|"]
   for name in _argument_rows():
     cells = []
     for optimizer in _ALIASES:
