@@ -15,11 +15,8 @@ import os
 import sys
 
 if "jax" not in sys.modules:
-  # 8 CPU devices, and a 600 s wait for a late device thread in XLA's CPU
-  # collectives (it aborts after 40 s on a loaded machine otherwise).
-  os.environ.setdefault(
-      "XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+  os.environ.setdefault("XLA_FLAGS",
+                        "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

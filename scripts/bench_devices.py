@@ -55,11 +55,8 @@ def _parse():
 
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None and "jax" not in sys.modules:
-  # A late device thread would abort XLA's CPU collectives after 40 s on a
-  # loaded machine: wait up to 600 s instead.
   os.environ.setdefault(
-      "XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices} "
-      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+      "XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

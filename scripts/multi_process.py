@@ -71,8 +71,7 @@ def _train(params, data, tx, shardings=None):
 
 def worker(process_id, port, out):
   os.environ["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
-      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+      f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", num_processes=PROCESSES,
