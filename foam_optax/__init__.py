@@ -9,11 +9,15 @@ from foam_optax._src.alias import scale_by_shampoo
 from foam_optax._src.alias import scale_by_soap
 from foam_optax._src.alias import shampoo
 from foam_optax._src.alias import soap
+from foam_optax._src.bias_corrected_adamw import bias_corrected_adamw
+from foam_optax._src.bias_corrected_adamw import scale_by_bias_corrected_adam
+from foam_optax._src.bias_corrected_adamw import ScaleByBiasCorrectedAdamState
 from foam_optax._src.dasgo import dasgo
 from foam_optax._src.dasgo import scale_by_dasgo
 from foam_optax._src.dasgo import ScaleByDasgoState
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorStack
+from foam_optax._src.microbatches import microbatch_grads
 from foam_optax._src.partition import partition
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.shaping import DimensionNumbers
@@ -38,9 +42,11 @@ __all__ = [
     "FactorStack",
     "FactorStackView",
     "LeafState",
+    "ScaleByBiasCorrectedAdamState",
     "ScaleByDasgoState",
     "ScaleByFoamState",
     "asgo",
+    "bias_corrected_adamw",
     "block_stacks",
     "controllers",
     "dasgo",
@@ -49,10 +55,12 @@ __all__ = [
     "find_states",
     "foam",
     "kernels",
+    "microbatch_grads",
     "partition",
     "precondition_labels",
     "relayout",
     "scale_by_asgo",
+    "scale_by_bias_corrected_adam",
     "scale_by_dasgo",
     "scale_by_foam",
     "scale_by_shampoo",

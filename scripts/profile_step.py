@@ -236,7 +236,7 @@ def part_timings(params, grads, repeats):
     return [stored_x(f) for f in facs]
 
   def graft_part(grad_leaves, data):
-    out = [linalg.adam_direction(jnp.zeros_like(g), g, g, 5, cfg.graft_b2,
+    out = [linalg.adam_direction(jnp.zeros_like(g), g * g, g, 5, cfg.graft_b2,
                                  cfg.graft_eps) for g in grad_leaves]
     out += [linalg.match_norms(b, b * 0.5) for b, _, _ in data]
     return out

@@ -27,12 +27,30 @@ from foam_optax._src.state import BlockClassState
 _SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
 
 
+def _side_samples(samples, side):
+  """(k, J, d, ·): the samples whose Grams build a side's statistic: the
+  blocks (left, ``G Gᵀ``) or their transposes (right, ``Gᵀ G``)."""
+  return samples if side == "left" else jnp.swapaxes(samples, -1, -2)
+
+
+def _statistic_term(blocks_c: "ClassBlocks", side, gram):
+  """This step's term of a side's statistic: the gradient's Gram, or the
+  mean Gram of the cross-fitting samples."""
+  if blocks_c.samples is None:
+    return gram(blocks_c.grad)
+  s = _side_samples(blocks_c.samples, side)
+  return jnp.einsum("kjde,kjfe->kdf", s, s,
+                    precision=linalg.HIGHEST) / s.shape[1]
+
+
 class ClassBlocks(NamedTuple):
   """One block class's (k, m, n) stacks of this step's per-block inputs."""
 
   grad: jax.Array
   momentum: jax.Array                 # bias-corrected M_t
   graft: Optional[jax.Array]          # grafting direction (root-inverse)
+  # (k, J, m, n) cross-fitting samples: the statistics' microbatches.
+  samples: Optional[jax.Array] = None
 
 
 def num_block_factors(classes) -> int:
@@ -80,7 +98,7 @@ def _direction(blocks: ClassBlocks, old: BlockClassState, left, right,
   moment = old.rotated_second_moment
   direction, moment = preconditioners.eigenvalue_corrected(
       blocks.grad, blocks.momentum, moment if previous else follow(moment),
-      *map(preconditioners.basis, rotating), adam_step, cfg)
+      *map(preconditioners.basis, rotating), adam_step, cfg, blocks.samples)
   if previous:
     moment = follow(moment)
   moment = _first_step_moment(step, old.rotated_second_moment, moment, cfg)
@@ -105,7 +123,7 @@ def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
     (per class the (k, m, n) preconditioned direction, new class states).
   """
   slot_maps = distribution.slot_maps(classes, plan.num_shards)
-  sides, stacks, ids, act, grads = [], [], [], [], []
+  sides, stacks, ids, act, terms = [], [], [], [], []
   first_id = 0   # id of the stack's first block (`_factor_ids`)
   for c, (cls, state, blocks_c) in enumerate(zip(classes, states, blocks)):
     for name, gram in _SIDES:
@@ -115,11 +133,14 @@ def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
         ids.append(_factor_ids(first_id, slot_maps[c], active[c].shape[0],
                                plan))
         act.append(active[c])
-        grads.append((gram, blocks_c.grad))
+        terms.append((blocks_c, name, gram))
         first_id += cls.count
+  samples = None
+  if cfg.bias_correction == "cross_fit_variance":
+    samples = lambda: [_side_samples(b.samples, name) for b, name, _ in terms]
   new_stacks, new_orders = factors.advance(
-      stacks, lambda: [gram(g) for gram, g in grads], ids, step, cfg, plan,
-      active=act)
+      stacks, lambda: [_statistic_term(*t) for t in terms], ids, step, cfg,
+      plan, active=act, samples=samples)
   new = [dict(left=None, right=None) for _ in states]
   orders = [dict(left=None, right=None) for _ in states]
   for (c, name), fs, order in zip(sides, new_stacks, new_orders):

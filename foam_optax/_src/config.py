@@ -121,6 +121,14 @@ def validate(cfg: Config, names: Mapping[str, str] = None) -> Config:
       raise ValueError(f"{name('root_method')}={cfg.root_method!r} computes "
                        f"inverse square roots: it needs {name('exponent')}=2, "
                        f"got {cfg.exponent!r}.")
+  if cfg.bias_correction == "cross_fit_variance" and (
+      cfg.eigenvalue_corrected or cfg.root_method != "eigh"):
+    # The correction acts on the weights of an eigendecomposition.
+    raise ValueError(
+        f"{name('bias_correction')}='cross_fit_variance' corrects the "
+        "weights of inverse roots from an eigendecomposition: it needs "
+        "preconditioner='root_inverse' and root_method='eigh'; use "
+        "'cross_fit' here.")
   first_check = checks.known(cfg.first_check_step)
   if cfg.init_only_first_step and first_check not in (None, 1):
     # The first step computes every first basis: it is the first check.

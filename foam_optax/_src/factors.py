@@ -52,6 +52,9 @@ class FactorStack(NamedTuple):
   # change it; None for eigenvalue-corrected preconditioning, which applies
   # Q itself, and with ``cache_inverse_root=False``.
   inverse_root: Optional[jax.Array] = None
+  # (k, m) variance of each eigenvalue's estimate, measured at the last
+  # refresh (``bias_correction='cross_fit_variance'``); else None.
+  variance: Optional[jax.Array] = None
 
 
 def storage_dtype(dtype):
@@ -72,6 +75,8 @@ def init_stack(count, size, phase, cfg: Config) -> FactorStack:
   damping = jnp.full((count,), cfg.epsilon, dtype)
   eigvals = jnp.zeros((count, size), dtype)
   inverse_root = None
+  variance = (jnp.zeros((count, size), dtype)
+              if cfg.bias_correction == "cross_fit_variance" else None)
   if cfg.cache_inverse_root and not cfg.eigenvalue_corrected:
     inverse_root = eye * linalg.inverse_root_weights(
         eigvals, cfg.root_damping_of(damping), cfg.exponent,
@@ -87,7 +92,7 @@ def init_stack(count, size, phase, cfg: Config) -> FactorStack:
       proxy=jnp.zeros((count,), dtype),
       phase=jnp.asarray(phase, jnp.int32),
       checks=zeros_i(), refreshes=zeros_i(), failures=zeros_i(),
-      inverse_root=inverse_root)
+      inverse_root=inverse_root, variance=variance)
 
 
 def uniform_phase(cfg: Config) -> int:
@@ -115,7 +120,9 @@ def is_statistics_step(step, cfg: Config):
 def bias_correction(step, cfg: Config, dtype):
   """``1 - b2^n``: the statistics' bias correction after the ``n =
   ceil(t / k)`` accumulations of steps ``1..t`` (``n = t`` when every step
-  accumulates, ``k = 1``)."""
+  accumulates, ``k = 1``); 1 with ``ema_bias_correction=False``."""
+  if not cfg.ema_bias_correction:
+    return jnp.ones((), dtype)
   k = jnp.asarray(cfg.statistics_compute_steps, jnp.int32)
   accumulations = (step + k - 1) // k
   return 1 - jnp.asarray(cfg.b2, dtype) ** accumulations
@@ -188,9 +195,31 @@ def decide(fs: FactorStack, checks, correction, cfg: Config,
                   lambda: _idle(fs))
 
 
+def eigenvalue_variance(basis, samples, correction, cfg: Config):
+  """Variance of each eigenvalue's estimate of the bias-corrected statistic,
+  from the spread of the microbatches' contributions along the basis.
+
+  `samples` is (J, m, ·): the J microbatches' blocks (or their transposes,
+  for a right factor), whose Grams ``S_j`` make up the statistic's new
+  term. Along eigenvector ``q_k`` microbatch ``j`` contributes
+  ``ℓ_jk = q_kᵀ S_j q_k = ‖(Qᵀ S_j)_k‖²``, so the estimate's variance is
+  ``(1-b2)²·s²_j(ℓ_jk) / J / c²`` (sample variance over the microbatches,
+  ``c`` the statistics' bias correction), as the official bias-corrected
+  Shampoo measures it.
+  """
+  rotated = jnp.einsum("dk,jde->jke", basis, samples,
+                       precision=linalg.HIGHEST)
+  contributions = jnp.sum(rotated ** 2, axis=-1)
+  b2 = jnp.asarray(cfg.b2, basis.dtype)
+  return ((1 - b2) ** 2 * jnp.var(contributions, axis=0, ddof=1)
+          / samples.shape[0] / correction ** 2)
+
+
 def _commit_one(fs: FactorStack, decision: Decision,
-                fresh: refreshing.Refresh, cfg: Config):
-  """New state of one checked factor given the decision and refresh result."""
+                fresh: refreshing.Refresh, cfg: Config, samples=None,
+                correction=None):
+  """New state of one checked factor given the decision and refresh result;
+  `samples` (J, m, ·) give a fresh basis its eigenvalues' variance."""
   eps0 = jnp.asarray(cfg.epsilon, fs.damping.dtype)
   refresh = decision.refresh
   success = refresh & fresh.ok
@@ -210,6 +239,11 @@ def _commit_one(fs: FactorStack, decision: Decision,
       checks=fs.checks + 1,
       refreshes=fs.refreshes + success.astype(jnp.int32),
       failures=fs.failures + failure.astype(jnp.int32))
+  if fs.variance is not None:
+    new = new._replace(variance=lax.cond(
+        success,
+        lambda: eigenvalue_variance(fresh.basis, samples, correction, cfg),
+        lambda: fs.variance))
   if fresh.inverse_root is not None:
     # An iterative root (ASGO's): the fresh X, or on failure the identity,
     # as ASGO's official code falls back to.
@@ -220,14 +254,16 @@ def _commit_one(fs: FactorStack, decision: Decision,
   elif fs.inverse_root is not None:
     # Cached so that every step applies X with two products instead of four;
     # rebuilt (one m³ product) only when the check changed what X is made
-    # of.
+    # of: the basis, the eigenvalues or the damping (which also moves the
+    # variance-corrected weights).
     changed = (success | jnp.logical_not(new.damping == fs.damping)
                | jnp.logical_not(jnp.all(new.eigvals == fs.eigvals)))
     new = new._replace(inverse_root=lax.cond(
         changed,
         lambda: linalg.inverse_root(new.basis, new.eigvals,
                                     cfg.root_damping_of(new.damping),
-                                    cfg.exponent, cfg.pseudo_inverse_rtol),
+                                    cfg.exponent, cfg.pseudo_inverse_rtol,
+                                    new.variance),
         lambda: fs.inverse_root))
   order = jnp.where(success, fresh.order, jnp.arange(fresh.order.shape[-1]))
   return new, order
@@ -239,8 +275,10 @@ def identity_orders(fs: FactorStack):
 
 
 def commit(fs: FactorStack, checks, decision: Decision,
-           fresh: refreshing.Refresh, cfg: Config):
-  """New state of the checked factors.
+           fresh: refreshing.Refresh, cfg: Config, samples=None,
+           correction=None):
+  """New state of the checked factors; `samples` (k, J, m, ·) give the fresh
+  bases their eigenvalues' variance (`eigenvalue_variance`).
 
   Returns:
     (new state, (k, m) column orders of the new bases relative to the old).
@@ -248,11 +286,14 @@ def commit(fs: FactorStack, checks, decision: Decision,
   identity = lambda: jnp.arange(fs.eigvals.shape[-1])
 
   def one(args):
-    fs1, check, decision1, fresh1 = args
-    return lax.cond(check, lambda: _commit_one(fs1, decision1, fresh1, cfg),
-                    lambda: (fs1, identity()))
+    fs1, check, decision1, fresh1, samples1 = args
+    return lax.cond(
+        check, lambda: _commit_one(fs1, decision1, fresh1, cfg, samples1,
+                                   correction),
+        lambda: (fs1, identity()))
   return lax.cond(
-      jnp.any(checks), lambda: lax.map(one, (fs, checks, decision, fresh)),
+      jnp.any(checks),
+      lambda: lax.map(one, (fs, checks, decision, fresh, samples)),
       lambda: (fs, identity_orders(fs)))
 
 
@@ -274,7 +315,7 @@ def store(fs: FactorStack, like: FactorStack) -> FactorStack:
 
 def advance(stacks: Sequence[FactorStack],
             grams: Callable[[], Sequence[jax.Array]], ids, step, cfg: Config,
-            plan, active=None):
+            plan, active=None, samples=None):
   """One step of the pipeline: accumulate, decide, refresh, commit.
 
   Args:
@@ -288,6 +329,9 @@ def advance(stacks: Sequence[FactorStack],
       runs inside `shard_map` and the refresh requests are gathered.
     active: per stack (k,) bool, the slots that hold a factor (not mesh
       padding, which is never checked); None: all.
+    samples: with ``bias_correction='cross_fit_variance'``, returns per
+      stack the (k, J, m, ·) microbatch blocks whose Grams make up the
+      statistic's term (for `eigenvalue_variance`); called only on checks.
 
   Returns:
     (new stacks in their storage dtypes, per stack the (k, m) column orders
@@ -305,12 +349,15 @@ def advance(stacks: Sequence[FactorStack],
     decisions = [decide(fs, c, correction, cfg, _probe_keys(step, i, cfg))
                  for fs, c, i in zip(loaded, checks, ids)]
     needs = [c & d.refresh for c, d in zip(checks, decisions)]
+    all_samples = samples() if samples is not None else [None] * len(loaded)
     new, orders = [], []
-    for fs, c, decision, need, stack_requests in zip(
-        loaded, checks, decisions, needs, refreshing.requests(needs, plan)):
+    for fs, c, decision, need, stack_requests, stack_samples in zip(
+        loaded, checks, decisions, needs, refreshing.requests(needs, plan),
+        all_samples):
       fresh = refreshing.refresh(fs, need, correction, cfg, plan,
                                  stack_requests)
-      new_fs, order = commit(fs, c, decision, fresh, cfg)
+      new_fs, order = commit(fs, c, decision, fresh, cfg, stack_samples,
+                             correction)
       new.append(new_fs)
       orders.append(order)
     return new, orders

@@ -34,6 +34,9 @@ class LeafStep(NamedTuple):
   corrected: jax.Array     # bias-corrected momentum M_t
   graft_dir: Optional[jax.Array]
   state: LeafState         # momentum and grafting moment already advanced
+  # Cross-fitting: the second group's (J, *shape) microbatch gradients,
+  # whose statistics the factors and second moments take; else None.
+  samples: Optional[jax.Array] = None
 
 
 def adam_step(step, cfg: Config):
@@ -46,9 +49,12 @@ def adam_step(step, cfg: Config):
   return step
 
 
-def prepare(grad, ls: LeafState, step, cfg: Config) -> LeafStep:
+def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   """Momentum, grafting direction and advanced buffers of one leaf;
-  `step` is the bias corrections' (`adam_step`)."""
+  `step` is the bias corrections' (`adam_step`). With `micro` (the leaf's
+  (J, *shape) microbatch gradients, ``bias_correction`` on) the momentum
+  takes the first half's mean and every second moment the second half's
+  (cross-fitting)."""
   layout = ls.layout
   if tuple(grad.shape) != layout.shape:
     raise ValueError(f"update of shape {tuple(grad.shape)} does not match the "
@@ -56,9 +62,17 @@ def prepare(grad, ls: LeafState, step, cfg: Config) -> LeafStep:
   # Computations in the statistics' dtype; the buffers are cast on load
   # and store (`mu_dtype`, `second_moment_dtype`).
   g = grad.astype(linalg.stat_dtype())
+  numerator, samples, square = g, None, g * g
+  if micro is not None:
+    micro = micro.astype(g.dtype)
+    half = micro.shape[0] // 2
+    numerator, samples = jnp.mean(micro[:half], axis=0), micro[half:]
+    square = jnp.mean(samples ** 2, axis=0)
   b1 = jnp.asarray(cfg.b1, g.dtype)
-  momentum = b1 * ls.momentum.astype(g.dtype) + (1 - b1) * g
-  corrected = momentum / (1 - b1 ** step)
+  momentum = b1 * ls.momentum.astype(g.dtype) + (1 - b1) * numerator
+  corrected = momentum
+  if cfg.ema_bias_correction:
+    corrected = momentum / (1 - b1 ** step)
   graft_moment = ls.graft_second_moment
   if cfg.eigenvalue_corrected and (layout.preconditioned or
                                    ls.tensor is not None):
@@ -67,18 +81,18 @@ def prepare(grad, ls: LeafState, step, cfg: Config) -> LeafStep:
     # No factor: Adam in the identity basis with the eigenbasis Adam's
     # decay and epsilon, as SOAP steps such leaves.
     graft_dir, new_graft_moment = preconditioners.adam_in_basis(
-        g, corrected, graft_moment.astype(g.dtype), step, cfg.b2,
+        square, corrected, graft_moment.astype(g.dtype), step, cfg.b2,
         cfg.adam_eps)
     graft_moment = new_graft_moment.astype(graft_moment.dtype)
   else:
     graft_dir, new_graft_moment = grafting.direction(
         None if graft_moment is None else graft_moment.astype(g.dtype),
-        g, corrected, step, cfg)
+        square, corrected, step, cfg)
     if graft_moment is not None:
       graft_moment = new_graft_moment.astype(graft_moment.dtype)
   return LeafStep(g, corrected, graft_dir, ls._replace(
       momentum=momentum.astype(ls.momentum.dtype),
-      graft_second_moment=graft_moment))
+      graft_second_moment=graft_moment), samples)
 
 
 def class_stack(arrays, layouts, cls: shaping.BlockClass, slots):
@@ -120,18 +134,31 @@ def _keep_on_first_step(step, old, new):
   return jax.tree.map(lambda o, n: jnp.where(step == 1, o, n), old, new)
 
 
+def _sample_stack(leaf_steps, layouts, cls, slots):
+  """(slots, J, m, n): the class's blocks of each cross-fitting sample
+  (microbatch gradient); None without cross-fitting."""
+  if leaf_steps[0].samples is None:
+    return None
+  per_sample = jax.vmap(lambda arrays: class_stack(arrays, layouts, cls,
+                                                   slots))(
+      [ls.samples for ls in leaf_steps])
+  return jnp.moveaxis(per_sample, 0, 1)
+
+
 def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
   """Per leaf, per block group, the (count, m, n) preconditioned direction;
   and the new class states."""
   layouts = [ls.state.layout for ls in leaf_steps]
   classes = shaping.block_classes(layouts)
   slot_maps = distribution.slot_maps(classes, plan.num_shards)
+  stack = lambda field, cls, slots: class_stack(
+      [getattr(ls, field) for ls in leaf_steps], layouts, cls, slots)
   stacks = tuple(
-      blocks.ClassBlocks(*(
-          None if field == "graft_dir" and not grafting.borrows_norm(cfg)
-          else class_stack([getattr(ls, field) for ls in leaf_steps], layouts,
-                           cls, slots)
-          for field in ("grad", "corrected", "graft_dir")))
+      blocks.ClassBlocks(
+          stack("grad", cls, slots), stack("corrected", cls, slots),
+          stack("graft_dir", cls, slots) if grafting.borrows_norm(cfg)
+          else None,
+          _sample_stack(leaf_steps, layouts, cls, slots))
       for cls, slots in zip(classes, slot_maps))
   active = tuple(jnp.asarray(slots >= 0) for slots in slot_maps)
   block_step = with_arguments(
@@ -158,10 +185,12 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
 
 
 def update_tree(grads, leaf_states, class_states, step, cfg: Config,
-                plan: distribution.Plan):
-  """Updates and new (leaf states, class states) for flat lists of leaves."""
-  leaf_steps = [prepare(g, ls, adam_step(step, cfg), cfg)
-                for g, ls in zip(grads, leaf_states)]
+                plan: distribution.Plan, micro=None):
+  """Updates and new (leaf states, class states) for flat lists of leaves;
+  `micro`, per leaf its (J, *shape) microbatch gradients (cross-fitting)."""
+  micro = micro or [None] * len(grads)
+  leaf_steps = [prepare(g, ls, adam_step(step, cfg), cfg, m)
+                for g, ls, m in zip(grads, leaf_states, micro)]
   directions, new_class_states = _class_directions(
       leaf_steps, class_states, step, cfg, plan)
   next_id = blocks.num_block_factors(
@@ -174,7 +203,7 @@ def update_tree(grads, leaf_states, class_states, step, cfg: Config,
       # Per leaf, outside the block stacks: every device runs it whole.
       direction, tensor = tensors.update(
           leaf.grad, leaf.corrected, state.tensor, step, adam_step(step, cfg),
-          next_id, cfg)
+          next_id, cfg, leaf.samples)
       next_id += tensors.num_factors(state.tensor.layout)
       state = state._replace(tensor=tensor)
     elif not layout.preconditioned:

@@ -93,15 +93,27 @@ def power_qr_refresh(factor, basis):
   return new_basis, eigvals, order, ok
 
 
-def inverse_root_weights(eigvals, damping, exponent, pseudo_inverse_rtol=None):
+def inverse_root_weights(eigvals, damping, exponent, pseudo_inverse_rtol=None,
+                         variance=None):
   """w = (D + eps)^(-1/p): the spectrum of X(Q, D, eps).
 
   With `pseudo_inverse_rtol` (a pseudo-inverse, as Meta's Distributed
   Shampoo's rank-deficient setting), eigenvalues at most `rtol` times the
   largest are treated as zero: their weight is 0 instead of up to
   ``eps^(-1/p)``, so near-null directions of the statistic are not amplified.
+
+  With `variance` (of each eigenvalue's estimate), the leading delta-method
+  term of the Jensen bias of ``E[f(λ)]``, ``f(λ) = λ^(-1/p)``, is removed:
+  ``w = max(0, f(λ) - ½ f''(λ) Var)`` with ``½ f''(λ) = (p+1)/(2p²)·
+  λ^(-1/p-2)`` and ``λ = D + eps``.
   """
-  weights = (eigvals + damping[..., None]) ** (-1.0 / exponent)
+  spectrum = eigvals + damping[..., None]
+  weights = spectrum ** (-1.0 / exponent)
+  if variance is not None:
+    curvature = (exponent + 1) / (2 * exponent ** 2)
+    weights = jnp.maximum(
+        weights - curvature * spectrum ** (-1.0 / exponent - 2) * variance,
+        0.0)
   if pseudo_inverse_rtol is None:
     return weights
   largest = jnp.max(eigvals, axis=-1, keepdims=True)
@@ -109,11 +121,12 @@ def inverse_root_weights(eigvals, damping, exponent, pseudo_inverse_rtol=None):
   return jnp.where(kept, weights, 0.0)
 
 
-def inverse_root(basis, eigvals, damping, exponent, pseudo_inverse_rtol=None):
+def inverse_root(basis, eigvals, damping, exponent, pseudo_inverse_rtol=None,
+                 variance=None):
   """X = Q diag((D + eps)^(-1/p)) Qᵀ for one factor (see
-  `inverse_root_weights` for `pseudo_inverse_rtol`)."""
+  `inverse_root_weights` for `pseudo_inverse_rtol` and `variance`)."""
   weights = inverse_root_weights(eigvals, damping, exponent,
-                                 pseudo_inverse_rtol)
+                                 pseudo_inverse_rtol, variance)
   return matmul(basis * weights[None, :], basis.T)
 
 

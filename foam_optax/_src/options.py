@@ -31,6 +31,7 @@ FirstStep = Literal["update", "init_only"]
 TensorShaping = Literal["matrix", "per_dimension"]
 RootDamping = Literal["controller", "epsilon"]
 RootMethod = Literal["eigh", "polar_express", "newton_schulz"]
+BiasCorrection = Literal["none", "cross_fit", "cross_fit_variance"]
 MaskOrFn = Optional[Any]
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +276,24 @@ OPTIONS = (
     Option("root_iterations", int, 10,
            "iterations of ``root_method='polar_express'`` or "
            "``'newton_schulz'``.", checks.integer(1)),
+    Option("bias_correction", BiasCorrection, "none",
+           "``'cross_fit'``: from the per-microbatch gradients of each "
+           "``update(..., microbatch_grads=...)`` (see `fo.microbatch_grads`), "
+           "the numerator (momentum) from the first half of the "
+           "microbatches and the factor statistics (and Adam's second "
+           "moment) from the second half, so that they are independent; "
+           "``'cross_fit_variance'`` also subtracts from each inverse-root "
+           "weight the leading delta-method term of its Jensen bias, "
+           "estimated from the spread of the second half's contributions "
+           "along the fresh eigenbasis (root-inverse preconditioning with "
+           "``root_method='eigh'``); ``'none'``: neither. Needs 4 or more "
+           "microbatches, an even number.", _literal(BiasCorrection),
+           static=True),
+    Option("ema_bias_correction", bool, True,
+           "divide the momentum and the factor statistics by ``1 - b^t``, "
+           "their moving averages' bias correction; False uses the raw "
+           "averages, as the official bias-corrected Shampoo does.",
+           checks.boolean),
     Option("root_damping", RootDamping, "controller",
            "the damping the inverse roots X are built with: "
            "``'controller'`` (the controller's, FOAM's adaptive one) or "
@@ -316,7 +335,8 @@ _SHAMPOO = (
     "mu_dtype", "second_moment_dtype", "factor_matrix_dtype",
     "factor_matrix_eigenvectors_dtype", "inv_factor_matrix_dtype",
     "pseudo_inverse_rtol", "weight_dimension_numbers", "cache_inverse_root",
-    "root_method", "root_iterations")
+    "root_method", "root_iterations", "bias_correction",
+    "ema_bias_correction")
 
 # Per optimizer, the options its functions take, in signature order.
 EXPOSED = {
@@ -334,7 +354,8 @@ EXPOSED = {
         "statistics_compute_steps", "refresh_batching", "skip_nonfinite",
         "max_consecutive_skips", "mu_dtype", "second_moment_dtype",
         "factor_matrix_dtype", "factor_matrix_eigenvectors_dtype",
-        "weight_dimension_numbers", "proxy", "proxy_probes"),
+        "weight_dimension_numbers", "proxy", "proxy_probes",
+        "bias_correction"),
     "asgo": (
         "b1", "b2", "epsilon", "root_method", "root_iterations", "graft_rms",
         "controller", "max_epsilon", "threshold", "check_frequency",

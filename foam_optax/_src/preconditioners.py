@@ -15,6 +15,7 @@ Both take the same factor states, so any controller can drive either.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from foam_optax._src import linalg
@@ -29,8 +30,8 @@ def basis(fs):
 def _weights(fs, cfg: Config):
   return linalg.inverse_root_weights(fs.eigvals,
                                      cfg.root_damping_of(fs.damping),
-                                     cfg.exponent,
-                                     cfg.pseudo_inverse_rtol)
+                                     cfg.exponent, cfg.pseudo_inverse_rtol,
+                                     fs.variance)
 
 
 def apply_inverse_roots(momentum, left, right):
@@ -78,11 +79,21 @@ def permute(second_moment, left_order, right_order):
   return second_moment
 
 
-def adam_in_basis(grad, momentum, second_moment, step, b2, eps,
+def rotated_square(grad, rotate, samples=None, axis=0):
+  """``(rotate G)²``, or with `samples` (microbatch gradients stacked along
+  `axis`) the mean of their rotated squares: the term Adam's second moment
+  adds."""
+  if samples is None:
+    return rotate(grad) ** 2
+  return jnp.mean(jax.vmap(rotate, axis, axis)(samples) ** 2, axis=axis)
+
+
+def adam_in_basis(square, momentum, second_moment, step, b2, eps,
                   rotate=lambda x: x, unrotate=lambda x: x):
   """Adam on rotated gradients, with SOAP's bias correction and epsilon.
 
-  ``V ← b2·V + (1-b2)·(rotate G)²`` and the direction
+  ``V ← b2·V + (1-b2)·square`` (`square` = ``(rotate G)²``, see
+  `rotated_square`) and the direction
   ``unrotate(rotate(M) ⊘ (√V + eps)) · √(1 - b2^t)``, where `momentum` is
   the already bias-corrected ``M_t``: the official SOAP's step
   ``lr·√(1-b2^t)/(1-b1^t)`` with ``√V + eps`` (Adam's
@@ -91,19 +102,22 @@ def adam_in_basis(grad, momentum, second_moment, step, b2, eps,
   Returns:
     (direction, new second moment).
   """
-  b2 = jnp.asarray(b2, grad.dtype)
-  second_moment = b2 * second_moment + (1 - b2) * rotate(grad) ** 2
+  b2 = jnp.asarray(b2, square.dtype)
+  second_moment = b2 * second_moment + (1 - b2) * square
   scaled = rotate(momentum) * jnp.sqrt(1 - b2 ** step)
   return unrotate(scaled / (jnp.sqrt(second_moment) + eps)), second_moment
 
 
 def eigenvalue_corrected(grad, momentum, second_moment, left_basis,
-                         right_basis, step, cfg: Config):
-  """Adam in the eigenbasis of a (k, m, n) stack (None: identity basis).
+                         right_basis, step, cfg: Config, samples=None):
+  """Adam in the eigenbasis of a (k, m, n) stack (None: identity basis);
+  with `samples` (k, J, m, n) the second moment takes their rotated squares'
+  mean (cross-fitting) instead of the gradient's.
 
   Returns (direction, new second moment).
   """
+  rotate = lambda x: linalg.rotate(x, left_basis, right_basis)
   return adam_in_basis(
-      grad, momentum, second_moment, step, cfg.b2, cfg.adam_eps,
-      rotate=lambda x: linalg.rotate(x, left_basis, right_basis),
+      rotated_square(grad, rotate, samples, axis=1), momentum, second_moment,
+      step, cfg.b2, cfg.adam_eps, rotate=rotate,
       unrotate=lambda x: linalg.unrotate(x, left_basis, right_basis))

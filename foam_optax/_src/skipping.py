@@ -81,18 +81,19 @@ def _keep_class(new: BlockClassState, old: BlockClassState,
       None if moment is None else keep(moment, old.rotated_second_moment))
 
 
-def run_or_skip(run, updates, state: ScaleByFoamState, step, traced,
+def run_or_skip(run, inputs, state: ScaleByFoamState, step, traced,
                 cfg: Config, params=None):
-  """``run(updates, state, step, traced)``, or a skipped step when the
-  gradients are not finite (``cfg.skip_nonfinite``) or an enclosing
-  `skip_nonfinite` skips. `params`, when given, lets a stuck run's error
-  name non-finite parameters as its likelier cause."""
+  """``run(inputs, state, step, traced)``, or a skipped step when the
+  gradients (`inputs`: the updates and any microbatch gradients) are not
+  finite (``cfg.skip_nonfinite``) or an enclosing `skip_nonfinite` skips.
+  `params`, when given, lets a stuck run's error name non-finite parameters
+  as its likelier cause."""
   skip = _OUTER_SKIP.get()
   if cfg.skip_nonfinite:
-    own = jnp.logical_not(gradients_finite(updates))
+    own = jnp.logical_not(gradients_finite(inputs))
     skip = own if skip is None else skip | own
   if skip is None:
-    return run(updates, state, step, traced)
+    return run(inputs, state, step, traced)
 
   # One pass, no conditional over the state: a skipped step runs with step 0
   # (no factor is checked), zero gradients and b2 = 1, which leave the
@@ -100,7 +101,7 @@ def run_or_skip(run, updates, state: ScaleByFoamState, step, traced,
   # selects, which XLA fuses into the arithmetic that produces them.
   # Selects, not multiplications by a 0/1 flag: NaN * 0 is NaN.
   traced = dict(traced, b2=jnp.where(skip, 1.0, cfg.b2))
-  new_updates, new_state = run(_zeroed(skip, updates), state,
+  new_updates, new_state = run(_zeroed(skip, inputs), state,
                                jnp.where(skip, 0, step), traced)
   keep = lambda new, old: jnp.where(skip, old, new)
   if cfg.skip_nonfinite:
@@ -114,7 +115,7 @@ def run_or_skip(run, updates, state: ScaleByFoamState, step, traced,
         consecutive, cfg.max_consecutive_skips,
         True if params is None else entries_finite(params))
   # Finite entries whose squares overflow: skipped, and counted apart too.
-  overflow = skip & entries_finite(updates)
+  overflow = skip & entries_finite(inputs)
   return new_updates, state._replace(
       count=keep(step, state.count),
       nonfinite_skips=jnp.where(skip,
@@ -145,7 +146,8 @@ def skip_nonfinite(
   `scale_by_foam` on its own skips only its own state. The aliases (`foam`,
   `shampoo`, `soap`) and `partition` already apply it.
 
-  `inner` is traced once: its new state is selected against the old one
+  The per-microbatch gradients an `update` is given
+  (``microbatch_grads=...``) are checked too. `inner` is traced once: its new state is selected against the old one
   (``jnp.where`` on the finite flag, fused by XLA into the arithmetic),
   and the foam_optax transformations inside skip their own work.
 
@@ -158,7 +160,9 @@ def skip_nonfinite(
   is_core = lambda x: isinstance(x, ScaleByFoamState)
 
   def update_fn(updates, state, params=None, **extra_args):
-    skip = jnp.logical_not(gradients_finite(updates))
+    # Per-microbatch gradients (bias-corrected optimizers) count too.
+    checked = (updates, extra_args.get("microbatch_grads"))
+    skip = jnp.logical_not(gradients_finite(checked))
     with skipping(skip):
       new_updates, new_state = inner.update(updates, state, params,
                                             **extra_args)

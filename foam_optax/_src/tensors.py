@@ -144,17 +144,24 @@ def _rotations(states):
   return rotate, unrotate
 
 
-def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config):
-  """Accumulates each dimension's statistic and refreshes on its checks
+def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
+                    samples=None):
+  """Accumulates each dimension's statistic (from `grad`, or the mean over
+  the cross-fitting `samples`) and refreshes on its checks
   (`factors.advance`, ids from `first_id` on); the second moment follows
   the reordered basis columns."""
   axes = [axis for axis, fs in enumerate(ts.factors) if fs is not None]
 
+  def contraction(x, axis):
+    others = [a for a in range(x.ndim) if a != axis]
+    return jnp.tensordot(x, x, axes=(others, others),
+                         precision=linalg.HIGHEST)
+
   def grams():
-    return [jnp.tensordot(grad, grad, axes=(others, others),
-                          precision=linalg.HIGHEST)[None]
-            for others in ([a for a in range(grad.ndim) if a != axis]
-                           for axis in axes)]
+    if samples is None:
+      return [contraction(grad, axis)[None] for axis in axes]
+    return [jnp.mean(jax.vmap(lambda s: contraction(s, axis))(samples),
+                     axis=0)[None] for axis in axes]
   ids = [jnp.full((1,), first_id + i, jnp.int32) for i in range(len(axes))]
   stacks, orders = factors.advance([ts.factors[a] for a in axes], grams, ids,
                                    step, cfg, distribution.Plan())
@@ -166,7 +173,7 @@ def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config):
 
 
 def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
-           cfg: Config):
+           cfg: Config, samples=None):
   """Direction (in the leaf's shape) and new state of one tensor leaf.
 
   Args:
@@ -176,18 +183,23 @@ def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
     adam_step: the step of Adam's bias correction.
     first_id: the id of the leaf's first factor (`controllers.probe_keys`).
     cfg: hyperparameters.
+    samples: cross-fitting: (J, *leaf shape) microbatch gradients that the
+      statistics and the second moment take instead of `grad`.
   """
   shape = grad.shape
   grad = grad.reshape(ts.layout.shape)
   momentum = momentum.reshape(ts.layout.shape)
+  if samples is not None:
+    samples = samples.reshape((-1,) + ts.layout.shape)
   if cfg.rotation_basis == "updated":
-    ts = _update_factors(grad, ts, step, first_id, cfg)
+    ts = _update_factors(grad, ts, step, first_id, cfg, samples)
   rotate, unrotate = _rotations(ts.factors)
   stored = ts.rotated_second_moment.dtype
   direction, moment = preconditioners.adam_in_basis(
-      grad, momentum, ts.rotated_second_moment.astype(grad.dtype), adam_step,
-      cfg.b2, cfg.adam_eps, rotate, unrotate)
+      preconditioners.rotated_square(grad, rotate, samples), momentum,
+      ts.rotated_second_moment.astype(grad.dtype), adam_step, cfg.b2,
+      cfg.adam_eps, rotate, unrotate)
   ts = ts._replace(rotated_second_moment=moment.astype(stored))
   if cfg.rotation_basis == "previous":
-    ts = _update_factors(grad, ts, step, first_id, cfg)
+    ts = _update_factors(grad, ts, step, first_id, cfg, samples)
   return direction.reshape(shape), ts

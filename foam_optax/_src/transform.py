@@ -78,7 +78,9 @@ def from_config(cfg: Config) -> optax.GradientTransformation:
   def init_fn(params):
     return initial_state.init(params, cfg)
 
-  def update_fn(updates, state, params=None):
-    return update.update(updates, state, cfg, params)
+  def update_fn(updates, state, params=None, *, microbatch_grads=None,
+                **extra_args):
+    del extra_args   # optax's convention: the chain's others, unused here
+    return update.update(updates, state, cfg, params, microbatch_grads)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,6 +11,7 @@ import optax
 from foam_optax._src import distribution
 from foam_optax._src import guards
 from foam_optax._src import leaves
+from foam_optax._src import microbatches
 from foam_optax._src import skipping
 from foam_optax._src.config import Config, with_arguments
 from foam_optax._src.state import ScaleByFoamState, plain_arrays
@@ -40,28 +41,38 @@ def _specs(tree):
   return jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
 
 
-def _apply(updates, state: ScaleByFoamState, step, cfg: Config):
+def _apply(inputs, state: ScaleByFoamState, step, cfg: Config):
+  """`inputs`: (updates, per leaf its microbatch gradients or None)."""
+  updates, micro = inputs
   grads, treedef = jax.tree.flatten(updates)
   if treedef != jax.tree.structure(state.mu):
     raise ValueError(
         f"updates have the tree structure {treedef}, but the state was "
         f"initialised for {jax.tree.structure(state.mu)}.")
   new_updates, new_leaves, new_classes = leaves.update_tree(
-      grads, state.leaf_states(), state.classes, step, cfg, state.plan)
+      grads, state.leaf_states(), state.classes, step, cfg, state.plan,
+      micro)
   return treedef.unflatten(new_updates), with_leaf_states(
       state, new_leaves)._replace(count=step, classes=new_classes)
 
 
-def update(updates, state: ScaleByFoamState, cfg: Config, params=None):
+def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
+           microbatch_grads=None):
   """The update of `scale_by_foam` for an already validated `Config`.
 
   The updates come back with exactly the structure of `updates`: wrappers
   such as Flax's ``nnx.Param`` stay (the state holds plain arrays, which are
-  the wrappers' leaves, in the same order).
+  the wrappers' leaves, in the same order). `microbatch_grads` feed the
+  cross-fitting of ``bias_correction`` (unused without it).
   """
   structure = jax.tree.structure(updates)
   updates = plain_arrays(updates)
   guards.check_gradient_dtypes(updates)
+  micro = None
+  if cfg.bias_correction != "none":
+    micro = microbatches.checked(
+        microbatch_grads, updates, 4,
+        f"bias_correction={cfg.bias_correction!r}", even=True)
   _check_mesh(state.plan, state)
   guards.check_structure(list(state.layouts), cfg)
   run = with_arguments(_apply, cfg)
@@ -70,12 +81,12 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None):
     # On Explicit axes every reshape of a sharded array would need its output
     # sharding spelled out; let the partitioner place the intermediates and
     # return every array with the sharding it came in with.
-    def run(updates, state, step, traced, inner=run):
+    def run(inputs, state, step, traced, inner=run):
       with jax.sharding.use_abstract_mesh(explicit):
         return jax.sharding.auto_axes(
-            inner, out_sharding=(_specs(updates), _specs(state)))(
-                updates, state, step, traced)
+            inner, out_sharding=(_specs(inputs[0]), _specs(state)))(
+                inputs, state, step, traced)
   new_updates, new_state = skipping.run_or_skip(
-      run, updates, state, optax.safe_increment(state.count), cfg.traced(),
-      cfg, params)
+      run, (updates, micro), state, optax.safe_increment(state.count),
+      cfg.traced(), cfg, params)
   return structure.unflatten(jax.tree.leaves(new_updates)), new_state

@@ -1,0 +1,256 @@
+"""Bias-corrected optimizers: the float64 ports of the official code
+(`official_bias_correction`), zero spread, the Monte-Carlo bias, bad
+input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import foam_optax as fo
+import official_bias_correction as official
+
+STEPS = 30
+LR = 1e-2
+
+
+def _micro_sequence(shapes, microbatches, steps, seed=0):
+  """Per step, per parameter, `microbatches` gradients around a persistent
+  mean (torch and JAX layouts alike: these are not transposed)."""
+  rng = np.random.default_rng(seed)
+  means = {k: rng.standard_normal(s) for k, s in shapes.items()}
+  return [{k: means[k] + rng.standard_normal((microbatches,) + s)
+           for k, s in shapes.items()} for _ in range(steps)]
+
+
+def _compare(tx, reference, shapes, microbatches=8):
+  micro_seq = _micro_sequence(shapes, microbatches, STEPS)
+  rng = np.random.default_rng(1)
+  start = {k: rng.standard_normal(s) for k, s in shapes.items()}
+  theirs, params = [], start
+  for micro in micro_seq:
+    params = reference.step(params, micro)
+    theirs.append(params)
+  with jax.enable_x64(True):
+    params = jax.tree.map(jnp.asarray, start)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, m: tx.update(
+        jax.tree.map(lambda x: x.mean(0), m), s, p, microbatch_grads=m))
+    error = 0.0
+    for micro, ref in zip(micro_seq, theirs):
+      updates, state = step(params, state, jax.tree.map(jnp.asarray, micro))
+      params = optax.apply_updates(params, updates)
+      error = max(error, max(
+          float(np.linalg.norm(np.asarray(params[k]) - ref[k])
+                / np.linalg.norm(ref[k])) for k in ref))
+  return error
+
+
+ADAMW_SHAPES = {"w": (6, 5), "b": (5,)}
+
+
+@pytest.mark.parametrize("method,reference", [
+    ("leave_one_out", lambda: official.OfficialLOOAdamW(
+        LR, betas=(0.9, 0.95), weight_decay=0.1)),
+    ("two_group", lambda: official.OfficialBiasCorrectedAdamW(
+        LR, betas=(0.9, 0.95), weight_decay=0.1)),
+])
+def test_bias_corrected_adamw_matches_the_official_code(method, reference):
+  error = _compare(fo.bias_corrected_adamw(LR, method=method), reference(),
+                   ADAMW_SHAPES)
+  assert error <= 1e-6, error
+
+
+SHAMPOO_SHAPES = {"tall": (7, 4), "wide": (3, 6)}
+# The official configuration, every step a root step (shampoo_root_freq=1):
+# exponent 4, no grafting, raw (not bias-corrected) moving averages.
+SHAMPOO = dict(b1=0.9, b2=0.95, epsilon=1e-6, exponent=4, grafting="none",
+               check_frequency=1, start_preconditioning_step=1,
+               ema_bias_correction=False, block_size=None, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fo.shampoo(LR, bias_correction="cross_fit_variance", **SHAMPOO),
+    # FOAM with its damping pinned (ε_max = ε0): decisions every step.
+    lambda: fo.foam(LR, bias_correction="cross_fit_variance",
+                    controller="stale", max_epsilon=1e-6, **SHAMPOO),
+])
+def test_bias_corrected_shampoo_matches_the_official_code(make):
+  reference = official.OfficialBiasCorrectedShampoo(
+      LR, weight_decay=0.1, shampoo_beta1=0.9, shampoo_beta2=0.95,
+      shampoo_damping=1e-6, shampoo_root_freq=1)
+  error = _compare(make(), reference, SHAMPOO_SHAPES)
+  assert error <= 1e-6, error
+
+
+def _same_microbatches(grads, count=4):
+  return jax.tree.map(lambda g: jnp.broadcast_to(g, (count,) + g.shape),
+                      grads)
+
+
+@pytest.mark.parametrize("corrected,plain", [
+    (lambda: fo.bias_corrected_adamw(1e-2),
+     lambda: optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)),
+    (lambda: fo.bias_corrected_adamw(1e-2, method="two_group"),
+     lambda: optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)),
+    (lambda: fo.shampoo(1e-2, check_frequency=4,
+                        bias_correction="cross_fit_variance"),
+     lambda: fo.shampoo(1e-2, check_frequency=4)),
+    (lambda: fo.foam(1e-2, check_frequency=4, epsilon=1e-4, max_epsilon=1e-3,
+                     bias_correction="cross_fit_variance"),
+     lambda: fo.foam(1e-2, check_frequency=4, epsilon=1e-4,
+                     max_epsilon=1e-3)),
+    (lambda: fo.soap(1e-2, bias_correction="cross_fit"),
+     lambda: fo.soap(1e-2)),
+])
+def test_zero_spread_changes_nothing(corrected, plain):
+  """Identical microbatch gradients: each corrected optimizer is its
+  uncorrected self. In float64, and with statistics of full rank at every
+  refresh (a basis inside the null space of a rank-deficient statistic is
+  arbitrary, so two correct runs may pick different ones there)."""
+  params = {"w": jnp.zeros((5, 5)), "t": jnp.zeros((3, 4, 2)),
+            "b": jnp.zeros((4,))}
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    a, b = corrected(), plain()
+    sa, sb = a.init(params), b.init(params)
+    step_a = jax.jit(lambda g, s, p: a.update(
+        g, s, p, microbatch_grads=_same_microbatches(g)))
+    step_b = jax.jit(b.update)
+    for _ in range(9):
+      grads = jax.tree.map(lambda p: jnp.asarray(
+          rng.standard_normal(p.shape)), params)
+      ua, sa = step_a(grads, sa, params)
+      ub, sb = step_b(grads, sb, params)
+      for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+      params = optax.apply_updates(params, ua)
+
+
+def test_cross_fitting_decorrelates_numerator_and_preconditioner():
+  """Over many draws of 8 microbatch gradients per coordinate, Adam's
+  first-step numerator and denominator are correlated when both come from
+  the same samples, and not when they are cross-fitted."""
+  rng = np.random.default_rng(0)
+  g = 0.3 + rng.standard_normal((20000, 8))
+  plain = np.corrcoef(np.abs(g.mean(1)), (g.mean(1) ** 2))[0, 1]
+  numerator, denominator = g[:, :4].mean(1), (g[:, 4:] ** 2).mean(1)
+  crossed = np.corrcoef(numerator, denominator)[0, 1]
+  same = np.corrcoef(g.mean(1), (g ** 2).mean(1))[0, 1]
+  assert abs(crossed) < 0.03 < abs(same) and plain > 0.5
+
+
+def _first_steps(mu, sigma=1.0, m=8, draws=20000, **options):
+  """The mean first-step update of `scale_by_bias_corrected_adam` over
+  `draws` coordinates whose microbatch gradients are N(μ, σ²)."""
+  rng = np.random.default_rng(0)
+  micro = (mu + sigma * rng.standard_normal((m, draws))).astype(np.float32)
+  tx = fo.scale_by_bias_corrected_adam(**options)
+  params = {"w": jnp.zeros((draws,))}
+  update, _ = tx.update({"w": jnp.asarray(micro.mean(0))}, tx.init(params),
+                        params, microbatch_grads={"w": jnp.asarray(micro)})
+  return float(jnp.mean(update["w"]))
+
+
+@pytest.mark.parametrize("mu", [0.2, 0.5, 1.0])
+def test_variance_correction_reduces_the_first_step_bias_monte_carlo(mu):
+  """Monte Carlo over 20,000 coordinates, 8 microbatches of N(μ, 1) each.
+
+  Cross-fitted, the first step's numerator is independent of its
+  denominator, so the remaining bias is Jensen's: E[1/d] > 1/E[d]. Against
+  each estimator's population step (two groups: ``μ/√E[g_j²] =
+  μ/√(μ²+1)``; leave-one-out: ``μ/√E[ḡ_{-r}²] = μ/√(μ²+1/7)``), the variance
+  correction must cut the relative bias: measured 24% → 13% (two groups)
+  and from 300-1070% to 6-21% (leave-one-out, whose uncorrected first
+  step divides by one microbatch mean's magnitude), at every μ here.
+  """
+  two_group = mu / np.sqrt(mu ** 2 + 1.0)
+  leave_one_out = mu / np.sqrt(mu ** 2 + 1.0 / 7)
+  bias = lambda value, target: abs(value - target) / target
+  for method, target in (("two_group", two_group),
+                         ("leave_one_out", leave_one_out)):
+    plain = bias(_first_steps(mu, method=method, variance_correction=False),
+                 target)
+    corrected = bias(_first_steps(mu, method=method), target)
+    assert corrected < 0.6 * plain, (method, plain, corrected)
+    assert corrected < 0.25, (method, corrected)
+
+
+@pytest.mark.parametrize("make,micro,match", [
+    (lambda: fo.bias_corrected_adamw(1e-3), None, "needs the per-microbatch"),
+    (lambda: fo.shampoo(1e-3, bias_correction="cross_fit"), None,
+     "needs the per-microbatch"),
+    (lambda: fo.bias_corrected_adamw(1e-3),
+     {"w": jnp.zeros((1, 4, 3))}, "at least 2"),
+    (lambda: fo.foam(1e-3, bias_correction="cross_fit"),
+     {"w": jnp.zeros((2, 4, 3))}, "at least 4"),
+    (lambda: fo.bias_corrected_adamw(1e-3, method="two_group"),
+     {"w": jnp.zeros((5, 4, 3))}, "an even number"),
+    (lambda: fo.bias_corrected_adamw(1e-3),
+     {"v": jnp.zeros((4, 4, 3))}, "tree structure"),
+    (lambda: fo.bias_corrected_adamw(1e-3),
+     {"w": jnp.zeros((4, 3, 4))}, "gradient's shape"),
+])
+def test_bad_microbatch_input_raises_at_trace_time(make, micro, match):
+  tx = make()
+  params = {"w": jnp.zeros((4, 3))}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(lambda s, m: tx.update(params, s, params,
+                                   microbatch_grads=m))(state, micro)
+
+
+def test_different_microbatch_counts_per_leaf_raise():
+  tx = fo.bias_corrected_adamw(1e-3)
+  params = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+  with pytest.raises(ValueError, match="same number of microbatches"):
+    tx.update(params, tx.init(params), params,
+              microbatch_grads={"a": jnp.zeros((4, 3)),
+                                "b": jnp.zeros((6, 2))})
+
+
+def test_variance_correction_refused_where_it_is_not_defined():
+  with pytest.raises(ValueError, match="^bias_correction='cross_fit_varian"):
+    fo.soap(1e-3, bias_correction="cross_fit_variance")
+  with pytest.raises(ValueError, match="^bias_correction='cross_fit_varian"):
+    fo.asgo(1e-3, bias_correction="cross_fit_variance") if "bias_correction" \
+        in fo.asgo.__signature__.parameters else fo.shampoo(
+            1e-3, bias_correction="cross_fit_variance",
+            root_method="polar_express")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fo.bias_corrected_adamw(1e-2),
+    lambda: fo.foam(1e-2, bias_correction="cross_fit_variance"),
+])
+def test_a_non_finite_microbatch_gradient_skips_the_step(make):
+  tx = make()
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  micro = {"w": jnp.ones((4, 4, 3)).at[2, 1, 1].set(jnp.nan)}
+  updates, new_state = tx.update({"w": jnp.ones((4, 3))}, state, params,
+                                 microbatch_grads=micro)
+  assert bool(jnp.all(updates["w"] == 0))
+  for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+    if a.dtype != jnp.int32:
+      np.testing.assert_array_equal(a, b)
+
+
+def test_microbatch_grads_under_jit():
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  x = jax.random.normal(jax.random.key(0), (16, 4))
+  loss_fn = lambda p, b: jnp.mean((b @ p["w"] + p["b"]) ** 2)
+  loss, grads, micro = jax.jit(
+      lambda p, b: fo.microbatch_grads(loss_fn, p, b, 4))(params, x)
+  full_loss, full_grads = jax.value_and_grad(loss_fn)(params, x)
+  np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+  for g, f, m in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads),
+                     jax.tree.leaves(micro)):
+    np.testing.assert_allclose(g, f, rtol=1e-5, atol=1e-6)
+    assert m.shape == (4,) + f.shape
+  first = jax.grad(loss_fn)(params, x[:4])
+  np.testing.assert_allclose(micro["w"][0], first["w"], rtol=1e-5)
+  with pytest.raises(ValueError, match="does not split"):
+    fo.microbatch_grads(loss_fn, params, x, 5)
