@@ -51,10 +51,10 @@ ADAMW_SHAPES = {"w": (6, 5), "b": (5,)}
 
 
 @pytest.mark.parametrize("method,reference", [
-    ("leave_one_out", lambda: official.OfficialLOOAdamW(
-        LR, betas=(0.9, 0.95), weight_decay=0.1)),
-    ("two_group", lambda: official.OfficialBiasCorrectedAdamW(
-        LR, betas=(0.9, 0.95), weight_decay=0.1)),
+    ("leave_one_out", lambda: official.LOOBCAdamW(
+        LR, betas=(0.9, 0.95), weight_decay=0.1, jensen_correction=True)),
+    ("two_group", lambda: official.BiasCorrectedAdamW(
+        LR, betas=(0.9, 0.95), weight_decay=0.1, mode="full")),
 ])
 def test_bias_corrected_adamw_matches_the_official_code(method, reference):
   error = _compare(fo.bias_corrected_adamw(LR, method=method), reference(),
@@ -70,16 +70,19 @@ SHAMPOO = dict(b1=0.9, b2=0.95, epsilon=1e-6, exponent=4, grafting="none",
                ema_bias_correction=False, block_size=None, weight_decay=0.1)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: fo.shampoo(LR, bias_correction="cross_fit_variance", **SHAMPOO),
-    # FOAM with its damping pinned (ε_max = ε0): decisions every step.
-    lambda: fo.foam(LR, bias_correction="cross_fit_variance",
-                    controller="stale", max_epsilon=1e-6, **SHAMPOO),
+@pytest.mark.parametrize("make,mode", [
+    (lambda: fo.shampoo(LR, bias_correction="cross_fit_variance", **SHAMPOO),
+     "full"),
+    (lambda: fo.shampoo(LR, bias_correction="cross_fit", **SHAMPOO), "cf"),
+    # FOAM's controller run as the stale one: the decisions of every step.
+    (lambda: fo.foam(LR, bias_correction="cross_fit_variance",
+                     controller="stale", max_epsilon=1e-6, **SHAMPOO),
+     "full"),
 ])
-def test_bias_corrected_shampoo_matches_the_official_code(make):
-  reference = official.OfficialBiasCorrectedShampoo(
+def test_bias_corrected_shampoo_matches_the_official_code(make, mode):
+  reference = official.BiasCorrectedShampoo(
       LR, weight_decay=0.1, shampoo_beta1=0.9, shampoo_beta2=0.95,
-      shampoo_damping=1e-6, shampoo_root_freq=1)
+      shampoo_damping=1e-6, shampoo_root_freq=1, mode=mode)
   error = _compare(make(), reference, SHAMPOO_SHAPES)
   assert error <= 1e-6, error
 
