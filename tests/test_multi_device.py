@@ -231,3 +231,65 @@ def test_readme_recipe_runs_as_pasted():
   # 256x128 in 64x64 blocks: 8 blocks, 16 factors, all decomposed at the
   # first check (step 20).
   assert int(out.strip().splitlines()[-1]) == 16
+
+
+_MICROBATCH_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import foam_optax as fo
+
+    mesh = jax.make_mesh((8,), ("data",))
+    key = jax.random.PRNGKey(0)
+    params = {"w": jax.random.normal(key, (24, 16)) / 5, "b": jnp.zeros(16)}
+    xs = jax.random.normal(jax.random.PRNGKey(1), (6, 64, 24))
+    loss_fn = lambda p, x: jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+    tx = fo.foam(1e-2, block_size=8, check_frequency=2, epsilon=1e-5,
+                 max_epsilon=1e-4, bias_correction="cross_fit_variance")
+
+    def step(params, state, x):
+      loss, grads, micro = fo.microbatch_grads(loss_fn, params, x, 8)
+      updates, state = tx.update(grads, state, params, microbatch_grads=micro)
+      return optax.apply_updates(params, updates), state, micro
+
+    def run(params, state, x_sharding):
+      compiled = jax.jit(step)
+      for x in xs:
+        params, state, micro = jax.block_until_ready(compiled(
+            params, state, jax.device_put(x, x_sharding)))
+      return params, state, micro
+
+    p1, s1, micro1 = run(params, tx.init(params), jax.devices()[0])
+    out = {}
+    with jax.set_mesh(mesh):
+      p_shard = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+      p8 = jax.device_put(params, p_shard)
+      s_shard = fo.state_sharding(jax.eval_shape(tx.init, p8), p8, p_shard)
+      s8 = jax.jit(tx.init, out_shardings=s_shard)(p8)
+      # The batch is sharded over its example axis, so each microbatch
+      # lives on one device: the microbatch axis is sharded with it.
+      p8, s8, micro8 = run(p8, s8, NamedSharding(mesh, P("data")))
+    out["micro_sharded"] = micro8["w"].sharding.spec[0] == "data"
+    host = lambda x: np.asarray(jax.device_get(x))
+    out["micro_diff"] = float(np.max(np.abs(host(micro8["w"])
+                                            - host(micro1["w"]))))
+    out["moved"] = float(np.max(np.abs(host(p1["w"]) - host(params["w"]))))
+    out["param_diff"] = float(np.max(np.abs(host(p8["w"]) - host(p1["w"]))))
+    one, eight = fo.stats(s1), fo.stats(s8)
+    out["evds"] = [int(one["eigendecompositions"]),
+                   int(eight["eigendecompositions"])]
+    print(json.dumps(out))
+""")
+
+
+def test_bias_corrected_foam_with_microbatch_grads_on_a_mesh():
+  """`fo.microbatch_grads` and a cross-fitted, variance-corrected FOAM on 8
+  devices with the batch (and so the microbatch axis) sharded: the same
+  gradients, refreshes and parameters as on one device."""
+  out = json.loads(_run(["-c", _MICROBATCH_SCRIPT], 600).strip()
+                   .splitlines()[-1])
+  assert out["micro_sharded"]
+  assert out["micro_diff"] < 1e-5
+  assert out["moved"] > 1e-3
+  assert out["param_diff"] < 1e-3 * out["moved"]
+  assert out["evds"][0] == out["evds"][1] > 0
