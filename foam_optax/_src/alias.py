@@ -228,8 +228,11 @@ def scale_by_asgo(**arguments) -> optax.GradientTransformation:
     <<arguments>>
 
   Example:
-    >>> import jax.numpy as jnp, foam_optax as fo
-    >>> state = fo.scale_by_asgo().init({'w': jnp.zeros((8, 4))})
+    >>> import optax, foam_optax as fo
+    >>> tx = optax.chain(fo.scale_by_asgo(root_method='eigh',
+    ...                                   controller='foam',
+    ...                                   check_frequency=20),
+    ...                  optax.scale_by_learning_rate(1e-2))
 
   References:
     An, Liu, Pan, Ren, Ma, Goldfarb and Zhang, ASGO: Adaptive Structured

@@ -12,8 +12,7 @@ import optax
 from foam_optax._src import checks
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
-from foam_optax._src import options
-from foam_optax._src.skipping import skip_nonfinite
+from foam_optax._src import signatures
 from foam_optax._src.state import plain_arrays
 
 Method = Literal["leave_one_out", "two_group"]
@@ -169,20 +168,11 @@ def scale_by_bias_corrected_adam(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def bias_corrected_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.1,
-    mask: options.MaskOrFn = None,
-    method: Method = "leave_one_out",
-    variance_correction: bool = True,
-    mu_dtype: Optional[Any] = None,
-) -> optax.GradientTransformationExtraArgs:
-  """AdamW with the paper's bias corrections (`scale_by_bias_corrected_adam`),
-  decoupled weight decay and learning rate, ``p ← p·(1 - lr·wd) - lr·u``.
+bias_corrected_adamw = signatures.decayed_alias(
+    "bias_corrected_adamw", scale_by_bias_corrected_adam, weight_decay=0.1,
+    mask="mask", doc="""AdamW with the paper's bias corrections
+  (`scale_by_bias_corrected_adam`), decoupled weight decay and learning
+  rate, ``p ← p·(1 - lr·wd) - lr·u``, taking `optax.adamw`'s arguments.
 
   The defaults are the paper's headline run (``scripts/pretrain/
   adamw_loo_jensen.sh``: leave-one-out with the variance correction,
@@ -196,13 +186,4 @@ def bias_corrected_adamw(
     >>> # loss, grads, micro = fo.microbatch_grads(loss_fn, params, batch, 8)
     >>> # updates, state = opt.update(grads, state, params,
     >>> #                             microbatch_grads=micro)
-  """
-  if not callable(learning_rate):
-    options.LEARNING_RATE.check("learning_rate", learning_rate)
-  options.ALIAS_BY_NAME["weight_decay"].check("weight_decay", weight_decay)
-  return skip_nonfinite(optax.chain(
-      scale_by_bias_corrected_adam(
-          b1=b1, b2=b2, eps=eps, method=method,
-          variance_correction=variance_correction, mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate)))
+  """)

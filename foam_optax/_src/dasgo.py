@@ -13,9 +13,8 @@ from foam_optax._src import checks
 from foam_optax._src import grafting
 from foam_optax._src import initial_state
 from foam_optax._src import linalg
-from foam_optax._src import options
 from foam_optax._src import shaping
-from foam_optax._src.skipping import skip_nonfinite
+from foam_optax._src import signatures
 from foam_optax._src.state import plain_arrays
 
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)
@@ -86,7 +85,9 @@ def scale_by_dasgo(
 
   Example:
     >>> import jax.numpy as jnp, foam_optax as fo
-    >>> state = fo.scale_by_dasgo().init({'w': jnp.zeros((8, 4))})
+    >>> layers = {'w': jnp.zeros((3, 8, 4))}   # three stacked 8 x 4 layers
+    >>> state = fo.scale_by_dasgo(weight_dimension_numbers={
+    ...     'w': fo.DimensionNumbers(1, 2)}).init(layers)
 
   References:
     An, Liu, Pan, Ren, Ma, Goldfarb and Zhang, ASGO: Adaptive Structured
@@ -141,33 +142,14 @@ def scale_by_dasgo(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def dasgo(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    eps: float = 1e-8,
-    graft_rms: float = 0.2,
-    mu_dtype: Optional[Any] = None,
-    weight_dimension_numbers: Optional[Any] = None,
-    weight_decay: float = 0.1,
-    weight_decay_mask: options.MaskOrFn = None,
-) -> optax.GradientTransformationExtraArgs:
-  """DASGO (`scale_by_dasgo`) with decoupled weight decay and learning rate,
-  ``p ← p·(1 - lr·wd) - lr·update`` as the official optimizer, whose
+dasgo = signatures.decayed_alias(
+    "dasgo", scale_by_dasgo, weight_decay=0.1, mask="weight_decay_mask",
+    doc="""DASGO (`scale_by_dasgo`) with decoupled weight decay and learning
+  rate, ``p ← p·(1 - lr·wd) - lr·update`` as the official optimizer, whose
   defaults these are; a step with a non-finite gradient is skipped whole
   (`skip_nonfinite`).
 
   Example:
     >>> import optax, foam_optax as fo
     >>> opt = fo.partition(fo.dasgo(1e-3), optax.adam(1e-3, b2=0.95))
-  """
-  if not callable(learning_rate):
-    options.LEARNING_RATE.check("learning_rate", learning_rate)
-  options.ALIAS_BY_NAME["weight_decay"].check("weight_decay", weight_decay)
-  return skip_nonfinite(optax.chain(
-      scale_by_dasgo(b1=b1, b2=b2, eps=eps, graft_rms=graft_rms,
-                     mu_dtype=mu_dtype,
-                     weight_dimension_numbers=weight_dimension_numbers),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate)))
+  """)

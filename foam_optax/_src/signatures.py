@@ -189,3 +189,44 @@ def update_readme(path: str) -> None:
 if __name__ == "__main__":
   import sys
   update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+
+
+def decayed_alias(name: str, scale_by, *, weight_decay: float, mask: str,
+                  doc: str):
+  """The alias ``skip_nonfinite(chain(scale_by(...), add_decayed_weights(
+  weight_decay, mask), scale_by_learning_rate(learning_rate)))`` of a
+  transformation outside the option table, its signature generated from
+  `scale_by`'s: the learning rate, then `scale_by`'s keyword arguments, then
+  ``weight_decay`` (this default) and the mask (named `mask`)."""
+  from foam_optax._src.skipping import skip_nonfinite   # imports this module
+  kind = inspect.Parameter.KEYWORD_ONLY
+  inner = inspect.signature(scale_by, eval_str=True)
+  sig = inspect.Signature(
+      [inspect.Parameter("learning_rate",
+                         inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                         annotation=options.LEARNING_RATE.annotation)]
+      + list(inner.parameters.values())
+      + [inspect.Parameter("weight_decay", kind, default=weight_decay,
+                           annotation=float),
+         inspect.Parameter(mask, kind, default=None,
+                           annotation=options.MaskOrFn)],
+      return_annotation=optax.GradientTransformationExtraArgs)
+
+  def alias(*args, **kwargs):
+    arguments = sig.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    arguments = dict(arguments.arguments)
+    learning_rate = arguments.pop("learning_rate")
+    decay, decay_mask = arguments.pop("weight_decay"), arguments.pop(mask)
+    if not callable(learning_rate):
+      options.LEARNING_RATE.check("learning_rate", learning_rate)
+    options.ALIAS_BY_NAME["weight_decay"].check("weight_decay", decay)
+    return skip_nonfinite(optax.chain(
+        scale_by(**arguments), optax.add_decayed_weights(decay, decay_mask),
+        optax.scale_by_learning_rate(learning_rate)))
+
+  alias.__signature__ = sig
+  alias.__doc__ = doc
+  alias.__name__ = alias.__qualname__ = name
+  alias.__module__ = scale_by.__module__
+  return alias
