@@ -24,24 +24,6 @@ from foam_optax._src import preconditioners
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState
 
-_SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
-
-
-def _side_samples(samples, side):
-  """(k, J, d, ·): the samples whose Grams build a side's statistic: the
-  blocks (left, ``G Gᵀ``) or their transposes (right, ``Gᵀ G``)."""
-  return samples if side == "left" else jnp.swapaxes(samples, -1, -2)
-
-
-def _statistic_term(blocks_c: "ClassBlocks", side, gram):
-  """This step's term of a side's statistic: the gradient's Gram, or the
-  mean Gram of the cross-fitting samples."""
-  if blocks_c.samples is None:
-    return gram(blocks_c.grad)
-  s = _side_samples(blocks_c.samples, side)
-  return jnp.einsum("kjde,kjfe->kdf", s, s,
-                    precision=linalg.HIGHEST) / s.shape[1]
-
 
 class ClassBlocks(NamedTuple):
   """One block class's (k, m, n) stacks of this step's per-block inputs."""
@@ -51,6 +33,25 @@ class ClassBlocks(NamedTuple):
   graft: Optional[jax.Array]          # grafting direction (root-inverse)
   # (k, J, m, n) cross-fitting samples: the statistics' microbatches.
   samples: Optional[jax.Array] = None
+
+
+_SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
+
+
+def _side_samples(samples, side):
+  """(k, J, d, ·): the samples whose Grams build a side's statistic: the
+  blocks (left, ``G Gᵀ``) or their transposes (right, ``Gᵀ G``)."""
+  return samples if side == "left" else jnp.swapaxes(samples, -1, -2)
+
+
+def _statistic_term(blocks_c: ClassBlocks, side, gram):
+  """This step's term of a side's statistic: the gradient's Gram, or the
+  mean Gram of the cross-fitting samples."""
+  if blocks_c.samples is None:
+    return gram(blocks_c.grad)
+  s = _side_samples(blocks_c.samples, side)
+  return jnp.einsum("kjde,kjfe->kdf", s, s,
+                    precision=linalg.HIGHEST) / s.shape[1]
 
 
 def num_block_factors(classes) -> int:
