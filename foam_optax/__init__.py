@@ -8,12 +8,16 @@ from foam_optax._src.alias import skip_nonfinite
 from foam_optax._src.alias import decay_updated_weights
 from foam_optax._src.alias import soap
 from foam_optax._src.diagnostics import stats
+from foam_optax._src.mup import mup_multipliers
+from foam_optax._src.mup import scale_by_mup
 from foam_optax._src.factors import FactorState
 from foam_optax._src.partition import partition
 from foam_optax._src.shaping import DimensionNumbers
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.sharding import relayout
 from foam_optax._src.sharding import state_sharding
+from foam_optax._src.spectral import scale_by_spectral_norm
+from foam_optax._src.spectral import ScaleBySpectralNormState
 from foam_optax._src.transform import BlockClassState
 from foam_optax._src.transform import LeafState
 from foam_optax._src.transform import scale_by_foam
@@ -37,14 +41,18 @@ __all__ = [
     "BlockClassState",
     "LeafState",
     "ScaleByFoamState",
+    "ScaleBySpectralNormState",
     "decay_updated_weights",
     "foam",
+    "mup_multipliers",
     "partition",
     "precondition_labels",
     "relayout",
     "scale_by_foam",
+    "scale_by_mup",
     "scale_by_shampoo",
     "scale_by_soap",
+    "scale_by_spectral_norm",
     "shampoo",
     "skip_nonfinite",
     "soap",
