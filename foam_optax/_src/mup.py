@@ -316,6 +316,28 @@ def _check_multiplier(path, value) -> None:
                      f"finite, got {value!r}.")
 
 
+def _unmatched_leaf(multipliers, params) -> Optional[str]:
+  """None when `multipliers`' structure is a prefix of `params`' (one
+  multiplier per leaf, or per wrapped leaf such as an ``nnx.Variable``),
+  else the first leaf where they part."""
+  try:
+    jax.tree_util.tree_structure(multipliers).flatten_up_to(params)
+    return None
+  except (ValueError, TypeError):
+    pass
+  names = [jax.tree_util.keystr(p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  m_names = [jax.tree_util.keystr(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(multipliers)[0]]
+  for name in names:
+    if not any(name.startswith(m) for m in m_names):
+      return f"{name} (in params, not in multipliers)"
+  for m in m_names:
+    if not any(name.startswith(m) for name in names):
+      return f"{m} (in multipliers, not in params)"
+  return m_names[0] if m_names else "<root>"
+
+
 def scale_by_mup(multipliers) -> optax.GradientTransformation:
   r"""Multiplies each leaf's update by its μP learning-rate multiplier.
 
@@ -329,7 +351,9 @@ def scale_by_mup(multipliers) -> optax.GradientTransformation:
   as arguments).
 
   Args:
-    multipliers: a tree with the parameters' structure of positive numbers.
+    multipliers: a tree with the parameters' structure of positive numbers
+      (for Flax NNX, from ``nnx.as_pure`` states, as ``nnx.Optimizer``
+      passes them).
 
   Returns:
     An `optax.GradientTransformation` with an empty state; updates keep
@@ -338,7 +362,8 @@ def scale_by_mup(multipliers) -> optax.GradientTransformation:
   Raises:
     ValueError: at construction naming a multiplier that is not a positive
       finite number; in ``init`` naming the first leaf where the parameters'
-      structure differs from `multipliers`'.
+      structure differs from `multipliers'` (a parameter may be a wrapper
+      of its leaf, such as an ``nnx.Param``).
 
   Example:
     >>> import jax.numpy as jnp, optax, foam_optax as fo
@@ -359,17 +384,16 @@ def scale_by_mup(multipliers) -> optax.GradientTransformation:
   jax.tree_util.tree_map_with_path(_check_multiplier, multipliers)
 
   def init_fn(params):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    m_flat, m_treedef = jax.tree_util.tree_flatten_with_path(multipliers)
-    if treedef != m_treedef:
+    unmatched = _unmatched_leaf(multipliers, params)
+    if unmatched is not None:
       raise ValueError("scale_by_mup: the parameters and the multipliers "
-                       f"differ in structure at leaf "
-                       f"{_differing_leaf(flat, m_flat, ('params', 'multipliers'))}.")
+                       f"differ in structure at leaf {unmatched}.")
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates,
-                        multipliers), state
+    scale = lambda m, subtree: jax.tree.map(
+        lambda u: (u * m).astype(u.dtype), subtree)
+    return jax.tree.map(scale, multipliers, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
