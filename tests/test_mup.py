@@ -289,6 +289,16 @@ def test_scale_by_mup_takes_traced_multipliers():
   np.testing.assert_allclose(step({"w": jnp.float32(3.0)})["w"], 3.0)
 
 
+def test_scale_by_mup_multiplies_every_leaf_a_parameter_wraps():
+  """One multiplier per parameter also serves a parameter stored as a
+  container of leaves (an nnx.Param in nnx.Optimizer's init, here a tuple)."""
+  params = {"w": (jnp.ones(2), jnp.ones(3)), "b": jnp.ones(2)}
+  tx = fo.scale_by_mup({"w": 0.5, "b": 2.0})
+  updates, _ = tx.update(params, tx.init(params))
+  np.testing.assert_array_equal(updates["w"][1], 0.5)
+  np.testing.assert_array_equal(updates["b"], 2.0)
+
+
 def test_scale_by_mup_bad_input_names_the_leaf():
   with pytest.raises(ValueError, match=r"\['b'\] must be positive"):
     fo.scale_by_mup({"w": 1.0, "b": 0.0})

@@ -49,7 +49,7 @@ OPTIMIZERS = ("adamw", "foam", "soap", "muon")
 # μP rule of each optimizer (`fo.mup_multipliers`' `optimizer`).
 RULES = {"adamw": "adam", "foam": "grafted", "soap": "soap", "muon": "muon"}
 SOAP_BLOCK_SIZE = 128
-WD_X_WIDTH = 0.064   # weight decay 1e-3 at width 64, times 64/width under μP
+WD_X_WIDTH = 0.064   # weight decay 2e-3 at the base width 32; under μP 0.064/width
 LOSS_TOLERANCE = 0.01   # the paper's: within 1% of the width's best
 DRIFT_TOLERANCE = 1     # grid steps
 DELTA_H_SPREAD = 2.0    # flat: every width within this factor of the base
