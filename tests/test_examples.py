@@ -112,3 +112,23 @@ def test_mup_transfer_example_scales_the_rates_with_width(capsys):
   losses = result["losses"]
   assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.9 * losses[0]
   assert capsys.readouterr().out.splitlines()[-1].startswith("test accuracy")
+
+
+def test_readme_mup_snippet_runs_with_the_examples_mlp():
+  """The README's μP block as pasted, with the example's MLP: the chain
+  initialises on the width-1024 model and the multipliers are the grafted
+  rule's 1/8 for the hidden and readout kernels."""
+  import pathlib
+  import re
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  section = readme[readme.index("## Hyperparameter transfer across widths"):]
+  code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+  namespace = {"MLP": mup_transfer.MLP}
+  exec(compile(code, "README.md", "exec"), namespace)
+  multipliers = namespace["multipliers"]
+  assert multipliers["hidden"]["kernel"] == multipliers["readout"][
+      "kernel"] == 1 / 8
+  assert multipliers["input"]["kernel"] == 1.0
+  namespace["tx"].init(namespace["nnx"].as_pure(namespace["nnx"].state(
+      namespace["model"], namespace["nnx"].Param)))
