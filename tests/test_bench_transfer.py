@@ -92,6 +92,23 @@ def test_muon_multipliers_net_of_the_alias_factor(width, base, readout):
   assert mine["embed"] == pytest.approx(official["embed"])
 
 
+def test_every_optimizer_of_the_full_run_has_its_direction_and_rule():
+  """FOAM and Muon, outside the quick run: their directions initialise on
+  the model, and the rules are 'grafted' (1/r_in) and SOAP's with blocks of
+  128 (1 -> 2 blocks per side from width 32 to 256)."""
+  data = transfer.CharData(context=1)
+  wide, base = (transfer.init_params(w, data) for w in (256, 32))
+  for name in transfer.FULL.optimizers:
+    transfer.direction(name).init(wide)
+  foam = transfer.multipliers("foam", wide, base)
+  assert foam == {"embed": 1.0, "hidden1": 1 / 8, "hidden2": 1 / 8,
+                  "readout": 1 / 8}
+  soap = transfer.multipliers("soap", wide, base)
+  assert soap["hidden1"] == pytest.approx(0.5)
+  # Embedding (103 x width): √8 / √2 (1 -> 2 column blocks).
+  assert soap["embed"] == pytest.approx(2.0)
+
+
 def test_recipe_moves_parameters_as_documented():
   """-schedule(t) * (lr * m * u + wd * p) with u = SGD's gradient."""
   params = {"w": jnp.full((2, 3), 2.0)}

@@ -99,15 +99,15 @@ def test_nnx_scan_example_gives_each_layer_its_own_factors(capsys):
 
 
 def test_mup_transfer_example_scales_the_rates_with_width(capsys):
-  """Trained at 4x the base width with SOAP: the μP multipliers of SOAP's
+  """Trained at 4x the base width with AdamW: the μP multipliers of Adam's
   rule reach the optimizer and the loss goes down at the base's rate."""
-  result = mup_transfer.main(["--steps", "20", "--optimizer", "soap",
+  result = mup_transfer.main(["--steps", "20", "--optimizer", "adamw",
                               "--learning-rate", "1e-2", "--width", "256",
                               "--base-width", "64", "--log-every", "10"])
   kernels = {name: layer["kernel"]
              for name, layer in result["multipliers"].items()}
-  # sqrt(r_out / r_in): input 64 -> width, hidden, readout width -> 10.
-  assert kernels == {"input": 2.0, "hidden": 1.0, "readout": 0.5}
+  # 1 / r_in: input 64 -> width, hidden, readout width -> 10.
+  assert kernels == {"input": 1.0, "hidden": 0.25, "readout": 0.25}
   assert all(layer["bias"] == 1.0 for layer in result["multipliers"].values())
   losses = result["losses"]
   assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.9 * losses[0]
