@@ -18,12 +18,16 @@ from foam_optax._src.dasgo import ScaleByDasgoState
 from foam_optax._src.diagnostics import stats
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.microbatches import microbatch_grads
+from foam_optax._src.mup import mup_multipliers
+from foam_optax._src.mup import scale_by_mup
 from foam_optax._src.partition import partition
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.shaping import DimensionNumbers
 from foam_optax._src.sharding import relayout
 from foam_optax._src.sharding import state_sharding
 from foam_optax._src.skipping import skip_nonfinite
+from foam_optax._src.spectral import scale_by_spectral_norm
+from foam_optax._src.spectral import ScaleBySpectralNormState
 from foam_optax._src.state import BlockClassState
 from foam_optax._src.state import find_states
 from foam_optax._src.state import LeafState
@@ -45,6 +49,7 @@ __all__ = [
     "ScaleByBiasCorrectedAdamState",
     "ScaleByDasgoState",
     "ScaleByFoamState",
+    "ScaleBySpectralNormState",
     "asgo",
     "bias_corrected_adamw",
     "block_stacks",
@@ -56,6 +61,7 @@ __all__ = [
     "foam",
     "kernels",
     "microbatch_grads",
+    "mup_multipliers",
     "partition",
     "precondition_labels",
     "relayout",
@@ -63,8 +69,10 @@ __all__ = [
     "scale_by_bias_corrected_adam",
     "scale_by_dasgo",
     "scale_by_foam",
+    "scale_by_mup",
     "scale_by_shampoo",
     "scale_by_soap",
+    "scale_by_spectral_norm",
     "shampoo",
     "skip_nonfinite",
     "soap",

@@ -10,11 +10,12 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 import linen_cnn  # noqa: E402
+import mup_transfer  # noqa: E402
 import nnx_mlp  # noqa: E402
 
 
-@pytest.mark.parametrize("example", [nnx_mlp, linen_cnn],
-                         ids=["nnx_mlp", "linen_cnn"])
+@pytest.mark.parametrize("example", [nnx_mlp, linen_cnn, mup_transfer],
+                         ids=["nnx_mlp", "linen_cnn", "mup_transfer"])
 def test_example_loss_decreases(example, capsys):
   result = example.main(["--steps", "30", "--optimizer", "foam",
                          "--learning-rate", "1e-2", "--check-frequency", "5",
@@ -95,3 +96,39 @@ def test_nnx_scan_example_gives_each_layer_its_own_factors(capsys):
   assert kernel.batch == 3 and kernel.matrix_shape == (32, 32)
   assert not bias.preconditioned
   assert capsys.readouterr().out.splitlines()[-1].startswith("test accuracy")
+
+
+def test_mup_transfer_example_scales_the_rates_with_width(capsys):
+  """Trained at 4x the base width with AdamW: the μP multipliers of Adam's
+  rule reach the optimizer and the loss goes down at the base's rate."""
+  result = mup_transfer.main(["--steps", "20", "--optimizer", "adamw",
+                              "--learning-rate", "1e-2", "--width", "256",
+                              "--base-width", "64", "--log-every", "10"])
+  kernels = {name: layer["kernel"]
+             for name, layer in result["multipliers"].items()}
+  # 1 / r_in: input 64 -> width, hidden, readout width -> 10.
+  assert kernels == {"input": 1.0, "hidden": 0.25, "readout": 0.25}
+  assert all(layer["bias"] == 1.0 for layer in result["multipliers"].values())
+  losses = result["losses"]
+  assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.9 * losses[0]
+  assert capsys.readouterr().out.splitlines()[-1].startswith("test accuracy")
+
+
+def test_readme_mup_snippet_runs_with_the_examples_mlp():
+  """The README's μP block as pasted, with the example's MLP: the chain
+  initialises on the width-1024 model and the multipliers are the grafted
+  rule's 1/8 for the hidden and readout kernels."""
+  import pathlib
+  import re
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  section = readme[readme.index("## Hyperparameter transfer across widths"):]
+  code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+  namespace = {"MLP": mup_transfer.MLP}
+  exec(compile(code, "README.md", "exec"), namespace)
+  multipliers = namespace["multipliers"]
+  assert multipliers["hidden"]["kernel"] == multipliers["readout"][
+      "kernel"] == 1 / 8
+  assert multipliers["input"]["kernel"] == 1.0
+  namespace["tx"].init(namespace["nnx"].as_pure(namespace["nnx"].state(
+      namespace["model"], namespace["nnx"].Param)))

@@ -5,6 +5,8 @@ and PNG plots; prints the Markdown table. ``--update-docs`` also rewrites the
 marked block of ./BENCHMARKS.md and copies the plots to ./docs/figures/.
 ``--suite scale`` runs the FOAM paper's claims on a larger workload instead
 (`foam_optax.bench.scale`), with its own block in BENCHMARKS.md.
+``--suite transfer`` sweeps learning rates at four widths with and without
+μP (`foam_optax.bench.transfer`), with its own block too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import optimizers, report, runner, scale, workloads
+  from foam_optax.bench import optimizers, report, runner, scale, transfer
+  from foam_optax.bench import workloads
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
   # are an extra, not part of the library's.
@@ -41,12 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="foam-bench", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--suite", choices=("default", "scale"),
+  parser.add_argument("--suite", choices=("default", "scale", "transfer"),
                       default="default",
                       help="'scale': the FOAM paper's claims on a Transformer "
                            "with 512-wide factors, 1000 steps (about 30 min on "
                            "2 CPU cores; with --quick a smoke run of under a "
-                           "minute); it ignores --workloads, --optimizers, "
+                           "minute); 'transfer': learning-rate sweeps at 4 "
+                           "widths with and without muP for AdamW, FOAM, SOAP "
+                           "and Muon (under 20 min on 2 CPU cores; --quick: "
+                           "seconds). Both ignore --workloads, --optimizers, "
                            "--seeds, --steps and --sweep-steps")
   parser.add_argument("--quick", action="store_true",
                       help="smoke run (about a minute): "
@@ -75,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="no progress bar")
   args = parser.parse_args(argv)
   if args.out is None:
-    args.out = "bench_scale_out" if args.suite == "scale" else "bench_out"
+    args.out = {"scale": "bench_scale_out",
+                "transfer": "bench_transfer_out"}.get(args.suite, "bench_out")
   defaults = QUICK if args.quick else dict(
       workloads=tuple(workloads.WORKLOADS),
       optimizers=optimizers.DEFAULT_OPTIMIZERS, seeds=3, steps=None)
@@ -107,6 +114,8 @@ def run(args: argparse.Namespace) -> dict:
   """Runs the benchmark and writes the outputs; returns the raw results."""
   if args.suite == "scale":
     return run_scale(args)
+  if args.suite == "transfer":
+    return run_transfer(args)
   specs = optimizers.optimizer_specs()
   unknown = [name for name in args.optimizers if name not in specs]
   if unknown:
@@ -219,6 +228,48 @@ def scale_docs_block(raw: dict, table: str, figures) -> str:
       "## The FOAM paper's claims at scale (`foam-bench --suite scale`)",
       meta, f"total {meta['total_seconds'] / 60:.1f} min (compilation "
       f"{raw['compile_seconds'] / 60:.1f} min of it).", table, figures)
+
+
+def run_transfer(args: argparse.Namespace) -> dict:
+  """Runs the transfer suite and writes its outputs; returns the raw results."""
+  cfg = transfer.QUICK if args.quick else transfer.FULL
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  started = time.perf_counter()
+  meta = {"command": "foam-bench " + shlex.join(sys.argv[1:]),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "machine": machine(), "seeds": [0],
+          "load_average_start": os.getloadavg()}
+  with tqdm(total=transfer.units_of_work(cfg), unit="step",
+            disable=args.no_progress, file=sys.stderr) as bar:
+    raw = {"meta": meta, **transfer.run_suite(cfg, bar.update)}
+  raw["meta"]["total_seconds"] = time.perf_counter() - started
+  raw["meta"]["load_average_end"] = os.getloadavg()
+  raw = _json_safe(raw)
+  (out / "results.json").write_text(json.dumps(raw))
+  table = transfer.markdown(raw)
+  (out / "table.md").write_text(table)
+  figures = transfer.plot(raw, out)
+  if args.update_docs:
+    report.update_benchmarks_md(
+        pathlib.Path("BENCHMARKS.md"), transfer_docs_block(raw, table, figures),
+        figures, pathlib.Path("docs/figures"),
+        markers=(transfer.START_MARKER, transfer.END_MARKER))
+  print(table)
+  print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
+  return raw
+
+
+def transfer_docs_block(raw: dict, table: str, figures) -> str:
+  """The transfer suite's BENCHMARKS.md block."""
+  meta = raw["meta"]
+  load = ", ".join(f"{x:.1f}" for x in meta["load_average_start"])
+  return _block(
+      "## Hyperparameter transfer across widths (`foam-bench --suite "
+      "transfer`)", meta,
+      f"total {meta['total_seconds'] / 60:.1f} min (compilation "
+      f"{raw['compile_seconds'] / 60:.1f} min of it); load average at the "
+      f"start {load} (1, 5, 15 min).", table, figures)
 
 
 def main(argv=None) -> None:
