@@ -94,6 +94,8 @@ CASES = [
     ("tensor_shaping", "flat", r"one of \("),
     ("merge_dims", 1, "a bool"),
     ("decay_after_update", "yes", "a bool"),
+    ("bias_correction", "loo", r"one of \("),
+    ("ema_bias_correction", 1, "a bool"),
 ]
 
 
