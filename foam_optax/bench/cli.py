@@ -24,7 +24,8 @@ import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import optimizers, report, runner, scale, workloads
+  from foam_optax.bench import optimizers, report, runner, scale, threads
+  from foam_optax.bench import workloads
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
   # are an extra, not part of the library's.
@@ -103,10 +104,25 @@ def _json_safe(value):
   return value
 
 
+def _meta(seeds, openblas: dict) -> dict:
+  return {"command": "foam-bench " + shlex.join(sys.argv[1:]),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "machine": machine(), "seeds": seeds, "openblas": openblas}
+
+
+def _finish_meta(meta: dict, started: float) -> None:
+  meta["total_seconds"] = time.perf_counter() - started
+  meta["openblas"]["loaded_threads"] = threads.loaded_blas_threads()
+
+
 def run(args: argparse.Namespace) -> dict:
-  """Runs the benchmark and writes the outputs; returns the raw results."""
+  """Runs the benchmark and writes the outputs; returns the raw results.
+
+  Sets ``OPENBLAS_NUM_THREADS=1`` first unless the environment sets it
+  (`threads.limit_openblas`), before anything loads SciPy's OpenBLAS."""
+  openblas = threads.limit_openblas()
   if args.suite == "scale":
-    return run_scale(args)
+    return run_scale(args, openblas)
   specs = optimizers.optimizer_specs()
   unknown = [name for name in args.optimizers if name not in specs]
   if unknown:
@@ -124,10 +140,7 @@ def run(args: argparse.Namespace) -> dict:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  raw = {"meta": {"command": "foam-bench " + shlex.join(sys.argv[1:]),
-                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "machine": machine(), "seeds": seeds},
-         "workloads": {}}
+  raw = {"meta": _meta(seeds, openblas), "workloads": {}}
   with tqdm(total=total, unit="step", disable=args.no_progress,
             file=sys.stderr) as bar:
     for w, wl in built.items():
@@ -144,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
           "summary": {n: report.summarize(r, target) for n, r in results.items()}}
   summaries = {w: d["summary"] for w, d in raw["workloads"].items()}
   raw["targets"] = report.targets(summaries)
-  raw["meta"]["total_seconds"] = time.perf_counter() - started
+  _finish_meta(raw["meta"], started)
   raw = _json_safe(raw)
   (out / "results.json").write_text(json.dumps(raw))
   table = report.markdown(
@@ -184,19 +197,16 @@ def docs_block(raw: dict, table: str, figures) -> str:
       f"over seeds {meta['seeds']}.", table, figures)
 
 
-def run_scale(args: argparse.Namespace) -> dict:
+def run_scale(args: argparse.Namespace, openblas: dict) -> dict:
   """Runs the scale suite and writes its outputs; returns the raw results."""
   cfg = scale.QUICK if args.quick else scale.FULL
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  meta = {"command": "foam-bench " + shlex.join(sys.argv[1:]),
-          "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "machine": machine(), "seeds": [0]}
   with tqdm(total=scale.units_of_work(cfg), unit="step",
             disable=args.no_progress, file=sys.stderr) as bar:
-    raw = {"meta": meta, **scale.run_suite(cfg, bar.update)}
-  raw["meta"]["total_seconds"] = time.perf_counter() - started
+    raw = {"meta": _meta([0], openblas), **scale.run_suite(cfg, bar.update)}
+  _finish_meta(raw["meta"], started)
   raw = _json_safe(raw)
   (out / "results.json").write_text(json.dumps(raw))
   table = scale.markdown(raw)
