@@ -49,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "2 CPU cores; with --quick a smoke run of under a "
                            "minute); it ignores --workloads, --optimizers, "
                            "--seeds, --steps and --sweep-steps")
+  parser.add_argument("--only", choices=scale.PARTS,
+                      help="with --suite scale: 'pareto' runs only FOAM, "
+                           "Shampoo at every f, FOAM's Pareto points and the "
+                           "X@eps0 ablation (about 15 min on 2 CPU cores), "
+                           "with its own block in BENCHMARKS.md")
   parser.add_argument("--quick", action="store_true",
                       help="smoke run (about a minute): "
                            f"{', '.join(QUICK['workloads'])}; "
@@ -75,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar")
   args = parser.parse_args(argv)
+  if args.only and args.suite != "scale":
+    parser.error("--only needs --suite scale")
   if args.out is None:
     args.out = "bench_scale_out" if args.suite == "scale" else "bench_out"
   defaults = QUICK if args.quick else dict(
@@ -203,9 +210,10 @@ def run_scale(args: argparse.Namespace, openblas: dict) -> dict:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  with tqdm(total=scale.units_of_work(cfg), unit="step",
+  with tqdm(total=scale.units_of_work(cfg, args.only), unit="step",
             disable=args.no_progress, file=sys.stderr) as bar:
-    raw = {"meta": _meta([0], openblas), **scale.run_suite(cfg, bar.update)}
+    raw = {"meta": _meta([0], openblas),
+           **scale.run_suite(cfg, bar.update, only=args.only)}
   _finish_meta(raw["meta"], started)
   raw = _json_safe(raw)
   (out / "results.json").write_text(json.dumps(raw))
@@ -216,7 +224,7 @@ def run_scale(args: argparse.Namespace, openblas: dict) -> dict:
     report.update_benchmarks_md(
         pathlib.Path("BENCHMARKS.md"), scale_docs_block(raw, table, figures),
         figures, pathlib.Path("docs/figures"),
-        markers=(scale.START_MARKER, scale.END_MARKER))
+        markers=scale.markers(args.only))
   print(table)
   print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
   return raw
@@ -225,9 +233,11 @@ def run_scale(args: argparse.Namespace, openblas: dict) -> dict:
 def scale_docs_block(raw: dict, table: str, figures) -> str:
   """The scale suite's BENCHMARKS.md block."""
   meta = raw["meta"]
+  title = ("### Loss against eigendecompositions, and X@ε0 "
+           "(`foam-bench --suite scale --only pareto`)" if raw["only"] else
+           "## The FOAM paper's claims at scale (`foam-bench --suite scale`)")
   return _block(
-      "## The FOAM paper's claims at scale (`foam-bench --suite scale`)",
-      meta, f"total {meta['total_seconds'] / 60:.1f} min (compilation "
+      title, meta, f"total {meta['total_seconds'] / 60:.1f} min (compilation "
       f"{raw['compile_seconds'] / 60:.1f} min of it).", table, figures)
 
 
