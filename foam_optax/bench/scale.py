@@ -93,8 +93,8 @@ class ScaleConfig:
   factors_per_size: int = 2
   eval_points: int = 100
   taus: tuple = (0.75, 0.25, 0.1)
-  pareto_points: tuple = ((5, 0.75), (10, 0.75), (50, 0.75), (20, 0.25),
-                          (20, 1.5))
+  pareto_points: tuple = ((1, 0.75), (5, 0.75), (10, 0.75), (50, 0.75),
+                          (20, 0.25), (20, 1.5))
 
 
 def scale_workload(steps: int = 1000) -> workloads.Workload:
