@@ -4,7 +4,9 @@ Writes to ``--out``: ``results.json`` (structure in BENCHMARKS.md), ``table.md``
 and PNG plots; prints the Markdown table. ``--update-docs`` also rewrites the
 marked block of ./BENCHMARKS.md and copies the plots to ./docs/figures/.
 ``--suite scale`` runs the FOAM paper's claims on a larger workload instead
-(`foam_optax.bench.scale`), with its own block in BENCHMARKS.md.
+(`foam_optax.bench.scale`), ``--suite stability`` the workloads where a
+stale preconditioner destabilises training (`foam_optax.bench.stability`);
+each has its own block in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import optimizers, report, runner, scale, threads
-  from foam_optax.bench import workloads
+  from foam_optax.bench import optimizers, report, runner, scale, stability
+  from foam_optax.bench import threads, workloads
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
   # are an extra, not part of the library's.
@@ -42,12 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="foam-bench", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--suite", choices=("default", "scale"),
+  parser.add_argument("--suite", choices=("default", "scale", "stability"),
                       default="default",
                       help="'scale': the FOAM paper's claims on a Transformer "
                            "with 512-wide factors, 1000 steps (about 30 min on "
-                           "2 CPU cores; with --quick a smoke run of under a "
-                           "minute); it ignores --workloads, --optimizers, "
+                           "2 CPU cores); 'stability': divergences of FOAM and "
+                           "Shampoo where the data switches, at equal EVD "
+                           "budget, and the paper's figure-1 grid (at most 15 "
+                           "min); with --quick each is a smoke run of under a "
+                           "minute; both ignore --workloads, --optimizers, "
                            "--seeds, --steps and --sweep-steps")
   parser.add_argument("--only", choices=scale.PARTS,
                       help="with --suite scale: 'pareto' runs only FOAM, "
@@ -83,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.only and args.suite != "scale":
     parser.error("--only needs --suite scale")
   if args.out is None:
-    args.out = "bench_scale_out" if args.suite == "scale" else "bench_out"
+    args.out = {"default": "bench_out", "scale": "bench_scale_out",
+                "stability": "bench_stability_out"}[args.suite]
   defaults = QUICK if args.quick else dict(
       workloads=tuple(workloads.WORKLOADS),
       optimizers=optimizers.DEFAULT_OPTIMIZERS, seeds=3, steps=None)
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> dict:
   openblas = threads.limit_openblas()
   if args.suite == "scale":
     return run_scale(args, openblas)
+  if args.suite == "stability":
+    return run_stability(args, openblas)
   specs = optimizers.optimizer_specs()
   unknown = [name for name in args.optimizers if name not in specs]
   if unknown:
@@ -239,6 +247,36 @@ def scale_docs_block(raw: dict, table: str, figures) -> str:
   return _block(
       title, meta, f"total {meta['total_seconds'] / 60:.1f} min (compilation "
       f"{raw['compile_seconds'] / 60:.1f} min of it).", table, figures)
+
+
+def run_stability(args: argparse.Namespace, openblas: dict) -> dict:
+  """Runs the stability suite and writes its outputs; returns the results."""
+  cfg = stability.QUICK if args.quick else stability.FULL
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  started = time.perf_counter()
+  with tqdm(total=stability.units_of_work(cfg), unit="run",
+            disable=args.no_progress, file=sys.stderr) as bar:
+    raw = {"meta": _meta(list(range(cfg.seeds)), openblas),
+           **stability.run_suite(cfg, bar.update)}
+  _finish_meta(raw["meta"], started)
+  raw = _json_safe(raw)
+  (out / "results.json").write_text(json.dumps(raw))
+  table = stability.markdown(raw)
+  (out / "table.md").write_text(table)
+  figures = stability.plot(raw, out)
+  if args.update_docs:
+    report.update_benchmarks_md(
+        pathlib.Path("BENCHMARKS.md"),
+        _block("## Stability under a data switch (`foam-bench --suite "
+               "stability`)", raw["meta"],
+               f"total {raw['meta']['total_seconds'] / 60:.1f} min.", table,
+               figures),
+        figures, pathlib.Path("docs/figures"),
+        markers=(stability.START_MARKER, stability.END_MARKER))
+  print(table)
+  print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
+  return raw
 
 
 def main(argv=None) -> None:
