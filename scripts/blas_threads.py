@@ -11,12 +11,15 @@ times, each in a fresh process:
   and one 128 x 128 weight, so every step eigendecomposes all four factors
   (the step FOAM takes when all its checks refresh);
 
-under four settings: OpenBLAS's default threads; ``OPENBLAS_NUM_THREADS=1``;
+under five settings: OpenBLAS's default threads; ``OPENBLAS_NUM_THREADS=1``;
 `threadpoolctl.threadpool_limits(1, 'blas')` called after the first `eigh`
-(SciPy's OpenBLAS loaded); and the same call made before it (too early: it
-limits only the copies already loaded). Each setting runs on the machine as
-it is ("quiet") and with `--load N` busy-looping processes beside it
-("loaded"). Prints a Markdown table with the load average.
+(SciPy's OpenBLAS loaded); the same call made before it (too early: it
+limits only the copies already loaded); and the limit held only while the
+functions are traced and compiled, which is all that code inside a jitted
+function (such as the library's) runs around its `eigh`. Each setting runs
+on the machine as it is ("as found") and with `--load N` busy-looping
+processes beside it ("loaded"). Prints a Markdown table with the load
+average.
 
   OPENBLAS_NUM_THREADS= python scripts/blas_threads.py --load 2
 """
@@ -34,6 +37,7 @@ SETTINGS = {
     "OPENBLAS_NUM_THREADS=1": {"OPENBLAS_NUM_THREADS": "1"},
     "threadpoolctl after the first eigh": {},
     "threadpoolctl before the first eigh": {},
+    "threadpoolctl while tracing and compiling only": {},
 }
 
 
@@ -55,7 +59,6 @@ def measure(setting: str, repeats: int) -> dict:
 
   if setting == "threadpoolctl before the first eigh":
     limit()
-  eigh = jax.jit(jnp.linalg.eigh)
   rng = np.random.default_rng(0)
 
   def spd(size):
@@ -63,22 +66,31 @@ def measure(setting: str, repeats: int) -> dict:
     return jnp.asarray(g @ g.T / (2 * size))
 
   matrices = {size: spd(size) for size in (128, 512)}
-  for matrix in matrices.values():
-    jax.block_until_ready(eigh(matrix))
+  while_compiling = setting == "threadpoolctl while tracing and compiling only"
+
+  def compiled(fn, *args):
+    if while_compiling:
+      with threadpool_limits(1, user_api="blas"):
+        return jax.jit(fn).lower(*args).compile()
+    return jax.jit(fn).lower(*args).compile()
+
+  eighs = {n: compiled(jnp.linalg.eigh, m) for n, m in matrices.items()}
+  for n, matrix in matrices.items():
+    jax.block_until_ready(eighs[n](matrix))
   if setting == "threadpoolctl after the first eigh":
     limit()
 
   params = {"a": jnp.zeros((512, 256)), "b": jnp.zeros((128, 128))}
   tx = fo.shampoo(1e-3, check_frequency=1, start_preconditioning_step=1)
 
-  @jax.jit
-  def step(params, state, grads):
+  def update(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   grads = jax.tree.map(
       lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
   state = tx.init(params)
+  step = compiled(update, params, state, grads)
   params, state = jax.block_until_ready(step(params, state, grads))
 
   def timed(fn):
@@ -89,7 +101,7 @@ def measure(setting: str, repeats: int) -> dict:
       times.append(1e3 * (time.perf_counter() - start))
     return {"median": statistics.median(times), "max": max(times)}
 
-  result = {f"eigh {n}": timed(lambda m=m: eigh(m))
+  result = {f"eigh {n}": timed(lambda n=n, m=m: eighs[n](m))
             for n, m in matrices.items()}
   result["refresh step"] = timed(lambda: step(params, state, grads))
   # Keyed by the package that ships the copy (scipy.libs, numpy.libs).
@@ -124,7 +136,7 @@ def main() -> None:
     print(json.dumps(measure(args.child, args.repeats)))
     return
   rows = []
-  for load in ("quiet", "loaded"):
+  for load in ("as found", "loaded"):
     loops = busy_loops(args.load) if load == "loaded" else []
     try:
       for setting in SETTINGS:

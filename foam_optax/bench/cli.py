@@ -118,13 +118,18 @@ def _json_safe(value):
 
 
 def _meta(seeds, openblas: dict) -> dict:
+  # The machine may be shared: its load and the process's CPU time tell
+  # how far the wall-clock figures stretched.
   return {"command": "foam-bench " + shlex.join(sys.argv[1:]),
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "machine": machine(), "seeds": seeds, "openblas": openblas}
+          "machine": machine(), "seeds": seeds, "openblas": openblas,
+          "load_average_at_start": os.getloadavg()}
 
 
 def _finish_meta(meta: dict, started: float) -> None:
   meta["total_seconds"] = time.perf_counter() - started
+  meta["process_cpu_seconds"] = time.process_time()
+  meta["load_average_at_end"] = os.getloadavg()
   meta["openblas"]["loaded_threads"] = threads.loaded_blas_threads()
 
 
@@ -267,16 +272,20 @@ def run_stability(args: argparse.Namespace, openblas: dict) -> dict:
   figures = stability.plot(raw, out)
   if args.update_docs:
     report.update_benchmarks_md(
-        pathlib.Path("BENCHMARKS.md"),
-        _block("## Stability under a data switch (`foam-bench --suite "
-               "stability`)", raw["meta"],
-               f"total {raw['meta']['total_seconds'] / 60:.1f} min.", table,
-               figures),
+        pathlib.Path("BENCHMARKS.md"), stability_docs_block(raw, table, figures),
         figures, pathlib.Path("docs/figures"),
         markers=(stability.START_MARKER, stability.END_MARKER))
   print(table)
   print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
   return raw
+
+
+def stability_docs_block(raw: dict, table: str, figures) -> str:
+  """The stability suite's BENCHMARKS.md block."""
+  return _block(
+      "### Stability under a data switch (`foam-bench --suite stability`)",
+      raw["meta"], f"total {raw['meta']['total_seconds'] / 60:.1f} min.",
+      table, figures)
 
 
 def main(argv=None) -> None:

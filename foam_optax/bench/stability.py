@@ -49,7 +49,6 @@ proxy, grafting, p) serves every method, learning rate and seed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 from typing import Any, Callable, Optional
 
