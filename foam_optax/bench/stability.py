@@ -564,9 +564,9 @@ def policy_study(result: dict, cfg: StabilityConfig) -> dict:
   the switch workloads, and on the controls divergences, EVDs and the median
   paired final-loss ratio against the paper's FOAM."""
   study = {}
+  switch = list(_cells(result, True))
+  control = list(_cells(result, False))
   for name in ["foam"] + [m.name for m in cfg.policy]:
-    switch = list(_cells(result, True))
-    control = list(_cells(result, False))
     ratios = [_paired_ratio(m[name]["runs"], m["foam"]["runs"])
               for _, _, m in control]
     ratios = [r for r in ratios if r is not None]
@@ -729,15 +729,18 @@ def _policy_lines(result: dict) -> list:
            "runs and the median (max over settings) of the paired final-loss "
            "ratio against the paper's FOAM.", "",
            "| candidate | " + " | ".join(settings)
-           + " | controls: diverged | controls: loss ratio, median (max) |",
-           "|---" * (len(settings) + 3) + "|"]
+           + " | controls: diverged | controls: mean EVDs "
+             "| controls: loss ratio, median (max) |",
+           "|---" * (len(settings) + 4) + "|"]
   for name, p in study.items():
     cells = [f"{p['switch_divergences_per_setting'][k]}, "
              f"{p['switch_eigendecompositions_per_setting'][k]:.0f} EVDs, "
              f"{p['switch_checks_per_setting'][k]:.0f} checks"
              for k in settings]
+    control_evds = np.mean(list(
+        p["control_eigendecompositions_per_setting"].values()))
     lines.append(f"| {name} | " + " | ".join(cells)
-                 + f" | {p['control_divergences']} | "
+                 + f" | {p['control_divergences']} | {control_evds:.0f} | "
                    f"{_fmt(p['control_loss_ratio_median'], '.3f')} "
                    f"({_fmt(p['control_loss_ratio_max'], '.3f')}) |")
   return lines + [""]
@@ -752,9 +755,16 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
   cells = list(_cells(result, True))
   paths = []
-  fig, axes = plt.subplots(1, len(cells), figsize=(3.3 * len(cells), 3.4),
-                           dpi=70, squeeze=False)
-  for ax, (w, s, methods) in zip(axes[0], cells):
+
+  def grid():
+    rows = -(-len(cells) // 3)
+    fig, axes = plt.subplots(rows, min(3, len(cells)),
+                             figsize=(3.6 * min(3, len(cells)), 3.3 * rows),
+                             dpi=70, squeeze=False)
+    return fig, axes.ravel()
+
+  fig, axes = grid()
+  for ax, (w, s, methods) in zip(axes, cells):
     ladder = [(m["summary"]["eigendecompositions"],
                m["summary"]["divergences"], m["hyperparameters"]
                ["check_frequency"]) for m in methods.values()
@@ -784,19 +794,20 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   plt.close(fig)
 
   curve_every = result["config"]["curve_every"]
-  fig, axes = plt.subplots(1, len(cells), figsize=(3.3 * len(cells), 3.4),
-                           dpi=70, squeeze=False)
-  for ax, (w, s, methods) in zip(axes[0], cells):
+  fig, axes = grid()
+  for ax, (w, s, methods) in zip(axes, cells):
     for name in ("foam", "shampoo_f20", "shampoo_equal_evd", "policy_f1"):
       if name not in methods:
         continue
       lrs = sorted({r["lr"] for r in methods[name]["runs"]})
       run = next(r for r in methods[name]["runs"]
                  if r["lr"] == lrs[len(lrs) // 2] and r["seed"] == 0)
-      steps = np.arange(len(run["curve"])) * curve_every
-      ax.plot(steps, run["curve"], label=name, lw=1)
+      curve = np.array(run["curve"], dtype=float)   # null (diverged): nan
+      ax.plot(np.arange(len(curve)) * curve_every, curve, label=name, lw=1)
     ax.axvline(run["switch_step"], color="k", lw=0.5, ls=":")
     ax.set_yscale("log")
+    # Diverged curves leave the plot instead of squashing the others.
+    ax.set_ylim(top=DIVERGENCE_FACTOR * run["initial_loss"])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"{w}\n{s}, lr {run['lr']:g}, seed {run['seed']}", fontsize=7)
