@@ -78,7 +78,7 @@ def test_quick_scale_suite(tmp_path, capsys):
   assert set(raw) == {"meta", "workload", "only", "compile_seconds", "runs",
                       "claims", "targets"}
   cfg = scale.QUICK
-  pareto_runs = {scale.pareto_name(f, t) for f, t in cfg.pareto_points}
+  pareto_runs = {scale.pareto_name(*point) for point in cfg.pareto_points}
   assert set(raw["runs"]) == ({"foam"} | set(scale.ABLATIONS) | pareto_runs
                               | {f"shampoo_f{f}" for f in cfg.frequencies})
   for run in raw["runs"].values():

@@ -76,8 +76,8 @@ class ScaleConfig:
     eval_points: train-loss evaluations per main run (resolution of the time
       to target).
     taus: error thresholds of the ROC-AUC; the first is the target's.
-    pareto_points: FOAM's (check_frequency, threshold) pairs besides the
-      paper's (20, 0.75) in the Pareto experiment.
+    pareto_points: FOAM's (check_frequency, threshold, proxy) besides the
+      paper's (20, 0.75, 'exact') in the Pareto experiment.
   """
 
   make_workload: Callable[[], workloads.Workload]
@@ -93,8 +93,10 @@ class ScaleConfig:
   factors_per_size: int = 2
   eval_points: int = 100
   taus: tuple = (0.75, 0.25, 0.1)
-  pareto_points: tuple = ((1, 0.75), (5, 0.75), (10, 0.75), (50, 0.75),
-                          (20, 0.25), (20, 1.5))
+  pareto_points: tuple = ((1, 0.75, "exact"), (1, 0.75, "sketch"),
+                          (5, 0.75, "exact"), (10, 0.75, "exact"),
+                          (50, 0.75, "exact"), (20, 0.25, "exact"),
+                          (20, 1.5, "exact"))
 
 
 def scale_workload(steps: int = 1000) -> workloads.Workload:
@@ -112,7 +114,7 @@ QUICK = ScaleConfig(
     steps=30, lr=3e-2, frequencies=(1, 20), robustness_steps=25,
     robustness_lrs=(3e-2,), robustness_frequencies=(5, 20),
     robustness_epsilons=(1e-9,), proxy_steps=30, snapshot_every=5,
-    factors_per_size=1, eval_points=10, pareto_points=((5, 0.75),))
+    factors_per_size=1, eval_points=10, pareto_points=((5, 0.75, "exact"),))
 MAX_EPSILON_RATIO = 300.0
 ABLATIONS = {"foam_fixed_damping": dict(controller="foam_fixed_damping"),
              "foam_no_refresh": dict(controller="foam_no_refresh"),
@@ -174,8 +176,9 @@ def _final(run) -> float:
   return run["curve"]["train_loss"][-1]
 
 
-def pareto_name(check_frequency: int, threshold: float) -> str:
-  return f"foam_f{check_frequency}_tau{threshold:g}"
+def pareto_name(check_frequency: int, threshold: float, proxy: str) -> str:
+  suffix = "_sketch" if proxy == "sketch" else ""
+  return f"foam_f{check_frequency}_tau{threshold:g}{suffix}"
 
 
 def summarize_run(run: dict, target: float) -> dict:
@@ -245,7 +248,7 @@ def pareto(summaries: dict, runs: dict, cfg: ScaleConfig) -> dict:
            "final_train_loss": summaries[f"shampoo_f{f}"]["final_train_loss"]}
           for f in cfg.frequencies]
   frontier = [(p["eigendecompositions"], p["final_train_loss"]) for p in line]
-  names = (["foam"] + [pareto_name(f, t) for f, t in cfg.pareto_points]
+  names = (["foam"] + [pareto_name(*point) for point in cfg.pareto_points]
            + list(PARETO_ABLATIONS))
   points = {}
   for name in names:
@@ -255,7 +258,11 @@ def pareto(summaries: dict, runs: dict, cfg: ScaleConfig) -> dict:
         "check_frequency": settings["check_frequency"],
         "threshold": settings["threshold"],
         "root_damping": settings.get("root_damping", "controller"),
+        "proxy": settings.get("proxy", "exact"),
         "eigendecompositions": s["eigendecompositions"],
+        "checks": s["checks"],
+        "step_ms_median": s["step_ms_median"],
+        "train_seconds": s["train_seconds"],
         "final_train_loss": s["final_train_loss"],
         "frontier_loss": at,
         "gap": None if at is None else s["final_train_loss"] - at,
@@ -513,9 +520,10 @@ def run_suite(cfg: ScaleConfig, progress=None,
   for f in cfg.frequencies:
     runs[f"shampoo_f{f}"] = _main_run(trainers, "shampoo", shampoo_settings(f),
                                       cfg, progress)
-  for f, tau in cfg.pareto_points:
-    runs[pareto_name(f, tau)] = _main_run(
-        trainers, "foam", foam_settings(f, threshold=tau), cfg, progress)
+  for f, tau, proxy in cfg.pareto_points:
+    runs[pareto_name(f, tau, proxy)] = _main_run(
+        trainers, "foam", foam_settings(f, threshold=tau, proxy=proxy), cfg,
+        progress)
   ablations = _ablations(only)
   for name, overrides in ablations.items():
     runs[name] = _main_run(trainers, "foam", foam_settings(**overrides), cfg,
@@ -636,17 +644,20 @@ def _pareto_table(claim: dict) -> str:
       f"{p['final_train_loss']:.4f}" for p in claim["fixed_frequency"])
            + ". Line's loss at a run's EVDs: linear in log EVDs between "
              "neighbouring f; gap = run − line (negative: below the line).",
-           "", "| run | f | τ | X built with | EVDs | final train loss | "
-           "line at same EVDs | gap | mean damping / ε_max |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "", "| run | f | τ | proxy | X built with | EVDs | checks | final "
+           "train loss | line at same EVDs | gap | mean damping / ε_max | "
+           "step ms median | train s |",
+           "|---" * 13 + "|"]
   for name, p in claim["points"].items():
     damping = ("ε0" if p["root_damping"] == "epsilon"
                else "FOAM's damping")
     lines.append(
-        f"| {name} | {p['check_frequency']} | {p['threshold']:g} | {damping} "
-        f"| {p['eigendecompositions']:.0f} | {p['final_train_loss']:.4f} | "
+        f"| {name} | {p['check_frequency']} | {p['threshold']:g} | "
+        f"{p['proxy']} | {damping} | {p['eigendecompositions']:.0f} | "
+        f"{p['checks']:.0f} | {p['final_train_loss']:.4f} | "
         f"{_f(p['frontier_loss'], '.4f')} | {_f(p['gap'], '+.4f')} | "
-        f"{100 * p['damping_over_max_epsilon']:.1f}% |")
+        f"{100 * p['damping_over_max_epsilon']:.1f}% | "
+        f"{p['step_ms_median']:.1f} | {p['train_seconds']:.1f} |")
   return "\n".join(lines)
 
 
