@@ -79,8 +79,11 @@ def test_quick_scale_suite(tmp_path, capsys):
                       "claims", "targets"}
   cfg = scale.QUICK
   pareto_runs = {scale.pareto_name(*point) for point in cfg.pareto_points}
+  seeds = {f"{name}_seed{seed}" for seed in cfg.spread_seeds
+           for name in ("foam", f"shampoo_f{cfg.spread_frequency}")}
+  line = set(cfg.frequencies) | set(cfg.line_frequencies)
   assert set(raw["runs"]) == ({"foam"} | set(scale.ABLATIONS) | pareto_runs
-                              | {f"shampoo_f{f}" for f in cfg.frequencies})
+                              | seeds | {f"shampoo_f{f}" for f in line})
   for run in raw["runs"].values():
     assert len(run["trace"]["step_seconds"]) == cfg.steps
     stats = run["stats"]
@@ -125,6 +128,10 @@ def test_quick_scale_pareto_part(tmp_path):
                                 "ablations", "pareto"}
   points = raw["claims"]["pareto"]["points"]
   assert points["foam_x_at_eps0"]["root_damping"] == "epsilon"
+  spread = raw["claims"]["pareto"]["spread"]
+  assert spread["seeds"] == [0, *scale.QUICK.spread_seeds]
+  for losses in spread["final_train_loss"].values():
+    assert len(losses) == len(spread["seeds"])
   assert raw["runs"]["foam_x_at_eps0"]["settings"]["root_damping"] == "epsilon"
   assert [p.name for p in tmp_path.glob("*.png")] == ["scale_pareto.png"]
 

@@ -78,6 +78,11 @@ class ScaleConfig:
     taus: error thresholds of the ROC-AUC; the first is the target's.
     pareto_points: FOAM's (check_frequency, threshold, proxy) besides the
       paper's (20, 0.75, 'exact') in the Pareto experiment.
+    line_frequencies: Shampoo's check frequencies on the Pareto experiment's
+      fixed-f line besides `frequencies` (where FOAM's points fall).
+    spread_seeds, spread_frequency: seeds besides 0 of FOAM and of Shampoo
+      at this f (the fixed f nearest FOAM's EVDs), for the seed-to-seed
+      spread of the final loss.
   """
 
   make_workload: Callable[[], workloads.Workload]
@@ -97,6 +102,9 @@ class ScaleConfig:
                           (5, 0.75, "exact"), (10, 0.75, "exact"),
                           (50, 0.75, "exact"), (20, 0.25, "exact"),
                           (20, 1.5, "exact"))
+  line_frequencies: tuple = (50, 150, 250)
+  spread_seeds: tuple = (1, 2)
+  spread_frequency: int = 100
 
 
 def scale_workload(steps: int = 1000) -> workloads.Workload:
@@ -114,7 +122,8 @@ QUICK = ScaleConfig(
     steps=30, lr=3e-2, frequencies=(1, 20), robustness_steps=25,
     robustness_lrs=(3e-2,), robustness_frequencies=(5, 20),
     robustness_epsilons=(1e-9,), proxy_steps=30, snapshot_every=5,
-    factors_per_size=1, eval_points=10, pareto_points=((5, 0.75, "exact"),))
+    factors_per_size=1, eval_points=10, pareto_points=((5, 0.75, "exact"),),
+    line_frequencies=(5,), spread_seeds=(1,), spread_frequency=20)
 MAX_EPSILON_RATIO = 300.0
 ABLATIONS = {"foam_fixed_damping": dict(controller="foam_fixed_damping"),
              "foam_no_refresh": dict(controller="foam_no_refresh"),
@@ -157,12 +166,13 @@ class Trainers:
     return self._cache[key]
 
 
-def _main_run(trainers, method, settings, cfg, progress) -> dict:
+def _main_run(trainers, method, settings, cfg, progress, seed=0) -> dict:
   trainer = trainers.get(method, settings)
-  run = trainer.train(0, cfg.steps, cfg.lr, progress,
+  run = trainer.train(seed, cfg.steps, cfg.lr, progress,
                       eval_points=cfg.eval_points)
   return {"method": method, "settings": settings, "lr": cfg.lr,
-          "steps": cfg.steps, **run}
+          "steps": cfg.steps, "seed": seed, **run}
+
 
 
 def _seconds_to(curve, target) -> Optional[float]:
@@ -242,11 +252,13 @@ def pareto(summaries: dict, runs: dict, cfg: ScaleConfig) -> dict:
   ``gap`` is the FOAM run's final loss minus the line's at its EVD count
   (negative: below the line, a better loss for its EVDs); the damping is
   the time average of the mean over factors, as a fraction of ε_max.
+  ``spread``: the final losses of FOAM and of Shampoo at
+  `spread_frequency` over seed 0 and `spread_seeds`.
   """
   line = [{"check_frequency": f,
            "eigendecompositions": summaries[f"shampoo_f{f}"]["eigendecompositions"],
            "final_train_loss": summaries[f"shampoo_f{f}"]["final_train_loss"]}
-          for f in cfg.frequencies]
+          for f in sorted(set(cfg.frequencies) | set(cfg.line_frequencies))]
   frontier = [(p["eigendecompositions"], p["final_train_loss"]) for p in line]
   names = (["foam"] + [pareto_name(*point) for point in cfg.pareto_points]
            + list(PARETO_ABLATIONS))
@@ -268,7 +280,12 @@ def pareto(summaries: dict, runs: dict, cfg: ScaleConfig) -> dict:
         "gap": None if at is None else s["final_train_loss"] - at,
         "damping_over_max_epsilon": (s["damping_mean_over_steps"]
                                      / settings["max_epsilon"])}
-  return {"fixed_frequency": line, "points": points}
+  reference = f"shampoo_f{cfg.spread_frequency}"
+  spread = {"seeds": [0, *cfg.spread_seeds], "final_train_loss": {
+      name: [summaries[name]["final_train_loss"]] + [
+          summaries[f"{name}_seed{seed}"]["final_train_loss"]
+          for seed in cfg.spread_seeds] for name in ("foam", reference)}}
+  return {"fixed_frequency": line, "points": points, "spread": spread}
 
 
 def _failed(run: dict, best: float) -> bool:
@@ -501,6 +518,7 @@ def _ablations(only) -> dict:
 
 def units_of_work(cfg: ScaleConfig, only: Optional[str] = None) -> int:
   main = (1 + len(cfg.frequencies) + len(cfg.pareto_points)
+          + len(cfg.line_frequencies) + 2 * len(cfg.spread_seeds)
           + len(_ablations(only))) * cfg.steps
   if only == "pareto":
     return main
@@ -520,10 +538,19 @@ def run_suite(cfg: ScaleConfig, progress=None,
   for f in cfg.frequencies:
     runs[f"shampoo_f{f}"] = _main_run(trainers, "shampoo", shampoo_settings(f),
                                       cfg, progress)
+  for f in cfg.line_frequencies:
+    runs[f"shampoo_f{f}"] = _main_run(trainers, "shampoo", shampoo_settings(f),
+                                      cfg, progress)
   for f, tau, proxy in cfg.pareto_points:
     runs[pareto_name(f, tau, proxy)] = _main_run(
         trainers, "foam", foam_settings(f, threshold=tau, proxy=proxy), cfg,
         progress)
+  for seed in cfg.spread_seeds:
+    runs[f"foam_seed{seed}"] = _main_run(trainers, "foam", foam_settings(),
+                                         cfg, progress, seed)
+    runs[f"shampoo_f{cfg.spread_frequency}_seed{seed}"] = _main_run(
+        trainers, "shampoo", shampoo_settings(cfg.spread_frequency), cfg,
+        progress, seed)
   ablations = _ablations(only)
   for name, overrides in ablations.items():
     runs[name] = _main_run(trainers, "foam", foam_settings(**overrides), cfg,
@@ -658,6 +685,12 @@ def _pareto_table(claim: dict) -> str:
         f"{_f(p['frontier_loss'], '.4f')} | {_f(p['gap'], '+.4f')} | "
         f"{100 * p['damping_over_max_epsilon']:.1f}% | "
         f"{p['step_ms_median']:.1f} | {p['train_seconds']:.1f} |")
+  spread = claim["spread"]
+  losses = "; ".join(
+      f"{name} {min(v):.4f}–{max(v):.4f} (range {max(v) - min(v):.4f})"
+      for name, v in spread["final_train_loss"].items())
+  lines += ["", f"Seed-to-seed spread of the final train loss (seeds "
+            f"{', '.join(str(x) for x in spread['seeds'])}): {losses}."]
   return "\n".join(lines)
 
 
@@ -712,9 +745,15 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   axes[0].set_ylabel("final train loss")
   axes[0].legend(fontsize=6)
   reference = np.array(runs["shampoo_f20"]["curve"]["train_loss"])
-  rarer = [f"shampoo_f{p['check_frequency']}" for p in line
-           if p["check_frequency"] > 20]
-  for name in ["foam", *PARETO_ABLATIONS, *rarer]:
+  # The fixed frequencies whose EVD counts bracket FOAM's.
+  foam_evds = claim["points"]["foam"]["eigendecompositions"]
+  more = [p for p in line if p["eigendecompositions"] >= foam_evds]
+  fewer = [p for p in line if p["eigendecompositions"] < foam_evds]
+  bracket = ([min(more, key=lambda p: p["eigendecompositions"])] if more
+             else []) + ([max(fewer, key=lambda p: p["eigendecompositions"])]
+                         if fewer else [])
+  for name in ["foam", *PARETO_ABLATIONS,
+               *(f"shampoo_f{p['check_frequency']}" for p in bracket)]:
     curve = runs[name]["curve"]
     axes[1].plot(curve["step"], np.array(curve["train_loss"]) / reference,
                  label=name, lw=1.2)
