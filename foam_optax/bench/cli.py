@@ -198,12 +198,20 @@ def _block(title: str, meta: dict, totals: str, table: str, figures) -> str:
   """A BENCHMARKS.md block: title, command and machine, `totals`, the
   table and the plots."""
   m = meta["machine"]
+  load = ""
+  if "load_average_at_start" in meta:
+    load = (f" 1-min load average {meta['load_average_at_start'][0]:.1f} at "
+            f"the start, {meta['load_average_at_end'][0]:.1f} at the end; "
+            f"process CPU time {meta['process_cpu_seconds'] / 60:.1f} min; "
+            f"OPENBLAS_NUM_THREADS="
+            f"{meta['openblas']['OPENBLAS_NUM_THREADS']} (set by "
+            f"{meta['openblas']['set_by']}).")
   lines = [
       title, "",
       f"Output of `{meta['command']}` on {meta['date'][:10]}: "
       f"{m['processor'] or m['platform']}, {m['cpu_count']} CPU cores, "
-      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; {totals}", "",
-      table, "", "#### Plots", ""]
+      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; {totals}{load}",
+      "", table, "", "#### Plots", ""]
   lines += [f"![{f.stem}](docs/figures/{f.name})" for f in figures]
   return "\n".join(lines)
 
