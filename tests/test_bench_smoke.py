@@ -75,11 +75,15 @@ def test_quick_scale_suite(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "| target | measured | met/missed |" in out
   raw = json.loads((tmp_path / "results.json").read_text())
-  assert set(raw) == {"meta", "workload", "compile_seconds", "runs", "claims",
-                      "targets"}
+  assert set(raw) == {"meta", "workload", "only", "compile_seconds", "runs",
+                      "claims", "targets"}
   cfg = scale.QUICK
-  assert set(raw["runs"]) == ({"foam"} | set(scale.ABLATIONS)
-                              | {f"shampoo_f{f}" for f in cfg.frequencies})
+  pareto_runs = {scale.pareto_name(*point) for point in cfg.pareto_points}
+  seeds = {f"{name}_seed{seed}" for seed in cfg.spread_seeds
+           for name in ("foam", f"shampoo_f{cfg.spread_frequency}")}
+  line = set(cfg.frequencies) | set(cfg.line_frequencies)
+  assert set(raw["runs"]) == ({"foam"} | set(scale.ABLATIONS) | pareto_runs
+                              | seeds | {f"shampoo_f{f}" for f in line})
   for run in raw["runs"].values():
     assert len(run["trace"]["step_seconds"]) == cfg.steps
     stats = run["stats"]
@@ -87,7 +91,9 @@ def test_quick_scale_suite(tmp_path, capsys):
             + stats["eigendecompositions_right"]) == stats["eigendecompositions"]
   claims = raw["claims"]
   assert set(claims) == {"eigendecompositions", "wallclock", "robustness",
-                         "proxy", "ablations"}
+                         "proxy", "ablations", "pareto"}
+  assert set(claims["pareto"]["points"]) == (
+      {"foam", *scale.PARETO_ABLATIONS} | pareto_runs)
   # Shampoo f=1 refreshes every factor every step from the first check on.
   f1 = raw["runs"]["shampoo_f1"]["stats"]
   start = scale.foam_settings()["start_preconditioning_step"]
@@ -109,7 +115,32 @@ def test_quick_scale_suite(tmp_path, capsys):
   assert all(math.isfinite(x) for x in _numbers(raw))
   assert sorted(p.name for p in tmp_path.glob("scale_*.png")) == [
       "scale_ablations.png", "scale_eigendecompositions.png",
-      "scale_proxy.png", "scale_robustness.png", "scale_wallclock.png"]
+      "scale_pareto.png", "scale_proxy.png", "scale_robustness.png",
+      "scale_wallclock.png"]
+
+
+def test_quick_scale_pareto_part(tmp_path):
+  cli.main(["--suite", "scale", "--only", "pareto", "--quick",
+            "--no-progress", "--out", str(tmp_path)])
+  raw = json.loads((tmp_path / "results.json").read_text())
+  assert raw["only"] == "pareto"
+  assert set(raw["claims"]) == {"eigendecompositions", "wallclock",
+                                "ablations", "pareto"}
+  points = raw["claims"]["pareto"]["points"]
+  assert points["foam_x_at_eps0"]["root_damping"] == "epsilon"
+  spread = raw["claims"]["pareto"]["spread"]
+  assert spread["seeds"] == [0, *scale.QUICK.spread_seeds]
+  for losses in spread["final_train_loss"].values():
+    assert len(losses) == len(spread["seeds"])
+  assert raw["runs"]["foam_x_at_eps0"]["settings"]["root_damping"] == "epsilon"
+  assert [p.name for p in tmp_path.glob("*.png")] == ["scale_pareto.png"]
+
+
+def test_frontier_loss_interpolates_in_log_evds():
+  frontier = [(10.0, 2.0), (1000.0, 1.0)]
+  assert scale.frontier_loss(frontier, 100.0) == 1.5
+  assert scale.frontier_loss(frontier, 10.0) == 2.0
+  assert scale.frontier_loss(frontier, 5.0) is None
 
 
 def test_stale_inverse_root_error_is_zero_for_a_fresh_basis():

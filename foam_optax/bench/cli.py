@@ -3,15 +3,18 @@
 Writes to ``--out``: ``results.json`` (structure in BENCHMARKS.md), ``table.md``
 and PNG plots; prints the Markdown table. ``--update-docs`` also rewrites the
 marked block of ./BENCHMARKS.md and copies the plots to ./docs/figures/.
-``--suite scale`` runs the FOAM paper's claims on a larger workload instead
-(`foam_optax.bench.scale`), with its own block in BENCHMARKS.md.
-``--suite transfer`` sweeps learning rates at four widths with and without
-μP (`foam_optax.bench.transfer`), with its own block too.
+Other suites run instead with ``--suite``, each with its own module and its
+own block in BENCHMARKS.md: ``scale`` the FOAM paper's claims on a larger
+workload (`foam_optax.bench.scale`), ``stability`` the workloads where a stale
+preconditioner destabilises training (`foam_optax.bench.stability`)
+and ``transfer`` learning-rate sweeps across widths with and without μP
+(`foam_optax.bench.transfer`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -21,13 +24,14 @@ import platform
 import shlex
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import optimizers, report, runner, scale, transfer
-  from foam_optax.bench import workloads
+  from foam_optax.bench import optimizers, report, runner, scale
+  from foam_optax.bench import stability, threads, transfer, workloads
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
   # are an extra, not part of the library's.
@@ -35,6 +39,42 @@ except ImportError as error:
       f"foam-bench needs the optional dependencies of foam_optax[bench] "
       f"(missing: {error.name}). Install them with: "
       f"pip install 'foam_optax[bench]'") from error
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """A suite run by `--suite`. Its module provides ``FULL`` and ``QUICK``
+  configs, ``units_of_work(cfg)``, ``run_suite(cfg, progress)`` (a dict,
+  with ``compile_seconds`` when it measures compilation), ``markdown(raw)``,
+  ``plot(raw, out_dir)``, and ``START_MARKER``/``END_MARKER`` for its block
+  of BENCHMARKS.md."""
+  module: Any
+  title: str                       # heading of its BENCHMARKS.md block
+  out: str                         # default --out
+  unit: str                        # what the progress bar counts
+  seeds: Callable[[Any], list]     # the seeds a config runs
+  help: str
+
+
+SUITES = {
+    "scale": Suite(
+        scale, "## The FOAM paper's claims at scale (`foam-bench --suite "
+        "scale`)", "bench_scale_out", "step", lambda cfg: [0],
+        "the FOAM paper's claims on a Transformer with 512-wide factors, 1000 "
+        "steps (about 30 min on 2 CPU cores)"),
+    "stability": Suite(
+        stability, "### Stability under a data switch (`foam-bench --suite "
+        "stability`)", "bench_stability_out", "run",
+        lambda cfg: list(range(cfg.seeds)),
+        "divergences of FOAM and Shampoo where the data switches, at equal "
+        "EVD budget, and the paper's figure-1 grid (at most 15 min)"),
+    "transfer": Suite(
+        transfer, "## Hyperparameter transfer across widths (`foam-bench "
+        "--suite transfer`)", "bench_transfer_out", "step", lambda cfg: [0],
+        "learning-rate sweeps at 4 widths with and without muP for AdamW, "
+        "FOAM, SOAP and Muon (under 20 min)"),
+}
 
 QUICK = dict(workloads=("quadratic_k1e2", "digits_mlp"),
              optimizers=("adamw", "shampoo_f20", "foam"), seeds=2, steps=40)
@@ -44,16 +84,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="foam-bench", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--suite", choices=("default", "scale", "transfer"),
-                      default="default",
-                      help="'scale': the FOAM paper's claims on a Transformer "
-                           "with 512-wide factors, 1000 steps (about 30 min on "
-                           "2 CPU cores; with --quick a smoke run of under a "
-                           "minute); 'transfer': learning-rate sweeps at 4 "
-                           "widths with and without muP for AdamW, FOAM, SOAP "
-                           "and Muon (under 20 min on 2 CPU cores; --quick: "
-                           "seconds). Both ignore --workloads, --optimizers, "
-                           "--seeds, --steps and --sweep-steps")
+  parser.add_argument(
+      "--suite", choices=("default", *SUITES), default="default",
+      help="; ".join(f"'{name}': {suite.help}" for name, suite in
+                     SUITES.items())
+      + ". With --quick each is a smoke run of about a minute; they ignore "
+        "--workloads, --optimizers, --seeds, --steps and --sweep-steps")
+  parser.add_argument("--only", choices=scale.PARTS,
+                      help="with --suite scale: 'pareto' runs only FOAM, "
+                           "Shampoo at every f, FOAM's Pareto points and the "
+                           "X@eps0 ablation (about 15 min on 2 CPU cores), "
+                           "with its own block in BENCHMARKS.md")
   parser.add_argument("--quick", action="store_true",
                       help="smoke run (about a minute): "
                            f"{', '.join(QUICK['workloads'])}; "
@@ -80,9 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar")
   args = parser.parse_args(argv)
+  if args.only and args.suite != "scale":
+    parser.error("--only needs --suite scale")
   if args.out is None:
-    args.out = {"scale": "bench_scale_out",
-                "transfer": "bench_transfer_out"}.get(args.suite, "bench_out")
+    args.out = SUITES[args.suite].out if args.suite in SUITES else "bench_out"
   defaults = QUICK if args.quick else dict(
       workloads=tuple(workloads.WORKLOADS),
       optimizers=optimizers.DEFAULT_OPTIMIZERS, seeds=3, steps=None)
@@ -110,12 +152,30 @@ def _json_safe(value):
   return value
 
 
+def _meta(seeds, openblas: dict) -> dict:
+  # The machine may be shared: its load and the process's CPU time tell
+  # how far the wall-clock figures stretched.
+  return {"command": "foam-bench " + shlex.join(sys.argv[1:]),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "machine": machine(), "seeds": seeds, "openblas": openblas,
+          "load_average_at_start": os.getloadavg()}
+
+
+def _finish_meta(meta: dict, started: float) -> None:
+  meta["total_seconds"] = time.perf_counter() - started
+  meta["process_cpu_seconds"] = time.process_time()
+  meta["load_average_at_end"] = os.getloadavg()
+  meta["openblas"]["loaded_threads"] = threads.loaded_blas_threads()
+
+
 def run(args: argparse.Namespace) -> dict:
-  """Runs the benchmark and writes the outputs; returns the raw results."""
-  if args.suite == "scale":
-    return run_scale(args)
-  if args.suite == "transfer":
-    return run_transfer(args)
+  """Runs the benchmark and writes the outputs; returns the raw results.
+
+  Sets ``OPENBLAS_NUM_THREADS=1`` first unless the environment sets it
+  (`threads.limit_openblas`), before anything loads SciPy's OpenBLAS."""
+  openblas = threads.limit_openblas()
+  if args.suite in SUITES:
+    return run_suite(args, openblas)
   specs = optimizers.optimizer_specs()
   unknown = [name for name in args.optimizers if name not in specs]
   if unknown:
@@ -133,10 +193,7 @@ def run(args: argparse.Namespace) -> dict:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  raw = {"meta": {"command": "foam-bench " + shlex.join(sys.argv[1:]),
-                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "machine": machine(), "seeds": seeds},
-         "workloads": {}}
+  raw = {"meta": _meta(seeds, openblas), "workloads": {}}
   with tqdm(total=total, unit="step", disable=args.no_progress,
             file=sys.stderr) as bar:
     for w, wl in built.items():
@@ -153,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
           "summary": {n: report.summarize(r, target) for n, r in results.items()}}
   summaries = {w: d["summary"] for w, d in raw["workloads"].items()}
   raw["targets"] = report.targets(summaries)
-  raw["meta"]["total_seconds"] = time.perf_counter() - started
+  _finish_meta(raw["meta"], started)
   raw = _json_safe(raw)
   (out / "results.json").write_text(json.dumps(raw))
   table = report.markdown(
@@ -174,12 +231,20 @@ def _block(title: str, meta: dict, totals: str, table: str, figures) -> str:
   """A BENCHMARKS.md block: title, command and machine, `totals`, the
   table and the plots."""
   m = meta["machine"]
+  load = ""
+  if "load_average_at_start" in meta:
+    load = (f" 1-min load average {meta['load_average_at_start'][0]:.1f} at "
+            f"the start, {meta['load_average_at_end'][0]:.1f} at the end; "
+            f"process CPU time {meta['process_cpu_seconds'] / 60:.1f} min; "
+            f"OPENBLAS_NUM_THREADS="
+            f"{meta['openblas']['OPENBLAS_NUM_THREADS']} (set by "
+            f"{meta['openblas']['set_by']}).")
   lines = [
       title, "",
       f"Output of `{meta['command']}` on {meta['date'][:10]}: "
       f"{m['processor'] or m['platform']}, {m['cpu_count']} CPU cores, "
-      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; {totals}", "",
-      table, "", "#### Plots", ""]
+      f"devices {', '.join(m['devices'])}, JAX {m['jax']}; {totals}{load}",
+      "", table, "", "#### Plots", ""]
   lines += [f"![{f.stem}](docs/figures/{f.name})" for f in figures]
   return "\n".join(lines)
 
@@ -193,83 +258,40 @@ def docs_block(raw: dict, table: str, figures) -> str:
       f"over seeds {meta['seeds']}.", table, figures)
 
 
-def run_scale(args: argparse.Namespace) -> dict:
-  """Runs the scale suite and writes its outputs; returns the raw results."""
-  cfg = scale.QUICK if args.quick else scale.FULL
+def run_suite(args: argparse.Namespace, openblas: dict) -> dict:
+  """Runs ``SUITES[args.suite]`` and writes its outputs; returns the raw
+  results."""
+  suite = SUITES[args.suite]
+  module = suite.module
+  cfg = module.QUICK if args.quick else module.FULL
+  part = {"only": args.only} if args.only else {}   # --only: scale's parts
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  meta = {"command": "foam-bench " + shlex.join(sys.argv[1:]),
-          "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "machine": machine(), "seeds": [0]}
-  with tqdm(total=scale.units_of_work(cfg), unit="step",
+  with tqdm(total=module.units_of_work(cfg, **part), unit=suite.unit,
             disable=args.no_progress, file=sys.stderr) as bar:
-    raw = {"meta": meta, **scale.run_suite(cfg, bar.update)}
-  raw["meta"]["total_seconds"] = time.perf_counter() - started
+    raw = {"meta": _meta(suite.seeds(cfg), openblas),
+           **module.run_suite(cfg, bar.update, **part)}
+  _finish_meta(raw["meta"], started)
   raw = _json_safe(raw)
   (out / "results.json").write_text(json.dumps(raw))
-  table = scale.markdown(raw)
+  table = module.markdown(raw)
   (out / "table.md").write_text(table)
-  figures = scale.plot(raw, out)
+  figures = module.plot(raw, out)
   if args.update_docs:
+    title, markers = suite.title, (module.START_MARKER, module.END_MARKER)
+    if args.only:
+      title, markers = scale.PARETO_TITLE, scale.PARETO_MARKERS
+    totals = f"total {raw['meta']['total_seconds'] / 60:.1f} min"
+    if "compile_seconds" in raw:
+      totals += f" (compilation {raw['compile_seconds'] / 60:.1f} min of it)"
     report.update_benchmarks_md(
-        pathlib.Path("BENCHMARKS.md"), scale_docs_block(raw, table, figures),
-        figures, pathlib.Path("docs/figures"),
-        markers=(scale.START_MARKER, scale.END_MARKER))
+        pathlib.Path("BENCHMARKS.md"),
+        _block(title, raw["meta"], totals + ".", table, figures),
+        figures, pathlib.Path("docs/figures"), markers=markers)
   print(table)
   print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
   return raw
-
-
-def scale_docs_block(raw: dict, table: str, figures) -> str:
-  """The scale suite's BENCHMARKS.md block."""
-  meta = raw["meta"]
-  return _block(
-      "## The FOAM paper's claims at scale (`foam-bench --suite scale`)",
-      meta, f"total {meta['total_seconds'] / 60:.1f} min (compilation "
-      f"{raw['compile_seconds'] / 60:.1f} min of it).", table, figures)
-
-
-def run_transfer(args: argparse.Namespace) -> dict:
-  """Runs the transfer suite and writes its outputs; returns the raw results."""
-  cfg = transfer.QUICK if args.quick else transfer.FULL
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  started = time.perf_counter()
-  meta = {"command": "foam-bench " + shlex.join(sys.argv[1:]),
-          "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "machine": machine(), "seeds": [0],
-          "load_average_start": os.getloadavg()}
-  with tqdm(total=transfer.units_of_work(cfg), unit="step",
-            disable=args.no_progress, file=sys.stderr) as bar:
-    raw = {"meta": meta, **transfer.run_suite(cfg, bar.update)}
-  raw["meta"]["total_seconds"] = time.perf_counter() - started
-  raw["meta"]["load_average_end"] = os.getloadavg()
-  raw = _json_safe(raw)
-  (out / "results.json").write_text(json.dumps(raw))
-  table = transfer.markdown(raw)
-  (out / "table.md").write_text(table)
-  figures = transfer.plot(raw, out)
-  if args.update_docs:
-    report.update_benchmarks_md(
-        pathlib.Path("BENCHMARKS.md"), transfer_docs_block(raw, table, figures),
-        figures, pathlib.Path("docs/figures"),
-        markers=(transfer.START_MARKER, transfer.END_MARKER))
-  print(table)
-  print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
-  return raw
-
-
-def transfer_docs_block(raw: dict, table: str, figures) -> str:
-  """The transfer suite's BENCHMARKS.md block."""
-  meta = raw["meta"]
-  load = ", ".join(f"{x:.1f}" for x in meta["load_average_start"])
-  return _block(
-      "## Hyperparameter transfer across widths (`foam-bench --suite "
-      "transfer`)", meta,
-      f"total {meta['total_seconds'] / 60:.1f} min (compilation "
-      f"{raw['compile_seconds'] / 60:.1f} min of it); load average at the "
-      f"start {load} (1, 5, 15 min).", table, figures)
 
 
 def main(argv=None) -> None:

@@ -43,6 +43,7 @@ class Trainer:
       stats = fo.stats(opt_state)
       trace["eigendecompositions"] = stats["eigendecompositions"]
       trace["damping_max"] = stats["damping_max"]
+      trace["damping_mean"] = stats["damping_mean"]
     return optax.apply_updates(params, updates), opt_state, trace
 
   def step(self, params, opt_state, batch, lr):
@@ -71,7 +72,8 @@ class Trainer:
     and the workload's metrics; evaluated `eval_points` times when `record`,
     else only at the start and end), ``trace`` (per-step lists: ``loss``,
     ``step_seconds`` and, for foam_optax optimizers, cumulative
-    ``eigendecompositions`` and ``damping_max``), ``stats`` (final
+    ``eigendecompositions``, ``damping_max`` and ``damping_mean`` over the
+    factors), ``stats`` (final
     `fo.stats`, foam_optax optimizers only) and ``state_bytes``.
     """
     params, opt_state = self.init(seed)

@@ -16,7 +16,16 @@ MLP is 128 -> 512 -> 128) trained for 1000 steps, and five experiments on it:
    that the stale inverse root's true relative error exceeds tau, and
    Spearman's correlation between h and that error (float64 reference);
 5. **ablations**: FOAM with ``controller='foam_fixed_damping'``,
-   ``'foam_no_refresh'``, ``'residual'`` and ``proxy='sketch'``.
+   ``'foam_no_refresh'``, ``'residual'``, ``proxy='sketch'`` and
+   ``root_damping='epsilon'`` (X@ε0: FOAM's refresh decisions, inverse roots
+   built with ε0 instead of FOAM's raised damping);
+6. **Pareto**: final loss against EVDs for FOAM at several (f, τ) and for
+   Shampoo's fixed frequencies; for each FOAM point, the loss of the
+   fixed-f line at the same EVD count.
+
+``run_suite(..., only='pareto')`` (``foam-bench --suite scale --only
+pareto``) runs just what experiment 6 and the X@ε0 ablation need: FOAM,
+Shampoo at every f, the Pareto points and X@ε0.
 
 Every run uses one learning rate (`ScaleConfig.lr`), chosen once with a short
 sweep of Shampoo f=20 and FOAM (see BENCHMARKS.md). Wall-clock is the sum of
@@ -41,6 +50,10 @@ from foam_optax.bench import metrics, optimizers, report, runner, workloads
 
 START_MARKER = "<!-- bench-scale:start -->"
 END_MARKER = "<!-- bench-scale:end -->"
+PARETO_MARKERS = ("<!-- bench-scale-pareto:start -->",
+                  "<!-- bench-scale-pareto:end -->")
+PARETO_TITLE = ("### Loss against eigendecompositions, and X@ε0 "
+                "(`foam-bench --suite scale --only pareto`)")
 FAILURE_MARGIN = 0.10   # a run fails when its loss is above (1 + this) x best
 
 
@@ -64,6 +77,13 @@ class ScaleConfig:
     eval_points: train-loss evaluations per main run (resolution of the time
       to target).
     taus: error thresholds of the ROC-AUC; the first is the target's.
+    pareto_points: FOAM's (check_frequency, threshold, proxy) besides the
+      paper's (20, 0.75, 'exact') in the Pareto experiment.
+    line_frequencies: Shampoo's check frequencies on the Pareto experiment's
+      fixed-f line besides `frequencies` (where FOAM's points fall).
+    spread_seeds, spread_frequency: seeds besides 0 of FOAM and of Shampoo
+      at this f (the fixed f nearest FOAM's EVDs), for the seed-to-seed
+      spread of the final loss.
   """
 
   make_workload: Callable[[], workloads.Workload]
@@ -79,6 +99,13 @@ class ScaleConfig:
   factors_per_size: int = 2
   eval_points: int = 100
   taus: tuple = (0.75, 0.25, 0.1)
+  pareto_points: tuple = ((1, 0.75, "exact"), (1, 0.75, "sketch"),
+                          (5, 0.75, "exact"), (10, 0.75, "exact"),
+                          (50, 0.75, "exact"), (20, 0.25, "exact"),
+                          (20, 1.5, "exact"))
+  line_frequencies: tuple = (50, 150, 250)
+  spread_seeds: tuple = (1, 2)
+  spread_frequency: int = 100
 
 
 def scale_workload(steps: int = 1000) -> workloads.Workload:
@@ -96,12 +123,16 @@ QUICK = ScaleConfig(
     steps=30, lr=3e-2, frequencies=(1, 20), robustness_steps=25,
     robustness_lrs=(3e-2,), robustness_frequencies=(5, 20),
     robustness_epsilons=(1e-9,), proxy_steps=30, snapshot_every=5,
-    factors_per_size=1, eval_points=10)
+    factors_per_size=1, eval_points=10, pareto_points=((5, 0.75, "exact"),),
+    line_frequencies=(5,), spread_seeds=(1,), spread_frequency=20)
 MAX_EPSILON_RATIO = 300.0
 ABLATIONS = {"foam_fixed_damping": dict(controller="foam_fixed_damping"),
              "foam_no_refresh": dict(controller="foam_no_refresh"),
              "residual": dict(controller="residual"),
-             "foam_sketch": dict(proxy="sketch")}
+             "foam_sketch": dict(proxy="sketch"),
+             "foam_x_at_eps0": dict(root_damping="epsilon")}
+PARETO_ABLATIONS = ("foam_x_at_eps0",)   # the ablations `only='pareto'` runs
+PARTS = ("pareto",)
 
 
 def shampoo_settings(check_frequency: int, epsilon: float = 1e-9) -> dict:
@@ -136,12 +167,13 @@ class Trainers:
     return self._cache[key]
 
 
-def _main_run(trainers, method, settings, cfg, progress) -> dict:
+def _main_run(trainers, method, settings, cfg, progress, seed=0) -> dict:
   trainer = trainers.get(method, settings)
-  run = trainer.train(0, cfg.steps, cfg.lr, progress,
+  run = trainer.train(seed, cfg.steps, cfg.lr, progress,
                       eval_points=cfg.eval_points)
   return {"method": method, "settings": settings, "lr": cfg.lr,
-          "steps": cfg.steps, **run}
+          "steps": cfg.steps, "seed": seed, **run}
+
 
 
 def _seconds_to(curve, target) -> Optional[float]:
@@ -155,9 +187,17 @@ def _final(run) -> float:
   return run["curve"]["train_loss"][-1]
 
 
+def pareto_name(check_frequency: int, threshold: float, proxy: str) -> str:
+  suffix = "_sketch" if proxy == "sketch" else ""
+  return f"foam_f{check_frequency}_tau{threshold:g}{suffix}"
+
+
 def summarize_run(run: dict, target: float) -> dict:
   stats = run["stats"]
   return {"final_train_loss": _final(run),
+          # Time-averaged over the steps: the damping a run trained with.
+          "damping_mean_over_steps": float(np.mean(
+              run["trace"]["damping_mean"])),
           "final_test_loss": run["curve"]["test_loss"][-1],
           "train_seconds": run["curve"]["seconds"][-1],
           "seconds_to_target": _seconds_to(run["curve"], target),
@@ -192,6 +232,61 @@ def eigendecomposition_claim(summaries: dict) -> dict:
                             stale["eigendecompositions_right"]),
       "loss_ratio": foam["final_train_loss"] / stale["final_train_loss"],
   }
+
+
+def frontier_loss(frontier: list, evds: float) -> Optional[float]:
+  """The fixed-f line's loss at `evds`: linear in log EVDs between the
+  neighbouring (EVDs, loss) points of `frontier`; None outside its range."""
+  points = sorted(frontier)
+  for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    if x0 <= evds <= x1:
+      if x1 == x0:
+        return min(y0, y1)
+      weight = (math.log(evds) - math.log(x0)) / (math.log(x1) - math.log(x0))
+      return y0 + weight * (y1 - y0)
+  return None
+
+
+def pareto(summaries: dict, runs: dict, cfg: ScaleConfig) -> dict:
+  """Every FOAM run's EVDs and final loss against the fixed-f line.
+
+  ``gap`` is the FOAM run's final loss minus the line's at its EVD count
+  (negative: below the line, a better loss for its EVDs); the damping is
+  the time average of the mean over factors, as a fraction of ε_max.
+  ``spread``: the final losses of FOAM and of Shampoo at
+  `spread_frequency` over seed 0 and `spread_seeds`.
+  """
+  line = [{"check_frequency": f,
+           "eigendecompositions": summaries[f"shampoo_f{f}"]["eigendecompositions"],
+           "final_train_loss": summaries[f"shampoo_f{f}"]["final_train_loss"]}
+          for f in sorted(set(cfg.frequencies) | set(cfg.line_frequencies))]
+  frontier = [(p["eigendecompositions"], p["final_train_loss"]) for p in line]
+  names = (["foam"] + [pareto_name(*point) for point in cfg.pareto_points]
+           + list(PARETO_ABLATIONS))
+  points = {}
+  for name in names:
+    s, settings = summaries[name], runs[name]["settings"]
+    at = frontier_loss(frontier, s["eigendecompositions"])
+    points[name] = {
+        "check_frequency": settings["check_frequency"],
+        "threshold": settings["threshold"],
+        "root_damping": settings.get("root_damping", "controller"),
+        "proxy": settings.get("proxy", "exact"),
+        "eigendecompositions": s["eigendecompositions"],
+        "checks": s["checks"],
+        "step_ms_median": s["step_ms_median"],
+        "train_seconds": s["train_seconds"],
+        "final_train_loss": s["final_train_loss"],
+        "frontier_loss": at,
+        "gap": None if at is None else s["final_train_loss"] - at,
+        "damping_over_max_epsilon": (s["damping_mean_over_steps"]
+                                     / settings["max_epsilon"])}
+  reference = f"shampoo_f{cfg.spread_frequency}"
+  spread = {"seeds": [0, *cfg.spread_seeds], "final_train_loss": {
+      name: [summaries[name]["final_train_loss"]] + [
+          summaries[f"{name}_seed{seed}"]["final_train_loss"]
+          for seed in cfg.spread_seeds] for name in ("foam", reference)}}
+  return {"fixed_frequency": line, "points": points, "spread": spread}
 
 
 def _failed(run: dict, best: float) -> bool:
@@ -371,6 +466,8 @@ def targets(claims: dict, cfg: ScaleConfig) -> dict:
                    f"{evd['loss_ratio']:.4f}"),
       "met": (evd["ratio_total"] is not None and evd["ratio_total"] <= 0.2
               and evd["loss_ratio"] <= 1.01)}
+  if "robustness" not in claims:   # only='pareto'
+    return result
   fractions = claims["robustness"]["failure_fraction"]
   result["foam_robustness_le_shampoo"] = {
       "target": "FOAM's failure fraction ≤ Shampoo's at every f",
@@ -400,22 +497,49 @@ def _pct(ratio):
 # --------------------------------------------------------------------- run
 
 
-def units_of_work(cfg: ScaleConfig) -> int:
-  main = (1 + len(cfg.frequencies) + len(ABLATIONS)) * cfg.steps
+def _ablations(only) -> dict:
+  if only == "pareto":
+    return {n: ABLATIONS[n] for n in PARETO_ABLATIONS}
+  return ABLATIONS
+
+
+def units_of_work(cfg: ScaleConfig, only: Optional[str] = None) -> int:
+  main = (1 + len(cfg.frequencies) + len(cfg.pareto_points)
+          + len(cfg.line_frequencies) + 2 * len(cfg.spread_seeds)
+          + len(_ablations(only))) * cfg.steps
+  if only == "pareto":
+    return main
   grid = (2 * len(cfg.robustness_frequencies) * len(cfg.robustness_epsilons)
           * len(cfg.robustness_lrs) * cfg.robustness_steps)
   return main + grid + 2 * cfg.proxy_steps
 
 
-def run_suite(cfg: ScaleConfig, progress=None) -> dict:
-  """Runs the five experiments; returns the workload, runs and claims."""
+def run_suite(cfg: ScaleConfig, progress=None,
+              only: Optional[str] = None) -> dict:
+  """Runs the six experiments, or with ``only='pareto'`` the runs of the
+  Pareto experiment and the X@ε0 ablation; returns the workload, runs and
+  claims."""
   workload = cfg.make_workload()
   trainers = Trainers(workload)
   runs = {"foam": _main_run(trainers, "foam", foam_settings(), cfg, progress)}
   for f in cfg.frequencies:
     runs[f"shampoo_f{f}"] = _main_run(trainers, "shampoo", shampoo_settings(f),
                                       cfg, progress)
-  for name, overrides in ABLATIONS.items():
+  for f in cfg.line_frequencies:
+    runs[f"shampoo_f{f}"] = _main_run(trainers, "shampoo", shampoo_settings(f),
+                                      cfg, progress)
+  for f, tau, proxy in cfg.pareto_points:
+    runs[pareto_name(f, tau, proxy)] = _main_run(
+        trainers, "foam", foam_settings(f, threshold=tau, proxy=proxy), cfg,
+        progress)
+  for seed in cfg.spread_seeds:
+    runs[f"foam_seed{seed}"] = _main_run(trainers, "foam", foam_settings(),
+                                         cfg, progress, seed)
+    runs[f"shampoo_f{cfg.spread_frequency}_seed{seed}"] = _main_run(
+        trainers, "shampoo", shampoo_settings(cfg.spread_frequency), cfg,
+        progress, seed)
+  ablations = _ablations(only)
+  for name, overrides in ablations.items():
     runs[name] = _main_run(trainers, "foam", foam_settings(**overrides), cfg,
                            progress)
   target = _final(runs["shampoo_f20"])
@@ -425,8 +549,15 @@ def run_suite(cfg: ScaleConfig, progress=None) -> dict:
       "eigendecompositions": eigendecomposition_claim(summaries),
       "wallclock": {"target_train_loss": target,
                     "summaries": {n: summaries[n] for n in main_names}},
-      "robustness": robustness(trainers, cfg, progress),
+      "pareto": pareto(summaries, runs, cfg),
+      "ablations": {n: summaries[n] for n in ["foam", "shampoo_f20",
+                                              *ablations]},
   }
+  if only == "pareto":
+    return {"workload": _workload_record(workload, cfg), "only": only,
+            "compile_seconds": sum(trainers.compile_seconds.values()),
+            "runs": runs, "claims": claims, "targets": targets(claims, cfg)}
+  claims["robustness"] = robustness(trainers, cfg, progress)
   recordings = {
       "foam": trainers.get("foam", foam_settings()),
       f"shampoo_f{max(cfg.frequencies)}": trainers.get(
@@ -439,13 +570,14 @@ def run_suite(cfg: ScaleConfig, progress=None) -> dict:
   claims["proxy"] = {**proxy_utility(pairs, cfg.taus),
                      "steps": cfg.proxy_steps, "sources": list(recordings),
                      "records": pairs}
-  claims["ablations"] = {n: summaries[n] for n in ["foam", "shampoo_f20",
-                                                   *ABLATIONS]}
-  return {"workload": {"name": workload.name,
-                       "description": workload.description,
-                       "steps": cfg.steps, "lr": cfg.lr},
+  return {"workload": _workload_record(workload, cfg), "only": only,
           "compile_seconds": sum(trainers.compile_seconds.values()),
           "runs": runs, "claims": claims, "targets": targets(claims, cfg)}
+
+
+def _workload_record(workload, cfg: ScaleConfig) -> dict:
+  return {"name": workload.name, "description": workload.description,
+          "steps": cfg.steps, "lr": cfg.lr}
 
 
 # ------------------------------------------------------------------- report
@@ -456,7 +588,7 @@ def _f(value, spec=".4g"):
 
 
 def markdown(result: dict) -> str:
-  """The five claims' tables and the targets table."""
+  """The claims' tables (those run) and the targets table."""
   claims, wl = result["claims"], result["workload"]
   evd = claims["eigendecompositions"]
   lines = [f"Workload: {wl['description']}; {wl['steps']} steps, lr "
@@ -479,19 +611,30 @@ def markdown(result: dict) -> str:
   lines += ["#### 2. Wall-clock: time to Shampoo f=20's final train loss "
             f"({wall['target_train_loss']:.4f})", "",
             _run_table(wall["summaries"]), ""]
+  if "robustness" in claims:
+    lines += _robustness_and_proxy_lines(claims)
+  lines += ["#### 5. Ablations (FOAM's paper configuration, one change each)",
+            "", _run_table(claims["ablations"]), "",
+            "#### 6. Pareto: final train loss against eigendecompositions", "",
+            _pareto_table(claims["pareto"]), "",
+            "#### Targets", "", report.targets_table(result["targets"])]
+  return "\n".join(lines)
+
+
+def _robustness_and_proxy_lines(claims: dict) -> list:
   rob = claims["robustness"]
   fractions = rob["failure_fraction"]
   lrs = sorted({r["lr"] for r in rob["runs"]})
   epsilons = sorted({r["epsilon"] for r in rob["runs"]})
-  lines += ["#### 3. Robustness: fraction of failed runs", "",
-            f"Grid: lr ∈ {{{', '.join(f'{x:g}' for x in lrs)}}} × ε0 ∈ "
-            f"{{{', '.join(f'{x:g}' for x in epsilons)}}} per method and f, "
-            f"{rob['steps']} steps each (fewer than the main runs, to fit "
-            f"the budget); FOAM's ε_max = {MAX_EPSILON_RATIO:g} × ε0. A run "
-            f"fails when its final train loss is not finite, above its "
-            f"initial loss, or more than {100 * rob['failure_margin']:.0f}% "
-            f"above the grid's best ({rob['best_final_train_loss']:.4f}).", "",
-            "| f | FOAM | Shampoo |", "|---|---|---|"]
+  lines = ["#### 3. Robustness: fraction of failed runs", "",
+           f"Grid: lr ∈ {{{', '.join(f'{x:g}' for x in lrs)}}} × ε0 ∈ "
+           f"{{{', '.join(f'{x:g}' for x in epsilons)}}} per method and f, "
+           f"{rob['steps']} steps each (fewer than the main runs, to fit "
+           f"the budget); FOAM's ε_max = {MAX_EPSILON_RATIO:g} × ε0. A run "
+           f"fails when its final train loss is not finite, above its "
+           f"initial loss, or more than {100 * rob['failure_margin']:.0f}% "
+           f"above the grid's best ({rob['best_final_train_loss']:.4f}).", "",
+           "| f | FOAM | Shampoo |", "|---|---|---|"]
   for f in fractions["foam"]:
     lines.append(f"| {f} | {fractions['foam'][f]:.2f} | "
                  f"{fractions['shampoo'][f]:.2f} |")
@@ -506,9 +649,35 @@ def markdown(result: dict) -> str:
   for tau, r in proxy["roc_auc"].items():
     lines.append(f"| {tau} | {r['positives']} / {r['positives'] + r['negatives']}"
                  f" | {_f(r['roc_auc'], '.3f')} |")
-  lines += ["", "#### 5. Ablations (FOAM's paper configuration, one change each)",
-            "", _run_table(claims["ablations"]), "",
-            "#### Targets", "", report.targets_table(result["targets"])]
+  return lines + [""]
+
+
+def _pareto_table(claim: dict) -> str:
+  lines = ["Fixed-f line: " + ", ".join(
+      f"f={p['check_frequency']} {p['eigendecompositions']:.0f} EVDs / "
+      f"{p['final_train_loss']:.4f}" for p in claim["fixed_frequency"])
+           + ". Line's loss at a run's EVDs: linear in log EVDs between "
+             "neighbouring f; gap = run − line (negative: below the line).",
+           "", "| run | f | τ | proxy | X built with | EVDs | checks | final "
+           "train loss | line at same EVDs | gap | mean damping / ε_max | "
+           "step ms median | train s |",
+           "|---" * 13 + "|"]
+  for name, p in claim["points"].items():
+    damping = ("ε0" if p["root_damping"] == "epsilon"
+               else "FOAM's damping")
+    lines.append(
+        f"| {name} | {p['check_frequency']} | {p['threshold']:g} | "
+        f"{p['proxy']} | {damping} | {p['eigendecompositions']:.0f} | "
+        f"{p['checks']:.0f} | {p['final_train_loss']:.4f} | "
+        f"{_f(p['frontier_loss'], '.4f')} | {_f(p['gap'], '+.4f')} | "
+        f"{100 * p['damping_over_max_epsilon']:.1f}% | "
+        f"{p['step_ms_median']:.1f} | {p['train_seconds']:.1f} |")
+  spread = claim["spread"]
+  losses = "; ".join(
+      f"{name} {min(v):.4f}–{max(v):.4f} (range {max(v) - min(v):.4f})"
+      for name, v in spread["final_train_loss"].items())
+  lines += ["", f"Seed-to-seed spread of the final train loss (seeds "
+            f"{', '.join(str(x) for x in spread['seeds'])}): {losses}."]
   return "\n".join(lines)
 
 
@@ -527,7 +696,8 @@ def _run_table(summaries: dict) -> str:
 
 
 def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
-  """One PNG per claim, named ``scale_*.png``."""
+  """One PNG per claim, named ``scale_*.png`` (only ``scale_pareto.png``
+  for ``only='pareto'``)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -540,6 +710,48 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     paths.append(out_dir / f"scale_{name}.png")
     fig.savefig(paths[-1])
     plt.close(fig)
+
+  # 6. Pareto: final loss against EVDs; loss over steps relative to
+  # Shampoo f=20's (where X@ε0 and FOAM part from the fixed frequencies).
+  claim = claims["pareto"]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=70)
+  line = claim["fixed_frequency"]
+  axes[0].plot([max(p["eigendecompositions"], 1) for p in line],
+               [p["final_train_loss"] for p in line], "k.-", lw=1,
+               label="Shampoo, fixed f")
+  for p in line:
+    axes[0].annotate(f"f={p['check_frequency']}",
+                     (max(p["eigendecompositions"], 1), p["final_train_loss"]),
+                     fontsize=7)
+  for name, p in claim["points"].items():
+    marker = "x" if p["root_damping"] == "epsilon" else "o"
+    axes[0].scatter(p["eigendecompositions"], p["final_train_loss"], s=22,
+                    marker=marker, label=name)
+  axes[0].set_xscale("log")
+  axes[0].set_xlabel("fresh EVDs")
+  axes[0].set_ylabel("final train loss")
+  axes[0].legend(fontsize=6)
+  reference = np.array(runs["shampoo_f20"]["curve"]["train_loss"])
+  # The fixed frequencies whose EVD counts bracket FOAM's.
+  foam_evds = claim["points"]["foam"]["eigendecompositions"]
+  more = [p for p in line if p["eigendecompositions"] >= foam_evds]
+  fewer = [p for p in line if p["eigendecompositions"] < foam_evds]
+  bracket = ([min(more, key=lambda p: p["eigendecompositions"])] if more
+             else []) + ([max(fewer, key=lambda p: p["eigendecompositions"])]
+                         if fewer else [])
+  for name in ["foam", *PARETO_ABLATIONS,
+               *(f"shampoo_f{p['check_frequency']}" for p in bracket)]:
+    curve = runs[name]["curve"]
+    axes[1].plot(curve["step"], np.array(curve["train_loss"]) / reference,
+                 label=name, lw=1.2)
+  axes[1].axhline(1.0, color="k", lw=0.6, ls="--")
+  axes[1].set_xlabel("step")
+  axes[1].set_ylabel("train loss / Shampoo f=20's")
+  axes[1].legend(fontsize=6)
+  fig.suptitle("Loss against eigendecompositions", fontsize=9)
+  save(fig, "pareto")
+  if result["only"] == "pareto":
+    return paths
 
   # 1. Cumulative EVDs over steps, and the per-side counts.
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=70)
