@@ -4,7 +4,9 @@ Writes to ``--out``: ``results.json`` (structure in BENCHMARKS.md), ``table.md``
 and PNG plots; prints the Markdown table. ``--update-docs`` also rewrites the
 marked block of ./BENCHMARKS.md and copies the plots to ./docs/figures/.
 ``--suite scale`` runs the FOAM paper's claims on a larger workload instead
-(`foam_optax.bench.scale`), with its own block in BENCHMARKS.md.
+(`foam_optax.bench.scale`), with its own block in BENCHMARKS.md; ``--suite
+bias`` the bias-corrected optimizers against their uncorrected selves
+(`foam_optax.bench.bias`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ import shlex
 import sys
 import time
 
+# jaxlib's CPU eigendecomposition calls the OpenBLAS that scipy loads at the
+# first `eigh`; its threads compete with XLA's (see BENCHMARKS.md,
+# Performance). One thread unless the caller chose otherwise.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import optimizers, report, runner, scale, workloads
+  from foam_optax.bench import (bias, optimizers, report, runner, scale,
+                                workloads)
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
   # are an extra, not part of the library's.
@@ -41,13 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="foam-bench", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--suite", choices=("default", "scale"),
+  parser.add_argument("--suite", choices=("default", "scale", "bias"),
                       default="default",
                       help="'scale': the FOAM paper's claims on a Transformer "
                            "with 512-wide factors, 1000 steps (about 30 min on "
                            "2 CPU cores; with --quick a smoke run of under a "
                            "minute); it ignores --workloads, --optimizers, "
-                           "--seeds, --steps and --sweep-steps")
+                           "--seeds, --steps and --sweep-steps. 'bias': each "
+                           "bias-corrected optimizer against its uncorrected "
+                           "self on the char Transformer LM (about 15 min; "
+                           "--quick under a minute); it ignores the same")
   parser.add_argument("--quick", action="store_true",
                       help="smoke run (about a minute): "
                            f"{', '.join(QUICK['workloads'])}; "
@@ -75,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="no progress bar")
   args = parser.parse_args(argv)
   if args.out is None:
-    args.out = "bench_scale_out" if args.suite == "scale" else "bench_out"
+    args.out = {"scale": "bench_scale_out",
+                "bias": "bench_bias_out"}.get(args.suite, "bench_out")
   defaults = QUICK if args.quick else dict(
       workloads=tuple(workloads.WORKLOADS),
       optimizers=optimizers.DEFAULT_OPTIMIZERS, seeds=3, steps=None)
@@ -107,6 +119,8 @@ def run(args: argparse.Namespace) -> dict:
   """Runs the benchmark and writes the outputs; returns the raw results."""
   if args.suite == "scale":
     return run_scale(args)
+  if args.suite == "bias":
+    return run_bias(args)
   specs = optimizers.optimizer_specs()
   unknown = [name for name in args.optimizers if name not in specs]
   if unknown:
@@ -219,6 +233,41 @@ def scale_docs_block(raw: dict, table: str, figures) -> str:
       "## The FOAM paper's claims at scale (`foam-bench --suite scale`)",
       meta, f"total {meta['total_seconds'] / 60:.1f} min (compilation "
       f"{raw['compile_seconds'] / 60:.1f} min of it).", table, figures)
+
+
+def run_bias(args: argparse.Namespace) -> dict:
+  """Runs the bias suite and writes its outputs; returns the raw results."""
+  cfg = bias.QUICK if args.quick else bias.FULL
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  started = time.perf_counter()
+  meta = {"command": "foam-bench " + shlex.join(sys.argv[1:]),
+          "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "machine": machine(), "seeds": list(cfg.seeds),
+          "load_average": os.getloadavg()}
+  with tqdm(total=bias.units_of_work(cfg), unit="step",
+            disable=args.no_progress, file=sys.stderr) as bar:
+    raw = {"meta": meta, **bias.run_suite(cfg, bar.update)}
+  raw["meta"]["total_seconds"] = time.perf_counter() - started
+  raw["meta"]["load_average_after"] = os.getloadavg()
+  raw = _json_safe(raw)
+  (out / "results.json").write_text(json.dumps(raw))
+  table = bias.markdown(raw)
+  (out / "table.md").write_text(table)
+  figures = bias.plot(raw, out)
+  if args.update_docs:
+    report.update_benchmarks_md(
+        pathlib.Path("BENCHMARKS.md"), _block(
+            "### The run (`foam-bench --suite bias`)", meta,
+            f"total {meta['total_seconds'] / 60:.1f} min (compilation "
+            f"{raw['compile_seconds'] / 60:.1f} min of it); load average "
+            f"{meta['load_average'][0]:.2f} before, "
+            f"{meta['load_average_after'][0]:.2f} after.", table, figures),
+        figures, pathlib.Path("docs/figures"),
+        markers=(bias.START_MARKER, bias.END_MARKER))
+  print(table)
+  print(f"total {raw['meta']['total_seconds']:.0f} s; outputs in {out}/")
+  return raw
 
 
 def main(argv=None) -> None:
