@@ -16,7 +16,9 @@ Pairs (each corrected method's uncorrected self in brackets):
 ``'cross_fit'`` [``fo.shampoo``], ``fo.foam`` with ``'cross_fit_variance'``
 [``fo.foam``], ``fo.soap`` with ``'cross_fit'`` [``fo.soap``]. Each family's
 peak learning rate is swept for the uncorrected method (on a seed not among
-the reported ones) and used for the corrected ones too.
+the reported ones) and used for the corrected ones too. A control,
+``adamw_first_half`` [``optax.adamw``], trains ``optax.adamw`` on the first
+half of each batch: the data that a cross-fitted numerator (momentum) sees.
 
 Reported per method: held-out loss over seeds, the paired differences
 corrected - uncorrected, the median step time, the compiled step's memory
@@ -57,14 +59,24 @@ class Method:
     family: the learning-rate sweep it shares (the uncorrected method's).
     factory: ``factory(learning_rate=..., **settings)`` builds it.
     settings: its hyperparameters, recorded in the report.
-    corrects: the name of its uncorrected self; None for an uncorrected one.
+    baseline: the method it is compared with seed by seed (its uncorrected
+      self); None for an uncorrected method.
+    first_half_only: a control, not a correction: the baseline's optimizer
+      trained on the first half of each batch only, the data a
+      cross-fitted numerator sees.
   """
 
   name: str
   family: str
   factory: Callable[..., optax.GradientTransformation]
   settings: dict
-  corrects: Optional[str] = None
+  baseline: Optional[str] = None
+  first_half_only: bool = False
+
+  @property
+  def corrected(self) -> bool:
+    """Whether it takes per-microbatch gradients."""
+    return self.baseline is not None and not self.first_half_only
 
   @property
   def foam_family(self) -> bool:
@@ -72,7 +84,8 @@ class Method:
 
 
 def methods() -> list[Method]:
-  """The suite's methods, each uncorrected one before its corrected ones.
+  """The suite's methods, each uncorrected one before its corrected ones
+  (and AdamW's first-half control).
 
   The Shampoo family uses the default suite's settings (`shampoo_f20`,
   `foam` and `soap` there).
@@ -84,6 +97,8 @@ def methods() -> list[Method]:
              dict(ADAM_SETTINGS, method="leave_one_out"), "adamw"),
       Method("adamw_two_group", "adamw", fo.bias_corrected_adamw,
              dict(ADAM_SETTINGS, method="two_group"), "adamw"),
+      Method("adamw_first_half", "adamw", optax.adamw, ADAM_SETTINGS,
+             "adamw", first_half_only=True),
       Method("shampoo", "shampoo", fo.shampoo, shampoo),
       Method("shampoo_cfv", "shampoo", fo.shampoo,
              dict(shampoo, bias_correction="cross_fit_variance"), "shampoo"),
@@ -193,7 +208,9 @@ class Trainer:
     self.tx = method.factory(learning_rate=1.0, **method.settings)
 
     def train_step(params, opt_state, batch, lr):
-      if method.corrects is None:
+      if method.first_half_only:
+        batch = jax.tree.map(lambda b: b[:b.shape[0] // 2], batch)
+      if not method.corrected:
         loss, grads = jax.value_and_grad(workload.loss_fn)(params, batch)
         updates, opt_state = self.tx.update(grads, opt_state, params)
       else:
@@ -338,11 +355,11 @@ def summarize(result: dict) -> dict:
   return summary
 
 
-def paired(corrected: dict, uncorrected: dict) -> dict:
-  """Per seed, corrected - uncorrected final held-out (and train) loss,
-  over the seeds both ran, with their spread."""
-  seeds = sorted(set(corrected["runs"]) & set(uncorrected["runs"]), key=int)
-  diff = lambda key: [corrected["runs"][s][key] - uncorrected["runs"][s][key]
+def paired(method: dict, baseline: dict) -> dict:
+  """Per seed, `method` - `baseline` final held-out (and train) loss, over
+  the seeds both ran, with their spread."""
+  seeds = sorted(set(method["runs"]) & set(baseline["runs"]), key=int)
+  diff = lambda key: [method["runs"][s][key] - baseline["runs"][s][key]
                       for s in seeds]
   held_out, train = diff("test_loss"), diff("train_loss")
   return {"seeds": [int(s) for s in seeds], "test_loss_differences": held_out,
@@ -361,7 +378,9 @@ def targets(pairs: dict, summaries: dict) -> dict:
   self's, and its step time against twice the uncorrected step's."""
   result = {}
   for name, pair in pairs.items():
-    base = pair["uncorrected"]
+    if not pair["corrected"]:
+      continue
+    base = pair["baseline"]
     d = pair["test_loss_difference"]
     noise = ("beyond 2 SE" if _beyond_noise(d) else "within noise, < 2 SE")
     result[f"{name}_held_out_le_{base}"] = {
@@ -381,7 +400,7 @@ def targets(pairs: dict, summaries: dict) -> dict:
 def units_of_work(cfg: BiasConfig) -> int:
   """Progress-bar units (training steps) of `run_suite`."""
   suite = methods()
-  families = sum(m.corrects is None for m in suite)
+  families = sum(m.baseline is None for m in suite)
   sweep_runs = families * (len(cfg.lr_grid) + cfg.max_grid_extensions)
   return sweep_runs * cfg.sweep_steps + len(suite) * len(cfg.seeds) * cfg.steps
 
@@ -397,8 +416,10 @@ def run_suite(cfg: BiasConfig, progress=None) -> dict:
   trainers = {m.name: Trainer(workload, m, cfg.num_microbatches, evaluate)
               for m in suite}
   sweeps = {m.family: sweep(trainers[m.name], cfg, progress)
-            for m in suite if m.corrects is None}
-  results = {m.name: {"family": m.family, "corrects": m.corrects,
+            for m in suite if m.baseline is None}
+  results = {m.name: {"family": m.family, "baseline": m.baseline,
+                      "corrected": m.corrected,
+                      "first_half_only": m.first_half_only,
                       "settings": m.settings, "lr": sweeps[m.family]["lr"],
                       "compile_seconds": trainers[m.name].compile_seconds,
                       "memory": trainers[m.name].memory, "runs": {}}
@@ -408,9 +429,9 @@ def run_suite(cfg: BiasConfig, progress=None) -> dict:
       results[m.name]["runs"][str(seed)] = trainers[m.name].train(
           seed, cfg.steps, results[m.name]["lr"], progress)
   summaries = {name: summarize(r) for name, r in results.items()}
-  pairs = {m.name: {"uncorrected": m.corrects,
-                    **paired(results[m.name], results[m.corrects])}
-           for m in suite if m.corrects is not None}
+  pairs = {m.name: {"baseline": m.baseline, "corrected": m.corrected,
+                    **paired(results[m.name], results[m.baseline])}
+           for m in suite if m.baseline is not None}
   return {"workload": {"name": workload.name,
                        "description": workload.description,
                        "steps": cfg.steps,
@@ -491,19 +512,22 @@ def markdown(raw: dict) -> str:
       f"{WARMUP_STEPS}, cosine to 0), seeds {wl['seeds']}; corrected "
       f"methods get {wl['num_microbatches']} microbatches per step from "
       "`fo.microbatch_grads`. Losses are final, in nats per token; ± is "
-      "the sample standard deviation over seeds; Δ is corrected − "
-      "uncorrected on the same seed (same initialisation and batches).", "",
+      "the sample standard deviation over seeds; Δ is the method − its "
+      "uncorrected self on the same seed (same initialisation and "
+      "batches). `adamw_first_half` is a control: `optax.adamw` on the "
+      "first half of each batch, the data a cross-fitted numerator sees.",
+      "",
       "| method | lr | held-out loss | Δ held-out (paired) | per-seed Δ "
       "| train loss | step ms (median) | × uncorrected | EVDs "
       "| step memory MB | state MB |",
       "|---" * 11 + "|"]
   for name, s in summaries.items():
-    base = results[name]["corrects"]
+    base = results[name]["baseline"]
     pair = pairs.get(name)
     ratio = (s["step_ms_median"] / summaries[base]["step_ms_median"]
              if base else 1.0)
     lines.append("| " + " | ".join([
-        name if base is None else f"  {name}", f"{s['lr']:.0e}",
+        name, f"{s['lr']:.0e}",
         _pm(s["test_loss"]),
         _pm(pair["test_loss_difference"], "+.4f") if pair else "—",
         " ".join(_number(d, "+.3f") for d in pair["test_loss_differences"])
@@ -566,7 +590,7 @@ def plot(raw: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
                   color="C0", capsize=3)
   ax.axhline(0.0, color="k", lw=0.6)
   ax.set_xticks(range(len(pairs)),
-                [f"{n}\n− {p['uncorrected']}" for n, p in pairs.items()],
+                [f"{n}\n− {p['baseline']}" for n, p in pairs.items()],
                 fontsize=7)
   ax.set_ylabel("held-out loss difference (nats)")
   fig.suptitle("Corrected − uncorrected, per seed (grey) and mean ± 2 SE",
