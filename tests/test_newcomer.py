@@ -434,3 +434,12 @@ def test_overflowing_finite_gradients_are_counted_apart():
   assert int(stats["nonfinite_skips"]) == 2
   assert int(stats["overflow_skips"]) == 1
   assert int(stats["step"]) == 1
+
+
+def test_readme_bias_correction_recipe_trains_with_microbatch_grads():
+  ns, printed, expected = _run(_recipe("microbatch_grads"))
+  assert printed == expected == ["True"]
+  # The recipe's optimizer is a corrected one: it refuses to run without
+  # the per-microbatch gradients.
+  with pytest.raises(ValueError, match="per-microbatch gradients"):
+    ns["tx"].update(ns["params"], ns["state"], ns["params"])

@@ -6,9 +6,10 @@ marked block of ./BENCHMARKS.md and copies the plots to ./docs/figures/.
 Other suites run instead with ``--suite``, each with its own module and its
 own block in BENCHMARKS.md: ``scale`` the FOAM paper's claims on a larger
 workload (`foam_optax.bench.scale`), ``stability`` the workloads where a stale
-preconditioner destabilises training (`foam_optax.bench.stability`)
-and ``transfer`` learning-rate sweeps across widths with and without μP
-(`foam_optax.bench.transfer`).
+preconditioner destabilises training (`foam_optax.bench.stability`),
+``transfer`` learning-rate sweeps across widths with and without μP
+(`foam_optax.bench.transfer`), ``bias`` each bias-corrected optimizer against
+its uncorrected self (`foam_optax.bench.bias`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import optimizers, report, runner, scale
+  from foam_optax.bench import bias, optimizers, report, runner, scale
   from foam_optax.bench import stability, threads, transfer, workloads
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
@@ -74,6 +75,11 @@ SUITES = {
         "--suite transfer`)", "bench_transfer_out", "step", lambda cfg: [0],
         "learning-rate sweeps at 4 widths with and without muP for AdamW, "
         "FOAM, SOAP and Muon (under 20 min)"),
+    "bias": Suite(
+        bias, "### The run (`foam-bench --suite bias`)", "bench_bias_out",
+        "step", lambda cfg: list(cfg.seeds),
+        "each bias-corrected optimizer against its uncorrected self on the "
+        "char Transformer LM (about 15 min)"),
 }
 
 QUICK = dict(workloads=("quadratic_k1e2", "digits_mlp"),
