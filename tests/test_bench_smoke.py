@@ -4,10 +4,15 @@ that every figure is finite."""
 
 import json
 import math
+import re
 
+import jax
 import numpy as np
+import optax
+import pytest
 
 from foam_optax.bench import cli
+from foam_optax.bench import optimizers
 from foam_optax.bench import runner
 from foam_optax.bench import scale
 
@@ -67,6 +72,61 @@ def test_quick_benchmark(tmp_path, capsys):
   assert all(math.isfinite(x) for x in _numbers(raw))
   assert (tmp_path / "table.md").exists()
   assert sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+ASGO_FAMILY = ("foam_one_sided", "asgo", "asgo_foam", "dasgo")
+
+
+def test_quick_benchmark_asgo_family(tmp_path, capsys):
+  cli.main(["--quick", "--no-progress", "--workloads", "digits_mlp",
+            "--seeds", "1", "--optimizers", *ASGO_FAMILY, "--out",
+            str(tmp_path)])
+  out = capsys.readouterr().out
+  raw = json.loads((tmp_path / "results.json").read_text())
+  data = raw["workloads"]["digits_mlp"]
+  assert set(data["results"]) == {"adamw", *ASGO_FAMILY}
+  for name in ASGO_FAMILY:
+    summary = data["summary"][name]
+    assert re.search(rf"^\| {name} \| \de-0\d \| ", out, re.M), name
+    sweep = data["results"][name]["sweep"]
+    assert summary["lr"] == min(sweep, key=lambda s: s["final_train_loss"])[
+        "lr"]
+    assert summary["final_train_loss"] < math.log(10)   # learned something
+    assert summary["compile_seconds"] > 0
+  stats = {name: data["results"][name]["runs"]["0"]["stats"]
+           for name in ("foam_one_sided", "asgo", "asgo_foam")}
+  # One factor per weight matrix (the biases go to Adam or to grafting).
+  assert {s["num_factors"] for s in stats.values()} == {3}
+  # Every-step ASGO computes every factor's root at every step; one-sided
+  # FOAM refreshes its eigenbases only when the proxy asks.
+  assert stats["asgo"]["eigendecompositions"] == 3 * data["steps"]
+  assert 3 <= stats["asgo_foam"]["eigendecompositions"] < 3 * data["steps"]
+  assert data["summary"]["dasgo"]["eigendecompositions"] is None
+  assert all(math.isfinite(x) for x in _numbers(raw))
+  assert (tmp_path / "digits_mlp_foam.png").exists()
+
+
+@pytest.mark.parametrize("name", ("asgo", "asgo_foam", "dasgo"))
+def test_asgo_family_updates_are_linear_in_the_learning_rate(name):
+  """The runner scales unit-learning-rate updates by the swept rate: that
+  must equal building the optimizer with that rate (weight decay included)."""
+  build = optimizers.optimizer_specs()[name].build
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {"embed": jax.random.normal(keys[0], (12, 6)),
+            "kernel": jax.random.normal(keys[1], (6, 5)),
+            "bias": jax.random.normal(keys[2], (5,))}
+  lr = 0.03
+  unit, scaled = build(optax.constant_schedule(1.0)), build(lr)
+  unit_state, scaled_state = unit.init(params), scaled.init(params)
+  unit_update, scaled_update = jax.jit(unit.update), jax.jit(scaled.update)
+  for key in jax.random.split(keys[3], 3):
+    grads = jax.tree.map(
+        lambda p, k=key: jax.random.normal(k, p.shape), params)
+    unit_updates, unit_state = unit_update(grads, unit_state, params)
+    scaled_updates, scaled_state = scaled_update(grads, scaled_state, params)
+    for u, s in zip(jax.tree.leaves(unit_updates),
+                    jax.tree.leaves(scaled_updates)):
+      np.testing.assert_allclose(lr * u, s, rtol=1e-5, atol=1e-8)
 
 
 def test_quick_scale_suite(tmp_path, capsys):

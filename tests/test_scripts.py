@@ -174,6 +174,32 @@ def test_stagger_comparison_one_pair_table(monkeypatch):
   assert cells[3:] == ["0", "0"]
 
 
+def test_asgo_comparison_one_sided_foam_computes_fewer_roots(capsys):
+  import asgo_comparison
+  steps = 25
+  asgo_comparison.main(["--workloads", "digits_mlp", "--steps", str(steps),
+                        "--rounds", "1", "--methods", "asgo", "asgo_foam"])
+  out = capsys.readouterr().out
+  rows = {m: cells for m, *cells in re.findall(
+      r"^\| (asgo|asgo_foam) \| (\d+) \| 3 \| (" + _FLOAT + r") \| (" + _FLOAT
+      + r") \| [^|]+ \| (" + _FLOAT + r") ± \S+ \| (" + _FLOAT + r") ± \S+ \|$",
+      out, re.M)}
+  assert set(rows) == {"asgo", "asgo_foam"}
+  roots = {m: int(cells[0]) for m, cells in rows.items()}
+  # Every-step ASGO: a root of each of the MLP's 3 factors at every step;
+  # one-sided FOAM: an eigendecomposition at the first check (step 1) and
+  # at most one more per factor at the check of step 20.
+  assert roots["asgo"] == 3 * steps
+  assert 3 <= roots["asgo_foam"] <= 6
+  for cells in rows.values():
+    wall, cpu, train_loss, test_loss = map(float, cells[1:])
+    assert wall > 0 and cpu > 0
+    assert 0 < train_loss < np.log(10) and np.isfinite(test_loss)
+  ratio = re.search(r"^\| digits_mlp \| (" + _FLOAT + r") \|", out, re.M)
+  assert float(ratio.group(1)) == pytest.approx(
+      roots["asgo_foam"] / roots["asgo"], abs=5e-4)
+
+
 def test_profile_step_stacks_blocks_as_the_library():
   """Blocks of one shape across leaves form one stack, in tree order."""
   import profile_step

@@ -1,4 +1,5 @@
-"""`foam-bench`: side-by-side benchmark of FOAM, Shampoo, SOAP, Muon and AdamW.
+"""`foam-bench`: side-by-side benchmark of FOAM, Shampoo, SOAP, ASGO, DASGO,
+Muon and AdamW.
 
 Writes to ``--out``: ``results.json`` (structure in BENCHMARKS.md), ``table.md``
 and PNG plots; prints the Markdown table. ``--update-docs`` also rewrites the
