@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from sklearn.datasets import load_digits
 
 import foam_optax as fo
@@ -99,3 +101,22 @@ def run(train, description: str, argv=None, label=lambda result: ""):
                  log_every=args.log_every, seed=args.seed)
   print(f"{label(result)}test accuracy {result['accuracy']:.4f}")
   return result
+
+
+def classification_loss(model, images, labels):
+  """Mean softmax cross-entropy of an NNX classifier."""
+  logits = model(images)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@nnx.jit
+def nnx_train_step(model, optimizer, images, labels):
+  """One `nnx.Optimizer` step of the NNX examples; returns the loss."""
+  loss, grads = nnx.value_and_grad(classification_loss)(model, images, labels)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def nnx_accuracy(model, images, labels):
+  return jnp.mean(jnp.argmax(model(images), -1) == labels)

@@ -16,8 +16,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import foam_optax as fo
@@ -73,23 +71,6 @@ def dimension_numbers(params):
   return jax.tree_util.tree_map_with_path(numbers, params)
 
 
-def _loss(model, images, labels):
-  logits = model(images)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-@nnx.jit
-def _train_step(model, optimizer, images, labels):
-  loss, grads = nnx.value_and_grad(_loss)(model, images, labels)
-  optimizer.update(model, grads)
-  return loss
-
-
-@nnx.jit
-def _accuracy(model, images, labels):
-  return jnp.mean(jnp.argmax(model(images), -1) == labels)
-
-
 def train(steps: int = 300, optimizer: str = "foam",
           learning_rate: float = 3e-3, batch_size: int = 128,
           check_frequency: int = 10, log_every: int = 50, seed: int = 0,
@@ -105,11 +86,11 @@ def train(steps: int = 300, optimizer: str = "foam",
   losses = []
   data = common.batches(x_train, y_train, batch_size, seed)
   for step in range(1, steps + 1):
-    losses.append(float(_train_step(model, opt, *next(data))))
+    losses.append(float(common.nnx_train_step(model, opt, *next(data))))
     if step % log_every == 0 or step == steps:
       common.log(step, losses[-1], opt.opt_state)
   return {"losses": losses,
-          "accuracy": float(_accuracy(model, x_test, y_test)),
+          "accuracy": float(common.nnx_accuracy(model, x_test, y_test)),
           "stats": common.optimizer_stats(opt.opt_state),
           "opt_state": opt.opt_state}
 
