@@ -1,6 +1,13 @@
-"""Shared pytest configuration: opt-in slow tests."""
+"""Shared pytest configuration: one OpenBLAS thread, opt-in slow tests."""
 
-import pytest
+import os
+
+# JAX's CPU `eigh` runs on OpenBLAS, whose default threads compete with
+# XLA's and with the other test worker (BENCHMARKS.md, "OpenBLAS threads on
+# CPU"). Set before any test module imports JAX; subprocesses inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_addoption(parser):
