@@ -17,29 +17,35 @@ from foam_optax._src.config import Config
 USES_SECOND_MOMENT = ("adam", "rmsprop")
 
 
-def adam_direction(second_moment, square, momentum, step, b2, eps,
-                   bias_correction=True):
+def adam_direction(second_moment, grad, momentum, step, b2, eps,
+                   bias_correction=True, samples=None):
   """Adam's direction ``M / (sqrt(V / (1 - b2^t)) + eps)`` (RMSProp's
   without the bias correction) and the new second moment ``V ← b2·V +
-  (1-b2)·square``, `square` being the squared gradient."""
-  b2 = jnp.asarray(b2, square.dtype)
-  second_moment = b2 * second_moment + (1 - b2) * square
+  (1-b2)·G²``; with `samples` (J, *shape), cross-fitting's second group of
+  microbatch gradients, ``V`` takes their mean square instead of ``G²``."""
+  b2 = jnp.asarray(b2, grad.dtype)
+  if samples is None:
+    term = (1 - b2) * grad * grad
+  else:
+    term = (1 - b2) * jnp.mean(samples ** 2, axis=0)
+  second_moment = b2 * second_moment + term
   scale = second_moment / (1 - b2 ** step) if bias_correction else second_moment
   return momentum / (jnp.sqrt(scale) + eps), second_moment
 
 
-def direction(second_moment, square, momentum, step, cfg: Config):
+def direction(second_moment, grad, momentum, step, cfg: Config, samples=None):
   """Grafting direction `a_t` and the new second moment (None if unused).
 
-  `momentum` is the bias-corrected `M_t` shared with the preconditioner,
-  `square` the squared gradient.
+  `momentum` is the bias-corrected `M_t` shared with the preconditioner;
+  `samples` as in `adam_direction`.
   """
   if cfg.grafting == "rms":
     return with_rms(momentum[None], cfg.graft_rms)[0], second_moment
   if cfg.grafting not in USES_SECOND_MOMENT:   # 'sgd' and 'none'
     return momentum, second_moment
-  return adam_direction(second_moment, square, momentum, step, cfg.graft_b2,
-                        cfg.adam_eps, bias_correction=cfg.grafting == "adam")
+  return adam_direction(second_moment, grad, momentum, step, cfg.graft_b2,
+                        cfg.adam_eps, bias_correction=cfg.grafting == "adam",
+                        samples=samples)
 
 
 def _frobenius_norms(x):

@@ -62,12 +62,11 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   # Computations in the statistics' dtype; the buffers are cast on load
   # and store (`mu_dtype`, `second_moment_dtype`).
   g = grad.astype(linalg.stat_dtype())
-  numerator, samples, square = g, None, g * g
+  numerator, samples = g, None
   if micro is not None:
     micro = micro.astype(g.dtype)
     half = micro.shape[0] // 2
     numerator, samples = jnp.mean(micro[:half], axis=0), micro[half:]
-    square = jnp.mean(samples ** 2, axis=0)
   b1 = jnp.asarray(cfg.b1, g.dtype)
   momentum = b1 * ls.momentum.astype(g.dtype) + (1 - b1) * numerator
   corrected = momentum
@@ -80,6 +79,7 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   elif cfg.eigenvalue_corrected and cfg.grafting == "adam":
     # No factor: Adam in the identity basis with the eigenbasis Adam's
     # decay and epsilon, as SOAP steps such leaves.
+    square = g * g if samples is None else jnp.mean(samples ** 2, axis=0)
     graft_dir, new_graft_moment = preconditioners.adam_in_basis(
         square, corrected, graft_moment.astype(g.dtype), step, cfg.b2,
         cfg.adam_eps)
@@ -87,7 +87,7 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   else:
     graft_dir, new_graft_moment = grafting.direction(
         None if graft_moment is None else graft_moment.astype(g.dtype),
-        square, corrected, step, cfg)
+        g, corrected, step, cfg, samples)
     if graft_moment is not None:
       graft_moment = new_graft_moment.astype(graft_moment.dtype)
   return LeafStep(g, corrected, graft_dir, ls._replace(
