@@ -57,6 +57,9 @@ ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None and "jax" not in sys.modules:
   os.environ.setdefault(
       "XLA_FLAGS", f"--xla_force_host_platform_device_count={ARGS.devices}")
+  # JAX's CPU eigh on OpenBLAS's default threads is 10-100x slower on a
+  # busy machine (BENCHMARKS.md, "OpenBLAS threads on CPU").
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -21,8 +21,9 @@ def adam_direction(second_moment, grad, momentum, step, b2, eps,
                    bias_correction=True, samples=None):
   """Adam's direction ``M / (sqrt(V / (1 - b2^t)) + eps)`` (RMSProp's
   without the bias correction) and the new second moment ``V ← b2·V +
-  (1-b2)·G²``; with `samples` (J, *shape), cross-fitting's second group of
-  microbatch gradients, ``V`` takes their mean square instead of ``G²``."""
+  (1-b2)·G²``; with `samples` of shape ``(J, *shape)``, cross-fitting's
+  second group of microbatch gradients, ``V`` takes their mean square
+  instead of ``G²``."""
   b2 = jnp.asarray(b2, grad.dtype)
   if samples is None:
     term = (1 - b2) * grad * grad
