@@ -120,3 +120,18 @@ def nnx_train_step(model, optimizer, images, labels):
 @nnx.jit
 def nnx_accuracy(model, images, labels):
   return jnp.mean(jnp.argmax(model(images), -1) == labels)
+
+
+def nnx_train(model, opt, train, test, steps: int, batch_size: int,
+              log_every: int, seed: int) -> dict:
+  """The NNX examples' loop: `steps` steps of `nnx_train_step` on random
+  batches of `train`; returns the losses, the accuracy on `test` and the
+  optimizer's stats."""
+  losses = []
+  data = batches(*train, batch_size, seed)
+  for step in range(1, steps + 1):
+    losses.append(float(nnx_train_step(model, opt, *next(data))))
+    if step % log_every == 0 or step == steps:
+      log(step, losses[-1], opt.opt_state)
+  return {"losses": losses, "accuracy": float(nnx_accuracy(model, *test)),
+          "stats": optimizer_stats(opt.opt_state)}

@@ -81,7 +81,7 @@ def train(steps: int = 300, optimizer: str = "foam",
           width: int = 128, base_width: int = 128):
   """Trains the MLP at `width` with the rate tuned at `base_width`; returns
   losses, test accuracy, optimizer stats and the μP multipliers."""
-  (x_train, y_train), (x_test, y_test) = common.load_data(seed)
+  train, test = common.load_data(seed)
   model = MLP(width, nnx.Rngs(seed))
   base = nnx.eval_shape(lambda: MLP(base_width, nnx.Rngs(seed)))
   multipliers = fo.mup_multipliers(
@@ -91,15 +91,8 @@ def train(steps: int = 300, optimizer: str = "foam",
   opt = nnx.Optimizer(model, make_optimizer(
       optimizer, learning_rate, steps, check_frequency, multipliers, width),
       wrt=nnx.Param)
-  losses = []
-  data = common.batches(x_train, y_train, batch_size, seed)
-  for step in range(1, steps + 1):
-    losses.append(float(common.nnx_train_step(model, opt, *next(data))))
-    if step % log_every == 0 or step == steps:
-      common.log(step, losses[-1], opt.opt_state)
-  return {"losses": losses,
-          "accuracy": float(common.nnx_accuracy(model, x_test, y_test)),
-          "stats": common.optimizer_stats(opt.opt_state),
+  return {**common.nnx_train(model, opt, train, test, steps, batch_size,
+                            log_every, seed),
           "multipliers": nnx.to_pure_dict(multipliers)}
 
 

@@ -28,19 +28,12 @@ def train(steps: int = 300, optimizer: str = "foam",
           learning_rate: float = 3e-3, batch_size: int = 128,
           check_frequency: int = 10, log_every: int = 50, seed: int = 0):
   """Trains the MLP; returns losses, test accuracy and optimizer stats."""
-  (x_train, y_train), (x_test, y_test) = common.load_data(seed)
+  train, test = common.load_data(seed)
   model = MLP(64, nnx.Rngs(seed))
   opt = nnx.Optimizer(model, common.make_optimizer(
       optimizer, learning_rate, steps, check_frequency), wrt=nnx.Param)
-  losses = []
-  data = common.batches(x_train, y_train, batch_size, seed)
-  for step in range(1, steps + 1):
-    losses.append(float(common.nnx_train_step(model, opt, *next(data))))
-    if step % log_every == 0 or step == steps:
-      common.log(step, losses[-1], opt.opt_state)
-  return {"losses": losses,
-          "accuracy": float(common.nnx_accuracy(model, x_test, y_test)),
-          "stats": common.optimizer_stats(opt.opt_state)}
+  return common.nnx_train(model, opt, train, test, steps, batch_size,
+                          log_every, seed)
 
 
 def main(argv=None):

@@ -76,22 +76,15 @@ def train(steps: int = 300, optimizer: str = "foam",
           check_frequency: int = 10, log_every: int = 50, seed: int = 0,
           width: int = 32, depth: int = 3):
   """Trains the scanned MLP; returns losses, test accuracy and stats."""
-  (x_train, y_train), (x_test, y_test) = common.load_data(seed)
+  train, test = common.load_data(seed)
   model = ScannedMLP(width, depth, nnx.Rngs(seed))
   options = {} if optimizer == "adamw" else dict(
       weight_dimension_numbers=dimension_numbers)
   opt = nnx.Optimizer(model, common.make_optimizer(
       optimizer, learning_rate, steps, check_frequency, **options),
       wrt=nnx.Param)
-  losses = []
-  data = common.batches(x_train, y_train, batch_size, seed)
-  for step in range(1, steps + 1):
-    losses.append(float(common.nnx_train_step(model, opt, *next(data))))
-    if step % log_every == 0 or step == steps:
-      common.log(step, losses[-1], opt.opt_state)
-  return {"losses": losses,
-          "accuracy": float(common.nnx_accuracy(model, x_test, y_test)),
-          "stats": common.optimizer_stats(opt.opt_state),
+  return {**common.nnx_train(model, opt, train, test, steps, batch_size,
+                            log_every, seed),
           "opt_state": opt.opt_state}
 
 
