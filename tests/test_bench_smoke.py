@@ -15,22 +15,12 @@ from foam_optax.bench import cli
 from foam_optax.bench import optimizers
 from foam_optax.bench import runner
 from foam_optax.bench import scale
+from json_numbers import json_numbers
 
 SUMMARY_KEYS = {"lr", "final_train_loss", "final_test_loss", "steps_to_target",
                 "seconds_to_target", "train_seconds", "step_ms_median",
                 "step_ms_p95", "eigendecompositions", "state_bytes",
                 "compile_seconds"}
-
-
-def _numbers(value):
-  if isinstance(value, dict):
-    for v in value.values():
-      yield from _numbers(v)
-  elif isinstance(value, list):
-    for v in value:
-      yield from _numbers(v)
-  elif isinstance(value, (int, float)) and not isinstance(value, bool):
-    yield value
 
 
 def test_quick_benchmark(tmp_path, capsys):
@@ -69,7 +59,7 @@ def test_quick_benchmark(tmp_path, capsys):
       assert summary["compile_seconds"] > 0
     assert data["summary"]["foam"]["eigendecompositions"] > 0
   # Non-finite values are stored as null; every stored number is finite.
-  assert all(math.isfinite(x) for x in _numbers(raw))
+  assert all(math.isfinite(x) for x in json_numbers(raw))
   assert (tmp_path / "table.md").exists()
   assert sorted(p.name for p in tmp_path.glob("*.png"))
 
@@ -102,7 +92,7 @@ def test_quick_benchmark_asgo_family(tmp_path, capsys):
   assert stats["asgo"]["eigendecompositions"] == 3 * data["steps"]
   assert 3 <= stats["asgo_foam"]["eigendecompositions"] < 3 * data["steps"]
   assert data["summary"]["dasgo"]["eigendecompositions"] is None
-  assert all(math.isfinite(x) for x in _numbers(raw))
+  assert all(math.isfinite(x) for x in json_numbers(raw))
   assert (tmp_path / "digits_mlp_foam.png").exists()
 
 
@@ -172,7 +162,7 @@ def test_quick_scale_suite(tmp_path, capsys):
       "foam_robustness_le_shampoo", "proxy_roc_auc_ge_0.9"}
   for target in raw["targets"].values():
     assert {"target", "measured", "met"} <= set(target)
-  assert all(math.isfinite(x) for x in _numbers(raw))
+  assert all(math.isfinite(x) for x in json_numbers(raw))
   assert sorted(p.name for p in tmp_path.glob("scale_*.png")) == [
       "scale_ablations.png", "scale_eigendecompositions.png",
       "scale_pareto.png", "scale_proxy.png", "scale_robustness.png",

@@ -14,17 +14,7 @@ import pytest
 import foam_optax as fo
 from foam_optax.bench import cli
 from foam_optax.bench import transfer
-
-
-def _numbers(value):
-  if isinstance(value, dict):
-    for v in value.values():
-      yield from _numbers(v)
-  elif isinstance(value, list):
-    for v in value:
-      yield from _numbers(v)
-  elif isinstance(value, (int, float)) and not isinstance(value, bool):
-    yield value
+from json_numbers import json_numbers
 
 
 def test_quick_transfer_suite(tmp_path, capsys):
@@ -65,7 +55,7 @@ def test_quick_transfer_suite(tmp_path, capsys):
   for target in raw["targets"].values():
     verdict = "met" if target["met"] else "missed"
     assert f"| {target['target']} | {target['measured']} | {verdict} |" in out
-  assert all(math.isfinite(x) for x in _numbers(raw))
+  assert all(math.isfinite(x) for x in json_numbers(raw))
   # Two tables (rates, then ‖Δh‖), a μP row per optimizer in each.
   assert (tmp_path / "table.md").read_text().count("| μP |") == 2 * len(
       cfg.optimizers)
