@@ -32,7 +32,7 @@ import jax
 
 try:
   from tqdm import tqdm
-  from foam_optax.bench import bias, optimizers, report, runner, scale
+  from foam_optax.bench import bias, cost, optimizers, report, runner, scale
   from foam_optax.bench import stability, threads, transfer, workloads
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
@@ -81,6 +81,12 @@ SUITES = {
         "step", lambda cfg: list(cfg.seeds),
         "each bias-corrected optimizer against its uncorrected self on the "
         "char Transformer LM (about 15 min)"),
+    "cost": Suite(
+        cost, "## Cost of adoption (`foam-bench --suite cost`)",
+        "bench_cost_out", "measurement", lambda cfg: [0],
+        "compile seconds, optimized-HLO size, state bytes and step times of "
+        "AdamW, Muon, FOAM, Shampoo, SOAP and ASGO on GPT-2-small-shaped "
+        "trees (about 30 min on 2 CPU cores)"),
 }
 
 QUICK = dict(workloads=("quadratic_k1e2", "digits_mlp"),
