@@ -51,3 +51,11 @@ def test_scanned_tree_has_the_layer_axis_as_a_batch_axis():
   assert params["qkv"].shape == (3, 16, 48)
   assert dims["qkv"].reduction_axis == 1 and dims["qkv"].output_axis == 2
   assert dims["ln1"] is None
+
+
+@pytest.mark.slow
+def test_a_warm_persistent_cache_skips_compilation():
+  cfg = cost.CostConfig(d_model=16, layers=1)
+  cached = cost.persistent_cache_cost("foam", cfg)
+  assert cached["warm"]["compile_s"] < cached["cold"]["compile_s"] / 3
+  assert cached["warm"]["hlo"] == cached["cold"]["hlo"]

@@ -33,9 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
+import os
 import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -66,6 +71,7 @@ class CostConfig:
   step_times: bool = True
   step_layers: int = 12                  # tree of the step-time part
   warm_up: bool = True
+  persistent_cache: bool = True          # cold and warm compile, two processes
   check_frequency: int = 4               # of the step-time part
   batch: int = 2
   sequence: int = 64
@@ -75,7 +81,7 @@ FULL = CostConfig()
 QUICK = CostConfig(d_model=16, layers=1, sweep=(1,),
                    optimizers=("muon", "foam"), repeats=1, train_step=False,
                    step_layers=1, check_frequency=2, sequence=4,
-                   warm_up=False)
+                   warm_up=False, persistent_cache=False)
 
 
 # --- the model ------------------------------------------------------------
@@ -255,13 +261,41 @@ def step_times(name: str, cfg: CostConfig, params, scanned: bool,
   return result
 
 
+_CACHED_COMPILE = """
+import json, sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+from foam_optax.bench import cost
+params = cost.init_params(int(sys.argv[3]), int(sys.argv[4]))
+print(json.dumps(cost.update_cost(sys.argv[2], params, scanned=False)))
+"""
+
+
+def persistent_cache_cost(name: str, cfg: CostConfig) -> dict:
+  """Trace + compile seconds of the unscanned update in a fresh process
+  with an empty JAX persistent compilation cache (``cold``), then in a
+  second process that finds the first one's entry (``warm``): what a
+  restarted run pays with ``jax_compilation_cache_dir`` set."""
+  out = {}
+  with tempfile.TemporaryDirectory() as cache:
+    for kind in ("cold", "warm"):
+      done = subprocess.run(
+          [sys.executable, "-c", _CACHED_COMPILE, cache, name,
+           str(cfg.layers), str(cfg.d_model)],
+          capture_output=True, text=True, check=True, env=dict(os.environ))
+      out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+  return out
+
+
 # --- the suite ------------------------------------------------------------
 
 def units_of_work(cfg: CostConfig) -> int:
   trees = 2 + len(cfg.sweep)
   compiles = len(cfg.optimizers) * cfg.repeats * (
       trees + (2 if cfg.train_step else 0))
-  return compiles + (len(cfg.optimizers) if cfg.step_times else 0)
+  return (compiles + (len(cfg.optimizers) if cfg.step_times else 0)
+          + (len(cfg.optimizers) if cfg.persistent_cache else 0))
 
 
 def _warm_up(cfg: CostConfig) -> None:
@@ -296,7 +330,8 @@ def run_suite(cfg: CostConfig, progress: Optional[Callable] = None) -> dict:
               (scanned, train_step_cost(name, params, scanned, batch)))
           progress(1)
   result = {"config": dataclasses.asdict(cfg), "update": {}, "train_step": {},
-            "state_bytes_per_param_byte": {}, "step_times": {}}
+            "state_bytes_per_param_byte": {}, "step_times": {},
+            "persistent_cache": {}}
   for tree in trees:
     result["update"][tree] = {name: _median_runs(r)
                               for name, r in runs[tree].items()}
@@ -317,6 +352,11 @@ def run_suite(cfg: CostConfig, progress: Optional[Callable] = None) -> dict:
       result["step_times"][name] = step_times(name, cfg, params, False,
                                               batch)
       gc.collect()
+      progress(1)
+  if cfg.persistent_cache:
+    result["persistent_cache"] = {}
+    for name in cfg.optimizers:
+      result["persistent_cache"][name] = persistent_cache_cost(name, cfg)
       progress(1)
   result["compile_seconds"] = sum(
       m["total_s"] for per_tree in result["update"].values()
@@ -413,6 +453,16 @@ def markdown(raw: dict) -> str:
                        if k != "checks" and v) or "—"
       lines.append(f"| {name} | {cell('plain')} | {cell('check')} | "
                    f"{cell('refresh')} | {note} |")
+  if raw.get("persistent_cache"):
+    lines += ["", "A restarted run with JAX's persistent compilation cache "
+              "(``jax.config.update('jax_compilation_cache_dir', path)``): "
+              "trace + compile of the update, wall (CPU) seconds, in a "
+              "process with an empty cache and in the next one:", "",
+              "| optimizer | empty cache | warm cache |", "|---|---|---|"]
+    for name, c in raw["persistent_cache"].items():
+      lines.append(f"| {name} | {c['cold']['total_s']:.2f} "
+                   f"({c['cold']['total_cpu_s']:.2f}) | "
+                   f"{c['warm']['total_s']:.2f} ({c['warm']['total_cpu_s']:.2f}) |")
   if raw.get("targets"):
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for key, t in raw["targets"].items():
