@@ -2,11 +2,8 @@
 partition rules, mid-run hyperparameter edits, counters and defaults."""
 
 import ast
-import contextlib
 import functools
 import inspect
-import io
-import pathlib
 import re
 import warnings
 
@@ -19,35 +16,10 @@ from flax import nnx
 
 import foam_optax as fo
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _recipe(keyword):
-  """The one Python block of the README's Recipes section containing
-  `keyword`."""
-  text = README.read_text()
-  recipes = text[text.index("## Recipes"):]
-  recipes = recipes[:recipes.index("\n## ", 1)]
-  blocks = [b for b in re.findall(r"```python\n(.*?)```", recipes, re.S)
-            if keyword in b]
-  assert len(blocks) == 1, keyword
-  return blocks[0]
-
-
-def _run(code):
-  """Runs `code` as a script; returns (its globals, printed lines, the lines
-  its comments say it prints)."""
-  namespace, out = {"__name__": "__readme__"}, io.StringIO()
-  with contextlib.redirect_stdout(out):
-    exec(compile(code, str(README), "exec"), namespace)
-  expected = []
-  lines = code.splitlines()
-  for i, line in enumerate(lines):
-    if line.lstrip().startswith("print("):
-      comment = line.split("  # ", 1)[1] if "  # " in line else (
-          lines[i + 1].lstrip()[2:])
-      expected.append(comment)
-  return namespace, out.getvalue().splitlines(), expected
+import readme_blocks
+from readme_blocks import README
+from readme_blocks import recipe as _recipe
+from readme_blocks import run as _run
 
 
 # ---------------------------------------------------------------------------
@@ -670,3 +642,69 @@ def test_asgo_counts_polar_express_roots_as_inverse_roots():
                       int(stats["eigendecompositions_left"]
                           + stats["eigendecompositions_right"]))
   assert counts == {"polar_express": (0, 10, 0), "eigh": (10, 0, 10)}
+
+
+# ---------------------------------------------------------------------------
+# 10. ASGO's routing: the README's and the docstrings' are the official one.
+
+
+class _Transformer(nnx.Module):
+  """The official ASGO runs' kinds of parameters, in Flax NNX layouts."""
+
+  def __init__(self, rngs):
+    self.token_emb = nnx.Embed(50, 16, rngs=rngs)
+    self.pos_emb = nnx.Param(jnp.zeros((8, 16)))
+    self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=16,
+                                            decode=False, rngs=rngs)
+    self.ln_1 = nnx.LayerNorm(16, rngs=rngs)
+    self.mlp = nnx.Linear(16, 64, rngs=rngs)
+
+
+def test_asgo_routing_is_the_official_one():
+  """Adam for what the official `get_optimizer_and_lr_scheduler` sends to
+  it ('emb' in the name, or a vector), judging each bias by the PyTorch
+  layout the official models have (a vector, here (heads, head_dim) in
+  attention); ASGO for the rest. README and docstrings route alike."""
+  from official_asgo import official_route
+  readme = next(b.code for b in readme_blocks.blocks()
+                if "fo.asgo(lr)" in b.code)
+  call = 'bias_and_norm_pattern="bias", embedding_pattern="emb"'
+  squeeze = lambda text: " ".join(text.replace(">>>", "").replace(
+      "...", "").split())
+  for text in (readme, fo.asgo.__doc__, fo.dasgo.__doc__):
+    assert call in squeeze(text)
+  params = nnx.state(_Transformer(nnx.Rngs(0)), nnx.Param)
+  namespace, _, _ = _run(readme)
+  state = namespace["tx"].init(params)
+  adam = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)][0]
+  to_adam = jax.tree.leaves(jax.tree.map(
+      lambda m: not isinstance(m, optax.MaskedNode), adam.mu,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+  flat = jax.tree_util.tree_flatten_with_path(nnx.as_pure(params))[0]
+  assert len(to_adam) == len(flat)
+  for (path, leaf), adam_leaf in zip(flat, to_adam):
+    name = jax.tree_util.keystr(path)
+    torch_ndim = 1 if "bias" in name else leaf.ndim
+    assert adam_leaf == (official_route(name, torch_ndim) == "adam"), name
+  # The 2 embeddings, 4 attention biases, the norm's 2 vectors, 1 bias.
+  assert sum(to_adam) == 9
+
+
+@pytest.mark.parametrize("factory", [
+    fo.foam, fo.shampoo, fo.soap, fo.asgo, fo.scale_by_foam,
+    fo.scale_by_shampoo, fo.scale_by_soap, fo.scale_by_asgo],
+    ids=lambda f: f.__name__)
+def test_documented_defaults_are_the_signatures(factory):
+  """An argument whose documentation names its default ("Defaults to
+  X") has None, the value standing for X, as its default."""
+  args = factory.__doc__.split("Args:\n")[1].split("\n\n")[0]
+  entries = re.split(r"\n    (?=\w+: )", "\n" + args)
+  parameters = inspect.signature(factory).parameters
+  documented = dict(entry.split(": ", 1) for entry in
+                    filter(None, (e.strip() for e in entries)))
+  assert set(documented) == set(parameters)
+  for name, text in documented.items():
+    if "Defaults to" in text:
+      assert parameters[name].default is None, (name, text)

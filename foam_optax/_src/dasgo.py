@@ -158,5 +158,8 @@ dasgo = signatures.decayed_alias(
 
   Example:
     >>> import optax, foam_optax as fo
-    >>> opt = fo.partition(fo.dasgo(1e-3), optax.adam(1e-3, b2=0.95))
+    >>> # The official runs' routing: embeddings, vectors and biases to Adam.
+    >>> opt = fo.partition(fo.dasgo(1e-2),
+    ...                    optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8),
+    ...                    bias_and_norm_pattern="bias", embedding_pattern="emb")
   """)
