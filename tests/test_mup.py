@@ -210,6 +210,51 @@ def test_weight_dimension_numbers_give_the_fan_in_fan_out_view():
     fo.mup_multipliers(tree(256, 6), tree(32, 2), optimizer="adam")
 
 
+def test_nnx_dimension_numbers_of_the_common_layers():
+  """Each layer's own axes, stacked layers' leading axis a batch axis; the
+  tree drives mup_multipliers and an nnx.Optimizer step alike."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, width, rngs):
+      self.embed = nnx.Embed(30, width, rngs=rngs)
+      self.attention = nnx.MultiHeadAttention(
+          num_heads=2, in_features=width, decode=False, rngs=rngs)
+      self.conv = nnx.Conv(3, width, (2, 2), rngs=rngs)
+      self.stack = nnx.vmap(lambda key: nnx.Linear(width, 2 * width,
+                                                   rngs=nnx.Rngs(key)))(
+                                                       jax.random.split(
+                                                           rngs(), 3))
+
+  model = Model(16, nnx.Rngs(0))
+  dims = fo.nnx_dimension_numbers(model)
+  D = fo.DimensionNumbers
+  assert dims["attention"]["query"]["kernel"] == D((0,), (1, 2))
+  assert dims["attention"]["out"]["kernel"] == D((0, 1), (2,))
+  assert dims["attention"]["query"]["bias"] == D((), ())
+  assert dims["conv"]["kernel"] == D((0, 1, 2), (3,))
+  assert dims["conv"]["bias"] == D((), ())
+  assert dims["embed"]["embedding"] == D((0,), (1,))
+  assert dims["stack"]["kernel"] == D((1,), (2,))
+  pure = lambda m: nnx.as_pure(nnx.state(m, nnx.Param))
+  base = nnx.eval_shape(lambda: Model(4, nnx.Rngs(0)))
+  multipliers = fo.mup_multipliers(pure(model), pure(base), optimizer="muon",
+                                   weight_dimension_numbers=dims)
+  # (16, 2, 8) against (4, 2, 2): the (fan_in, fan_out) matrices 16x16, 4x4.
+  assert multipliers["attention"]["query"]["kernel"] == 1.0
+  # 12x16 against 12x4: √(r_out / r_in) = 2.
+  assert multipliers["conv"]["kernel"] == pytest.approx(2.0)
+  assert multipliers["stack"]["kernel"] == 1.0
+  assert multipliers["attention"]["query"]["bias"] == 1.0
+  optimizer = nnx.Optimizer(model, fo.foam(1e-3, weight_dimension_numbers=dims),
+                            wrt=nnx.Param)
+  # A factor pair per kernel and per stacked layer, none for the biases,
+  # stacked (3, 32) or (heads, head_dim).
+  assert int(fo.stats(optimizer.opt_state)["num_factors"]) == 2 * (
+      1 + 4 + 1 + 3)
+  assert dims["stack"]["bias"] == D((), ())
+
+
 def test_blocked_shampoo_update_of_a_low_rank_gradient_has_the_block_norm():
   """Why 'shampoo' divides by (n_in·n_out)^E: an ungrafted blocked Shampoo
   update (p = 4) of a gradient of rank k <= block size has spectral norm

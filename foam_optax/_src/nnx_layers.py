@@ -20,22 +20,29 @@ def _trailing(ndim: int, num_in: int, num_out: int) -> DimensionNumbers:
                           tuple(range(first + num_in, ndim)))
 
 
+# Not a matrix: a vector per layer (its slices, when layers are stacked).
+_VECTOR = DimensionNumbers((), ())
+
+
 def _layer_numbers(nnx, module) -> dict:
   """Per parameter name of one layer, its dimension numbers."""
   ndim = lambda name: len(getattr(module, name).shape)
-  if isinstance(module, (nnx.Linear, nnx.Embed)):
-    name = "kernel" if isinstance(module, nnx.Linear) else "embedding"
-    return {name: _trailing(ndim(name), 1, 1)}
+  if isinstance(module, nnx.Embed):
+    return {"embedding": _trailing(ndim("embedding"), 1, 1)}
+  if isinstance(module, nnx.Linear):
+    return {"kernel": _trailing(ndim("kernel"), 1, 1), "bias": _VECTOR}
   if isinstance(module, nnx.LinearGeneral):
-    # Its bias, (heads, head_dim) in attention, is a vector of the layer's
-    # outputs: no matrix.
     return {"kernel": _trailing(ndim("kernel"), len(module.in_features),
                                 len(module.out_features)),
-            "bias": DimensionNumbers((), ())}
+            "bias": _VECTOR}
   if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
     # (*kernel_size, in_features // groups, out_features)
     return {"kernel": _trailing(ndim("kernel"), len(module.kernel_size) + 1,
-                                1)}
+                                1),
+            "bias": _VECTOR}
+  if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm,
+                         nnx.GroupNorm)):
+    return {"scale": _VECTOR, "bias": _VECTOR}
   return {}
 
 
@@ -54,25 +61,28 @@ def nnx_dimension_numbers(model, wrt: Any = None) -> Any:
   heads, head_dim)``, output kernel ``(heads, head_dim, out)``), this reads
   each layer's own description of its axes:
 
-  ===============================  ==========================================
-  layer                            reduction (fan-in) / output (fan-out) axes
-  ===============================  ==========================================
-  ``nnx.Linear``                   ``kernel`` ``(in, out)``
-  ``nnx.LinearGeneral``            ``kernel``: its ``in_features`` axes /
-                                   its ``out_features`` axes (the layers of
-                                   ``nnx.MultiHeadAttention``)
-  ``nnx.Conv``,                    ``kernel``: the window and input channels
-  ``nnx.ConvTranspose``            / the output channels
-  ``nnx.Embed``                    ``embedding`` ``(vocabulary, features)``
-  ===============================  ==========================================
+  ====================================  ====================================
+  layer                                 fan-in (reduction) / fan-out
+                                        (output) axes
+  ====================================  ====================================
+  ``nnx.Linear``                        ``kernel`` ``(in, out)``: 0 / 1
+  ``nnx.LinearGeneral`` (attention)     ``kernel``: its ``in_features``
+                                        axes / its ``out_features`` axes
+  ``nnx.Conv``, ``nnx.ConvTranspose``   ``kernel``: the window and input
+                                        channels / the output channels
+  ``nnx.Embed``                         ``embedding`` ``(vocabulary,
+                                        features)``: 0 / 1
+  ====================================  ====================================
 
   Any axis before those (layers stacked by ``nnx.vmap`` or ``nnx.scan``) is
-  a batch axis. The bias of an ``nnx.LinearGeneral``, ``(heads, head_dim)``
-  in attention, is a vector of the layer's outputs: ``DimensionNumbers((),
-  ())``, no matrix (Adam's multiplier in `mup_multipliers`, the grafting
-  step alone in the optimizers). Every other parameter (vector biases, norm
-  scales, ``nnx.Einsum`` and other layers) gets None: the default reading
-  of its shape.
+  a batch axis. The biases of these layers and the scales and biases of
+  ``nnx.LayerNorm``, ``nnx.RMSNorm``, ``nnx.BatchNorm`` and
+  ``nnx.GroupNorm`` are vectors, whatever their shape (``(heads,
+  head_dim)`` in attention, a leading layer axis when stacked):
+  ``DimensionNumbers((), ())``, no matrix (Adam's multiplier in
+  `mup_multipliers`, the grafting step alone in the optimizers). Every
+  other parameter (``nnx.Einsum`` and other layers) gets None: the default
+  reading of its shape.
 
   The tree serves as ``weight_dimension_numbers`` both of `mup_multipliers`
   (whose matrices are then ``(fan_in, fan_out)``, a rank-3 attention kernel
