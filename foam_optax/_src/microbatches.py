@@ -85,7 +85,14 @@ def microbatch_grads(loss_fn, params, batch, num_microbatches: int):
   over its example axis keeps the microbatch axis sharded.
 
   The per-microbatch gradients take ``num_microbatches`` times the memory
-  of one gradient.
+  of one gradient. They are for the optimizers that use them:
+  `bias_corrected_adamw` and ``bias_correction='cross_fit'`` or
+  ``'cross_fit_variance'`` of `foam`, `shampoo` and `soap`. As optax does
+  with extra arguments, every transformation of a chain receives them and
+  those without a use for them ignore them; an optimizer of this package
+  (an alias, `partition`, `skip_nonfinite`) that uses them nowhere warns at
+  trace time (a `UserWarning` starting ``foam_optax: microbatch_grads
+  ignored``), since it then runs uncorrected.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss of a batch.
