@@ -18,8 +18,8 @@ vectors and embeddings to Adam, as the official runs):
   dasgo           fo.dasgo: diagonal, no root
   adamw           optax.adamw, for reference
 
-Root computations are `fo.stats(state)["eigendecompositions"]`, which counts
-refreshes of either kind: Polar Express roots and eigendecompositions.
+Root computations are `fo.stats(state)["eigendecompositions"]` plus
+`["inverse_roots"]`: eigendecompositions and Polar Express roots.
 
 Every round trains each method once, on the seed of the round, in an order
 rotated from round to round, so that a slow spell of a shared machine falls
@@ -102,7 +102,8 @@ def train(trainer, seed, steps, lr, eval_every) -> dict:
   run = {"step_seconds": wall, "step_cpu_seconds": cpu, "curve": curve}
   if trainer.spec.foam_family:
     stats = fo.stats(opt_state)
-    run["root_computations"] = int(stats["eigendecompositions"])
+    run["root_computations"] = int(stats["eigendecompositions"]
+                                   + stats["inverse_roots"])
     run["num_factors"] = int(stats["num_factors"])
   return run
 
