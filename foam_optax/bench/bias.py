@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, cast
 
 from flax import nnx
 import jax
@@ -386,9 +386,10 @@ def run(cfg: BiasConfig, context: harness.Context) -> dict:
 
 
 MONTE_CARLO_MEANS = (0.2, 0.5, 1.0)
+Estimator = Literal["two_group", "leave_one_out"]
 
 
-def first_step_mean(mu: float, method: str, variance_correction: bool,
+def first_step_mean(mu: float, method: Estimator, variance_correction: bool,
                     num_microbatches: int = 8, draws: int = 20000) -> float:
   """The mean first-step update of `fo.scale_by_bias_corrected_adam` over
   `draws` coordinates whose microbatch gradients are N(`mu`, 1), drawn as
@@ -401,7 +402,7 @@ def first_step_mean(mu: float, method: str, variance_correction: bool,
   params = {"w": jnp.zeros((draws,))}
   update, _ = tx.update({"w": jnp.asarray(micro.mean(0))}, tx.init(params),
                         params, microbatch_grads={"w": jnp.asarray(micro)})
-  return float(jnp.mean(update["w"]))
+  return float(jnp.mean(cast(dict, update)["w"]))
 
 
 def monte_carlo() -> list[dict]:
@@ -413,9 +414,10 @@ def monte_carlo() -> list[dict]:
   """
   rows = []
   for mu in MONTE_CARLO_MEANS:
-    for method, target in (("two_group", mu / math.sqrt(mu ** 2 + 1.0)),
-                           ("leave_one_out",
-                            mu / math.sqrt(mu ** 2 + 1.0 / 7))):
+    estimators: tuple[tuple[Estimator, float], ...] = (
+        ("two_group", mu / math.sqrt(mu ** 2 + 1.0)),
+        ("leave_one_out", mu / math.sqrt(mu ** 2 + 1.0 / 7)))
+    for method, target in estimators:
       bias = {correction: abs(first_step_mean(mu, method, correction)
                               - target) / target
               for correction in (False, True)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import optax
@@ -84,7 +84,7 @@ DASGO_SETTINGS = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=WEIGHT_DECAY)
 # on the Transformer and the quadratics.
 ASGO_GRID = (1e-2, 3e-2, 1e-1)
 # Adam for vectors and embeddings, as the official ASGO runs.
-OFFICIAL_ASGO_ADAM = dict(b1=0.9, b2=0.95, eps=1e-8)
+OFFICIAL_ASGO_ADAM: dict[str, Any] = dict(b1=0.9, b2=0.95, eps=1e-8)
 
 
 def adam_routed(alias):
@@ -117,15 +117,16 @@ def distributed_shampoo_module() -> Optional[types.ModuleType]:
   forwards everything else. Returns None when the package is not installed.
   """
   try:
-    from precondition import distributed_shampoo
+    from precondition import distributed_shampoo  # pyright: ignore[reportMissingImports]
   except ImportError:
     return None
   if not hasattr(distributed_shampoo.jax, "tree_map"):
     proxy = types.ModuleType("jax_with_tree_aliases")
-    proxy.__getattr__ = lambda name: getattr(jax, name)
-    proxy.tree_map = jax.tree.map
-    proxy.tree_flatten = jax.tree.flatten
-    proxy.tree_unflatten = jax.tree.unflatten
+    aliases = {"__getattr__": lambda name: getattr(jax, name),
+               "tree_map": jax.tree.map, "tree_flatten": jax.tree.flatten,
+               "tree_unflatten": jax.tree.unflatten}
+    for name, value in aliases.items():
+      setattr(proxy, name, value)
     distributed_shampoo.jax = proxy
   return distributed_shampoo
 

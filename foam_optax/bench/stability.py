@@ -67,7 +67,8 @@ BLOCK = harness.Block(
 DIVERGENCE_FACTOR = 10.0
 LADDER = (1, 5, 20, 100, 500)
 START = 20                  # first check of every method but figure 1's Shampoo
-PAPER = dict(check_frequency=20, threshold=0.75, max_epsilon=3e-7)
+PAPER: dict[str, Any] = dict(check_frequency=20, threshold=0.75,
+                             max_epsilon=3e-7)
 FIGURE1_SHAMPOO_START = 30
 FIGURE1_SHAMPOO_EPSILONS = (1e-9, 1e-8)
 FIGURE1_TAUS = (0.25, 0.5, 0.75)
@@ -378,16 +379,17 @@ class Simulator:
     family = self.family
 
     def simulate(hp, lr, params, data, constants):
-      common = dict(b1=0.95, b2=0.995, exponent=setting.exponent,
-                    grafting=setting.grafting, epsilon=hp["epsilon"],
-                    check_frequency=hp["check_frequency"],
-                    start_preconditioning_step=hp["start_preconditioning_step"])
+      common: dict[str, Any] = dict(
+          b1=0.95, b2=0.995, exponent=setting.exponent,
+          grafting=setting.grafting, epsilon=hp["epsilon"],
+          check_frequency=hp["check_frequency"],
+          start_preconditioning_step=hp["start_preconditioning_step"])
       if method.controller == "stale":
-        tx = fo.shampoo(lr, **common)
+        tx = fo.shampoo(learning_rate=lr, **common)
       else:
-        tx = fo.foam(lr, controller=method.controller, proxy=method.proxy,
-                     threshold=hp["threshold"], max_epsilon=hp["max_epsilon"],
-                     **common)
+        tx = fo.foam(learning_rate=lr, controller=method.controller,
+                     proxy=method.proxy, threshold=hp["threshold"],
+                     max_epsilon=hp["max_epsilon"], **common)
 
       def step(carry, batch):
         params, state = carry
