@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -106,18 +107,19 @@ def test_quick_run_of_every_suite(name, quick):
   assert run.stdout.rstrip().endswith("outputs in out/")
   if "targets" in run.raw:
     _printed_targets(run)
-  figures = sorted(run.out.glob("*.png"))
-  assert figures
-  for figure in figures:
-    assert figure.read_bytes()[:4] == b"\x89PNG", figure
-    assert (run.cwd / "docs" / "figures" / figure.name).exists()
   block = suite.block(cfg)
   docs = (run.cwd / "BENCHMARKS.md").read_text()
   inside = docs[docs.index(block.start):docs.index(block.end)]
   assert block.title in inside and table.strip() in inside
   assert "Output of `foam-bench " in inside
+  # Every plot written is a PNG, copied to docs/figures/ and shown in the
+  # block (the suites' own tests name theirs).
+  figures = sorted(run.out.glob("*.png"))
+  linked = re.findall(r"\(docs/figures/(.*?)\)", inside)
+  assert sorted(linked) == [f.name for f in figures]
   for figure in figures:
-    assert f"(docs/figures/{figure.name})" in inside
+    assert figure.read_bytes()[:4] == b"\x89PNG", figure
+    assert (run.cwd / "docs" / "figures" / figure.name).exists()
 
 
 SUMMARY_KEYS = {"lr", "final_train_loss", "final_test_loss", "steps_to_target",
@@ -156,6 +158,8 @@ def test_quick_default_suite(quick):
       assert summary["final_train_loss"] is not None
       assert summary["compile_seconds"] > 0
     assert data["summary"]["foam"]["eigendecompositions"] > 0
+  assert sorted(p.name for p in quick("default").out.glob("*.png")) == sorted(
+      f"{w}_{kind}.png" for w in cfg.workloads for kind in ("loss", "foam"))
 
 
 def test_quick_scale_suite(quick):
@@ -276,6 +280,8 @@ def test_quick_stability_suite(quick):
       for run in methods["shampoo_f1"]["runs"]:
         assert run["diverged"] or run["eigendecompositions"] == factors * (
             cfg.steps - stability.START + 1)
+  assert sorted(p.name for p in quick("stability").out.glob("*.png")) == [
+      "stability_divergences.png", "stability_switch.png"]
 
 
 def test_quick_transfer_suite(quick):
@@ -314,6 +320,8 @@ def test_quick_transfer_suite(quick):
   # Two tables (rates, then ‖Δh‖), a μP row per optimizer in each.
   assert (run.out / "table.md").read_text().count("| μP |") == 2 * len(
       cfg.optimizers)
+  assert sorted(p.name for p in run.out.glob("*.png")) == [
+      "transfer_delta_h.png", "transfer_lr.png"]
 
 
 def test_quick_bias_suite(quick):
@@ -367,6 +375,7 @@ def test_quick_bias_suite(quick):
   assert (cost["microbatch_grads"]["memory"]["output"]
           >= cost["microbatch_grads_bytes"]
           > cost["value_and_grad"]["memory"]["output"])
+  assert [p.name for p in run.out.glob("*.png")] == ["bias_paired.png"]
 
 
 @pytest.mark.parametrize("argv,message", [
