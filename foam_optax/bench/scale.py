@@ -217,13 +217,12 @@ class Trainers:
 
 def _main_run(trainers, method, settings, cfg, progress, seed=0,
               deadline=math.inf) -> dict:
-  run = trainers.get(method, settings).train(
-      seed, cfg.steps, cfg.lr, progress=progress, deadline=deadline,
-      eval_every=max(1, cfg.steps // cfg.eval_points))
-  return {"method": method,
-          "settings": (trainers.get(method, settings).spec.settings
-                       if settings is None else settings),
-          "lr": cfg.lr, "steps": cfg.steps, "seed": seed, **run}
+  compiled = trainers.get(method, settings)
+  run = compiled.train(seed, cfg.steps, cfg.lr, progress=progress,
+                       deadline=deadline,
+                       eval_every=max(1, cfg.steps // cfg.eval_points))
+  return {"method": method, "settings": compiled.spec.settings, "lr": cfg.lr,
+          "steps": cfg.steps, "seed": seed, **run}
 
 
 def _final(run) -> float:
