@@ -257,6 +257,9 @@ def asgo(**arguments) -> optax.GradientTransformationExtraArgs:
 
   Example:
     >>> import optax, foam_optax as fo
-    >>> opt = fo.partition(fo.asgo(1e-2), optax.adam(1e-2, b2=0.95))
+    >>> # The official runs' routing: embeddings, vectors and biases to Adam.
+    >>> opt = fo.partition(fo.asgo(1e-2),
+    ...                    optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8),
+    ...                    bias_and_norm_pattern="bias", embedding_pattern="emb")
   """
   return _alias("asgo", scale_by_asgo, arguments)

@@ -15,7 +15,7 @@ from foam_optax._src import initial_state
 from foam_optax._src import linalg
 from foam_optax._src import shaping
 from foam_optax._src import signatures
-from foam_optax._src.state import plain_arrays
+from foam_optax._src.state import SkipCounters, plain_arrays
 
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)
 _POSITIVE = checks.in_range(0.0, float("inf"), low_open=True)
@@ -25,14 +25,18 @@ class ScaleByDasgoState(NamedTuple):
   """State of `scale_by_dasgo`.
 
   Attributes:
+    count: number of updates applied.
     mu: the momentum, shaped like the parameters.
     nu: per parameter the EMA of the squared gradient summed over each
       matrix's columns (the output axis): shape ``(batch, rows)`` of its
       matrix view (see `shaping`; a vector is one ``(n, 1)`` matrix).
+    skips: the steps an enclosing `skip_nonfinite` skipped (`fo.dasgo`'s).
   """
 
+  count: jax.Array
   mu: Any
   nu: Any
+  skips: SkipCounters
 
 
 def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
@@ -114,7 +118,8 @@ def scale_by_dasgo(
     nu = treedef.unflatten([
         jnp.zeros((lay.batch, lay.matrix_shape[0]), linalg.stat_dtype())
         for lay in layouts(params)])
-    return ScaleByDasgoState(mu, nu)
+    return ScaleByDasgoState(jnp.zeros([], jnp.int32), mu, nu,
+                             SkipCounters.zeros())
 
   def one(grad, momentum, second_moment, layout):
     g = grad.astype(linalg.stat_dtype())
@@ -136,8 +141,10 @@ def scale_by_dasgo(
         jax.tree.leaves(state.nu), layouts(grads))]
     treedef = jax.tree.structure(state.mu)
     return (structure.unflatten([u for u, _, _ in out]),
-            ScaleByDasgoState(treedef.unflatten([m for _, m, _ in out]),
-                              treedef.unflatten([v for _, _, v in out])))
+            ScaleByDasgoState(optax.safe_increment(state.count),
+                              treedef.unflatten([m for _, m, _ in out]),
+                              treedef.unflatten([v for _, _, v in out]),
+                              state.skips))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -151,5 +158,8 @@ dasgo = signatures.decayed_alias(
 
   Example:
     >>> import optax, foam_optax as fo
-    >>> opt = fo.partition(fo.dasgo(1e-3), optax.adam(1e-3, b2=0.95))
+    >>> # The official runs' routing: embeddings, vectors and biases to Adam.
+    >>> opt = fo.partition(fo.dasgo(1e-2),
+    ...                    optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8),
+    ...                    bias_and_norm_pattern="bias", embedding_pattern="emb")
   """)

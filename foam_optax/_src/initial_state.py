@@ -14,7 +14,8 @@ from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.checks import static_int
 from foam_optax._src.config import Config
-from foam_optax._src.state import BlockClassState, ScaleByFoamState
+from foam_optax._src.state import BlockClassState, RefreshKind
+from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.state import plain_arrays
 
 
@@ -160,7 +161,12 @@ def _placeholder_state(params, cfg: Config, plan) -> ScaleByFoamState:
       nu=params if every_leaf_grafts else shape_dependent,
       tensors=shape_dependent, layouts=shape_dependent,
       classes=shape_dependent, consecutive_skips=zero(),
-      overflow_skips=zero(), plan=plan)
+      overflow_skips=zero(), plan=plan, refresh_kind=_refresh_kind(cfg))
+
+
+def _refresh_kind(cfg: Config) -> RefreshKind:
+  return RefreshKind("eigendecompositions" if cfg.root_method == "eigh"
+                     else "inverse_roots")
 
 
 def init(params, cfg: Config) -> ScaleByFoamState:
@@ -216,4 +222,4 @@ def init(params, cfg: Config) -> ScaleByFoamState:
       mu=treedef.unflatten(momenta), nu=treedef.unflatten(graft_moments),
       tensors=tuple(tensor_states), layouts=tuple(layouts),
       classes=class_states, consecutive_skips=zero(), overflow_skips=zero(),
-      plan=plan)
+      plan=plan, refresh_kind=_refresh_kind(cfg))

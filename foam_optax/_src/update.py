@@ -63,7 +63,8 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
   The updates come back with exactly the structure of `updates`: wrappers
   such as Flax's ``nnx.Param`` stay (the state holds plain arrays, which are
   the wrappers' leaves, in the same order). `microbatch_grads` feed the
-  cross-fitting of ``bias_correction`` (unused without it).
+  cross-fitting of ``bias_correction``; without it they are unused,
+  which `microbatches.ignored` reports.
   """
   structure = jax.tree.structure(updates)
   updates = plain_arrays(updates)
@@ -73,6 +74,9 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
     micro = microbatches.checked(
         microbatch_grads, updates, 4,
         f"bias_correction={cfg.bias_correction!r}", even=True)
+  else:
+    microbatches.ignored(microbatch_grads,
+                         "this transformation (bias_correction='none')")
   _check_mesh(state.plan, state)
   guards.check_structure(list(state.layouts), cfg)
   run = with_arguments(_apply, cfg)
