@@ -20,8 +20,10 @@ def test_hlo_size_counts_each_kind():
 
 
 def test_update_cost_sees_the_control_flow():
-  foam = cost.update_cost("foam", PARAMS, scanned=False)
-  adamw = cost.update_cost("adamw", PARAMS, scanned=False)
+  # Two layers: a stack of one factor would need no loop.
+  params = cost.init_params(2, 16)
+  foam = cost.update_cost("foam", params, scanned=False)
+  adamw = cost.update_cost("adamw", params, scanned=False)
   assert foam["hlo"]["conditionals"] > 0 and foam["hlo"]["loops"] > 0
   assert adamw["hlo"]["conditionals"] == 0 and adamw["hlo"]["loops"] == 0
   assert foam["total_s"] >= foam["compile_s"] > 0
