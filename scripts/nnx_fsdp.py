@@ -199,8 +199,13 @@ def main() -> None:
     axis_type = AxisType.Auto if kind == "auto" else AxisType.Explicit
     mesh = jax.make_mesh((4, 2), ("data", "model"),
                          axis_types=(axis_type, axis_type))
-    rows += [dict(run(name, optimizers()[name], mesh), mesh=kind)
-             for name in args.optimizers]
+    for name in args.optimizers:
+      if kind == "explicit" and name == "optax.contrib.muon":
+        # Its Newton-Schulz products of the sharded matrices raise a
+        # ShardingTypeError on Explicit axes (optax 0.2.8).
+        print(f"{name} skipped on Explicit axes")
+        continue
+      rows.append(dict(run(name, optimizers()[name], mesh), mesh=kind))
   print("| mesh (4 x 2) | optimizer | state bytes | most on one device | "
         "share | share after 5 steps | replicated bytes | 5 steps vs one "
         "device |")
