@@ -333,8 +333,8 @@ def _check_divided_and_agreeing(rows):
 def test_docs_nnx_recipe_runs_as_pasted():
   pytest.importorskip("flax")
   doc = (_ROOT / "docs" / "multi_device.md").read_text()
-  block = doc.split("<!-- nnx recipe -->")[1]
-  code = block.split("```python")[1].split("```")[0]
+  section = doc.split("\n## Flax NNX")[1]
+  code = section.split("```python")[1].split("```")[0]
   # One device holds 0.13 of the optimizer state after 30 steps.
   assert _run(["-c", code], 300).strip().splitlines()[-1] == "0.13"
 
