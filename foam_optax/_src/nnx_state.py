@@ -56,7 +56,7 @@ def _block_axis_annotated(stack, block_spec):
   nnx = sys.modules["flax.nnx"]
   # Flax shards an annotated variable when it is created, which needs the
   # mesh in context; without one the annotation alone is recorded.
-  eager = None if not jax.sharding.get_abstract_mesh().empty else False
+  eager = False if jax.sharding.get_abstract_mesh().empty else None
 
   def annotated(x):
     spec = (block_spec,) + (None,) * (x.ndim - 1)
