@@ -10,6 +10,7 @@ import optax
 from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import grafting
+from foam_optax._src import nnx_state
 from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.checks import static_int
@@ -170,8 +171,12 @@ def _refresh_kind(cfg: Config) -> RefreshKind:
 
 
 def init(params, cfg: Config) -> ScaleByFoamState:
-  """The initial state of `scale_by_foam` for `params`."""
-  params = plain_arrays(params)
+  """The initial state of `scale_by_foam` for `params`.
+
+  For Flax NNX parameters on a device mesh, the state carries the sharding
+  annotations of its layout (`nnx_state.annotate`).
+  """
+  wrapped, params = params, plain_arrays(params)
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   _reject_non_real_floating(paths_and_leaves)
   leaves = [p for _, p in paths_and_leaves]
@@ -217,9 +222,9 @@ def init(params, cfg: Config) -> ScaleByFoamState:
                          if needs_graft_moment else optax.MaskedNode())
     tensor_states.append(tensor)
   zero = lambda: jnp.zeros([], jnp.int32)
-  return ScaleByFoamState(
+  return nnx_state.annotate(ScaleByFoamState(
       count=zero(), nonfinite_skips=zero(),
       mu=treedef.unflatten(momenta), nu=treedef.unflatten(graft_moments),
       tensors=tuple(tensor_states), layouts=tuple(layouts),
       classes=class_states, consecutive_skips=zero(), overflow_skips=zero(),
-      plan=plan, refresh_kind=_refresh_kind(cfg))
+      plan=plan, refresh_kind=_refresh_kind(cfg)), wrapped)

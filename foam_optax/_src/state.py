@@ -146,10 +146,12 @@ def slot_maps(state: ScaleByFoamState) -> tuple:
 
 def find_states(tree, kind=None) -> list:
   """Every `kind` NamedTuple (default `ScaleByFoamState`) inside `tree`, an
-  optimizer state of any chain or wrapper, in `jax.tree.leaves` order."""
+  optimizer state of any chain or wrapper, in `jax.tree.leaves` order, with
+  Flax NNX variables replaced by their values (`plain_arrays`)."""
   kind = kind or ScaleByFoamState
   is_kind = lambda x: isinstance(x, kind)
-  return [x for x in jax.tree.leaves(tree, is_leaf=is_kind) if is_kind(x)]
+  return [plain_arrays(x) for x in jax.tree.leaves(tree, is_leaf=is_kind)
+          if is_kind(x)]
 
 
 def is_variable(x) -> bool:
