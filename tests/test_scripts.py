@@ -16,6 +16,7 @@ import foam_optax as fo
 for folder in ("scripts", os.path.join("scripts", "archive")):
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", folder))
 
+import compile_profile  # noqa: E402
 import long_run  # noqa: E402
 import robustness_sweep  # noqa: E402
 import stagger_comparison  # noqa: E402
@@ -237,3 +238,18 @@ def test_trajectories_compare_a_run_with_itself_and_spot_a_change(
   monkeypatch.setitem(trajectories.CONFIGS, "dasgo", lambda: fo.dasgo(2e-2))
   assert trajectories.main(["--only", "dasgo", "--compare", str(first)]) == 1
   assert capsys.readouterr().out.rstrip().endswith("changed: dasgo")
+
+
+def test_compile_profile_attributes_kernels_to_their_source(capsys):
+  compile_profile.main(["--layers", "1", "--d-model", "16", "--top", "50",
+                        "fo.shampoo(1e-3, skip_nonfinite=False)"])
+  out = capsys.readouterr().out
+  kernels = re.search(r"kernels: (\d+) LLVM modules, (" + _FLOAT + ") s", out)
+  assert kernels and int(kernels.group(1)) > 0
+  assert float(kernels.group(2)) > 0
+  # The factor pipeline's kernels are named after the functions that make
+  # them: the eigendecomposition's post-processing among them.
+  assert re.search(r"\d+ +linalg\.fresh_eigendecomposition", out)
+  size = re.search(r"optimized HLO: instructions (\d+), fusions (\d+), "
+                   r"conditionals (\d+), loops (\d+)", out)
+  assert size and int(size.group(3)) > 0
