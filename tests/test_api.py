@@ -320,6 +320,58 @@ def test_defaults_agree_with_config(fn):
   assert shared == {k: config[k] for k in shared}
 
 
+def test_generated_source_is_the_option_table():
+  """The signatures, docstring argument lists and `Config` fields written in
+  the source are what the option table generates."""
+  from foam_optax._src import signatures
+  texts = signatures.generated_sources()
+  assert {p.name for p in texts} == {"alias.py", "transform.py", "config.py"}
+  for path, text in texts.items():
+    assert path.read_text(encoding="utf-8") == text, (
+        f"{path.name} is stale: run `python -m foam_optax._src.signatures "
+        "README.md`")
+
+
+def test_generated_signatures_follow_the_table():
+  """Each generated function takes the table's arguments in its order, with
+  its defaults and types (independently of the generator's text)."""
+  import inspect
+  from foam_optax._src import options, signatures
+  for functions in signatures.FUNCTIONS.values():
+    for optimizer, alias in functions:
+      fn = getattr(fo, signatures.function_name(optimizer, alias))
+      params = list(inspect.signature(fn, eval_str=True).parameters.values())
+      if alias:
+        first = params.pop(0)
+        assert (first.name, first.annotation) == (
+            "learning_rate", optax.ScalarOrSchedule)
+      table = options.exposed(optimizer, alias)
+      assert [(p.name, p.default, p.annotation, p.kind) for p in params] == [
+          (o.public_name(optimizer), o.default_for(optimizer), o.annotation,
+           inspect.Parameter.KEYWORD_ONLY) for o in table], fn.__name__
+      for o in table:   # the docstring documents every argument
+        assert f"\n    {o.public_name(optimizer)}: " in fn.__doc__
+
+
+def test_config_is_typed_and_carries_the_option_table():
+  """`Config` is a frozen dataclass with one typed field per option, in the
+  table's order, each with its default and its `Option` as metadata."""
+  import dataclasses
+  import typing
+  from foam_optax._src import options
+  from foam_optax._src.config import Config
+  fields = dataclasses.fields(Config)
+  assert [f.name for f in fields] == [o.name for o in options.OPTIONS]
+  hints = typing.get_type_hints(Config)
+  for f, option in zip(fields, options.OPTIONS):
+    assert f.metadata["option"] is option
+    assert f.default == option.default
+    assert hints[f.name] == option.annotation, f.name
+  cfg = Config()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    setattr(cfg, "b1", 0.5)
+
+
 @pytest.mark.parametrize("alias,core", [(fo.foam, fo.scale_by_foam),
                                         (fo.shampoo, fo.scale_by_shampoo),
                                         (fo.soap, fo.scale_by_soap)])
