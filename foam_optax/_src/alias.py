@@ -53,6 +53,20 @@ def _alias(optimizer: str,
   return skip_nonfinite(chain) if skip else chain
 
 
+def decayed_alias(scale: optax.GradientTransformation,
+                  learning_rate: optax.ScalarOrSchedule, weight_decay: float,
+                  mask: options.MaskOrFn
+                  ) -> optax.GradientTransformationExtraArgs:
+  """``skip_nonfinite(chain(scale, add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate)))``: the alias of a transformation
+  outside the option table, its learning rate and weight decay checked."""
+  signatures.check_learning_rate(learning_rate)
+  options.ALIAS_BY_NAME["weight_decay"].check("weight_decay", weight_decay)
+  return skip_nonfinite(optax.chain(
+      scale, optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate)))
+
+
 def foam(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     learning_rate: optax.ScalarOrSchedule,

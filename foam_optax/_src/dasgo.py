@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from foam_optax._src import alias
 from foam_optax._src import checks
 from foam_optax._src import grafting
 from foam_optax._src import initial_state
 from foam_optax._src import linalg
 from foam_optax._src import shaping
-from foam_optax._src import signatures
 from foam_optax._src.state import plain_arrays
 
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)
@@ -142,14 +142,38 @@ def scale_by_dasgo(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-dasgo = signatures.decayed_alias(
-    "dasgo", scale_by_dasgo, weight_decay=0.1, mask="weight_decay_mask",
-    doc="""DASGO (`scale_by_dasgo`) with decoupled weight decay and learning
-  rate, ``p ← p·(1 - lr·wd) - lr·update`` as the official optimizer, whose
+def dasgo(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    graft_rms: float = 0.2,
+    mu_dtype: Optional[Any] = None,
+    weight_dimension_numbers: Optional[Any] = None,
+    weight_decay: float = 0.1,
+    weight_decay_mask: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """DASGO (`scale_by_dasgo`) with decoupled weight decay and learning rate.
+
+  ``p ← p·(1 - lr·wd) - lr·update`` as the official optimizer, whose
   defaults these are; a step with a non-finite gradient is skipped whole
   (`skip_nonfinite`).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps, graft_rms, mu_dtype, weight_dimension_numbers: as in
+      `scale_by_dasgo`.
+    weight_decay: decoupled weight decay (multiplied by the learning rate).
+    weight_decay_mask: pytree of bools or a callable of the params choosing
+      the leaves that decay; None decays all.
 
   Example:
     >>> import optax, foam_optax as fo
     >>> opt = fo.partition(fo.dasgo(1e-3), optax.adam(1e-3, b2=0.95))
-  """)
+  """
+  return alias.decayed_alias(
+      scale_by_dasgo(b1=b1, b2=b2, eps=eps, graft_rms=graft_rms,
+                     mu_dtype=mu_dtype,
+                     weight_dimension_numbers=weight_dimension_numbers),
+      learning_rate, weight_decay, weight_decay_mask)
