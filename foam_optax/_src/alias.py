@@ -67,6 +67,7 @@ def decayed_alias(scale: optax.GradientTransformation,
       optax.scale_by_learning_rate(learning_rate)))
 
 
+@signatures.public
 def foam(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     learning_rate: optax.ScalarOrSchedule,
@@ -275,6 +276,7 @@ def foam(
   return _alias("foam", scale_by_foam, locals())
 
 
+@signatures.public
 def scale_by_shampoo(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     *,
@@ -439,6 +441,7 @@ def scale_by_shampoo(
   return from_config(signatures.config_for("shampoo", locals()))
 
 
+@signatures.public
 def shampoo(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     learning_rate: optax.ScalarOrSchedule,
@@ -601,6 +604,7 @@ def shampoo(
   return _alias("shampoo", scale_by_shampoo, locals())
 
 
+@signatures.public
 def scale_by_soap(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     *,
@@ -804,6 +808,7 @@ def scale_by_soap(
   return from_config(signatures.config_for("soap", locals()))
 
 
+@signatures.public
 def soap(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     learning_rate: optax.ScalarOrSchedule,
@@ -977,6 +982,7 @@ def soap(
   return _alias("soap", scale_by_soap, locals())
 
 
+@signatures.public
 def scale_by_asgo(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     *,
@@ -1147,6 +1153,7 @@ def scale_by_asgo(
   return from_config(signatures.config_for("asgo", locals()))
 
 
+@signatures.public
 def asgo(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     learning_rate: optax.ScalarOrSchedule,

@@ -13,6 +13,7 @@ from foam_optax._src import alias
 from foam_optax._src import checks
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
+from foam_optax._src import signatures
 from foam_optax._src.state import plain_arrays
 
 Method = Literal["leave_one_out", "two_group"]
@@ -67,6 +68,7 @@ def _two_group(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction):
   return (new_mu / bc1) * inverse, new_mu, new_nu
 
 
+@signatures.public
 def scale_by_bias_corrected_adam(
     *,
     b1: float = 0.9,
@@ -168,6 +170,7 @@ def scale_by_bias_corrected_adam(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@signatures.public
 def bias_corrected_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,

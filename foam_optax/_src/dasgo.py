@@ -15,6 +15,7 @@ from foam_optax._src import grafting
 from foam_optax._src import initial_state
 from foam_optax._src import linalg
 from foam_optax._src import shaping
+from foam_optax._src import signatures
 from foam_optax._src.state import plain_arrays
 
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)
@@ -44,6 +45,7 @@ def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
   return shaping.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
 
 
+@signatures.public
 def scale_by_dasgo(
     *,
     b1: float = 0.9,
@@ -142,6 +144,7 @@ def scale_by_dasgo(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@signatures.public
 def dasgo(
     learning_rate: optax.ScalarOrSchedule,
     *,

@@ -1,5 +1,6 @@
 """The optimizers' signatures, docstrings and README tables, generated from
-the option table (`options`).
+the option table (`options`), and their errors for arguments they do not
+take.
 
 The functions built from the table (`scale_by_foam`, and the aliases and
 `scale_by_*` transformations of `alias`) are written out in the source with
@@ -9,24 +10,97 @@ all read the same explicit code. ``python -m foam_optax._src.signatures
 README.md`` regenerates those parts of the source (`generated_sources`) and
 the README's tables from the table; the tests check that they are current.
 
-`config_for` turns an optimizer's arguments into a validated `Config`.
+`public` gives a public function errors that name it and the closest
+argument. `config_for` turns an optimizer's arguments into a validated
+`Config`.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
+import functools
 import inspect
 import pathlib
 import re
 import sys
 import textwrap
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import optax
 
 from foam_optax._src import options
 from foam_optax._src.config import Config, validate
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# --- Errors for arguments a function does not take --------------------------
+
+
+def _call_error(name: str, sig: inspect.Signature, args: tuple,
+                kwargs: dict, error: TypeError) -> str:
+  """What ``fo.<name>(*args, **kwargs)`` did wrong, in the words of a
+  Python error, with the closest argument for a misspelled keyword."""
+  params = sig.parameters.values()
+  positional = [p.name for p in params if p.kind in (
+      inspect.Parameter.POSITIONAL_ONLY,
+      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+  keywords = [p.name for p in params
+              if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+  call = f"fo.{name}()"
+  if len(args) > len(positional):
+    takes = (f"takes {len(positional)} positional argument"
+             f"{'s' if len(positional) > 1 else ''} ({', '.join(positional)})"
+             if positional else "takes no positional arguments")
+    given = f"{len(args)} {'was' if len(args) == 1 else 'were'} given"
+    others = [k for k in keywords if k not in positional][:3]
+    text = (f"{call} {takes} but {given}; pass "
+            f"{'the others' if positional else 'them'} by keyword ("
+            + ", ".join(f"{k}=..." for k in others) + ", ...)")
+    alias = name.removeprefix("scale_by_")
+    if not positional and alias != name and _is_public(alias):
+      text += (f"; the learning rate goes to the alias, "
+               f"fo.{alias}(learning_rate, ...)")
+    return text + "."
+  unknown = [k for k in kwargs if k not in keywords]
+  if unknown:
+    text = f"{call} got an unexpected keyword argument {unknown[0]!r}"
+    close = difflib.get_close_matches(unknown[0], keywords, n=1)
+    if close:
+      return f"{text}; did you mean {close[0]!r}?"
+    return f"{text}; help(fo.{name}) lists its arguments."
+  message = str(error)   # inspect's words for a missing or repeated argument
+  if message.startswith("multiple values"):
+    message = "got " + message
+  return f"{call} {message}"
+
+
+def _is_public(name: str) -> bool:
+  import foam_optax   # at call time: the package imports this module
+  return name in foam_optax.__all__
+
+
+def public(fn: F) -> F:
+  """Decorator of a public function: a call with an argument that its
+  signature does not take (a misspelled keyword, too many positional
+  arguments) raises a `TypeError` that names the function as users call it
+  and, for a keyword, the closest valid one; the function, its signature
+  and its docstring are otherwise unchanged."""
+  sig = inspect.signature(fn, eval_str=True)
+
+  @functools.wraps(fn)
+  def checked(*args, **kwargs):
+    try:
+      sig.bind(*args, **kwargs)
+    except TypeError as error:
+      raise TypeError(
+          _call_error(fn.__name__, sig, args, kwargs, error)) from None
+    return fn(*args, **kwargs)
+
+  setattr(checked, "__signature__", sig)
+  return typing.cast(F, checked)
+
 
 # --- From arguments to a Config ---------------------------------------------
 

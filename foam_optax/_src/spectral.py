@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from foam_optax._src import signatures
+
 _TINY = 1e-30   # guards divisions by a zero norm
 
 
@@ -62,6 +64,7 @@ def _check_int(name, value, minimum):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
+@signatures.public
 def scale_by_spectral_norm(*, embedding: Optional[Callable[[str], bool]] = None,
                            power_iterations: int = 1,
                            warmup_steps: int = 50,

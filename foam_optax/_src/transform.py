@@ -18,6 +18,7 @@ from foam_optax._src import update
 from foam_optax._src.config import Config
 
 
+@signatures.public
 def scale_by_foam(
     # Generated from options.py by `python -m foam_optax._src.signatures`.
     *,
