@@ -45,12 +45,17 @@ def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
   return shaping.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
 
 
+_RENAMED = signatures.renamed(
+    {"eps": "epsilon"}, "the damping is epsilon in fo.asgo and fo.dasgo alike")
+
+
+@_RENAMED
 @signatures.public
 def scale_by_dasgo(
     *,
     b1: float = 0.9,
     b2: float = 0.95,
-    eps: float = 1e-8,
+    epsilon: float = 1e-8,
     graft_rms: float = 0.2,
     mu_dtype: Optional[Any] = None,
     weight_dimension_numbers: Optional[Any] = None,
@@ -77,7 +82,8 @@ def scale_by_dasgo(
   Args:
     b1: momentum decay.
     b2: decay of the row second moments.
-    eps: added to the second moments before the inverse square root.
+    epsilon: added to the second moments before the inverse square root
+      (the official code's ``eps``; ``eps=`` is accepted, deprecated).
     graft_rms: the RMS of each matrix's step.
     mu_dtype: the momentum's storage dtype; None: the parameter's.
     weight_dimension_numbers: as in `scale_by_foam`.
@@ -96,7 +102,7 @@ def scale_by_dasgo(
     Gradient Optimization, NeurIPS 2025. arXiv:2503.20762.
   """
   for name, value, check in (("b1", b1, _UNIT), ("b2", b2, _UNIT),
-                             ("eps", eps, _POSITIVE),
+                             ("epsilon", epsilon, _POSITIVE),
                              ("graft_rms", graft_rms, _POSITIVE)):
     check(name, value)
   checks.floating_dtype("mu_dtype", mu_dtype)
@@ -124,7 +130,7 @@ def scale_by_dasgo(
     rows = shaping.to_matrices(g, layout)
     second_moment = b2 * second_moment + (1 - b2) * jnp.sum(rows ** 2, -1)
     scaled = (shaping.to_matrices(momentum, layout)
-              * jax.lax.rsqrt(second_moment + eps)[..., None])
+              * jax.lax.rsqrt(second_moment + epsilon)[..., None])
     update = grafting.with_rms(scaled, graft_rms)
     return (shaping.from_matrices(update, layout).astype(grad.dtype),
             momentum.astype(mu_dtype or grad.dtype), second_moment)
@@ -144,13 +150,14 @@ def scale_by_dasgo(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_RENAMED
 @signatures.public
 def dasgo(
     learning_rate: optax.ScalarOrSchedule,
     *,
     b1: float = 0.9,
     b2: float = 0.95,
-    eps: float = 1e-8,
+    epsilon: float = 1e-8,
     graft_rms: float = 0.2,
     mu_dtype: Optional[Any] = None,
     weight_dimension_numbers: Optional[Any] = None,
@@ -165,7 +172,7 @@ def dasgo(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1, b2, eps, graft_rms, mu_dtype, weight_dimension_numbers: as in
+    b1, b2, epsilon, graft_rms, mu_dtype, weight_dimension_numbers: as in
       `scale_by_dasgo`.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
     weight_decay_mask: pytree of bools or a callable of the params choosing
@@ -176,7 +183,7 @@ def dasgo(
     >>> opt = fo.partition(fo.dasgo(1e-3), optax.adam(1e-3, b2=0.95))
   """
   return alias.decayed_alias(
-      scale_by_dasgo(b1=b1, b2=b2, eps=eps, graft_rms=graft_rms,
+      scale_by_dasgo(b1=b1, b2=b2, epsilon=epsilon, graft_rms=graft_rms,
                      mu_dtype=mu_dtype,
                      weight_dimension_numbers=weight_dimension_numbers),
       learning_rate, weight_decay, weight_decay_mask)

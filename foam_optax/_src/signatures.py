@@ -11,8 +11,8 @@ README.md`` regenerates those parts of the source (`generated_sources`) and
 the README's tables from the table; the tests check that they are current.
 
 `public` gives a public function errors that name it and the closest
-argument. `config_for` turns an optimizer's arguments into a validated
-`Config`.
+argument; `renamed` keeps a renamed argument working, with a warning.
+`config_for` turns an optimizer's arguments into a validated `Config`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import re
 import sys
 import textwrap
 import typing
+import warnings
 from typing import Any, Callable, Mapping, TypeVar
 
 import optax
@@ -100,6 +101,34 @@ def public(fn: F) -> F:
 
   setattr(checked, "__signature__", sig)
   return typing.cast(F, checked)
+
+
+def renamed(names: Mapping[str, str], why: str) -> Callable[[F], F]:
+  """Decorator: arguments renamed from `names`' keys to its values are still
+  accepted under their old names, with a `DeprecationWarning` that names the
+  new argument (`why` says why it changed)."""
+
+  def decorate(fn: F) -> F:
+    call = f"fo.{fn.__name__}()"
+
+    @functools.wraps(fn)
+    def accepting(*args, **kwargs):
+      for old, new in names.items():
+        if old not in kwargs:
+          continue
+        if new in kwargs:
+          raise TypeError(f"{call} got {old!r} and {new!r}, the new name of "
+                          f"{old!r}: pass {new!r} only.")
+        warnings.warn(f"{call}: the argument {old!r} is deprecated, pass "
+                      f"{new}={kwargs[old]!r} instead ({why}).",
+                      DeprecationWarning, stacklevel=2)
+        kwargs[new] = kwargs.pop(old)
+      return fn(*args, **kwargs)
+
+    setattr(accepting, "__signature__", inspect.signature(fn))
+    return typing.cast(F, accepting)
+
+  return decorate
 
 
 # --- From arguments to a Config ---------------------------------------------
@@ -363,4 +392,3 @@ def update_readme(path: str) -> None:
 if __name__ == "__main__":
   update_sources()
   update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-
