@@ -61,7 +61,7 @@ def decayed_alias(scale: optax.GradientTransformation,
   scale_by_learning_rate(learning_rate)))``: the alias of a transformation
   outside the option table, its learning rate and weight decay checked."""
   signatures.check_learning_rate(learning_rate)
-  options.ALIAS_BY_NAME["weight_decay"].check("weight_decay", weight_decay)
+  options.ALIAS_BY_NAME["weight_decay"].validate("weight_decay", weight_decay)
   return skip_nonfinite(optax.chain(
       scale, optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate)))

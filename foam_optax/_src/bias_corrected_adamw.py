@@ -3,6 +3,7 @@ inversion from per-microbatch gradients."""
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax
@@ -24,7 +25,7 @@ class ScaleByBiasCorrectedAdamState(NamedTuple):
   """State of `scale_by_bias_corrected_adam`: AdamW's moments of the
   full-batch gradient (``count`` updates so far)."""
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   mu: Any
   nu: Any
 
@@ -150,7 +151,7 @@ def scale_by_bias_corrected_adam(
         microbatch_grads, plain_arrays(updates), minimum,
         "bias-corrected AdamW" + (" (two_group)" if method == "two_group"
                                   else ""), even=method == "two_group")
-    count = optax.safe_increment(state.count)
+    count = typing.cast(jax.Array, optax.safe_increment(state.count))
     dtype = linalg.stat_dtype()
     bc1 = 1 - jnp.asarray(b1, dtype) ** count
     bc2 = 1 - jnp.asarray(b2, dtype) ** count

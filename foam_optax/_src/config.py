@@ -12,7 +12,7 @@ fields may hold traced arrays when the transformation is wrapped in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +116,7 @@ class Config:
     return damping
 
 
-def with_arguments(fn, cfg: Config):
+def with_arguments(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
   """`fn(*args, cfg)` as a function of ``(*args, traced)``, `traced` being
   ``cfg.traced()``.
 
@@ -137,17 +137,20 @@ _EIGENVALUE_CORRECTED_ONLY = {"rotation_basis": "updated",
                               "tensor_shaping": "matrix", "merge_dims": False}
 
 
-def validate(cfg: Config, names: Mapping[str, str] = None) -> Config:
+def validate(cfg: Config,
+             names: Optional[Mapping[str, str]] = None) -> Config:
   """Raises ValueError naming the first invalid argument; returns `cfg`.
 
   `names` maps Config fields to the argument names the caller passed them
   as (e.g. SOAP's ``epsilon`` is the field ``adam_eps``).
   """
-  names = dict(names or {})
-  name = lambda field: names.get(field, field)
+  renamed = dict(names or {})
+
+  def name(field: str) -> str:
+    return renamed.get(field, field)
+
   for option in options.OPTIONS:
-    if option.check is not None:
-      option.check(name(option.name), getattr(cfg, option.name))
+    option.validate(name(option.name), getattr(cfg, option.name))
   eps, max_eps = checks.known(cfg.epsilon), checks.known(cfg.max_epsilon)
   if eps is not None and max_eps is not None and max_eps < eps:
     raise ValueError(

@@ -45,6 +45,12 @@ def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
   return shaping.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
 
 
+def _rows(layout: shaping.LeafLayout) -> int:
+  """The rows of a `_matrix_layout`, which always has a matrix."""
+  assert layout.matrix_shape is not None
+  return layout.matrix_shape[0]
+
+
 _RENAMED = signatures.renamed(
     {"eps": "epsilon"}, "the damping is epsilon in fo.asgo and fo.dasgo alike")
 
@@ -120,7 +126,7 @@ def scale_by_dasgo(
     mu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), mu_dtype or
                                           jnp.result_type(p)), params)
     nu = treedef.unflatten([
-        jnp.zeros((lay.batch, lay.matrix_shape[0]), linalg.stat_dtype())
+        jnp.zeros((lay.batch, _rows(lay)), linalg.stat_dtype())
         for lay in layouts(params)])
     return ScaleByDasgoState(mu, nu)
 

@@ -48,10 +48,10 @@ def microbatch_grads(loss_fn, params, batch, num_microbatches: int):
                      f"{num_microbatches!r}.")
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None
            for x in jax.tree.leaves(batch)}
-  if None in sizes or len(sizes) != 1:
+  size = next(iter(sizes)) if len(sizes) == 1 else None
+  if size is None:
     raise ValueError("every leaf of the batch must have the same leading "
                      f"(example) axis; got lengths {sorted(sizes, key=str)}.")
-  (size,) = sizes
   if size % num_microbatches:
     raise ValueError(f"a batch of {size} examples does not split into "
                      f"{num_microbatches} equal microbatches.")

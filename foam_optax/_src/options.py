@@ -59,6 +59,11 @@ class Option:
   def doc_for(self, optimizer: str) -> str:
     return self.docs.get(optimizer, self.doc)
 
+  def validate(self, name: str, value) -> None:
+    """Raises the check's ValueError, naming `name`, if `value` is invalid."""
+    if self.check is not None:
+      self.check(name, value)
+
 
 def _literal(annotation) -> Callable:
   return checks.choice(annotation.__args__)

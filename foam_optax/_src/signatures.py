@@ -150,16 +150,13 @@ def check_alias_arguments(optimizer: str,
   """Checks the alias-only arguments and the learning rate."""
   check_learning_rate(arguments["learning_rate"])
   for name in options.EXPOSED_BY_ALIAS[optimizer]:
-    option = options.ALIAS_BY_NAME[name]
-    if option.check is not None:
-      option.check(name, arguments[name])
+    options.ALIAS_BY_NAME[name].validate(name, arguments[name])
 
 
 def check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
   """A number in [0, inf), or a schedule."""
   if not callable(learning_rate):
-    assert options.LEARNING_RATE.check is not None
-    options.LEARNING_RATE.check("learning_rate", learning_rate)
+    options.LEARNING_RATE.validate("learning_rate", learning_rate)
 
 
 # --- The generated source ----------------------------------------------------

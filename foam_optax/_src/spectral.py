@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -34,7 +35,7 @@ class ScaleBySpectralNormState(NamedTuple):
       vectors).
   """
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   right_vectors: Any
 
 
@@ -191,6 +192,7 @@ def scale_by_spectral_norm(*, embedding: Optional[Callable[[str], bool]] = None,
     new_updates = jax.tree_util.tree_unflatten(treedef, [u for u, _ in results])
     vectors = jax.tree_util.tree_unflatten(treedef, [v for _, v in results])
     return new_updates, ScaleBySpectralNormState(
-        count=optax.safe_int32_increment(state.count), right_vectors=vectors)
+        count=typing.cast(jax.Array, optax.safe_int32_increment(state.count)),
+        right_vectors=vectors)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -65,7 +65,7 @@ class ScaleByFoamState(NamedTuple):
     plan: static: the device mesh the stacks are laid out for.
   """
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   nonfinite_skips: jax.Array
   mu: Any
   nu: Any

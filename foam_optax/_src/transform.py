@@ -251,11 +251,13 @@ def scale_by_foam(
 def from_config(cfg: Config) -> optax.GradientTransformation:
   """The transformation for an already validated `Config`."""
 
-  def init_fn(params):
+  # Typed Any: optax's OptState (a tree of arrays) does not cover the static
+  # layouts and plan that ScaleByFoamState holds.
+  def init_fn(params) -> Any:
     return initial_state.init(params, cfg)
 
   def update_fn(updates, state, params=None, *, microbatch_grads=None,
-                **extra_args):
+                **extra_args) -> tuple[Any, Any]:
     del extra_args   # optax's convention: the chain's others, unused here
     return update.update(updates, state, cfg, params, microbatch_grads)
 

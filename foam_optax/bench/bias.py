@@ -31,7 +31,8 @@ import dataclasses
 import math
 import pathlib
 import time
-from typing import Callable, Optional
+import typing
+from typing import Callable, Literal, Optional
 
 from flax import nnx
 import jax
@@ -68,7 +69,7 @@ class Method:
 
   name: str
   family: str
-  factory: Callable[..., optax.GradientTransformation]
+  factory: Callable[..., optax.GradientTransformationExtraArgs]
   settings: dict
   baseline: Optional[str] = None
   first_half_only: bool = False
@@ -464,11 +465,12 @@ def first_step_mean(mu: float, method: str, variance_correction: bool,
   micro = (mu + rng.standard_normal((num_microbatches, draws))).astype(
       np.float32)
   tx = fo.scale_by_bias_corrected_adam(
-      method=method, variance_correction=variance_correction)
+      method=typing.cast(Literal["leave_one_out", "two_group"], method),
+      variance_correction=variance_correction)
   params = {"w": jnp.zeros((draws,))}
   update, _ = tx.update({"w": jnp.asarray(micro.mean(0))}, tx.init(params),
                         params, microbatch_grads={"w": jnp.asarray(micro)})
-  return float(jnp.mean(update["w"]))
+  return float(jnp.mean(typing.cast(dict, update)["w"]))
 
 
 def monte_carlo() -> list[dict]:

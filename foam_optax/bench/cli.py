@@ -83,8 +83,9 @@ SUITES = {
         "char Transformer LM (about 15 min)"),
 }
 
-QUICK = dict(workloads=("quadratic_k1e2", "digits_mlp"),
-             optimizers=("adamw", "shampoo_f20", "foam"), seeds=2, steps=40)
+QUICK: dict[str, Any] = dict(
+    workloads=("quadratic_k1e2", "digits_mlp"),
+    optimizers=("adamw", "shampoo_f20", "foam"), seeds=2, steps=40)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,7 +149,7 @@ def machine() -> dict:
           "python": platform.python_version(), "jax": jax.__version__}
 
 
-def _json_safe(value):
+def _json_safe(value) -> Any:
   """Non-finite floats become None (strict JSON)."""
   if isinstance(value, dict):
     return {k: _json_safe(v) for k, v in value.items()}

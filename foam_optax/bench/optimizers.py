@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import optax
@@ -83,7 +83,7 @@ DASGO_SETTINGS = dict(b1=0.9, b2=0.95, epsilon=1e-8, weight_decay=WEIGHT_DECAY)
 # on the Transformer and the quadratics.
 ASGO_GRID = (1e-2, 3e-2, 1e-1)
 # Adam for vectors and embeddings, as the official ASGO runs.
-OFFICIAL_ASGO_ADAM = dict(b1=0.9, b2=0.95, eps=1e-8)
+OFFICIAL_ASGO_ADAM: dict[str, Any] = dict(b1=0.9, b2=0.95, eps=1e-8)
 
 
 def adam_routed(alias):
@@ -113,15 +113,15 @@ def distributed_shampoo_module() -> Optional[types.ModuleType]:
   forwards everything else. Returns None when the package is not installed.
   """
   try:
-    from precondition import distributed_shampoo
+    from precondition import distributed_shampoo  # pyright: ignore[reportMissingImports]
   except ImportError:
     return None
   if not hasattr(distributed_shampoo.jax, "tree_map"):
     proxy = types.ModuleType("jax_with_tree_aliases")
     proxy.__getattr__ = lambda name: getattr(jax, name)
-    proxy.tree_map = jax.tree.map
-    proxy.tree_flatten = jax.tree.flatten
-    proxy.tree_unflatten = jax.tree.unflatten
+    setattr(proxy, "tree_map", jax.tree.map)
+    setattr(proxy, "tree_flatten", jax.tree.flatten)
+    setattr(proxy, "tree_unflatten", jax.tree.unflatten)
     distributed_shampoo.jax = proxy
   return distributed_shampoo
 

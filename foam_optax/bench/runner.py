@@ -64,7 +64,7 @@ class Trainer:
     return time.perf_counter() - start
 
   def train(self, seed: int, steps: int, lr: float,
-            progress: Optional[Callable[[int], None]] = None,
+            progress: Optional[Callable[[int], object]] = None,
             record: bool = True, eval_points: int = EVAL_POINTS) -> dict:
     """Trains `steps` steps from `seed`.
 
@@ -117,7 +117,8 @@ def _finite_or_inf(x):
 
 def benchmark_pair(workload: Workload, spec: OptimizerSpec, seeds, steps: int,
                    sweep_steps: int,
-                   progress: Optional[Callable[[int], None]] = None) -> dict:
+                   progress: Optional[Callable[[int], object]] = None
+                   ) -> dict:
   """Learning-rate sweep (seed `seeds[0]`, `sweep_steps`, best final train
   loss wins) then one run per seed at the chosen rate.
 

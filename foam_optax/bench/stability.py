@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Optional
+import typing
+from typing import Any, Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,8 @@ END_MARKER = "<!-- bench-stability:end -->"
 DIVERGENCE_FACTOR = 10.0
 LADDER = (1, 5, 20, 100, 500)
 START = 20                  # first check of every method but figure 1's Shampoo
-PAPER = dict(check_frequency=20, threshold=0.75, max_epsilon=3e-7)
+PAPER: dict[str, Any] = dict(check_frequency=20, threshold=0.75,
+                             max_epsilon=3e-7)
 FIGURE1_SHAMPOO_START = 30
 FIGURE1_SHAMPOO_EPSILONS = (1e-9, 1e-8)
 FIGURE1_TAUS = (0.25, 0.5, 0.75)
@@ -259,7 +261,7 @@ class Method:
   name: str
   group: str                  # foam, ladder, equal, figure1 or policy
   controller: str = "foam"    # 'stale' is Shampoo
-  proxy: str = "exact"
+  proxy: Literal["exact", "sketch"] = "exact"
   check_frequency: int = 20
   threshold: float = 0.75
   max_epsilon: float = 3e-7
@@ -377,14 +379,18 @@ class Simulator:
     family = self.family
 
     def simulate(hp, lr, params, data, constants):
-      common = dict(b1=0.95, b2=0.995, exponent=setting.exponent,
-                    grafting=setting.grafting, epsilon=hp["epsilon"],
-                    check_frequency=hp["check_frequency"],
-                    start_preconditioning_step=hp["start_preconditioning_step"])
+      common: dict[str, Any] = dict(
+          b1=0.95, b2=0.995, exponent=setting.exponent,
+          grafting=setting.grafting, epsilon=hp["epsilon"],
+          check_frequency=hp["check_frequency"],
+          start_preconditioning_step=hp["start_preconditioning_step"])
       if method.controller == "stale":
         tx = fo.shampoo(lr, **common)
       else:
-        tx = fo.foam(lr, controller=method.controller, proxy=method.proxy,
+        # A name registered here (foam_hold) is outside the signature's
+        # Literal of the built-in controllers.
+        controller = typing.cast(Any, method.controller)
+        tx = fo.foam(lr, controller=controller, proxy=method.proxy,
                      threshold=hp["threshold"], max_epsilon=hp["max_epsilon"],
                      **common)
 

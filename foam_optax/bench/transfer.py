@@ -33,7 +33,7 @@ import dataclasses
 import math
 import pathlib
 import time
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,8 @@ START_MARKER = "<!-- bench-transfer:start -->"
 END_MARKER = "<!-- bench-transfer:end -->"
 OPTIMIZERS = ("adamw", "foam", "soap", "muon")
 # μP rule of each optimizer (`fo.mup_multipliers`' `optimizer`).
-RULES = {"adamw": "adam", "foam": "grafted", "soap": "soap", "muon": "muon"}
+RULES: dict[str, Literal["adam", "grafted", "soap", "muon"]] = {
+    "adamw": "adam", "foam": "grafted", "soap": "soap", "muon": "muon"}
 SOAP_BLOCK_SIZE = 128
 WD_X_WIDTH = 0.064   # weight decay 2e-3 at the base width 32; under μP 0.064/width
 LOSS_TOLERANCE = 0.01   # the paper's: within 1% of the width's best

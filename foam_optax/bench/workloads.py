@@ -115,7 +115,8 @@ def _digits(test_fraction=0.2):
   x = (x / 16.0).astype(np.float32)
   x_train, x_test, y_train, y_test = train_test_split(
       x, y, test_size=test_fraction, random_state=0, stratify=y)
-  return x_train, x_test, y_train.astype(np.int32), y_test.astype(np.int32)
+  return (x_train, x_test, np.asarray(y_train, np.int32),
+          np.asarray(y_test, np.int32))
 
 
 def _functional(module: nnx.Module):
