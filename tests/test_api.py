@@ -355,7 +355,7 @@ def test_generated_signatures_follow_the_table():
 
 _HAND_WRITTEN = [  # alias, its transformation, its mask's name, non-defaults
     (fo.dasgo, fo.scale_by_dasgo, "weight_decay_mask",
-     dict(b1=0.5, b2=0.7, eps=1e-3, graft_rms=0.3, mu_dtype=jnp.bfloat16,
+     dict(b1=0.5, b2=0.7, epsilon=1e-3, graft_rms=0.3, mu_dtype=jnp.bfloat16,
           weight_dimension_numbers={"w": fo.DimensionNumbers(1, 0),
                                     "b": None})),
     (fo.bias_corrected_adamw, fo.scale_by_bias_corrected_adam, "mask",
