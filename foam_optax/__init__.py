@@ -20,6 +20,7 @@ from foam_optax._src.factors import FactorStack
 from foam_optax._src.microbatches import microbatch_grads
 from foam_optax._src.mup import mup_multipliers
 from foam_optax._src.mup import scale_by_mup
+from foam_optax._src.nnx_layers import nnx_dimension_numbers
 from foam_optax._src.partition import partition
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.shaping import DimensionNumbers
@@ -32,6 +33,7 @@ from foam_optax._src.state import BlockClassState
 from foam_optax._src.state import find_states
 from foam_optax._src.state import LeafState
 from foam_optax._src.state import ScaleByFoamState
+from foam_optax._src.state import SkipCounters
 from foam_optax._src.transform import scale_by_foam
 from foam_optax._src.weight_decay import decay_updated_weights
 from foam_optax._src.views import FactorStackView
@@ -50,6 +52,7 @@ __all__ = [
     "ScaleByDasgoState",
     "ScaleByFoamState",
     "ScaleBySpectralNormState",
+    "SkipCounters",
     "asgo",
     "bias_corrected_adamw",
     "block_stacks",
@@ -62,6 +65,7 @@ __all__ = [
     "kernels",
     "microbatch_grads",
     "mup_multipliers",
+    "nnx_dimension_numbers",
     "partition",
     "precondition_labels",
     "relayout",

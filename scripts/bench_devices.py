@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import time
 
 
 def _parse():
@@ -69,6 +68,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import foam_optax as fo  # noqa: E402
+from foam_optax.bench import measure  # noqa: E402
 
 # ---------------------------------------------------------------- the model
 
@@ -353,15 +353,14 @@ def memory():
 
 
 def _time(step, params, state, batch, repeats):
-  params, state = step(params, state, batch)   # compile
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    params, state = step(params, state, batch)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
+  """Median milliseconds of `step`, each call going on from the last."""
+  carry = [params, state]
+
+  def advance():
+    carry[:] = step(*carry, batch)
+    return carry
+
+  return 1e3 * measure.timed(advance, repeats=repeats)
 
 
 def speed(repeats):

@@ -48,6 +48,7 @@ from jax import lax
 import optax
 
 import foam_optax as fo
+from foam_optax.bench import measure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +81,6 @@ FAST_COMPILE = dict(xla_backend_optimization_level=0,
                     xla_llvm_disable_expensive_passes=True)
 
 
-def _timed(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    tic = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - tic)
-  return statistics.median(times)
-
-
 def _spd(key, shape):
   g = jax.random.normal(key, shape)
   return g @ jnp.swapaxes(g, -1, -2) / shape[-1]
@@ -110,12 +101,12 @@ def eigh_vs_matmul(sizes: Sizes):
     one = _spd(jax.random.key(m), (m, m))
     many = _spd(jax.random.key(m + 1), (sizes.batch, m, m))
     row = {"m": m, "batch": sizes.batch,
-           "eigh_ms": 1e3 * _timed(eigh, one, repeats=sizes.repeats),
-           "matmul_ms": 1e3 * _timed(matmul, one, one, repeats=sizes.repeats),
-           "matmul_default_precision_ms": 1e3 * _timed(
+           "eigh_ms": 1e3 * measure.timed(eigh, one, repeats=sizes.repeats),
+           "matmul_ms": 1e3 * measure.timed(matmul, one, one, repeats=sizes.repeats),
+           "matmul_default_precision_ms": 1e3 * measure.timed(
                matmul_default, one, one, repeats=sizes.repeats),
-           "eigh_batched_ms": 1e3 * _timed(eigh, many, repeats=sizes.repeats),
-           "matmul_batched_ms": 1e3 * _timed(matmul, many, many,
+           "eigh_batched_ms": 1e3 * measure.timed(eigh, many, repeats=sizes.repeats),
+           "matmul_batched_ms": 1e3 * measure.timed(matmul, many, many,
                                              repeats=sizes.repeats)}
     row["eigh_over_matmul"] = row["eigh_ms"] / row["matmul_ms"]
     row["batched_eigh_speedup"] = (sizes.batch * row["eigh_ms"]
@@ -148,12 +139,12 @@ def cond_cost(sizes: Sizes):
   r = sizes.repeats
   return {
       "m": sizes.cond_size, "factors": n,
-      "no_cond_ms_per_factor": per(_timed(no_cond, stack, repeats=r)),
-      "skipped_ms_per_factor": per(_timed(
+      "no_cond_ms_per_factor": per(measure.timed(no_cond, stack, repeats=r)),
+      "skipped_ms_per_factor": per(measure.timed(
           with_cond, stack, jnp.zeros((n,), bool), repeats=r)),
-      "taken_ms_per_factor": per(_timed(
+      "taken_ms_per_factor": per(measure.timed(
           with_cond, stack, jnp.ones((n,), bool), repeats=r)),
-      "unconditional_ms_per_factor": per(_timed(always, stack, repeats=r)),
+      "unconditional_ms_per_factor": per(measure.timed(always, stack, repeats=r)),
   }
 
 
@@ -228,7 +219,7 @@ def step_costs(sizes: Sizes, compiler_options=None, into=None,
   tokens = jax.random.randint(jax.random.key(1),
                               (sizes.batch_size, sizes.seq_len + 1), 0,
                               sizes.vocab)
-  into["param_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(params)))
+  into["param_bytes"] = measure.tree_bytes(params)
   results = into["optimizers"]
   for name, steps in sizes.steps:
     tx = optimizer(name)
@@ -240,18 +231,13 @@ def step_costs(sizes: Sizes, compiler_options=None, into=None,
 
     p = jax.tree.map(jnp.copy, params)
     state = tx.init(p)
-    tic = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        p, state, tokens).compile(compiler_options)
-    compile_s = time.perf_counter() - tic
-    memory = compiled.memory_analysis()
-    step_bytes = None
-    if memory is not None:
-      step_bytes = int(memory.argument_size_in_bytes
-                       + memory.output_size_in_bytes
-                       + memory.temp_size_in_bytes
-                       - memory.alias_size_in_bytes)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    compiled, *seconds = measure.lower_and_compile(
+        jax.jit(step, donate_argnums=(0, 1)), p, state, tokens,
+        **(compiler_options or {}))
+    compile_s = sum(seconds)
+    memory = measure.memory(compiled)
+    step_bytes = None if memory is None else memory["total_bytes"]
+    state_bytes = measure.tree_bytes(state)
     # Warm up past the first check step (s0 = f = 20 for Shampoo and FOAM,
     # 1 for SOAP) so the timed steps are steady-state; then a whole period.
     warmup = 1 if name in ("adamw", "shampoo_f1", "soap") else 20
@@ -260,9 +246,9 @@ def step_costs(sizes: Sizes, compiler_options=None, into=None,
     jax.block_until_ready(loss)
     times = []
     for _ in range(steps):
-      tic = time.perf_counter()
-      p, state, loss = jax.block_until_ready(compiled(p, state, tokens))
-      times.append(time.perf_counter() - tic)
+      (p, state, loss), step_seconds = measure.call_timed(compiled, p, state,
+                                                          tokens)
+      times.append(step_seconds)
     results[name] = {
         "compile_s": compile_s, "timed_steps": steps,
         "median_step_ms": 1e3 * statistics.median(times),

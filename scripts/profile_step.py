@@ -49,6 +49,7 @@ import optax
 import foam_optax as fo
 from foam_optax import controllers
 from foam_optax import kernels as linalg
+from foam_optax.bench.measure import call_timed, lower_and_compile, timed
 
 MODELS = ("digits_mlp", "digits_cnn", "transformer_lm")
 FREQ = 20            # check_frequency of every periodic optimizer here
@@ -62,17 +63,6 @@ MARKERS = ("<!-- perf:start -->", "<!-- perf:end -->")
 APPLY = "apply X_L·M·X_R, cached X (2 products; the library)"
 APPLY_EIGENBASIS = "apply through Q, D, eps instead (4 products)"
 REBUILD = "rebuild X from Q, D, eps (all factors; on checks)"
-
-
-def timed(fn, *args, repeats):
-  """Median seconds of `fn(*args)` (already compiled by a first call)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def ms(seconds):
@@ -152,9 +142,7 @@ def interleaved_times(prepared, repeats):
   for _ in range(repeats):
     for name, (step, inputs, _) in prepared.items():
       for i, args in enumerate(inputs):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        samples[name][i].append(time.perf_counter() - start)
+        samples[name][i].append(call_timed(step, *args)[1])
   return {name: np.array([statistics.median(s) for s in per_step])
           for name, per_step in samples.items()}
 
@@ -301,12 +289,8 @@ def layer_estimate(repeats):
 
 def compile_seconds(tx, shapes):
   """(trace + lower, XLA compile) seconds of the first jitted `update`."""
-  start = time.perf_counter()
-  lowered = jax.jit(tx.update).lower(
-      shapes, jax.eval_shape(tx.init, shapes), shapes)
-  mid = time.perf_counter()
-  lowered.compile()
-  return mid - start, time.perf_counter() - mid
+  return lower_and_compile(tx.update, shapes,
+                           jax.eval_shape(tx.init, shapes), shapes)[1:]
 
 
 # --------------------------------------------------------------------- main

@@ -1,59 +1,12 @@
-"""`foam-bench --suite stability`: the quick run in-process, the suite's
-measures, the switch workload's purpose and the hold controller."""
-
-import json
-import math
+"""The stability suite's measures, the switch workload's purpose and the
+hold controller (its quick run: tests/test_bench_suites.py)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from foam_optax import controllers
-from foam_optax.bench import cli
 from foam_optax.bench import stability
-
-
-def test_quick_stability_suite(tmp_path, capsys):
-  cli.main(["--suite", "stability", "--quick", "--no-progress", "--out",
-            str(tmp_path)])
-  out = capsys.readouterr().out
-  raw = json.loads((tmp_path / "results.json").read_text())
-  assert set(raw) == {"meta", "config", "workloads", "policy", "targets"}
-  assert raw["meta"]["openblas"]["OPENBLAS_NUM_THREADS"]
-  cfg = stability.QUICK
-  for target in raw["targets"].values():
-    verdict = "met" if target["met"] else "missed"
-    assert f"| {target['target']} | {target['measured']} | {verdict} |" in out
-  for w in cfg.workloads:
-    for s in w.settings:
-      setting = raw["workloads"][w.name]["settings"][s.name]
-      methods = setting["methods"]
-      expected = ({"foam", "shampoo_equal_evd"}
-                  | {f"shampoo_f{f}" for f in cfg.ladder}
-                  | {m.name for m in cfg.policy}
-                  | {m.name for m in stability.figure1_methods()})
-      assert set(methods) == expected
-      for m in methods.values():
-        assert len(m["runs"]) == len(s.lrs) * cfg.seeds
-        for run in m["runs"]:
-          assert math.isfinite(run["initial_loss"])
-          assert (run["switch_step"] is None) != w.switches
-          assert len(run["curve"]) == cfg.steps // cfg.curve_every + 1
-      # Equal budget: Shampoo's schedule gives it at least FOAM's mean EVDs,
-      # and a larger f would not (or f is already the run's length).
-      f = setting["equal_evd_frequency"]
-      factors = methods["foam"]["runs"][0]["num_factors"]
-      foam_evds = methods["foam"]["summary"]["eigendecompositions"]
-      scheduled = lambda f: stability.scheduled_evds(
-          f, cfg.steps, stability.START, factors)
-      assert scheduled(f) >= foam_evds
-      assert f == cfg.steps or scheduled(f + 1) < foam_evds
-      # Shampoo f=1 refreshes every factor on every step from the first check.
-      for run in methods["shampoo_f1"]["runs"]:
-        assert run["diverged"] or run["eigendecompositions"] == factors * (
-            cfg.steps - stability.START + 1)
-  assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-      "stability_divergences.png", "stability_switch.png"]
 
 
 def test_spike_is_the_largest_rise_within_a_phase():

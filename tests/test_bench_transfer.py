@@ -1,66 +1,15 @@
-"""Smoke test of `foam-bench --suite transfer --quick` (in-process, into a
-temporary directory: JSON structure, summaries consistent with the runs,
-finite figures, the targets table, the plots), and the suite's Muon
-multipliers net of `optax.contrib.muon`'s own width factor."""
+"""The transfer suite's Muon multipliers net of `optax.contrib.muon`'s own
+width factor, its other optimizers' directions and rules, and its recipe
+(its quick run: tests/test_bench_suites.py)."""
 
-import json
 import math
 
-import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
 import foam_optax as fo
-from foam_optax.bench import cli
 from foam_optax.bench import transfer
-from json_numbers import json_numbers
-
-
-def test_quick_transfer_suite(tmp_path, capsys):
-  cli.main(["--suite", "transfer", "--quick", "--no-progress", "--out",
-            str(tmp_path)])
-  out = capsys.readouterr().out
-  raw = json.loads((tmp_path / "results.json").read_text())
-  assert set(raw) == {"meta", "config", "compile_seconds", "runs",
-                      "summaries", "targets"}
-  cfg = transfer.QUICK
-  base = str(cfg.widths[0])
-  assert set(raw["runs"]) == set(cfg.optimizers)
-  for name, arms in raw["runs"].items():
-    grid = list(cfg.lr_grids[name])
-    # The base width is one optimizer in both arms: run once.
-    assert arms["mup"][base] == arms["sp"][base]
-    for arm, per_width in arms.items():
-      assert set(per_width) == {str(w) for w in cfg.widths}
-      summary = raw["summaries"][name][arm]
-      for width, entry in per_width.items():
-        assert [r["lr"] for r in entry["runs"]] == grid
-        for r in entry["runs"]:
-          assert math.isfinite(r["held_out_loss"])
-          assert r["delta_h"] > 0 and r["delta_f"] > 0
-        row = summary["widths"][width]
-        best = min(entry["runs"], key=lambda r: r["held_out_loss"])
-        assert row["optimal_lr"] == best["lr"]
-        assert row["loss_ratio"] >= 1.0
-        multipliers = jax.tree.leaves(entry["multipliers"])
-        if arm == "sp" or width == base:
-          assert all(m == 1.0 for m in multipliers)
-        else:
-          assert any(m != 1.0 for m in multipliers)
-      optimal = [math.log2(summary["widths"][str(w)]["optimal_lr"])
-                 for w in cfg.widths]
-      assert summary["drift_grid_steps"] == max(optimal) - min(optimal)
-  assert len(raw["targets"]) == 4 * len(cfg.optimizers)
-  for target in raw["targets"].values():
-    verdict = "met" if target["met"] else "missed"
-    assert f"| {target['target']} | {target['measured']} | {verdict} |" in out
-  assert all(math.isfinite(x) for x in json_numbers(raw))
-  # Two tables (rates, then ‖Δh‖), a μP row per optimizer in each.
-  assert (tmp_path / "table.md").read_text().count("| μP |") == 2 * len(
-      cfg.optimizers)
-  assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-      "transfer_delta_h.png", "transfer_lr.png"]
 
 
 @pytest.mark.parametrize("width,base,readout", [(256, 128, math.sqrt(0.5)),

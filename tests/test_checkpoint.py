@@ -283,3 +283,90 @@ def test_uneven_checkpoint_moves_to_8_devices_with_relayout(tmp_path):
   assert moved > 0.1
   for a, b in zip(resumed, jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, np.asarray(b), rtol=0, atol=1e-3 * moved)
+
+
+def _nnx_previous_layout(directory, out_file):
+  """On a (data 4, model 2) mesh: Flax NNX optimizer states saved as earlier
+  versions laid them out (plain arrays, which `nnx.Optimizer` wrapped each
+  in an `OptArray`) restore into today's annotated states and train on."""
+  from flax import nnx
+  from flax.nnx.training.optimizer import to_opt_state
+  from jax.sharding import AxisType
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(AxisType.Auto,) * 2)
+  kernel = nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                 ("data", "model"))
+  x = jnp.linspace(-1.0, 1.0, 64 * 16).reshape(64, 16)
+  checkpointer = ocp.StandardCheckpointer()
+  abstract = lambda tree: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+      tree)
+  host = lambda tree: [np.asarray(a) for a in jax.device_get(
+      jax.tree.leaves(tree))]
+  same = lambda a, b: all(np.array_equal(u, v)
+                          for u, v in zip(host(a), host(b)))
+
+  @nnx.jit
+  def create():
+    model = nnx.Linear(16, 8, kernel_init=kernel, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, _TX, wrt=nnx.Param)
+    state = nnx.state(optimizer)
+    nnx.update(optimizer, jax.lax.with_sharding_constraint(
+        state, nnx.get_partition_spec(state)))
+    return model, optimizer
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(jnp.tanh(m(x)) ** 2))(model)
+    optimizer.update(model, grads)
+
+  def train(model, optimizer, steps):
+    for _ in range(steps):
+      jax.block_until_ready(train_step(model, optimizer))
+
+  flags = []
+  with jax.set_mesh(mesh):
+    model, optimizer = create()
+    train(model, optimizer, _FIRST)
+    state, params = nnx.state(optimizer), nnx.state(model)
+    previous = nnx.state(to_opt_state(nnx.as_pure(state)))
+    checkpointer.save(directory / "optimizer", previous)
+    checkpointer.save(directory / "model", params)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(directory / "optimizer", abstract(state))
+    flags.append(jax.tree.structure(restored) == jax.tree.structure(state))
+    flags.append(same(restored, state))
+    flags.append(all(a.sharding.is_equivalent_to(b.sharding, a.ndim)
+                     for a, b in zip(jax.tree.leaves(restored),
+                                     jax.tree.leaves(state))))
+    train(model, optimizer, _SECOND)
+    again, again_optimizer = create()
+    nnx.update(again, checkpointer.restore(directory / "model",
+                                           abstract(params)))
+    nnx.update(again_optimizer, restored)
+    train(again, again_optimizer, _SECOND)
+    flags.append(same(nnx.state(again_optimizer), nnx.state(optimizer)))
+    flags.append(same(nnx.state(again), nnx.state(model)))
+    # A functional loop's state (`tx.init` of the NNX parameters) saved in
+    # the previous, plain layout restores into the plain form of today's.
+    functional = _TX.init(nnx.state(model, nnx.Param))
+    functional = jax.device_put(functional,
+                                nnx.get_named_sharding(functional, mesh))
+    checkpointer.save(directory / "functional", nnx.as_pure(functional))
+    checkpointer.wait_until_finished()
+    plain = checkpointer.restore(directory / "functional",
+                                 nnx.as_pure(abstract(functional)))
+    flags.append(same(plain, functional))
+  np.savez(out_file, np.array(flags))
+
+
+def test_nnx_states_of_the_previous_layout_restore_on_a_mesh(tmp_path):
+  pytest.importorskip("flax")
+  out_file = tmp_path / "nnx.npz"
+  (flags,) = _in_subprocess(
+      f"_nnx_previous_layout(__import__('pathlib').Path("
+      f"{str(tmp_path)!r}), {str(out_file)!r})", out_file,
+      eight_devices=True)
+  # Structure, values and shardings restored; the same next steps; the
+  # functional state restored in its plain form.
+  assert flags.tolist() == [True] * 6

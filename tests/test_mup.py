@@ -160,6 +160,136 @@ def test_bad_input_names_the_leaf():
       fo.mup_multipliers(wide, base, optimizer="adam", **{name: value})
 
 
+def test_readout_and_embedding_matter_only_for_depth_rules():
+  """`embedding=`/`readout=` only exempt leaves from the depth factor: they
+  change a multiplier only for 'shampoo' and 'sgd' with depth_ratio != 1,
+  and for 'shampoo' not where that factor N^(1-2E) is 1 (p = 4, both sides
+  preconditioned)."""
+  wide, base = _model(WIDE), _model(BASE)
+  for optimizer, exponent in (("adam", 4), ("grafted", 4), ("shampoo", 2),
+                              ("shampoo", 4), ("soap", 4), ("muon", 4),
+                              ("asgo", 4), ("sgd", 4)):
+    for depth_ratio in (1.0, 4.0):
+      kw = dict(optimizer=optimizer, depth_ratio=depth_ratio,
+                exponent=exponent)
+      named = fo.mup_multipliers(wide, base, embedding=IS_EMBEDDING,
+                                 readout=IS_READOUT, **kw)
+      unnamed = fo.mup_multipliers(wide, base, **kw)
+      depth_rule = ((optimizer, exponent) in (("shampoo", 2), ("sgd", 4))
+                    and depth_ratio != 1)
+      assert (named != unnamed) == depth_rule, (optimizer, depth_ratio)
+
+
+def test_weight_dimension_numbers_give_the_fan_in_fan_out_view():
+  """A rank-3 kernel read through its dimension numbers gets the
+  multiplier of its (fan_in, fan_out) matrix; batch axes (stacked layers)
+  do not enter."""
+  numbers = {"q": fo.DimensionNumbers(0, (1, 2)),
+             "o": fo.DimensionNumbers((0, 1), 2),
+             "stack": fo.DimensionNumbers(1, 2), "b": None}
+  tree = lambda d, layers: {"q": jnp.zeros((d, 4, d // 4)),
+                            "o": jnp.zeros((4, d // 4, 3 * d)),
+                            "stack": jnp.zeros((layers, d, 2 * d)),
+                            "b": jnp.zeros(d)}
+  matrices = lambda d: {"q": jnp.zeros((d, d)), "o": jnp.zeros((d, 3 * d)),
+                        "stack": jnp.zeros((d, 2 * d)), "b": jnp.zeros(d)}
+  by_numbers = {}
+  for optimizer in ("adam", "muon", "soap", "sgd"):
+    by_numbers[optimizer] = fo.mup_multipliers(
+        tree(256, 6), tree(32, 2), optimizer=optimizer,
+        weight_dimension_numbers=numbers)
+    want = fo.mup_multipliers(matrices(256), matrices(32),
+                              optimizer=optimizer)
+    assert by_numbers[optimizer] == pytest.approx(want, rel=1e-12), optimizer
+  # A callable of the parameters, as the optimizers take it.
+  assert fo.mup_multipliers(
+      tree(256, 6), tree(32, 2), optimizer="muon",
+      weight_dimension_numbers=lambda params: numbers) == by_numbers["muon"]
+  with pytest.raises(ValueError, match=r"\['o'\] has rank 3.*"
+                     "weight_dimension_numbers"):
+    fo.mup_multipliers(tree(256, 6), tree(32, 2), optimizer="adam")
+
+
+def test_nnx_dimension_numbers_of_the_common_layers():
+  """Each layer's own axes, stacked layers' leading axis a batch axis; the
+  tree drives mup_multipliers and an nnx.Optimizer step alike."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, width, rngs):
+      self.embed = nnx.Embed(30, width, rngs=rngs)
+      self.attention = nnx.MultiHeadAttention(
+          num_heads=2, in_features=width, decode=False, rngs=rngs)
+      self.conv = nnx.Conv(3, width, (2, 2), rngs=rngs)
+      self.stack = nnx.vmap(lambda key: nnx.Linear(width, 2 * width,
+                                                   rngs=nnx.Rngs(key)))(
+                                                       jax.random.split(
+                                                           rngs(), 3))
+
+  model = Model(16, nnx.Rngs(0))
+  dims = fo.nnx_dimension_numbers(model)
+  D = fo.DimensionNumbers
+  assert dims["attention"]["query"]["kernel"] == D((0,), (1, 2))
+  assert dims["attention"]["out"]["kernel"] == D((0, 1), (2,))
+  assert dims["attention"]["query"]["bias"] == D((), ())
+  assert dims["conv"]["kernel"] == D((0, 1, 2), (3,))
+  assert dims["conv"]["bias"] == D((), ())
+  assert dims["embed"]["embedding"] == D((0,), (1,))
+  assert dims["stack"]["kernel"] == D((1,), (2,))
+  pure = lambda m: nnx.as_pure(nnx.state(m, nnx.Param))
+  base = nnx.eval_shape(lambda: Model(4, nnx.Rngs(0)))
+  multipliers = fo.mup_multipliers(pure(model), pure(base), optimizer="muon",
+                                   weight_dimension_numbers=dims)
+  # (16, 2, 8) against (4, 2, 2): the (fan_in, fan_out) matrices 16x16, 4x4.
+  assert multipliers["attention"]["query"]["kernel"] == 1.0
+  # 12x16 against 12x4: √(r_out / r_in) = 2.
+  assert multipliers["conv"]["kernel"] == pytest.approx(2.0)
+  assert multipliers["stack"]["kernel"] == 1.0
+  assert multipliers["attention"]["query"]["bias"] == 1.0
+  optimizer = nnx.Optimizer(model, fo.foam(1e-3, weight_dimension_numbers=dims),
+                            wrt=nnx.Param)
+  # A factor pair per kernel and per stacked layer, none for the biases,
+  # stacked (3, 32) or (heads, head_dim).
+  assert int(fo.stats(optimizer.opt_state)["num_factors"]) == 2 * (
+      1 + 4 + 1 + 3)
+  assert dims["stack"]["bias"] == D((), ())
+
+
+def test_blocked_shampoo_update_of_a_low_rank_gradient_has_the_block_norm():
+  """Why 'shampoo' divides by (n_in·n_out)^E: an ungrafted blocked Shampoo
+  update (p = 4) of a gradient of rank k <= block size has spectral norm
+  √(n_in·n_out) (each block's update is a partial isometry, and for rank 1
+  they tile one rank-1 matrix û v̂ᵀ with ‖û‖² = n_in, ‖v̂‖² = n_out). With
+  the multiplier the spectral norm stays at Θ(√(d_out/d_in)) across widths;
+  without the block factor it grows with √(n_in·n_out)."""
+  block = 32
+  base = {"w": jax.ShapeDtypeStruct((64, 128), jnp.float32)}
+  ratios, unblocked = [], []
+  for width in (64, 128, 256):
+    d_in, d_out = width, 2 * width
+    tx = fo.scale_by_shampoo(grafting="none", exponent=4, b1=0.0,
+                             block_size=block, check_frequency=1,
+                             start_preconditioning_step=1,
+                             pseudo_inverse_rtol=1e-6)
+    for rank in (1, 4):
+      keys = jax.random.split(jax.random.PRNGKey(width + rank))
+      grad = (jax.random.normal(keys[0], (d_in, rank))
+              @ jax.random.normal(keys[1], (rank, d_out)))
+      update, _ = jax.jit(tx.update)({"w": grad}, tx.init({"w": grad}))
+      norm = np.linalg.norm(np.asarray(update["w"], np.float64), ord=2)
+      n_in, n_out = d_in // block, d_out // block
+      assert norm == pytest.approx(math.sqrt(n_in * n_out), rel=1e-3)
+    multiplier = fo.mup_multipliers(
+        {"w": jax.ShapeDtypeStruct((d_in, d_out), jnp.float32)}, base,
+        optimizer="shampoo", exponent=4, block_size=block)["w"]
+    target = math.sqrt(d_out / d_in)
+    ratios.append(multiplier * norm / target)
+    # The same rule without the block-count factor (n_in·n_out)^(-1/2).
+    unblocked.append(multiplier * math.sqrt(n_in * n_out) * norm / target)
+  assert max(ratios) / min(ratios) == pytest.approx(1.0, abs=1e-3)
+  assert unblocked[-1] / unblocked[0] == pytest.approx(4.0, rel=1e-3)
+
+
 # --------------------------------------------- derived rules, by measurement
 
 WIDTHS = (16, 32, 64, 128)

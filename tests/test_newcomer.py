@@ -2,11 +2,10 @@
 partition rules, mid-run hyperparameter edits, counters and defaults."""
 
 import ast
-import contextlib
+import functools
 import inspect
-import io
-import pathlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,35 +16,10 @@ from flax import nnx
 
 import foam_optax as fo
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _recipe(keyword):
-  """The one Python block of the README's Recipes section containing
-  `keyword`."""
-  text = README.read_text()
-  recipes = text[text.index("## Recipes"):]
-  recipes = recipes[:recipes.index("\n## ", 1)]
-  blocks = [b for b in re.findall(r"```python\n(.*?)```", recipes, re.S)
-            if keyword in b]
-  assert len(blocks) == 1, keyword
-  return blocks[0]
-
-
-def _run(code):
-  """Runs `code` as a script; returns (its globals, printed lines, the lines
-  its comments say it prints)."""
-  namespace, out = {"__name__": "__readme__"}, io.StringIO()
-  with contextlib.redirect_stdout(out):
-    exec(compile(code, str(README), "exec"), namespace)
-  expected = []
-  lines = code.splitlines()
-  for i, line in enumerate(lines):
-    if line.lstrip().startswith("print("):
-      comment = line.split("  # ", 1)[1] if "  # " in line else (
-          lines[i + 1].lstrip()[2:])
-      expected.append(comment)
-  return namespace, out.getvalue().splitlines(), expected
+import readme_blocks
+from readme_blocks import README
+from readme_blocks import recipe as _recipe
+from readme_blocks import run as _run
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +344,19 @@ def test_updates_keep_the_gradients_structure_with_nnx_params(make):
   assert jax.tree.structure(new) == jax.tree.structure(params)
 
 
+def test_nnx_state_on_one_device_is_the_state_of_the_arrays():
+  """Only a state laid out for a device mesh carries Flax NNX sharding
+  annotations (tests/test_multi_device.py): on one device the state of NNX
+  parameters is that of their arrays, as it always was."""
+  params, _ = _split_mlp()
+  for tx in (fo.foam(1e-3), fo.soap(1e-3), fo.asgo(1e-3)):
+    state = tx.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(
+        tx.init(nnx.as_pure(params)))
+    assert not any(isinstance(x, nnx.Variable) for x in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def test_dimension_numbers_from_nnx_state_and_short_errors():
   params, _ = _split_mlp()
   numbers = jax.tree.map(
@@ -443,3 +430,294 @@ def test_readme_bias_correction_recipe_trains_with_microbatch_grads():
   # the per-microbatch gradients.
   with pytest.raises(ValueError, match="per-microbatch gradients"):
     ns["tx"].update(ns["params"], ns["state"], ns["params"])
+
+
+# ---------------------------------------------------------------------------
+# 8. Microbatch gradients through partitions, and when nothing uses them.
+
+_MB_PARAMS = {"w": jnp.ones((6, 4)) / 3, "b": jnp.zeros(4)}
+
+
+def _microbatches(seed):
+  """(grads, per-microbatch grads) of 8 microbatches of 4 examples."""
+  batch = jax.random.normal(jax.random.PRNGKey(seed), (32, 6))
+  loss_fn = lambda p, x: jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+  _, grads, micro = fo.microbatch_grads(loss_fn, _MB_PARAMS, batch, 8)
+  return grads, micro
+
+
+def _updates_with_microbatches(tx, params=_MB_PARAMS, micro=True):
+  """The updates of three jitted steps, each given its microbatches (or
+  not)."""
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, m: tx.update(g, s, params, **(
+      {"microbatch_grads": m} if micro else {})))
+  out = []
+  for i in range(3):
+    grads, microbatches = (
+        {k: tree[k] for k in params} for tree in _microbatches(i))
+    updates, state = step(grads, state, microbatches)
+    out.append(updates)
+  return out
+
+
+def _matrix_part(lr=1e-2):
+  return fo.foam(lr, bias_correction="cross_fit", check_frequency=1,
+                 start_preconditioning_step=1)
+
+
+# Per corrected part: the matrix and diagonal optimizers of the partition.
+_PARTS = {
+    "matrix": (_matrix_part, lambda: optax.adamw(1e-2)),
+    "diagonal": (lambda: fo.foam(1e-2, check_frequency=1,
+                                 start_preconditioning_step=1),
+                 lambda: fo.bias_corrected_adamw(1e-2)),
+}
+
+
+@functools.cache
+def _alone(corrected):
+  """Each part's updates alone on its own leaves."""
+  matrix, diagonal = _PARTS[corrected]
+  return (_updates_with_microbatches(matrix(), {"w": _MB_PARAMS["w"]},
+                                     micro=corrected == "matrix"),
+          _updates_with_microbatches(diagonal(), {"b": _MB_PARAMS["b"]},
+                                     micro=corrected == "diagonal"))
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda matrix, diagonal: fo.partition(matrix, diagonal),
+    lambda matrix, diagonal: optax.partition(
+        {"precondition": matrix, "diagonal": diagonal}, fo.precondition_labels),
+    lambda matrix, diagonal: optax.multi_transform(
+        {"precondition": matrix, "diagonal": diagonal}, fo.precondition_labels),
+], ids=["fo.partition", "optax.partition", "optax.multi_transform"])
+@pytest.mark.parametrize("corrected", sorted(_PARTS))
+def test_partitioned_optimizers_get_their_part_of_the_microbatches(
+    wrap, corrected):
+  """Each part of a partition steps exactly as it does alone on its own
+  leaves, the bias-corrected one with its own part of the microbatches."""
+  matrix, diagonal = _PARTS[corrected]
+  with warnings.catch_warnings():
+    # optax.partition of fo.foam, uncorrected, and a corrected AdamW: the
+    # fo.foam alias cannot see that the AdamW uses the microbatches.
+    warnings.filterwarnings("ignore", "foam_optax: microbatch_grads ignored")
+    joint = _updates_with_microbatches(wrap(matrix(), diagonal()))
+  alone_w, alone_b = _alone(corrected)
+  for u, w, b in zip(joint, alone_w, alone_b):
+    np.testing.assert_allclose(u["w"], w["w"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(u["b"], b["b"], rtol=1e-6, atol=1e-9)
+  assert float(jnp.abs(joint[-1]["w"]).max()) > 0
+
+
+def test_mismatched_microbatch_tree_under_partition_names_both():
+  tx = fo.partition(_matrix_part(), optax.adamw(1e-2))
+  grads, micro = _microbatches(0)
+  with pytest.raises(ValueError, match="microbatch_grads must have the "
+                     "gradients' tree structure"):
+    tx.update(grads, tx.init(_MB_PARAMS), _MB_PARAMS,
+              microbatch_grads={"w": micro["w"]})
+
+
+def _warnings_of(tx, micro=True):
+  grads, microbatches = _microbatches(0)
+  state = tx.init(_MB_PARAMS)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    # The warning comes at trace time: tracing is enough.
+    jax.eval_shape(lambda g, s, m: tx.update(g, s, _MB_PARAMS,
+                                             microbatch_grads=m),
+                   grads, state, microbatches if micro else None)
+  return [str(w.message) for w in caught
+          if "microbatch_grads ignored" in str(w.message)]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fo.foam(1e-2), lambda: fo.soap(1e-2), lambda: fo.asgo(1e-2),
+    lambda: fo.dasgo(1e-2), lambda: fo.scale_by_foam(),
+    lambda: fo.partition(fo.foam(1e-2), optax.adamw(1e-2)),
+    lambda: optax.chain(fo.scale_by_shampoo(), optax.scale(-1e-2))],
+    ids=["foam", "soap", "asgo", "dasgo", "scale_by_foam", "partition",
+         "chain"])
+def test_microbatches_that_nothing_uses_warn(make):
+  messages = _warnings_of(make())
+  assert len(messages) == 1, messages
+  assert "bias_correction='cross_fit'" in messages[0]
+  assert not _warnings_of(make(), micro=False)
+
+
+@pytest.mark.parametrize("make", [
+    _matrix_part, lambda: fo.bias_corrected_adamw(1e-2),
+    lambda: fo.partition(_matrix_part(), optax.adamw(1e-2)),
+    lambda: fo.partition(fo.foam(1e-2), fo.bias_corrected_adamw(1e-2))],
+    ids=["foam_cross_fit", "bias_corrected_adamw", "partition_matrix",
+         "partition_diagonal"])
+def test_microbatches_that_one_part_uses_do_not_warn(make):
+  assert not _warnings_of(make())
+
+
+# ---------------------------------------------------------------------------
+# 9. fo.stats on the state of every optimizer this package makes.
+
+
+def _mup_chain():
+  wide = {"w": jnp.ones((6, 4)), "b": jnp.zeros(4)}
+  base = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  return optax.chain(fo.scale_by_foam(), fo.scale_by_mup(
+      fo.mup_multipliers(wide, base, optimizer="grafted")), optax.scale(-1e-2))
+
+
+# (factory, uses microbatches, skips a non-finite step, factors, refreshes
+# after 2 applied steps as (eigendecompositions, inverse_roots))
+_EVERY_OPTIMIZER = {
+    "foam": (lambda: fo.foam(1e-2), False, True, 2, (0, 0)),
+    "shampoo": (lambda: fo.shampoo(1e-2, check_frequency=1), False, True, 2,
+                (4, 0)),
+    "soap": (lambda: fo.soap(1e-2), False, True, 2, (2, 0)),
+    "asgo": (lambda: fo.asgo(1e-2), False, True, 1, (0, 2)),
+    "asgo_eigh": (lambda: fo.asgo(1e-2, root_method="eigh"), False, True, 1,
+                  (2, 0)),
+    "dasgo": (lambda: fo.dasgo(1e-2), False, True, 0, (0, 0)),
+    "bias_corrected_adamw": (lambda: fo.bias_corrected_adamw(1e-2), True,
+                             True, 0, (0, 0)),
+    "shampoo_cross_fit": (lambda: fo.shampoo(
+        1e-2, bias_correction="cross_fit", check_frequency=1), True, True, 2,
+                          (4, 0)),
+    "scale_by_foam": (fo.scale_by_foam, False, True, 2, (0, 0)),
+    "scale_by_shampoo": (fo.scale_by_shampoo, False, True, 2, (0, 0)),
+    "scale_by_soap": (fo.scale_by_soap, False, True, 2, (2, 0)),
+    "scale_by_asgo": (fo.scale_by_asgo, False, True, 1, (0, 2)),
+    # The bare transformations without factors skip nothing on their own.
+    "scale_by_dasgo": (fo.scale_by_dasgo, False, False, 0, (0, 0)),
+    "scale_by_bias_corrected_adam": (fo.scale_by_bias_corrected_adam, True,
+                                     False, 0, (0, 0)),
+    "mup_chain": (_mup_chain, False, True, 2, (0, 0)),
+    "spectral_norm_chain": (lambda: optax.chain(
+        fo.scale_by_soap(), fo.scale_by_spectral_norm(), optax.scale(-1e-2)),
+                            False, True, 2, (2, 0)),
+    "partition": (lambda: fo.partition(fo.asgo(1e-2), optax.adam(1e-2)),
+                  False, True, 1, (0, 2)),
+    "partition_dasgo": (lambda: fo.partition(fo.dasgo(1e-2),
+                                             fo.bias_corrected_adamw(1e-2)),
+                        True, True, 0, (0, 0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EVERY_OPTIMIZER))
+def test_stats_reports_every_optimizer_of_the_package(name):
+  """A good step, a NaN step, a good step: two applied updates and one
+  skipped (or, without a skipping wrapper, three applied)."""
+  make, micro, skips, factors, refreshes = _EVERY_OPTIMIZER[name]
+  tx = make()
+  state = tx.init(_MB_PARAMS)
+  step = jax.jit(lambda g, s, m: tx.update(g, s, _MB_PARAMS,
+                                           **({"microbatch_grads": m}
+                                              if micro else {})))
+  for i, scale in enumerate((1.0, jnp.nan, 1.0)):
+    grads, microbatches = _microbatches(i)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    microbatches = jax.tree.map(lambda g: g * scale, microbatches)
+    _, state = step(grads, state, microbatches)
+  stats = fo.stats(state)
+  assert {"eigendecompositions", "inverse_roots", "checks", "damping_max",
+          "damping_mean", "proxy_max", "nonfinite_skips", "step",
+          "consecutive_skips", "num_factors"} <= set(stats)
+  assert (int(stats["step"]), int(stats["nonfinite_skips"])) == (
+      (2, 1) if skips else (3, 0))
+  assert int(stats["consecutive_skips"]) == 0
+  assert int(stats["num_factors"]) == factors
+  assert (int(stats["eigendecompositions"]),
+          int(stats["inverse_roots"])) == refreshes
+
+
+def test_stats_names_what_it_reads_when_there_is_nothing():
+  tx = optax.chain(optax.scale_by_adam(), fo.scale_by_spectral_norm())
+  with pytest.raises(ValueError, match="scale_by_dasgo.*scale_by_mup"):
+    fo.stats(tx.init(_MB_PARAMS))
+
+
+def test_asgo_counts_polar_express_roots_as_inverse_roots():
+  """Official ASGO: one root per factor and step, no eigendecomposition;
+  with root_method='eigh' the same count of eigendecompositions."""
+  params = {"a": jnp.ones((6, 4)), "b": jnp.ones((3, 5))}
+  counts = {}
+  for method in ("polar_express", "eigh"):
+    tx = fo.asgo(1e-2, root_method=method)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(5):
+      grads = jax.tree.map(
+          lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+      _, state = step(grads, state, params)
+    stats = fo.stats(state)
+    counts[method] = (int(stats["eigendecompositions"]),
+                      int(stats["inverse_roots"]),
+                      int(stats["eigendecompositions_left"]
+                          + stats["eigendecompositions_right"]))
+  assert counts == {"polar_express": (0, 10, 0), "eigh": (10, 0, 10)}
+
+
+# ---------------------------------------------------------------------------
+# 10. ASGO's routing: the README's and the docstrings' are the official one.
+
+
+class _Transformer(nnx.Module):
+  """The official ASGO runs' kinds of parameters, in Flax NNX layouts."""
+
+  def __init__(self, rngs):
+    self.token_emb = nnx.Embed(50, 16, rngs=rngs)
+    self.pos_emb = nnx.Param(jnp.zeros((8, 16)))
+    self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=16,
+                                            decode=False, rngs=rngs)
+    self.ln_1 = nnx.LayerNorm(16, rngs=rngs)
+    self.mlp = nnx.Linear(16, 64, rngs=rngs)
+
+
+def test_asgo_routing_is_the_official_one():
+  """Adam for what the official `get_optimizer_and_lr_scheduler` sends to
+  it ('emb' in the name, or a vector), judging each bias by the PyTorch
+  layout the official models have (a vector, here (heads, head_dim) in
+  attention); ASGO for the rest. README and docstrings route alike."""
+  from official_asgo import official_route
+  readme = next(b.code for b in readme_blocks.blocks()
+                if "fo.asgo(lr)" in b.code)
+  call = 'bias_and_norm_pattern="bias", embedding_pattern="emb"'
+  squeeze = lambda text: " ".join(text.replace(">>>", "").replace(
+      "...", "").split())
+  for text in (readme, fo.asgo.__doc__, fo.dasgo.__doc__):
+    assert call in squeeze(text)
+  params = nnx.state(_Transformer(nnx.Rngs(0)), nnx.Param)
+  namespace, _, _ = _run(readme)
+  state = namespace["tx"].init(params)
+  adam = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)][0]
+  to_adam = jax.tree.leaves(jax.tree.map(
+      lambda m: not isinstance(m, optax.MaskedNode), adam.mu,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+  flat = jax.tree_util.tree_flatten_with_path(nnx.as_pure(params))[0]
+  assert len(to_adam) == len(flat)
+  for (path, leaf), adam_leaf in zip(flat, to_adam):
+    name = jax.tree_util.keystr(path)
+    torch_ndim = 1 if "bias" in name else leaf.ndim
+    assert adam_leaf == (official_route(name, torch_ndim) == "adam"), name
+  # The 2 embeddings, 4 attention biases, the norm's 2 vectors, 1 bias.
+  assert sum(to_adam) == 9
+
+
+@pytest.mark.parametrize("factory", [
+    fo.foam, fo.shampoo, fo.soap, fo.asgo, fo.scale_by_foam,
+    fo.scale_by_shampoo, fo.scale_by_soap, fo.scale_by_asgo],
+    ids=lambda f: f.__name__)
+def test_documented_defaults_are_the_signatures(factory):
+  """An argument whose documentation names its default ("Defaults to
+  X") has None, the value standing for X, as its default."""
+  args = factory.__doc__.split("Args:\n")[1].split("\n\n")[0]
+  entries = re.split(r"\n    (?=\w+: )", "\n" + args)
+  parameters = inspect.signature(factory).parameters
+  documented = dict(entry.split(": ", 1) for entry in
+                    filter(None, (e.strip() for e in entries)))
+  assert set(documented) == set(parameters)
+  for name, text in documented.items():
+    if "Defaults to" in text:
+      assert parameters[name].default is None, (name, text)

@@ -1,4 +1,5 @@
-"""Smoke tests of the scripts in scripts/, run in-process on tiny settings."""
+"""Smoke tests of the scripts in scripts/ and scripts/archive/, run
+in-process on tiny settings."""
 
 import os
 import re
@@ -12,15 +13,20 @@ import pytest
 
 import foam_optax as fo
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+for folder in ("scripts", os.path.join("scripts", "archive")):
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", folder))
 
 import long_run  # noqa: E402
 import robustness_sweep  # noqa: E402
 import stagger_comparison  # noqa: E402
 
 _FLOAT = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)"
+# The archived scripts' records are in the documents (scripts/archive/
+# README.md); their smoke runs check that the recorded commands still run.
+ARCHIVED = pytest.mark.slow
 
 
+@ARCHIVED
 def test_robustness_sweep_one_cell_grid_writes_finite_table(
     monkeypatch, tmp_path, capsys):
   # One learning rate and one epsilon: 3 optimizers x 2 problems, 3 steps.
@@ -97,6 +103,7 @@ def test_long_run_checks_optimizer_state_is_finite(field):
     assert np.isfinite(r["final_loss"])
 
 
+@ARCHIVED
 def test_storage_dtypes_tiny(monkeypatch, capsys):
   import storage_dtypes
   monkeypatch.setattr(storage_dtypes, "BYTES_MODELS", ("digits_mlp",))
@@ -117,6 +124,7 @@ def test_storage_dtypes_tiny(monkeypatch, capsys):
   assert len(losses) == 1 and all(np.isfinite(float(x)) for x in losses[0])
 
 
+@ARCHIVED
 def test_sensitivity_tiny(monkeypatch, capsys):
   import sensitivity
   configurations = sensitivity.configurations()
@@ -160,6 +168,7 @@ def test_device_check_tiny_writes_every_figure(tmp_path):
   assert "### eigh vs matmul" in text and "| foam |" in text
 
 
+@ARCHIVED
 def test_stagger_comparison_one_pair_table(monkeypatch):
   monkeypatch.setattr(stagger_comparison, "NAMES", ("foam",))
   rows = stagger_comparison.run(["quadratic_k1e2"], seeds=2, steps=3, lr=1e-2)
@@ -174,6 +183,7 @@ def test_stagger_comparison_one_pair_table(monkeypatch):
   assert cells[3:] == ["0", "0"]
 
 
+@ARCHIVED
 def test_asgo_comparison_one_sided_foam_computes_fewer_roots(capsys):
   import asgo_comparison
   steps = 25

@@ -139,8 +139,7 @@ def foam(
     max_precond_dim: a matrix side (SOAP: a dimension) longer than this
       gets no factor (identity); None for no limit.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'``, ``'rms'`` or
       ``'none'``: the optimizer whose per-block step norm the
       preconditioned direction takes (and that steps the leaves without
@@ -333,8 +332,7 @@ def scale_by_shampoo(
     max_precond_dim: a matrix side (SOAP: a dimension) longer than this
       gets no factor (identity); None for no limit.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'``, ``'rms'`` or
       ``'none'``: the optimizer whose per-block step norm the
       preconditioned direction takes (and that steps the leaves without
@@ -496,8 +494,7 @@ def shampoo(
     max_precond_dim: a matrix side (SOAP: a dimension) longer than this
       gets no factor (identity); None for no limit.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'``, ``'rms'`` or
       ``'none'``: the optimizer whose per-block step norm the
       preconditioned direction takes (and that steps the leaves without
@@ -712,8 +709,7 @@ def scale_by_soap(
       is reshaped to a blocked matrix, as `scale_by_foam` does.
     block_size: largest block side; None for no blocking.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     refresh_method: ``'eigh'`` or ``'power_qr'`` (one warm-started power
       step and QR, as SOAP; the first basis is always a full ``eigh``).
     controller: when bases are refreshed: ``'foam'``, ``'stale'`` (every
@@ -887,8 +883,7 @@ def soap(
       is reshaped to a blocked matrix, as `scale_by_foam` does.
     block_size: largest block side; None for no blocking.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     refresh_method: ``'eigh'`` or ``'power_qr'`` (one warm-started power
       step and QR, as SOAP; the first basis is always a full ``eigh``).
     controller: when bases are refreshed: ``'foam'``, ``'stale'`` (every
@@ -1072,8 +1067,7 @@ def scale_by_asgo(
     threshold: ``τ``, the tolerated staleness proxy.
     check_frequency: ``f``, steps between checks of a factor.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     block_size: largest block side; None for no blocking.
     max_precond_dim: a matrix side (SOAP: a dimension) longer than this
       gets no factor (identity); None for no limit.
@@ -1221,8 +1215,7 @@ def asgo(
     threshold: ``τ``, the tolerated staleness proxy.
     check_frequency: ``f``, steps between checks of a factor.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     block_size: largest block side; None for no blocking.
     max_precond_dim: a matrix side (SOAP: a dimension) longer than this
       gets no factor (identity); None for no limit.
@@ -1290,6 +1283,9 @@ def asgo(
 
   Example:
     >>> import optax, foam_optax as fo
-    >>> opt = fo.partition(fo.asgo(1e-2), optax.adam(1e-2, b2=0.95))
+    >>> # The official runs' routing: embeddings, vectors and biases to Adam.
+    >>> opt = fo.partition(fo.asgo(1e-2),
+    ...                    optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8),
+    ...                    bias_and_norm_pattern="bias", embedding_pattern="emb")
   """
   return _alias("asgo", scale_by_asgo, locals())

@@ -15,7 +15,7 @@ from foam_optax._src import checks
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
 from foam_optax._src import signatures
-from foam_optax._src.state import plain_arrays
+from foam_optax._src.state import SkipCounters, plain_arrays
 
 Method = Literal["leave_one_out", "two_group"]
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)
@@ -23,11 +23,13 @@ _UNIT = checks.in_range(0.0, 1.0, high_open=True)
 
 class ScaleByBiasCorrectedAdamState(NamedTuple):
   """State of `scale_by_bias_corrected_adam`: AdamW's moments of the
-  full-batch gradient (``count`` updates so far)."""
+  full-batch gradient (``count`` updates so far), and the steps an enclosing
+  `skip_nonfinite` skipped (``skips``, `fo.bias_corrected_adamw`'s)."""
 
   count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   mu: Any
   nu: Any
+  skips: SkipCounters
 
 
 def _leave_one_out(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction):
@@ -141,7 +143,8 @@ def scale_by_bias_corrected_adam(
                                               jnp.result_type(p))
     return ScaleByBiasCorrectedAdamState(
         jnp.zeros([], jnp.int32), jax.tree.map(zeros(mu_dtype), params),
-        jax.tree.map(zeros(linalg.stat_dtype()), params))
+        jax.tree.map(zeros(linalg.stat_dtype()), params),
+        SkipCounters.zeros())
 
   def update_fn(updates, state, params=None, *, microbatch_grads=None,
                 **extra_args):
@@ -166,7 +169,7 @@ def scale_by_bias_corrected_adam(
           zip(out, jax.tree.leaves(state.mu))]
     return structure.unflatten(new_updates), ScaleByBiasCorrectedAdamState(
         count, treedef.unflatten(mu),
-        treedef.unflatten([v for _, _, v in out]))
+        treedef.unflatten([v for _, _, v in out]), state.skips)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -16,7 +17,7 @@ from foam_optax._src import initial_state
 from foam_optax._src import linalg
 from foam_optax._src import shaping
 from foam_optax._src import signatures
-from foam_optax._src.state import plain_arrays
+from foam_optax._src.state import SkipCounters, plain_arrays
 
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)
 _POSITIVE = checks.in_range(0.0, float("inf"), low_open=True)
@@ -26,14 +27,18 @@ class ScaleByDasgoState(NamedTuple):
   """State of `scale_by_dasgo`.
 
   Attributes:
+    count: number of updates applied.
     mu: the momentum, shaped like the parameters.
     nu: per parameter the EMA of the squared gradient summed over each
       matrix's columns (the output axis): shape ``(batch, rows)`` of its
       matrix view (see `shaping`; a vector is one ``(n, 1)`` matrix).
+    skips: the steps an enclosing `skip_nonfinite` skipped (`fo.dasgo`'s).
   """
 
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   mu: Any
   nu: Any
+  skips: SkipCounters
 
 
 def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
@@ -128,7 +133,8 @@ def scale_by_dasgo(
     nu = treedef.unflatten([
         jnp.zeros((lay.batch, _rows(lay)), linalg.stat_dtype())
         for lay in layouts(params)])
-    return ScaleByDasgoState(mu, nu)
+    return ScaleByDasgoState(jnp.zeros([], jnp.int32), mu, nu,
+                             SkipCounters.zeros())
 
   def one(grad, momentum, second_moment, layout):
     g = grad.astype(linalg.stat_dtype())
@@ -150,8 +156,11 @@ def scale_by_dasgo(
         jax.tree.leaves(state.nu), layouts(grads))]
     treedef = jax.tree.structure(state.mu)
     return (structure.unflatten([u for u, _, _ in out]),
-            ScaleByDasgoState(treedef.unflatten([m for _, m, _ in out]),
-                              treedef.unflatten([v for _, _, v in out])))
+            ScaleByDasgoState(typing.cast(jax.Array,
+                                          optax.safe_increment(state.count)),
+                              treedef.unflatten([m for _, m, _ in out]),
+                              treedef.unflatten([v for _, _, v in out]),
+                              state.skips))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -186,7 +195,10 @@ def dasgo(
 
   Example:
     >>> import optax, foam_optax as fo
-    >>> opt = fo.partition(fo.dasgo(1e-3), optax.adam(1e-3, b2=0.95))
+    >>> # The official runs' routing: embeddings, vectors and biases to Adam.
+    >>> opt = fo.partition(fo.dasgo(1e-2),
+    ...                    optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8),
+    ...                    bias_and_norm_pattern="bias", embedding_pattern="emb")
   """
   return alias.decayed_alias(
       scale_by_dasgo(b1=b1, b2=b2, epsilon=epsilon, graft_rms=graft_rms,

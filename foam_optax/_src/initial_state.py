@@ -12,11 +12,13 @@ import optax
 from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import grafting
+from foam_optax._src import nnx_state
 from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.checks import static_int
 from foam_optax._src.config import Config
-from foam_optax._src.state import BlockClassState, ScaleByFoamState
+from foam_optax._src.state import BlockClassState, RefreshKind
+from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.state import plain_arrays
 
 
@@ -162,12 +164,21 @@ def _placeholder_state(params, cfg: Config, plan) -> ScaleByFoamState:
       nu=params if every_leaf_grafts else shape_dependent,
       tensors=shape_dependent, layouts=shape_dependent,
       classes=shape_dependent, consecutive_skips=zero(),
-      overflow_skips=zero(), plan=plan)
+      overflow_skips=zero(), plan=plan, refresh_kind=_refresh_kind(cfg))
+
+
+def _refresh_kind(cfg: Config) -> RefreshKind:
+  return RefreshKind("eigendecompositions" if cfg.root_method == "eigh"
+                     else "inverse_roots")
 
 
 def init(params, cfg: Config) -> ScaleByFoamState:
-  """The initial state of `scale_by_foam` for `params`."""
-  params = plain_arrays(params)
+  """The initial state of `scale_by_foam` for `params`.
+
+  For Flax NNX parameters on a device mesh, the state carries the sharding
+  annotations of its layout (`nnx_state.annotate`).
+  """
+  wrapped, params = params, plain_arrays(params)
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   _reject_non_real_floating(paths_and_leaves)
   leaves = [p for _, p in paths_and_leaves]
@@ -213,9 +224,9 @@ def init(params, cfg: Config) -> ScaleByFoamState:
                          if needs_graft_moment else optax.MaskedNode())
     tensor_states.append(tensor)
   zero = lambda: jnp.zeros([], jnp.int32)
-  return ScaleByFoamState(
+  return nnx_state.annotate(ScaleByFoamState(
       count=zero(), nonfinite_skips=zero(),
       mu=treedef.unflatten(momenta), nu=treedef.unflatten(graft_moments),
       tensors=tuple(tensor_states), layouts=tuple(layouts),
       classes=class_states, consecutive_skips=zero(), overflow_skips=zero(),
-      plan=plan)
+      plan=plan, refresh_kind=_refresh_kind(cfg)), wrapped)

@@ -22,6 +22,9 @@ import jax.core
 import numpy as np
 import optax
 
+from foam_optax._src import initial_state
+from foam_optax._src import shaping
+
 Optimizer = Literal["adam", "grafted", "shampoo", "soap", "muon", "asgo", "sgd"]
 PathPredicate = Optional[Callable[[str], bool]]
 
@@ -60,6 +63,18 @@ def _check_positive(name: str, value) -> None:
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
       or not math.isfinite(value) or value <= 0):
     raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+
+
+def _fan_view(shape: tuple, dims) -> tuple:
+  """The ``(fan_in, fan_out)`` shape of a leaf under its dimension numbers
+  (the reduction axes merged, then the output axes; batch axes, such as
+  stacked layers, left out), or its flat size as a vector when either side
+  has no axis (``DimensionNumbers((), ())``: no matrix)."""
+  _, _, view = shaping.dimension_numbers_transpose(shape, dims)
+  axes = lambda axis: (axis,) if isinstance(axis, int) else tuple(axis)
+  if not (axes(dims.reduction_axis) and axes(dims.output_axis)):
+    return (math.prod(shape),)
+  return view
 
 
 def _matrix_multiplier(name, shape, base_shape, *, optimizer, block_size,
@@ -114,13 +129,17 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
                     depth_ratio: float = 1.0,
                     embedding: PathPredicate = None,
                     readout: PathPredicate = None,
-                    exponent: float = 4) -> Any:
+                    exponent: float = 4,
+                    weight_dimension_numbers: Optional[Any] = None) -> Any:
   r"""μP learning-rate multipliers of every parameter against a base model.
 
   A learning rate tuned on the base model transfers to `params`' widths when
   each leaf's update is multiplied by the returned factor (`scale_by_mup`).
   A matrix leaf is read as ``(fan_in, fan_out)``, Flax's kernel layout (an
-  ``nnx.Embed`` table is ``(vocabulary, features)``); with
+  ``nnx.Embed`` table is ``(vocabulary, features)``); a leaf of another
+  rank through its `weight_dimension_numbers` (for Flax NNX layers,
+  ``fo.nnx_dimension_numbers(model)`` gives them, the rank-3 kernels of
+  ``nnx.MultiHeadAttention`` included); with
   :math:`r_\mathrm{in} = d_\mathrm{in}/d_\mathrm{in}^\mathrm{base}`,
   :math:`r_\mathrm{out} = d_\mathrm{out}/d_\mathrm{out}^\mathrm{base}`,
   block-count ratios :math:`n = \lceil d/b\rceil / \lceil d^\mathrm{base}/b\rceil`
@@ -147,14 +166,38 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
   (`foam`, `shampoo` with their defaults): the grafted update has Adam's
   norm per block, so it takes Adam's rule. ``'shampoo'`` is ungrafted
   Shampoo (``grafting='none'``) with inverse root :math:`1/p` per side;
-  `exponent` is that :math:`p`: 4 (the default) is classic Shampoo, the
-  official ``'shampoo'``; `shampoo`'s own default ``exponent=2`` is the
-  official ``'shampoo2'``, so pass ``exponent=2`` with it. ``'muon'`` is
+  `exponent` is that :math:`p`: 4 (the default) is classic Shampoo (the
+  official code's optimizer ``'shampoo'``); `shampoo`'s own default
+  ``exponent=2`` is its ``'shampoo2'``, so pass ``exponent=2`` with it.
+  ``'muon'`` is
   for the orthogonalised update itself (spectral norm 1), as
   ``optax.contrib.scale_by_muon`` and the official code return it;
   ``optax.contrib.muon`` already multiplies that by
   :math:`\sqrt{\max(1, d_\mathrm{out}/d_\mathrm{in})}`, so with it divide
   each matrix's multiplier by the ratio of that factor to the base model's.
+
+  **The block-count factor of** ``'shampoo'``. With blocks, the factor
+  :math:`(n_\mathrm{in} n_\mathrm{out})^{-E}` divides out what blocking
+  adds to the update: each block of an ungrafted Shampoo update (``p =
+  4``) of a gradient of rank :math:`k` at most the block size is a partial
+  isometry, and for rank 1 the blocks tile one rank-1 matrix
+  :math:`\hat u \hat v^\top` with :math:`\|\hat u\|^2 = n_\mathrm{in}`,
+  :math:`\|\hat v\|^2 = n_\mathrm{out}`, so the update's spectral norm is
+  :math:`\sqrt{n_\mathrm{in} n_\mathrm{out}}` where one block's is 1
+  (`tests/test_mup.py` measures it for ranks 1 and 4 across widths: with
+  the multiplier the spectral norm stays at
+  :math:`\Theta(\sqrt{d_\mathrm{out}/d_\mathrm{in}})`, without the factor
+  it grows as :math:`\sqrt{n_\mathrm{in} n_\mathrm{out}}`). The factor is
+  that of ``assign_lr`` at commit 5a02d4f, which this rule follows (the
+  tests compare every leaf with a line-by-line port of it); the official
+  ``train.py`` at commit 2116884 has none: there ``'shampoo'`` is
+  :math:`\sqrt{r_\mathrm{out}/r_\mathrm{in}}` and ``'shampoo2'``
+  :math:`1/N` (one side preconditioned or both), and the block counts only
+  scale its Shampoo's ε. This rule departs from that version in the block
+  factor and, with one preconditioned side, in :math:`E = 1/p`. It agrees
+  with 5a02d4f on every matrix leaf that code accepts (it asserts for
+  every optimizer that no side crosses `max_precond_dim`; here only
+  ``'shampoo'`` and ``'soap'``, whose rules depend on it, refuse that).
 
   **Derived rules** (the paper has neither optimizer):
 
@@ -179,7 +222,11 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
   only ``'shampoo'`` and ``'sgd'``, as in the official code, and never the
   leaves that `embedding` or `readout` select: their vocabulary side does
   not grow with the model, and the shape rule above already gives their
-  width scaling (ratio 1 on that side).
+  width scaling (ratio 1 on that side). That exemption is all `embedding`
+  and `readout` do: they change a multiplier only for ``'sgd'`` and
+  ``'shampoo'`` with ``depth_ratio != 1`` (and for ``'shampoo'`` not where
+  :math:`N^{1-2E} = 1`, ``exponent=4`` with both sides preconditioned);
+  with any other rule, or at the base depth, they may be left out.
 
   **Scalars and vectors** (biases, norm gains) are updated by Adam (or the
   grafting Adam) in every optimizer here, and ``optax.contrib.muon`` routes
@@ -220,9 +267,19 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
       which sides are preconditioned.
     depth_ratio: number of residual blocks over the base model's.
     embedding: predicate on a leaf's path (`jax.tree_util.keystr`) that
-      selects embedding tables; None selects none.
+      selects embedding tables, exempt from the depth factor; None selects
+      none (see **Depth**: it matters only for ``'shampoo'`` and ``'sgd'``
+      with ``depth_ratio != 1``).
     readout: the same for the output layer.
     exponent: ``'shampoo'``'s :math:`p`, the inverse root per side.
+    weight_dimension_numbers: None, or as the optimizers' argument of that
+      name: a pytree (a prefix of `params`) of `DimensionNumbers` or None per
+      leaf, or a callable of the parameters returning one. A leaf with
+      dimension numbers is read as the ``(fan_in, fan_out)`` matrix of its
+      reduction axes by its output axes (other axes, such as stacked
+      layers, do not enter); ``DimensionNumbers((), ())`` reads it as a
+      vector. ``fo.nnx_dimension_numbers(model)`` builds it for Flax NNX
+      layers. The same tree serves both widths.
 
   Returns:
     A tree with `params`' structure of Python floats, 1.0 everywhere when
@@ -230,9 +287,10 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
 
   Raises:
     ValueError: naming the leaf when the two trees differ in structure, a
-      leaf's rank differs from its base's, has rank above 2 (pass its
-      ``(fan_in, fan_out)`` shape as a `jax.ShapeDtypeStruct` instead) or
-      has a zero dimension; for ``'shampoo'`` and ``'soap'`` when a side is
+      leaf's rank differs from its base's, has rank above 2 without
+      dimension numbers (give them in `weight_dimension_numbers`, or pass
+      its ``(fan_in, fan_out)`` shape as a `jax.ShapeDtypeStruct`) or has a
+      zero dimension; for ``'shampoo'`` and ``'soap'`` when a side is
       preconditioned at one width and not at the other (it crosses
       `max_precond_dim`), or at neither; and naming the argument for an
       unknown `optimizer` or an invalid setting.
@@ -272,20 +330,27 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
   if treedef != base_treedef:
     raise ValueError("mup_multipliers: params and base_params differ in "
                      f"structure at leaf {_differing_leaf(flat, base_flat)}.")
+  leaf_numbers = initial_state.dimension_numbers(weight_dimension_numbers,
+                                                 params)
 
   multipliers = []
-  for (path, leaf), (_, base_leaf) in zip(flat, base_flat):
+  for (path, leaf), (_, base_leaf), dims in zip(flat, base_flat,
+                                                leaf_numbers):
     name = jax.tree_util.keystr(path)
     shape, base_shape = _leaf_shape(leaf), _leaf_shape(base_leaf)
     if len(shape) != len(base_shape):
       raise ValueError(f"mup_multipliers: leaf {name} has rank {len(shape)} "
                        f"{shape} but its base has rank {len(base_shape)} "
                        f"{base_shape}.")
-    if len(shape) > 2:
+    if dims is not None:
+      shape, base_shape = _fan_view(shape, dims), _fan_view(base_shape, dims)
+    elif len(shape) > 2:
       raise ValueError(
           f"mup_multipliers: leaf {name} has rank {len(shape)} {shape}; its "
-          f"fan-in and fan-out are ambiguous: pass its (fan_in, fan_out) "
-          f"shape as a jax.ShapeDtypeStruct in both trees.")
+          f"fan-in and fan-out are ambiguous: give its axes in "
+          f"weight_dimension_numbers (fo.nnx_dimension_numbers(model) does "
+          f"for Flax NNX layers), or pass its (fan_in, fan_out) shape as a "
+          f"jax.ShapeDtypeStruct in both trees.")
     if 0 in base_shape or 0 in shape:
       which = "base " if 0 in base_shape else ""
       raise ValueError(f"mup_multipliers: leaf {name} has a zero {which}"

@@ -146,7 +146,7 @@ OPTIONS = (
            defaults={"soap": "per_dimension"}),
     Option("start_preconditioning_step", Optional[int], None,
            "``s0``, the first check step; before it only the grafting "
-           "optimizer steps. Defaults to ``check_frequency``.",
+           "optimizer steps. None: ``check_frequency``.",
            checks.integer(1, allow_none=True),
            defaults={"soap": 1, "asgo": 1}),
     Option("grafting", Grafting, "adam",

@@ -81,6 +81,12 @@ def partition(preconditioned: optax.GradientTransformation,
   and `optax.adamw`). `fo.stats` works on the resulting state. A step with a
   non-finite gradient in any leaf is skipped for both parts
   (`skip_nonfinite`).
+
+  Extra arguments of ``update`` reach both parts, as in `optax.partition`.
+  Per-microbatch gradients (``microbatch_grads=``, for a bias-corrected
+  part such as ``fo.foam(lr, bias_correction='cross_fit')`` or
+  `fo.bias_corrected_adamw`) are taken by each part for its own leaves;
+  when neither part uses them, ``update`` warns.
   """
   return skip_nonfinite(optax.partition(
       {PRECONDITION: preconditioned, DIAGONAL: diagonal},

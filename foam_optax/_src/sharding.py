@@ -32,6 +32,7 @@ import optax
 from foam_optax._src import distribution
 from foam_optax._src.state import BlockClassState
 from foam_optax._src.state import ScaleByFoamState
+from foam_optax._src.state import plain_arrays
 from foam_optax._src.state import slot_maps
 
 
@@ -113,9 +114,11 @@ def state_sharding(opt_state, params, params_sharding) -> Any:
       transformation, alias, or any optax chain or wrapper around them,
       initialised under the mesh of `params_sharding` (inside
       ``with jax.set_mesh(mesh):``, or from parameters sharded on it).
-    params: the parameters (arrays or `jax.ShapeDtypeStruct` objects).
+    params: the parameters (arrays or `jax.ShapeDtypeStruct` objects;
+      Flax NNX variables holding them are read through).
     params_sharding: a `NamedSharding` per parameter, in the parameters' tree
-      structure; all on one mesh.
+      structure (e.g. ``nnx.get_named_sharding(params, mesh)``); all on one
+      mesh.
 
   Returns:
     A pytree of `NamedSharding` with the structure of `opt_state`, usable as
@@ -132,6 +135,11 @@ def state_sharding(opt_state, params, params_sharding) -> Any:
     ...   shardings = state_sharding(abstract, params, params_shardings)
     ...   state = jax.jit(tx.init, out_shardings=shardings)(params)
   """
+  # Flax NNX variables (in the state, the parameters or their shardings)
+  # are placed by their values; the result keeps the state's structure.
+  structure = jax.tree.structure(opt_state)
+  opt_state, params, params_sharding = map(
+      plain_arrays, (opt_state, params, params_sharding))
   mesh = jax.tree.leaves(params_sharding)[0].mesh
   replicated = NamedSharding(mesh, PartitionSpec())
   params_def = jax.tree.structure(params_sharding)
@@ -150,9 +158,9 @@ def state_sharding(opt_state, params, params_sharding) -> Any:
       return params_sharding
     return replicated
 
-  return jax.tree.map(
+  return structure.unflatten(jax.tree.leaves(jax.tree.map(
       place, opt_state,
-      is_leaf=lambda x: isinstance(x, ScaleByFoamState) or is_param_like(x))
+      is_leaf=lambda x: isinstance(x, ScaleByFoamState) or is_param_like(x))))
 
 
 def _relayout_core(source: ScaleByFoamState,
@@ -188,7 +196,10 @@ def relayout(opt_state, target):
   a state saved on one mesh may not fit another. `relayout` moves every
   factor to its slot in `target`'s layout, keeps `target`'s padding slots,
   and copies everything else from `opt_state`. The moved stacks come back
-  placed like `target`'s; the copied arrays as they were in `opt_state`.
+  placed like `target`'s; the copied arrays as they were in `opt_state`;
+  the whole in `target`'s tree structure (Flax NNX variables included: the
+  sharding annotations of a state laid out for a mesh, see
+  `foam_optax.state_sharding`).
 
   Args:
     opt_state: the state to move (e.g. restored from a checkpoint in the
@@ -205,6 +216,10 @@ def relayout(opt_state, target):
     >>> state = jax.device_put(fo.relayout(restored, target), shardings)
   """
   is_core = lambda x: isinstance(x, ScaleByFoamState)
-  return jax.tree.map(
-      lambda dst, src: _relayout_core(src, dst) if is_core(dst) else src,
-      target, opt_state, is_leaf=is_core)
+
+  def move(dst, src):
+    if not is_core(dst):
+      return src
+    moved = _relayout_core(plain_arrays(src), plain_arrays(dst))
+    return jax.tree.structure(dst).unflatten(jax.tree.leaves(moved))
+  return jax.tree.map(move, target, opt_state, is_leaf=is_core)

@@ -17,8 +17,10 @@ import optax
 
 from foam_optax._src import guards
 from foam_optax._src import linalg
+from foam_optax._src import microbatches
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, ScaleByFoamState
+from foam_optax._src.state import SkipCounters
 
 
 def entries_finite(tree) -> jax.Array:
@@ -132,6 +134,17 @@ def run_or_skip(run, inputs, state: ScaleByFoamState, step, traced,
                                state.overflow_skips))
 
 
+def _counted(counters: SkipCounters, skip, overflow) -> SkipCounters:
+  """`counters` after a step that `skip` says was skipped (or not)."""
+  increment = lambda c, flag: jnp.where(flag, optax.safe_increment(c), c)
+  return SkipCounters(
+      nonfinite_skips=increment(counters.nonfinite_skips, skip),
+      consecutive_skips=jnp.where(
+          skip, optax.safe_increment(counters.consecutive_skips),
+          jnp.zeros_like(counters.consecutive_skips)),
+      overflow_skips=increment(counters.overflow_skips, overflow))
+
+
 def skip_nonfinite(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
@@ -140,16 +153,21 @@ def skip_nonfinite(
   On such a step the updates are zero and every array of `inner`'s state is
   kept exactly, except the skip counters (``nonfinite_skips``,
   ``consecutive_skips``) of the foam_optax transformations inside, which
-  count the step (`stats` reports them) and also obey their own
-  ``max_consecutive_skips``. Use it around a chain that adds anything after
+  count the step (`stats` reports them; `scale_by_foam`'s also obey its
+  ``max_consecutive_skips``). Use it around a chain that adds anything after
   `scale_by_foam` (weight decay, a schedule, `optax.partition` with AdamW):
   `scale_by_foam` on its own skips only its own state. The aliases (`foam`,
-  `shampoo`, `soap`) and `partition` already apply it.
+  `shampoo`, `soap`, `asgo`, `dasgo`, `bias_corrected_adamw`) and
+  `partition` already apply it.
 
   The per-microbatch gradients an `update` is given
-  (``microbatch_grads=...``) are checked too. `inner` is traced once: its new state is selected against the old one
-  (``jnp.where`` on the finite flag, fused by XLA into the arithmetic),
-  and the foam_optax transformations inside skip their own work.
+  (``microbatch_grads=...``) are checked too, and when no transformation
+  inside uses them (every bias correction off) it warns at trace time
+  (`warnings.warn`, message starting ``foam_optax: microbatch_grads
+  ignored``). `inner` is traced once: its new state is selected against the
+  old one (``jnp.where`` on the finite flag, fused by XLA into the
+  arithmetic), and the foam_optax transformations inside skip their own
+  work.
 
   Example:
     >>> import optax, foam_optax as fo
@@ -157,19 +175,25 @@ def skip_nonfinite(
     ...     fo.scale_by_foam(), optax.add_decayed_weights(1e-4),
     ...     optax.scale_by_learning_rate(1e-3)))
   """
-  is_core = lambda x: isinstance(x, ScaleByFoamState)
+  is_own = lambda x: isinstance(x, (ScaleByFoamState, SkipCounters))
 
   def update_fn(updates, state, params=None, **extra_args):
     # Per-microbatch gradients (bias-corrected optimizers) count too.
-    checked = (updates, extra_args.get("microbatch_grads"))
-    skip = jnp.logical_not(gradients_finite(checked))
-    with skipping(skip):
+    micro = extra_args.get("microbatch_grads")
+    skip = jnp.logical_not(gradients_finite((updates, micro)))
+    with skipping(skip), microbatches.tracking(micro):
       new_updates, new_state = inner.update(updates, state, params,
                                             **extra_args)
-    # foam_optax states already kept what a skipped step must keep.
-    new_state = jax.tree.map(
-        lambda new, old: new if is_core(new) else jnp.where(skip, old, new),
-        new_state, state, is_leaf=is_core)
+    overflow = skip & entries_finite((updates, micro))
+
+    def keep(new, old):
+      if isinstance(new, ScaleByFoamState):
+        return new      # already kept what a skipped step must keep
+      if isinstance(new, SkipCounters):
+        return _counted(old, skip, overflow)
+      return jnp.where(skip, old, new)
+
+    new_state = jax.tree.map(keep, new_state, state, is_leaf=is_own)
     return _zeroed(skip, new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)

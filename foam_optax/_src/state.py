@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from foam_optax._src import distribution
@@ -37,6 +39,34 @@ class LeafState(NamedTuple):
   tensor: Optional[tensors.TensorState] = None
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class RefreshKind:
+  """Static: what a refresh of a state's factors computes, which names the
+  `stats` counter their ``FactorStack.refreshes`` feed: a fresh basis
+  (``'eigendecompositions'``: ``eigh`` or SOAP's power-QR step) or an inverse
+  root computed by iteration (``'inverse_roots'``: ASGO's Polar Express or
+  Newton-Schulz, ``root_method != 'eigh'``)."""
+
+  counter: str = "eigendecompositions"
+
+
+class SkipCounters(NamedTuple):
+  """The skip counters of a transformation that does not skip steps itself
+  (`scale_by_dasgo`, `scale_by_bias_corrected_adam`): an enclosing
+  `skip_nonfinite` counts here the steps it skips, as `scale_by_foam`
+  counts its own, and `stats` reads them."""
+
+  nonfinite_skips: jax.Array
+  consecutive_skips: jax.Array
+  overflow_skips: jax.Array
+
+  @classmethod
+  def zeros(cls) -> "SkipCounters":
+    zero = lambda: jnp.zeros([], jnp.int32)
+    return cls(zero(), zero(), zero())
+
+
 class ScaleByFoamState(NamedTuple):
   """State of `scale_by_foam`.
 
@@ -63,6 +93,7 @@ class ScaleByFoamState(NamedTuple):
     overflow_skips: the skipped updates whose gradients were finite but so
       large that their squares overflow (also in `nonfinite_skips`).
     plan: static: the device mesh the stacks are laid out for.
+    refresh_kind: static: what a refresh of the factors computes.
   """
 
   count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
@@ -75,6 +106,7 @@ class ScaleByFoamState(NamedTuple):
   consecutive_skips: jax.Array
   overflow_skips: jax.Array
   plan: distribution.Plan = distribution.Plan()
+  refresh_kind: RefreshKind = RefreshKind()
 
   def leaf_states(self) -> list:
     """Each parameter's `LeafState`, in `jax.tree.leaves` order."""
@@ -114,10 +146,12 @@ def slot_maps(state: ScaleByFoamState) -> tuple:
 
 def find_states(tree, kind=None) -> list:
   """Every `kind` NamedTuple (default `ScaleByFoamState`) inside `tree`, an
-  optimizer state of any chain or wrapper, in `jax.tree.leaves` order."""
+  optimizer state of any chain or wrapper, in `jax.tree.leaves` order, with
+  Flax NNX variables replaced by their values (`plain_arrays`)."""
   kind = kind or ScaleByFoamState
   is_kind = lambda x: isinstance(x, kind)
-  return [x for x in jax.tree.leaves(tree, is_leaf=is_kind) if is_kind(x)]
+  return [plain_arrays(x) for x in jax.tree.leaves(tree, is_leaf=is_kind)
+          if is_kind(x)]
 
 
 def is_variable(x) -> bool:

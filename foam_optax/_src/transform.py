@@ -101,8 +101,7 @@ def scale_by_foam(
     max_precond_dim: a matrix side (SOAP: a dimension) longer than this
       gets no factor (identity); None for no limit.
     start_preconditioning_step: ``s0``, the first check step; before it
-      only the grafting optimizer steps. Defaults to
-      ``check_frequency``.
+      only the grafting optimizer steps. None: ``check_frequency``.
     grafting: ``'adam'``, ``'rmsprop'``, ``'sgd'``, ``'rms'`` or
       ``'none'``: the optimizer whose per-block step norm the
       preconditioned direction takes (and that steps the leaves without

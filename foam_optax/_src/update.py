@@ -60,19 +60,23 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
            microbatch_grads=None):
   """The update of `scale_by_foam` for an already validated `Config`.
 
-  The updates come back with exactly the structure of `updates`: wrappers
-  such as Flax's ``nnx.Param`` stay (the state holds plain arrays, which are
-  the wrappers' leaves, in the same order). `microbatch_grads` feed the
-  cross-fitting of ``bias_correction`` (unused without it).
+  The updates come back with exactly the structure of `updates`, and the
+  state with that of `state`: wrappers such as Flax's ``nnx.Param`` stay
+  (the computation runs on their leaves, in the same order).
+  `microbatch_grads` feed the cross-fitting of ``bias_correction``; without
+  it they are unused, which `microbatches.ignored` reports.
   """
-  structure = jax.tree.structure(updates)
-  updates = plain_arrays(updates)
+  structure, state_structure = map(jax.tree.structure, (updates, state))
+  updates, state = plain_arrays(updates), plain_arrays(state)
   guards.check_gradient_dtypes(updates)
   micro = None
   if cfg.bias_correction != "none":
     micro = microbatches.checked(
         microbatch_grads, updates, 4,
         f"bias_correction={cfg.bias_correction!r}", even=True)
+  else:
+    microbatches.ignored(microbatch_grads,
+                         "this transformation (bias_correction='none')")
   _check_mesh(state.plan, state)
   guards.check_structure(list(state.layouts), cfg)
   run = with_arguments(_apply, cfg)
@@ -89,4 +93,5 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
   new_updates, new_state = skipping.run_or_skip(
       run, (updates, micro), state, optax.safe_increment(state.count),
       cfg.traced(), cfg, params)
-  return structure.unflatten(jax.tree.leaves(new_updates)), new_state
+  return (structure.unflatten(jax.tree.leaves(new_updates)),
+          state_structure.unflatten(jax.tree.leaves(new_state)))

@@ -1,9 +1,10 @@
 """Benchmarked optimizers and their learning-rate grids.
 
 Every optimizer is built with a unit peak learning rate (a short linear
-warmup to 1.0, then constant); the runner multiplies the updates by the swept
-learning rate, which is exact because every update here is linear in the
-learning rate. One compiled train step then serves the whole sweep.
+warmup to 1.0, then constant); the trainer (`foam_optax.bench.trainer`)
+multiplies the updates by the swept learning rate, which is exact because
+every update here is linear in the learning rate. One compiled train step
+then serves the whole sweep.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _shampoo_settings(check_frequency):
 FOAM_PAPER = dict(_shampoo_settings(20), threshold=0.75, max_epsilon=3e-7)
 FOAM_TUNED = dict(_shampoo_settings(10), threshold=1.5, max_epsilon=3e-6)
 # Decay before the learning rate (optax's order), not after the update as
-# the official SOAP: the runner scales the updates by the swept rate, which
+# the official SOAP: the trainer scales the updates by the swept rate, which
 # needs an update linear in it (the two orders differ by lr²·wd·u).
 SOAP_SETTINGS = dict(b1=0.95, b2=0.95, epsilon=1e-8, check_frequency=10,
                      weight_decay=WEIGHT_DECAY, decay_after_update=False)
@@ -68,7 +69,7 @@ MUON_SETTINGS = dict(beta=0.95, weight_decay=WEIGHT_DECAY)
 FOAM_ONE_SIDED = dict(FOAM_PAPER, one_sided=True)
 # The official ASGO/DASGO hyperparameters (infinity-stars/ASGO@d3ef14b) but
 # the bench's shared weight decay. Their update (RMS 0.2, then the decay,
-# then the learning rate) is linear in the learning rate, as the runner
+# then the learning rate) is linear in the learning rate, as the trainer
 # needs: p(1 - lr·wd) - lr·u = p - lr·(u + wd·p).
 ASGO_SETTINGS = dict(b1=0.9, b2=0.8, epsilon=1e-10, root_method="polar_express",
                      root_iterations=10, check_frequency=1,
@@ -98,7 +99,10 @@ def adam_routed(alias):
   return factory
 
 
-def _spec(name, factory, settings, grid=ADAM_GRID, foam_family=True):
+def make_spec(name: str, factory: Callable[..., optax.GradientTransformation],
+              settings: dict, grid: tuple = ADAM_GRID,
+              foam_family: bool = True) -> OptimizerSpec:
+  """``factory(learning_rate=lr, **settings)`` as a spec named `name`."""
   return OptimizerSpec(
       name=name, build=lambda lr: factory(learning_rate=lr, **settings),
       lr_grid=grid, settings=settings, foam_family=foam_family)
@@ -118,10 +122,11 @@ def distributed_shampoo_module() -> Optional[types.ModuleType]:
     return None
   if not hasattr(distributed_shampoo.jax, "tree_map"):
     proxy = types.ModuleType("jax_with_tree_aliases")
-    proxy.__getattr__ = lambda name: getattr(jax, name)
-    setattr(proxy, "tree_map", jax.tree.map)
-    setattr(proxy, "tree_flatten", jax.tree.flatten)
-    setattr(proxy, "tree_unflatten", jax.tree.unflatten)
+    aliases = {"__getattr__": lambda name: getattr(jax, name),
+               "tree_map": jax.tree.map, "tree_flatten": jax.tree.flatten,
+               "tree_unflatten": jax.tree.unflatten}
+    for name, value in aliases.items():
+      setattr(proxy, name, value)
     distributed_shampoo.jax = proxy
   return distributed_shampoo
 
@@ -145,26 +150,26 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
   """All available optimizers by name (the external peer only if importable;
   it is not in `DEFAULT_OPTIMIZERS`, see BENCHMARKS.md)."""
   specs = [
-      _spec("adamw", optax.adamw, dict(b1=0.9, b2=0.999, eps=1e-8,
+      make_spec("adamw", optax.adamw, dict(b1=0.9, b2=0.999, eps=1e-8,
                                        weight_decay=WEIGHT_DECAY),
             foam_family=False),
-      _spec("muon", optax.contrib.muon, MUON_SETTINGS,
+      make_spec("muon", optax.contrib.muon, MUON_SETTINGS,
             grid=(1e-2, 3e-2, 1e-1), foam_family=False),
-      _spec("shampoo_f1", fo.shampoo, _shampoo_settings(1)),
-      _spec("shampoo_f20", fo.shampoo, _shampoo_settings(20)),
-      _spec("shampoo_f100", fo.shampoo, _shampoo_settings(100)),
-      _spec("foam", fo.foam, FOAM_PAPER),
-      _spec("foam_tuned", fo.foam, FOAM_TUNED),
-      _spec("soap", fo.soap, SOAP_SETTINGS),
+      make_spec("shampoo_f1", fo.shampoo, _shampoo_settings(1)),
+      make_spec("shampoo_f20", fo.shampoo, _shampoo_settings(20)),
+      make_spec("shampoo_f100", fo.shampoo, _shampoo_settings(100)),
+      make_spec("foam", fo.foam, FOAM_PAPER),
+      make_spec("foam_tuned", fo.foam, FOAM_TUNED),
+      make_spec("soap", fo.soap, SOAP_SETTINGS),
       # SOAP's eigenbasis refreshed by FOAM's staleness proxy instead of
       # every check_frequency steps.
-      _spec("soap_foam", fo.soap, SOAP_FOAM_SETTINGS),
-      _spec("foam_one_sided", fo.foam, FOAM_ONE_SIDED),
-      _spec("asgo", adam_routed(fo.asgo), ASGO_SETTINGS, grid=ASGO_GRID),
-      _spec("asgo_foam", adam_routed(fo.asgo), ASGO_FOAM_SETTINGS,
+      make_spec("soap_foam", fo.soap, SOAP_FOAM_SETTINGS),
+      make_spec("foam_one_sided", fo.foam, FOAM_ONE_SIDED),
+      make_spec("asgo", adam_routed(fo.asgo), ASGO_SETTINGS, grid=ASGO_GRID),
+      make_spec("asgo_foam", adam_routed(fo.asgo), ASGO_FOAM_SETTINGS,
             grid=ASGO_GRID),
       # DASGO's state has no factor for `fo.stats` to read.
-      _spec("dasgo", adam_routed(fo.dasgo), DASGO_SETTINGS, grid=ASGO_GRID,
+      make_spec("dasgo", adam_routed(fo.dasgo), DASGO_SETTINGS, grid=ASGO_GRID,
             foam_family=False),
   ]
   module = distributed_shampoo_module()
@@ -174,6 +179,7 @@ def optimizer_specs() -> dict[str, OptimizerSpec]:
 
 
 # The recorded default run (BENCHMARKS.md). The ASGO family and one-sided
-# FOAM run with --optimizers; scripts/asgo_comparison.py compares them.
+# FOAM run with --optimizers; scripts/archive/asgo_comparison.py compares
+# them.
 DEFAULT_OPTIMIZERS = ("adamw", "muon", "shampoo_f1", "shampoo_f20",
                       "shampoo_f100", "foam", "foam_tuned", "soap", "soap_foam")

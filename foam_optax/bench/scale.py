@@ -23,14 +23,21 @@ MLP is 128 -> 512 -> 128) trained for 1000 steps, and five experiments on it:
    Shampoo's fixed frequencies; for each FOAM point, the loss of the
    fixed-f line at the same EVD count.
 
-``run_suite(..., only='pareto')`` (``foam-bench --suite scale --only
-pareto``) runs just what experiment 6 and the X@ε0 ablation need: FOAM,
-Shampoo at every f, the Pareto points and X@ε0.
+Parts (``ScaleConfig.only``, ``foam-bench --suite scale --only PART``):
+``'pareto'`` runs just what experiment 6 and the X@ε0 ablation need (FOAM,
+Shampoo at every f, the Pareto points and X@ε0); ``'wallclock'`` runs
+experiments 1 and 2 alone: Shampoo f=20 first (its final loss is the
+target), then FOAM, the other frequencies and `ScaleConfig.references`,
+saving the results after each run and stopping at `ScaleConfig.time_limit`.
+The ``gpu`` preset (``foam-bench --suite scale --preset gpu``) is that part on
+a larger Transformer, sized for about 5.5 minutes on one GPU, with AdamW and
+SOAP as references: FOAM's wall-clock claim where an ``eigh`` costs tens of
+matrix products.
 
 Every run uses one learning rate (`ScaleConfig.lr`), chosen once with a short
 sweep of Shampoo f=20 and FOAM (see BENCHMARKS.md). Wall-clock is the sum of
 the timed train steps (compilation and evaluation excluded), as in the
-default suite. Runs on any JAX backend unchanged.
+default suite (`trainer.Trainer`). Runs on any JAX backend unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import time
 from typing import Callable, Optional
 
 import jax
@@ -46,14 +54,23 @@ import numpy as np
 
 import foam_optax as fo
 from foam_optax.controllers import staleness_proxy
-from foam_optax.bench import metrics, optimizers, report, runner, workloads
+from foam_optax.bench import harness, metrics, optimizers, report, trainer
+from foam_optax.bench import workloads
 
-START_MARKER = "<!-- bench-scale:start -->"
-END_MARKER = "<!-- bench-scale:end -->"
-PARETO_MARKERS = ("<!-- bench-scale-pareto:start -->",
-                  "<!-- bench-scale-pareto:end -->")
-PARETO_TITLE = ("### Loss against eigendecompositions, and X@ε0 "
-                "(`foam-bench --suite scale --only pareto`)")
+BLOCKS = {
+    None: harness.Block(
+        "## The FOAM paper's claims at scale (`foam-bench --suite scale`)",
+        "<!-- bench-scale:start -->", "<!-- bench-scale:end -->"),
+    "pareto": harness.Block(
+        "### Loss against eigendecompositions, and X@ε0 "
+        "(`foam-bench --suite scale --only pareto`)",
+        "<!-- bench-scale-pareto:start -->", "<!-- bench-scale-pareto:end -->"),
+    "wallclock": harness.Block(
+        "### Wall-clock to Shampoo f = 20's loss (`foam-bench --suite scale "
+        "--only wallclock`)", "<!-- bench-scale-wallclock:start -->",
+        "<!-- bench-scale-wallclock:end -->"),
+}
+PARTS = ("pareto", "wallclock")
 FAILURE_MARGIN = 0.10   # a run fails when its loss is above (1 + this) x best
 
 
@@ -84,6 +101,12 @@ class ScaleConfig:
     spread_seeds, spread_frequency: seeds besides 0 of FOAM and of Shampoo
       at this f (the fixed f nearest FOAM's EVDs), for the seed-to-seed
       spread of the final loss.
+    references: other optimizers (`optimizers.optimizer_specs` names) of
+      the wall-clock comparison, at `lr`, in the ``'wallclock'`` part only.
+    only: None for every experiment, or one of `PARTS`.
+    time_limit: seconds from the start after which no run starts and a run
+      in progress stops between two steps (``'wallclock'`` part; None: no
+      limit).
   """
 
   make_workload: Callable[[], workloads.Workload]
@@ -106,6 +129,9 @@ class ScaleConfig:
   line_frequencies: tuple = (50, 150, 250)
   spread_seeds: tuple = (1, 2)
   spread_frequency: int = 100
+  references: tuple = ()
+  only: Optional[str] = None
+  time_limit: Optional[float] = None
 
 
 def scale_workload(steps: int = 1000) -> workloads.Workload:
@@ -125,6 +151,24 @@ QUICK = ScaleConfig(
     robustness_epsilons=(1e-9,), proxy_steps=30, snapshot_every=5,
     factors_per_size=1, eval_points=10, pareto_points=((5, 0.75, "exact"),),
     line_frequencies=(5,), spread_seeds=(1,), spread_frequency=20)
+
+
+def gpu_workload(steps: int = 600) -> workloads.Workload:
+  """Char Transformer LM, 6 layers, d_model 512, MLP 2048, seq 256, batch
+  16 (GPT-2-small-like in shape)."""
+  return workloads.transformer_lm(steps=steps, d_model=512, mlp_width=2048,
+                                  num_layers=6, seq_len=256, batch_size=16,
+                                  name="transformer_lm_gpu")
+
+
+# The wall-clock part on one GPU: five methods, compilation included, in
+# about 5.5 minutes. The learning rate is the scale suite's (the best of
+# 1e-3 to 3e-2 for Shampoo and FOAM on its d_model 128 Transformer), not
+# tuned on this model.
+GPU = ScaleConfig(make_workload=gpu_workload, steps=600, lr=3e-3,
+                  frequencies=(20, 100), eval_points=30,
+                  references=("adamw", "soap"), only="wallclock",
+                  time_limit=330.0)
 MAX_EPSILON_RATIO = 300.0
 ABLATIONS = {"foam_fixed_damping": dict(controller="foam_fixed_damping"),
              "foam_no_refresh": dict(controller="foam_no_refresh"),
@@ -132,7 +176,6 @@ ABLATIONS = {"foam_fixed_damping": dict(controller="foam_fixed_damping"),
              "foam_sketch": dict(proxy="sketch"),
              "foam_x_at_eps0": dict(root_damping="epsilon")}
 PARETO_ABLATIONS = ("foam_x_at_eps0",)   # the ablations `only='pareto'` runs
-PARTS = ("pareto",)
 
 
 def shampoo_settings(check_frequency: int, epsilon: float = 1e-9) -> dict:
@@ -148,39 +191,38 @@ def foam_settings(check_frequency: int = 20, epsilon: float = 1e-9,
 
 
 class Trainers:
-  """One compiled `runner.Trainer` per distinct optimizer configuration."""
+  """One compiled `trainer.Trainer` per distinct optimizer configuration."""
 
   def __init__(self, workload: workloads.Workload):
     self.workload, self._cache = workload, {}
     self.compile_seconds = {}
 
-  def get(self, method: str, settings: dict) -> runner.Trainer:
-    key = (method, tuple(sorted(settings.items())))
+  def get(self, method: str, settings: Optional[dict] = None
+          ) -> trainer.Trainer:
+    """FOAM (`method` 'foam') or Shampoo ('shampoo') with `settings`, or
+    `method` of `optimizers.optimizer_specs` when `settings` is None."""
+    key = (method, None if settings is None
+           else tuple(sorted(settings.items())))
     if key not in self._cache:
-      factory = fo.foam if method == "foam" else fo.shampoo
-      spec = optimizers.OptimizerSpec(
-          name=method, lr_grid=(), settings=settings, foam_family=True,
-          build=lambda lr: factory(learning_rate=lr, **settings))
-      trainer = runner.Trainer(self.workload, spec)
-      self.compile_seconds[key] = trainer.compile()
-      self._cache[key] = trainer
+      if settings is None:
+        spec = optimizers.optimizer_specs()[method]
+      else:
+        spec = optimizers.make_spec(
+            method, fo.foam if method == "foam" else fo.shampoo, settings,
+            grid=())
+      self._cache[key] = trainer.Trainer(self.workload, spec)
+      self.compile_seconds[key] = self._cache[key].compile_seconds
     return self._cache[key]
 
 
-def _main_run(trainers, method, settings, cfg, progress, seed=0) -> dict:
-  trainer = trainers.get(method, settings)
-  run = trainer.train(seed, cfg.steps, cfg.lr, progress,
-                      eval_points=cfg.eval_points)
-  return {"method": method, "settings": settings, "lr": cfg.lr,
+def _main_run(trainers, method, settings, cfg, progress, seed=0,
+              deadline=math.inf) -> dict:
+  compiled = trainers.get(method, settings)
+  run = compiled.train(seed, cfg.steps, cfg.lr, progress=progress,
+                       deadline=deadline,
+                       eval_every=max(1, cfg.steps // cfg.eval_points))
+  return {"method": method, "settings": compiled.spec.settings, "lr": cfg.lr,
           "steps": cfg.steps, "seed": seed, **run}
-
-
-
-def _seconds_to(curve, target) -> Optional[float]:
-  for loss, seconds in zip(curve["train_loss"], curve["seconds"]):
-    if loss <= target:
-      return seconds
-  return None
 
 
 def _final(run) -> float:
@@ -192,20 +234,28 @@ def pareto_name(check_frequency: int, threshold: float, proxy: str) -> str:
   return f"foam_f{check_frequency}_tau{threshold:g}{suffix}"
 
 
-def summarize_run(run: dict, target: float) -> dict:
-  stats = run["stats"]
+def summarize_run(run: dict, target: Optional[float]) -> dict:
+  """A run's figures; EVDs, checks and damping are None for an optimizer
+  without `fo.stats`, the time to `target` None without a target."""
+  stats = run.get("stats", {})
   return {"final_train_loss": _final(run),
           # Time-averaged over the steps: the damping a run trained with.
-          "damping_mean_over_steps": float(np.mean(
-              run["trace"]["damping_mean"])),
+          "damping_mean_over_steps": (
+              float(np.mean(run["trace"]["damping_mean"]))
+              if "damping_mean" in run["trace"] else None),
           "final_test_loss": run["curve"]["test_loss"][-1],
           "train_seconds": run["curve"]["seconds"][-1],
-          "seconds_to_target": _seconds_to(run["curve"], target),
-          "eigendecompositions": stats["eigendecompositions"],
-          "eigendecompositions_left": stats["eigendecompositions_left"],
-          "eigendecompositions_right": stats["eigendecompositions_right"],
-          "checks": stats["checks"],
-          "step_ms_median": float(1e3 * np.median(run["trace"]["step_seconds"]))}
+          "seconds_to_target": (None if target is None else
+                                trainer.seconds_to(run["curve"], target)),
+          "eigendecompositions": stats.get("eigendecompositions"),
+          "eigendecompositions_left": stats.get("eigendecompositions_left"),
+          "eigendecompositions_right": stats.get("eigendecompositions_right"),
+          "checks": stats.get("checks"),
+          "steps_done": len(run["trace"]["step_seconds"]),
+          "truncated": run["truncated"],
+          "step_ms_median": (
+              float(1e3 * np.median(run["trace"]["step_seconds"]))
+              if run["trace"]["step_seconds"] else None)}
 
 
 def _ratio(a, b):
@@ -308,10 +358,9 @@ def robustness(trainers: Trainers, cfg: ScaleConfig, progress) -> dict:
       for method in ("foam", "shampoo"):
         settings = (foam_settings(f, eps) if method == "foam"
                     else shampoo_settings(f, eps))
-        trainer = trainers.get(method, settings)
+        compiled = trainers.get(method, settings)
         for lr in cfg.robustness_lrs:
-          run = trainer.train(0, cfg.robustness_steps, lr, progress,
-                              record=False)
+          run = compiled.train(0, cfg.robustness_steps, lr, progress=progress)
           runs.append({"method": method, "check_frequency": f,
                        "epsilon": eps, "lr": lr,
                        "initial_train_loss": run["curve"]["train_loss"][0],
@@ -366,7 +415,7 @@ def true_relative_error(factor, basis, eigvals, damping, exponent) -> float:
   return float(np.linalg.norm(stale - exact) / np.linalg.norm(exact))
 
 
-def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
+def record_snapshots(recorder: trainer.Trainer, steps: int, every: int,
                      per_size: int, lr: float, progress) -> list:
   """Trains and, every `every` steps, pairs each recorded factor's current
   bias-corrected statistic A_t with its cached (Q, D, ε).
@@ -378,12 +427,12 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
   relative error, the factor's size, side, and the steps since its cache was
   refreshed.
   """
-  settings = trainer.spec.settings
+  settings = recorder.spec.settings
   b2, exponent = settings["b2"], settings["exponent"]
   # Bias correction counts accumulations: one every `every_stat` steps.
   every_stat = settings.get("statistics_compute_steps", 1)
-  params, opt_state = trainer.init(0)
-  batches = trainer.workload.sample_batches(0, steps)
+  params, opt_state = recorder.init(0)
+  batches = recorder.workload.sample_batches(0, steps)
   chosen = _recorded_factors(opt_state, per_size)
   last_refresh = {key: 0 for key in chosen}
   refreshes = {key: 0 for key in chosen}
@@ -391,8 +440,8 @@ def record_snapshots(trainer: runner.Trainer, steps: int, every: int,
   pairs = []
   for i in range(steps):
     batch = jax.tree.map(lambda b: b[i], batches)
-    params, opt_state, _ = trainer.step(params, opt_state, batch,
-                                        jnp.float32(lr))
+    params, opt_state, _ = recorder.step(params, opt_state, batch,
+                                         jnp.float32(lr))
     step = i + 1
     stacks = [view.stack for view in fo.factor_stacks(opt_state)]
     for key in chosen:
@@ -443,20 +492,31 @@ def proxy_utility(pairs: list, taus) -> dict:
 
 
 def targets(claims: dict, cfg: ScaleConfig) -> dict:
-  """The suite's targets, each with its statement, measured figure and met."""
+  """The suite's targets (those its part measures), each with its
+  statement, measured figure and met."""
   result = {}
-  summaries = claims["wallclock"]["summaries"]
+  wall = claims["wallclock"]
+  summaries = wall["summaries"]
   fixed = [f"shampoo_f{f}" for f in cfg.frequencies]
-  foam_s = summaries["foam"]["seconds_to_target"]
-  others = {n: summaries[n]["seconds_to_target"] for n in fixed}
-  fmt = lambda s: "not reached" if s is None else f"{s:.1f} s"
+  seconds = {n: summaries[n]["seconds_to_target"]
+             for n in ["foam", *fixed] if n in summaries}
+  text = lambda n: ("not run" if n not in seconds
+                    else "not reached" if seconds[n] is None
+                    else f"{seconds[n]:.1f} s")
+  measured = f"FOAM {text('foam')}; " + ", ".join(
+      f"f={n.split('_f')[1]} {text(n)}" for n in fixed)
+  if wall["target_train_loss"] is None:
+    measured = "no target (Shampoo f=20 did not finish); " + measured
+  foam_s = seconds.get("foam")
   result["foam_fastest_to_shampoo_f20_loss"] = {
       "target": "FOAM reaches Shampoo f=20's final train loss in less "
                 "wall-clock than every fixed frequency",
-      "measured": f"FOAM {fmt(foam_s)}; " + ", ".join(
-          f"f={n.split('_f')[1]} {fmt(s)}" for n, s in others.items()),
-      "met": foam_s is not None and all(s is None or s > foam_s
-                                        for s in others.values())}
+      "measured": measured,
+      "met": (foam_s is not None and all(n in seconds for n in fixed)
+              and all(seconds[n] is None or seconds[n] > foam_s
+                      for n in fixed))}
+  if "eigendecompositions" not in claims:
+    return result
   evd = claims["eigendecompositions"]
   result["foam_evds_le_20pct_of_shampoo_f20"] = {
       "target": "FOAM's eigendecompositions ≤ 20% of Shampoo f=20's "
@@ -466,7 +526,7 @@ def targets(claims: dict, cfg: ScaleConfig) -> dict:
                    f"{evd['loss_ratio']:.4f}"),
       "met": (evd["ratio_total"] is not None and evd["ratio_total"] <= 0.2
               and evd["loss_ratio"] <= 1.01)}
-  if "robustness" not in claims:   # only='pareto'
+  if "robustness" not in claims:   # a part
     return result
   fractions = claims["robustness"]["failure_fraction"]
   result["foam_robustness_le_shampoo"] = {
@@ -503,24 +563,50 @@ def _ablations(only) -> dict:
   return ABLATIONS
 
 
-def units_of_work(cfg: ScaleConfig, only: Optional[str] = None) -> int:
+def _wallclock_names(cfg: ScaleConfig) -> list:
+  """The wall-clock part's runs in their order: the target first."""
+  return (["shampoo_f20", "foam"]
+          + [f"shampoo_f{f}" for f in cfg.frequencies if f != 20]
+          + list(cfg.references))
+
+
+def units_of_work(cfg: ScaleConfig) -> int:
+  if cfg.only == "wallclock":
+    return len(_wallclock_names(cfg)) * cfg.steps
   main = (1 + len(cfg.frequencies) + len(cfg.pareto_points)
           + len(cfg.line_frequencies) + 2 * len(cfg.spread_seeds)
-          + len(_ablations(only))) * cfg.steps
-  if only == "pareto":
+          + len(_ablations(cfg.only))) * cfg.steps
+  if cfg.only == "pareto":
     return main
   grid = (2 * len(cfg.robustness_frequencies) * len(cfg.robustness_epsilons)
           * len(cfg.robustness_lrs) * cfg.robustness_steps)
   return main + grid + 2 * cfg.proxy_steps
 
 
-def run_suite(cfg: ScaleConfig, progress=None,
-              only: Optional[str] = None) -> dict:
-  """Runs the six experiments, or with ``only='pareto'`` the runs of the
-  Pareto experiment and the X@ε0 ablation; returns the workload, runs and
-  claims."""
-  workload = cfg.make_workload()
-  trainers = Trainers(workload)
+def _wallclock_runs(trainers: Trainers, cfg: ScaleConfig,
+                    context: harness.Context, deadline: float,
+                    record: dict) -> dict:
+  """The wall-clock part's runs, saved after each; none starts after the
+  deadline (the ones left out are absent)."""
+  runs = {}
+  for name in _wallclock_names(cfg):
+    if time.perf_counter() > deadline:
+      break
+    context.describe(name)
+    if name == "foam":
+      method, settings = "foam", foam_settings()
+    elif name.startswith("shampoo_f"):
+      method, settings = "shampoo", shampoo_settings(int(name[9:]))
+    else:
+      method, settings = name, None
+    runs[name] = _main_run(trainers, method, settings, cfg, context.progress,
+                           deadline=deadline)
+    context.save({**record, "runs": runs})
+  return runs
+
+
+def _main_runs(trainers: Trainers, cfg: ScaleConfig, progress) -> dict:
+  """The runs of experiments 1, 2, 5 and 6 (those `cfg.only` needs)."""
   runs = {"foam": _main_run(trainers, "foam", foam_settings(), cfg, progress)}
   for f in cfg.frequencies:
     runs[f"shampoo_f{f}"] = _main_run(trainers, "shampoo", shampoo_settings(f),
@@ -538,39 +624,59 @@ def run_suite(cfg: ScaleConfig, progress=None,
     runs[f"shampoo_f{cfg.spread_frequency}_seed{seed}"] = _main_run(
         trainers, "shampoo", shampoo_settings(cfg.spread_frequency), cfg,
         progress, seed)
-  ablations = _ablations(only)
-  for name, overrides in ablations.items():
+  for name, overrides in _ablations(cfg.only).items():
     runs[name] = _main_run(trainers, "foam", foam_settings(**overrides), cfg,
                            progress)
-  target = _final(runs["shampoo_f20"])
+  return runs
+
+
+def run(cfg: ScaleConfig, context: harness.Context) -> dict:
+  """Runs the six experiments, or the part `cfg.only`; returns the
+  workload, runs, claims and targets."""
+  deadline = (math.inf if cfg.time_limit is None
+              else time.perf_counter() + cfg.time_limit)
+  workload = cfg.make_workload()
+  trainers = Trainers(workload)
+  record = {"workload": _workload_record(workload, cfg), "only": cfg.only}
+  if cfg.only == "wallclock":
+    runs = _wallclock_runs(trainers, cfg, context, deadline, record)
+  else:
+    runs = _main_runs(trainers, cfg, context.progress)
+  reference = runs.get("shampoo_f20")
+  target = (None if reference is None or reference["truncated"]
+            else _final(reference))
   summaries = {n: summarize_run(r, target) for n, r in runs.items()}
   main_names = ["foam"] + [f"shampoo_f{f}" for f in cfg.frequencies]
-  claims = {
-      "eigendecompositions": eigendecomposition_claim(summaries),
-      "wallclock": {"target_train_loss": target,
-                    "summaries": {n: summaries[n] for n in main_names}},
-      "pareto": pareto(summaries, runs, cfg),
-      "ablations": {n: summaries[n] for n in ["foam", "shampoo_f20",
-                                              *ablations]},
-  }
-  if only == "pareto":
-    return {"workload": _workload_record(workload, cfg), "only": only,
-            "compile_seconds": sum(trainers.compile_seconds.values()),
-            "runs": runs, "claims": claims, "targets": targets(claims, cfg)}
-  claims["robustness"] = robustness(trainers, cfg, progress)
-  recordings = {
-      "foam": trainers.get("foam", foam_settings()),
-      f"shampoo_f{max(cfg.frequencies)}": trainers.get(
-          "shampoo", shampoo_settings(max(cfg.frequencies)))}
-  pairs = []
-  for source, trainer in recordings.items():
-    for pair in record_snapshots(trainer, cfg.proxy_steps, cfg.snapshot_every,
-                                 cfg.factors_per_size, cfg.lr, progress):
-      pairs.append({"source": source, **pair})
-  claims["proxy"] = {**proxy_utility(pairs, cfg.taus),
-                     "steps": cfg.proxy_steps, "sources": list(recordings),
-                     "records": pairs}
-  return {"workload": _workload_record(workload, cfg), "only": only,
+  if cfg.only == "wallclock":
+    main_names += list(cfg.references)
+  claims = {}
+  if "foam" in summaries and "shampoo_f20" in summaries:
+    claims["eigendecompositions"] = eigendecomposition_claim(summaries)
+  claims["wallclock"] = {"target_train_loss": target, "summaries": {
+      n: summaries[n] for n in main_names if n in summaries}}
+  if cfg.only == "wallclock":
+    claims["wallclock"]["not_run"] = [n for n in _wallclock_names(cfg)
+                                      if n not in runs]
+  if cfg.only != "wallclock":
+    claims["pareto"] = pareto(summaries, runs, cfg)
+    claims["ablations"] = {n: summaries[n] for n in [
+        "foam", "shampoo_f20", *_ablations(cfg.only)]}
+  if cfg.only is None:
+    claims["robustness"] = robustness(trainers, cfg, context.progress)
+    recordings = {
+        "foam": trainers.get("foam", foam_settings()),
+        f"shampoo_f{max(cfg.frequencies)}": trainers.get(
+            "shampoo", shampoo_settings(max(cfg.frequencies)))}
+    pairs = []
+    for source, recorder in recordings.items():
+      for pair in record_snapshots(recorder, cfg.proxy_steps,
+                                   cfg.snapshot_every, cfg.factors_per_size,
+                                   cfg.lr, context.progress):
+        pairs.append({"source": source, **pair})
+    claims["proxy"] = {**proxy_utility(pairs, cfg.taus),
+                       "steps": cfg.proxy_steps, "sources": list(recordings),
+                       "records": pairs}
+  return {**record,
           "compile_seconds": sum(trainers.compile_seconds.values()),
           "runs": runs, "claims": claims, "targets": targets(claims, cfg)}
 
@@ -583,41 +689,39 @@ def _workload_record(workload, cfg: ScaleConfig) -> dict:
 # ------------------------------------------------------------------- report
 
 
-def _f(value, spec=".4g"):
-  return "—" if value is None else format(value, spec)
-
-
 def markdown(result: dict) -> str:
   """The claims' tables (those run) and the targets table."""
   claims, wl = result["claims"], result["workload"]
-  evd = claims["eigendecompositions"]
   lines = [f"Workload: {wl['description']}; {wl['steps']} steps, lr "
-           f"{wl['lr']:g} for every run; seed 0.", "",
-           "#### 1. Eigendecompositions: FOAM vs Shampoo at the same check "
-           "frequency (f=20)", "",
-           "| optimizer | EVDs | left factors | right factors | final train loss |",
-           "|---|---|---|---|---|"]
-  for name in ("foam", "shampoo_f20"):
-    s = evd[name]
-    lines.append(f"| {name} | {s['eigendecompositions']:.0f} | "
-                 f"{s['eigendecompositions_left']:.0f} | "
-                 f"{s['eigendecompositions_right']:.0f} | "
-                 f"{s['final_train_loss']:.4f} |")
-  lines += ["", f"FOAM/Shampoo: total {_pct(evd['ratio_total'])}, left "
-            f"{_pct(evd['ratio_left'])}, right {_pct(evd['ratio_right'])} "
-            f"(paper: left ≈ 10%, right ≈ 5%); loss ratio "
-            f"{evd['loss_ratio']:.4f}.", ""]
+           f"{wl['lr']:g} for every run; seed 0.", ""]
+  if "eigendecompositions" in claims:
+    evd = claims["eigendecompositions"]
+    lines += ["#### 1. Eigendecompositions: FOAM vs Shampoo at the same "
+              "check frequency (f=20)", "",
+              "| optimizer | EVDs | left factors | right factors | final "
+              "train loss |", "|---|---|---|---|---|"]
+    for name in ("foam", "shampoo_f20"):
+      s = evd[name]
+      lines.append(f"| {name} | {s['eigendecompositions']:.0f} | "
+                   f"{s['eigendecompositions_left']:.0f} | "
+                   f"{s['eigendecompositions_right']:.0f} | "
+                   f"{s['final_train_loss']:.4f} |")
+    lines += ["", f"FOAM/Shampoo: total {_pct(evd['ratio_total'])}, left "
+              f"{_pct(evd['ratio_left'])}, right {_pct(evd['ratio_right'])} "
+              f"(paper: left ≈ 10%, right ≈ 5%); loss ratio "
+              f"{evd['loss_ratio']:.4f}.", ""]
   wall = claims["wallclock"]
   lines += ["#### 2. Wall-clock: time to Shampoo f=20's final train loss "
-            f"({wall['target_train_loss']:.4f})", "",
-            _run_table(wall["summaries"]), ""]
+            f"({report.fmt(wall['target_train_loss'], '.4f')})", "",
+            _run_table(wall["summaries"], wall.get("not_run", ())), ""]
   if "robustness" in claims:
     lines += _robustness_and_proxy_lines(claims)
-  lines += ["#### 5. Ablations (FOAM's paper configuration, one change each)",
-            "", _run_table(claims["ablations"]), "",
-            "#### 6. Pareto: final train loss against eigendecompositions", "",
-            _pareto_table(claims["pareto"]), "",
-            "#### Targets", "", report.targets_table(result["targets"])]
+  if "ablations" in claims:
+    lines += ["#### 5. Ablations (FOAM's paper configuration, one change "
+              "each)", "", _run_table(claims["ablations"]), "",
+              "#### 6. Pareto: final train loss against eigendecompositions",
+              "", _pareto_table(claims["pareto"]), ""]
+  lines += ["#### Targets", "", report.targets_table(result["targets"])]
   return "\n".join(lines)
 
 
@@ -644,11 +748,12 @@ def _robustness_and_proxy_lines(claims: dict) -> list:
             f"few steps over {proxy['steps']} steps of "
             f"{' and '.join(proxy['sources'])}; h from the library's "
             f"`staleness_proxy`, error ‖X_stale − X(A_t)‖_F / ‖X(A_t)‖_F in "
-            f"float64. Spearman(h, error) = {_f(proxy['spearman'], '.3f')}.", "",
+            f"float64. Spearman(h, error) = "
+            f"{report.fmt(proxy['spearman'], '.3f')}.", "",
             "| τ | pairs with error > τ | ROC-AUC of h |", "|---|---|---|"]
   for tau, r in proxy["roc_auc"].items():
     lines.append(f"| {tau} | {r['positives']} / {r['positives'] + r['negatives']}"
-                 f" | {_f(r['roc_auc'], '.3f')} |")
+                 f" | {report.fmt(r['roc_auc'], '.3f')} |")
   return lines + [""]
 
 
@@ -669,7 +774,8 @@ def _pareto_table(claim: dict) -> str:
         f"| {name} | {p['check_frequency']} | {p['threshold']:g} | "
         f"{p['proxy']} | {damping} | {p['eigendecompositions']:.0f} | "
         f"{p['checks']:.0f} | {p['final_train_loss']:.4f} | "
-        f"{_f(p['frontier_loss'], '.4f')} | {_f(p['gap'], '+.4f')} | "
+        f"{report.fmt(p['frontier_loss'], '.4f')} | "
+        f"{report.fmt(p['gap'], '+.4f')} | "
         f"{100 * p['damping_over_max_epsilon']:.1f}% | "
         f"{p['step_ms_median']:.1f} | {p['train_seconds']:.1f} |")
   spread = claim["spread"]
@@ -681,39 +787,57 @@ def _pareto_table(claim: dict) -> str:
   return "\n".join(lines)
 
 
-def _run_table(summaries: dict) -> str:
+def _run_table(summaries: dict, not_run=()) -> str:
+  """A row per run (a run cut by the time limit says where); then the runs
+  the time limit left out."""
   lines = ["| run | final train loss | held-out loss | s to target | train s "
            "| EVDs (left / right) | checks | step ms median |",
            "|---|---|---|---|---|---|---|---|"]
   for name, s in summaries.items():
+    label = name + (f" (cut at step {s['steps_done']})" if s["truncated"]
+                    else "")
+    evds = (f"{s['eigendecompositions']:.0f} "
+            f"({s['eigendecompositions_left']:.0f} / "
+            f"{s['eigendecompositions_right']:.0f})"
+            if s["eigendecompositions"] is not None else "—")
     lines.append(
-        f"| {name} | {s['final_train_loss']:.4f} | {s['final_test_loss']:.4f} "
-        f"| {_f(s['seconds_to_target'], '.1f')} | {s['train_seconds']:.1f} | "
-        f"{s['eigendecompositions']:.0f} ({s['eigendecompositions_left']:.0f} / "
-        f"{s['eigendecompositions_right']:.0f}) | {s['checks']:.0f} | "
-        f"{s['step_ms_median']:.1f} |")
+        f"| {label} | {s['final_train_loss']:.4f} | "
+        f"{s['final_test_loss']:.4f} | "
+        f"{report.fmt(s['seconds_to_target'], '.1f')} | "
+        f"{s['train_seconds']:.1f} | {evds} | "
+        f"{report.fmt(s['checks'], '.0f')} | "
+        f"{report.fmt(s['step_ms_median'], '.1f')} |")
+  lines += [f"| {name} | not run (time limit) | | | | | | |"
+            for name in not_run]
   return "\n".join(lines)
 
 
 def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
-  """One PNG per claim, named ``scale_*.png`` (only ``scale_pareto.png``
-  for ``only='pareto'``)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  """One PNG per claim, named ``scale_*.png`` (for ``only='pareto'`` only
+  ``scale_pareto.png``; for ``'wallclock'`` the EVDs and the wall-clock)."""
+  plt = report.pyplot()
   claims, runs = result["claims"], result["runs"]
   paths = []
 
   def save(fig, name):
-    fig.tight_layout()
-    paths.append(out_dir / f"scale_{name}.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    paths.append(report.save_figure(fig, out_dir / f"scale_{name}.png"))
 
-  # 6. Pareto: final loss against EVDs; loss over steps relative to
-  # Shampoo f=20's (where X@ε0 and FOAM part from the fixed frequencies).
-  claim = claims["pareto"]
+  if "pareto" in claims:
+    _plot_pareto(plt, claims["pareto"], runs, save)
+  if result["only"] == "pareto":
+    return paths
+  if "eigendecompositions" in claims:
+    _plot_eigendecompositions(plt, claims, runs, save)
+  if claims["wallclock"]["summaries"]:   # no run: the time limit
+    _plot_wallclock(plt, claims["wallclock"], runs, save)
+  if result["only"] is None:
+    _plot_robustness_proxy_ablations(plt, claims, runs, save)
+  return paths
+
+
+def _plot_pareto(plt, claim: dict, runs: dict, save) -> None:
+  """6. Pareto: final loss against EVDs; loss over steps relative to
+  Shampoo f=20's (where X@ε0 and FOAM part from the fixed frequencies)."""
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=70)
   line = claim["fixed_frequency"]
   axes[0].plot([max(p["eigendecompositions"], 1) for p in line],
@@ -750,12 +874,14 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   axes[1].legend(fontsize=6)
   fig.suptitle("Loss against eigendecompositions", fontsize=9)
   save(fig, "pareto")
-  if result["only"] == "pareto":
-    return paths
 
-  # 1. Cumulative EVDs over steps, and the per-side counts.
+
+def _plot_eigendecompositions(plt, claims: dict, runs: dict, save) -> None:
+  """1. Cumulative EVDs over steps, and the per-side counts."""
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=70)
   for name in claims["wallclock"]["summaries"]:
+    if "eigendecompositions" not in runs[name]["trace"]:
+      continue
     trace = runs[name]["trace"]["eigendecompositions"]
     axes[0].plot(np.arange(1, len(trace) + 1), trace, label=name, lw=1.2)
   axes[0].set_yscale("symlog")
@@ -774,14 +900,16 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   fig.suptitle("FOAM vs Shampoo f=20: eigendecompositions", fontsize=9)
   save(fig, "eigendecompositions")
 
-  # 2. Loss against seconds, and the Pareto plots.
-  summaries = claims["wallclock"]["summaries"]
+
+def _plot_wallclock(plt, claim: dict, runs: dict, save) -> None:
+  """2. Loss against seconds, and the Pareto plots."""
+  summaries = claim["summaries"]
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=70)
   for name in summaries:
     curve = runs[name]["curve"]
     axes[0].plot(curve["seconds"], curve["train_loss"], label=name, lw=1.2)
-  axes[0].axhline(claims["wallclock"]["target_train_loss"], color="k", lw=0.6,
-                  ls="--")
+  if claim["target_train_loss"] is not None:
+    axes[0].axhline(claim["target_train_loss"], color="k", lw=0.6, ls="--")
   axes[0].set_xlabel("wall-clock seconds (steps only)")
   axes[0].set_ylabel("train loss")
   axes[0].set_yscale("log")
@@ -789,6 +917,8 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   for ax, key, label in ((axes[1], "eigendecompositions", "fresh EVDs"),
                          (axes[2], "train_seconds", "train seconds")):
     for name, s in summaries.items():
+      if s[key] is None:   # an optimizer without `fo.stats`
+        continue
       # Log axis: a run without EVDs is drawn at 1.
       x = max(s[key], 1) if key == "eigendecompositions" else s[key]
       ax.scatter(x, s["final_train_loss"], s=18)
@@ -800,7 +930,11 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   fig.suptitle("Wall-clock and Pareto fronts", fontsize=9)
   save(fig, "wallclock")
 
-  # 3. Robustness: failure fraction per f.
+
+def _plot_robustness_proxy_ablations(plt, claims: dict, runs: dict,
+                                     save) -> None:
+  """3. Robustness: failure fraction per f; 4. the proxy h against the
+  true relative error; 5. the ablations' loss against seconds."""
   fractions = claims["robustness"]["failure_fraction"]
   fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=70)
   x = np.arange(len(fractions["foam"]))
@@ -813,7 +947,6 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   fig.suptitle("Robustness over lr × ε0", fontsize=9)
   save(fig, "robustness")
 
-  # 4. Proxy h against the true relative error.
   records = claims["proxy"]["records"]
   fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=70)
   for source in claims["proxy"]["sources"]:
@@ -830,7 +963,6 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   fig.suptitle("Proxy decision utility", fontsize=9)
   save(fig, "proxy")
 
-  # 5. Ablations: loss against seconds.
   fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=70)
   for name in claims["ablations"]:
     curve = runs[name]["curve"]
@@ -841,4 +973,27 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   ax.legend(fontsize=6)
   fig.suptitle("Ablations", fontsize=9)
   save(fig, "ablations")
-  return paths
+
+
+SUITE = harness.Suite(
+    name="scale",
+    help="the FOAM paper's claims on a Transformer with 512-wide factors, "
+         "1000 steps (about 30 min on 2 CPU cores); --preset gpu: the "
+         "wall-clock part on a larger Transformer (about 5.5 min on one GPU)",
+    presets={"full": FULL, "quick": QUICK, "gpu": GPU}, run=run,
+    units_of_work=units_of_work, seeds=lambda cfg: [0], markdown=markdown,
+    plot=plot, block=lambda cfg: BLOCKS[cfg.only], out="bench_scale_out",
+    options=(
+        harness.Option(("--only",), "only", dict(
+            choices=PARTS,
+            help="with --suite scale: 'pareto' runs only FOAM, Shampoo at "
+                 "every f, FOAM's Pareto points and the X@eps0 ablation "
+                 "(about 15 min on 2 CPU cores); 'wallclock' only FOAM and "
+                 "Shampoo at every f (and the preset's references), Shampoo "
+                 "f=20 first; each with its own block in BENCHMARKS.md")),
+        harness.Option(("--time-limit",), "time_limit", dict(
+            type=float, metavar="SECONDS",
+            help="with --suite scale --only wallclock: no run starts after "
+                 "this many seconds and a run stops there (default: the "
+                 "preset's; gpu: 330)")),
+    ))

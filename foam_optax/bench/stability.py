@@ -60,10 +60,11 @@ import optax
 
 import foam_optax as fo
 from foam_optax import controllers
-from foam_optax.bench import report
+from foam_optax.bench import harness, report
 
-START_MARKER = "<!-- bench-stability:start -->"
-END_MARKER = "<!-- bench-stability:end -->"
+BLOCK = harness.Block(
+    "### Stability under a data switch (`foam-bench --suite stability`)",
+    "<!-- bench-stability:start -->", "<!-- bench-stability:end -->")
 DIVERGENCE_FACTOR = 10.0
 LADDER = (1, 5, 20, 100, 500)
 START = 20                  # first check of every method but figure 1's Shampoo
@@ -385,14 +386,14 @@ class Simulator:
           check_frequency=hp["check_frequency"],
           start_preconditioning_step=hp["start_preconditioning_step"])
       if method.controller == "stale":
-        tx = fo.shampoo(lr, **common)
+        tx = fo.shampoo(learning_rate=lr, **common)
       else:
         # A name registered here (foam_hold) is outside the signature's
         # Literal of the built-in controllers.
         controller = typing.cast(Any, method.controller)
-        tx = fo.foam(lr, controller=controller, proxy=method.proxy,
-                     threshold=hp["threshold"], max_epsilon=hp["max_epsilon"],
-                     **common)
+        tx = fo.foam(learning_rate=lr, controller=controller,
+                     proxy=method.proxy, threshold=hp["threshold"],
+                     max_epsilon=hp["max_epsilon"], **common)
 
       def step(carry, batch):
         params, state = carry
@@ -491,7 +492,7 @@ def units_of_work(cfg: StabilityConfig) -> int:
   return total
 
 
-def run_suite(cfg: StabilityConfig, progress=None) -> dict:
+def run(cfg: StabilityConfig, context: harness.Context) -> dict:
   """Runs every workload, setting and method; returns the results with the
   policy study and the targets."""
   simulators = {name: Simulator(make(), cfg.steps, cfg.curve_every)
@@ -514,8 +515,7 @@ def run_suite(cfg: StabilityConfig, progress=None) -> dict:
           for seed in range(cfg.seeds):
             switch = switch_step(seed, cfg.switch_window) if w.switches else None
             runs.append(sim.run(method, s, lr, seed, switch))
-            if progress:
-              progress(1)
+            context.progress(1)
         return {"group": method.group, "controller": method.controller,
                 "proxy": method.proxy,
                 "hyperparameters": method.hyperparameters(s),
@@ -627,7 +627,7 @@ def targets(result: dict) -> dict:
                   f"{CONTROL_LOSS_TOLERANCE:g}× its",
         "measured": (f"FOAM {foam['divergences']}/{foam['runs']}, Shampoo "
                      f"f={f} {equal['divergences']}/{equal['runs']}; loss "
-                     f"ratio {_fmt(ratio, '.3f')}"),
+                     f"ratio {report.fmt(ratio, '.3f')}"),
         "met": (foam["divergences"] <= equal["divergences"]
                 and ratio is not None and ratio <= CONTROL_LOSS_TOLERANCE)}
   for w, s, m in _cells(result, True):
@@ -652,10 +652,6 @@ def targets(result: dict) -> dict:
 
 
 # ------------------------------------------------------------------ report
-
-
-def _fmt(value, spec=".3g"):
-  return "—" if value is None else format(value, spec)
 
 
 def markdown(result: dict) -> str:
@@ -697,8 +693,8 @@ def _method_row(name: str, m: dict) -> str:
   return (f"| {label} | {s['eigendecompositions']:.1f} | "
           f"{s['divergences']}/{s['runs']} | "
           f"{' / '.join(str(v) for v in s['divergences_per_lr'].values())} | "
-          f"{_fmt(s['spike_max'])} | {_fmt(s['spike_median'])} | "
-          f"{_fmt(s['final_loss_median'])} |")
+          f"{report.fmt(s['spike_max'])} | {report.fmt(s['spike_median'])} | "
+          f"{report.fmt(s['final_loss_median'])} |")
 
 
 def _figure1_lines(result: dict) -> list:
@@ -747,18 +743,15 @@ def _policy_lines(result: dict) -> list:
         p["control_eigendecompositions_per_setting"].values()))
     lines.append(f"| {name} | " + " | ".join(cells)
                  + f" | {p['control_divergences']} | {control_evds:.0f} | "
-                   f"{_fmt(p['control_loss_ratio_median'], '.3f')} "
-                   f"({_fmt(p['control_loss_ratio_max'], '.3f')}) |")
+                   f"{report.fmt(p['control_loss_ratio_median'], '.3f')} "
+                   f"({report.fmt(p['control_loss_ratio_max'], '.3f')}) |")
   return lines + [""]
 
 
 def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   """``stability_divergences.png`` (diverged runs against EVDs per switch
   setting) and ``stability_switch.png`` (loss around the switch)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = report.pyplot()
   cells = list(_cells(result, True))
   paths = []
 
@@ -794,10 +787,7 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     ax.legend(fontsize=5)
   fig.suptitle("Divergences against eigendecompositions (triangles: "
                "figure-1 grid; diamonds: policy candidates)", fontsize=8)
-  fig.tight_layout()
-  paths.append(out_dir / "stability_divergences.png")
-  fig.savefig(paths[-1])
-  plt.close(fig)
+  paths.append(report.save_figure(fig, out_dir / "stability_divergences.png"))
 
   curve_every = result["config"]["curve_every"]
   fig, axes = grid()
@@ -819,8 +809,15 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     ax.set_title(f"{w}\n{s}, lr {run['lr']:g}, seed {run['seed']}", fontsize=7)
     ax.legend(fontsize=5)
   fig.suptitle("Loss around the switch", fontsize=8)
-  fig.tight_layout()
-  paths.append(out_dir / "stability_switch.png")
-  fig.savefig(paths[-1])
-  plt.close(fig)
+  paths.append(report.save_figure(fig, out_dir / "stability_switch.png"))
   return paths
+
+
+SUITE = harness.Suite(
+    name="stability",
+    help="divergences of FOAM and Shampoo where the data switches, at equal "
+         "EVD budget, and the paper's figure-1 grid (at most 15 min)",
+    presets={"full": FULL, "quick": QUICK}, run=run,
+    units_of_work=units_of_work, seeds=lambda cfg: list(range(cfg.seeds)),
+    markdown=markdown, plot=plot, block=lambda cfg: BLOCK,
+    out="bench_stability_out", unit="run")

@@ -32,8 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import time
-from typing import Callable, Literal, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,14 +40,16 @@ import numpy as np
 import optax
 
 import foam_optax as fo
-from foam_optax.bench import report, workloads
+from foam_optax.bench import harness, measure, report, workloads
 
-START_MARKER = "<!-- bench-transfer:start -->"
-END_MARKER = "<!-- bench-transfer:end -->"
+BLOCK = harness.Block(
+    "## Hyperparameter transfer across widths (`foam-bench --suite "
+    "transfer`)", "<!-- bench-transfer:start -->",
+    "<!-- bench-transfer:end -->")
 OPTIMIZERS = ("adamw", "foam", "soap", "muon")
 # μP rule of each optimizer (`fo.mup_multipliers`' `optimizer`).
-RULES: dict[str, Literal["adam", "grafted", "soap", "muon"]] = {
-    "adamw": "adam", "foam": "grafted", "soap": "soap", "muon": "muon"}
+RULES: dict[str, Any] = {"adamw": "adam", "foam": "grafted", "soap": "soap",
+                         "muon": "muon"}
 SOAP_BLOCK_SIZE = 128
 WD_X_WIDTH = 0.064   # weight decay 2e-3 at the base width 32; under μP 0.064/width
 LOSS_TOLERANCE = 0.01   # the paper's: within 1% of the width's best
@@ -271,7 +272,7 @@ def units_of_work(cfg: TransferConfig) -> int:
              for n in cfg.optimizers)
 
 
-def run_suite(cfg: TransferConfig, progress: Optional[Callable] = None) -> dict:
+def run(cfg: TransferConfig, context: harness.Context) -> dict:
   """Trains every (optimizer, width, arm, learning rate); returns the runs,
   the per-width summaries and the targets."""
   data = CharData(cfg.context)
@@ -289,14 +290,12 @@ def run_suite(cfg: TransferConfig, progress: Optional[Callable] = None) -> dict:
       for arm in [a for w, a in arms(cfg.widths) if w == width]:
         results = []
         for lr in cfg.lr_grids[name]:
-          tic = time.perf_counter()
-          result = runner.train(lr, mup if arm == "mup" else ones,
-                                WD_X_WIDTH / (width if arm == "mup"
-                                              else base_width))
-          result["lr"], result["seconds"] = lr, time.perf_counter() - tic
+          result, seconds = measure.call_timed(
+              runner.train, lr, mup if arm == "mup" else ones,
+              WD_X_WIDTH / (width if arm == "mup" else base_width))
+          result["lr"], result["seconds"] = lr, seconds
           results.append(result)
-          if progress:
-            progress(cfg.steps)
+          context.progress(cfg.steps)
         runs[name][arm][str(width)] = {
             "runs": results,
             "multipliers": mup if arm == "mup" else ones}
@@ -458,10 +457,7 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   """``transfer_lr.png`` (held-out loss vs lr, one curve per width; columns
   without and with μP) and ``transfer_delta_h.png`` (‖Δh‖ and ‖Δf‖ vs
   width)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = report.pyplot()
   names = list(result["summaries"])
   widths = result["config"]["widths"]
   fig, axes = plt.subplots(len(names), 2, figsize=(9, 2.6 * len(names)),
@@ -490,10 +486,7 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
       ax.set_xlabel("learning rate (dotted: tuned at the base width)")
       ax.set_ylabel("held-out loss")
       ax.legend(fontsize=6)
-  fig.tight_layout()
-  paths = [out_dir / "transfer_lr.png"]
-  fig.savefig(paths[0])
-  plt.close(fig)
+  paths = [report.save_figure(fig, out_dir / "transfer_lr.png")]
 
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=70)
   for ax, key, label in ((axes[0], "delta_h", "‖Δh‖, last hidden layer"),
@@ -511,8 +504,14 @@ def plot(result: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
   axes[1].legend(fontsize=6, ncol=2)
   fig.suptitle("Maximal-update check at the base-tuned learning rate",
                fontsize=9)
-  fig.tight_layout()
-  paths.append(out_dir / "transfer_delta_h.png")
-  fig.savefig(paths[1])
-  plt.close(fig)
+  paths.append(report.save_figure(fig, out_dir / "transfer_delta_h.png"))
   return paths
+
+
+SUITE = harness.Suite(
+    name="transfer",
+    help="learning-rate sweeps at 4 widths with and without muP for AdamW, "
+         "FOAM, SOAP and Muon (under 20 min)",
+    presets={"full": FULL, "quick": QUICK}, run=run,
+    units_of_work=units_of_work, seeds=lambda cfg: [0], markdown=markdown,
+    plot=plot, block=lambda cfg: BLOCK, out="bench_transfer_out")

@@ -14,17 +14,15 @@ character Transformer LM (`foam_optax.bench.workloads`).
 
 Usage::
 
-    python scripts/skip_overhead.py                    # both parts
-    python scripts/skip_overhead.py --part step --blocks 30
-    python scripts/skip_overhead.py --part compile
+    python scripts/archive/skip_overhead.py                    # both parts
+    python scripts/archive/skip_overhead.py --part step --blocks 30
+    python scripts/archive/skip_overhead.py --part compile
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 # One OpenBLAS thread: its workers compete with XLA's on a small machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -35,7 +33,7 @@ import numpy as np
 import optax
 
 import foam_optax as fo
-from foam_optax.bench import workloads
+from foam_optax.bench import measure, workloads
 
 WIDTH, BATCH, LR = 1024, 128, 3e-3
 
@@ -95,9 +93,7 @@ def step_times(variants, blocks, block_steps, width=WIDTH, warmup=25):
     for _ in range(steps):
       xb, yb = batch()
       checks = int(stats(s)["checks"])
-      tic = time.perf_counter()
-      p, s = jax.block_until_ready(step(p, s, xb, yb))
-      seconds = time.perf_counter() - tic
+      (p, s), seconds = measure.call_timed(step, p, s, xb, yb)
       if record:
         all_times.append(seconds)
         if int(stats(s)["checks"]) == checks:
@@ -143,11 +139,8 @@ def compile_seconds(workload, tx):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  start = time.perf_counter()
-  lowered = jax.jit(train_step).lower(params, tx.init(params), batch)
-  mid = time.perf_counter()
-  lowered.compile()
-  return mid - start, time.perf_counter() - mid
+  return measure.lower_and_compile(train_step, params, tx.init(params),
+                                   batch)[1:]
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ library's ``precision=HIGHEST`` on float32 data):
   rounding alone; FOAM's threshold τ is 0.75) and after 20 steps of drift
   (relative error).
 
-    python scripts/precision_effects.py
+    python scripts/archive/precision_effects.py
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ vectors and embeddings to Adam, as the official runs):
   dasgo           fo.dasgo: diagonal, no root
   adamw           optax.adamw, for reference
 
-Root computations are `fo.stats(state)["eigendecompositions"]`, which counts
-refreshes of either kind: Polar Express roots and eigendecompositions.
+Root computations are `fo.stats(state)["eigendecompositions"]` plus
+`["inverse_roots"]`: eigendecompositions and Polar Express roots.
 
 Every round trains each method once, on the seed of the round, in an order
 rotated from round to round, so that a slow spell of a shared machine falls
@@ -30,9 +30,9 @@ rounds (seeds), on the workload's fixed train and held-out sets. Prints, per
 workload, a table at equal steps, one at equal wall-clock (one-sided FOAM's
 run time), and a summary of one-sided FOAM against every-step ASGO.
 
-  python scripts/asgo_comparison.py                        # 3 rounds
-  python scripts/asgo_comparison.py --rounds 5 --json asgo.json
-  python scripts/asgo_comparison.py --workloads digits_mlp --steps 30 \\
+  python scripts/archive/asgo_comparison.py                        # 3 rounds
+  python scripts/archive/asgo_comparison.py --rounds 5 --json asgo.json
+  python scripts/archive/asgo_comparison.py --workloads digits_mlp --steps 30 \\
       --rounds 1 --methods asgo asgo_foam                  # smoke
 """
 
@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import foam_optax as fo
-from foam_optax.bench import optimizers, runner, workloads
+from foam_optax.bench import optimizers, trainer, workloads
 
 WORKLOADS = ("digits_mlp", "digits_cnn", "transformer_lm")
 # Near ASGO's best rate in sweeps of a third of the steps, which the other
@@ -79,30 +79,31 @@ def method_specs(names) -> dict:
   return {name: specs[name] for name in names}
 
 
-def train(trainer, seed, steps, lr, eval_every) -> dict:
+def train(compiled, seed, steps, lr, eval_every) -> dict:
   """One run: per-step wall and CPU seconds, train/held-out loss every
   `eval_every` steps, and the final `fo.stats` figures."""
-  params, opt_state = trainer.init(seed)
-  batches = trainer.workload.sample_batches(seed, steps)
+  params, opt_state = compiled.init(seed)
+  batches = compiled.workload.sample_batches(seed, steps)
   lr = jnp.float32(lr)
   wall, cpu = [], []
   curve = {"step": [0], **{k: [float(v)] for k, v in
-                           trainer.evaluate(params).items()}}
+                           compiled.evaluate(params).items()}}
   for i in range(steps):
     batch = jax.tree.map(lambda b: b[i], batches)
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     params, opt_state, _ = jax.block_until_ready(
-        trainer.step(params, opt_state, batch, lr))
+        compiled.step(params, opt_state, batch, lr))
     wall.append(time.perf_counter() - wall_start)
     cpu.append(time.process_time() - cpu_start)
     if (i + 1) % eval_every == 0 or i + 1 == steps:
       curve["step"].append(i + 1)
-      for key, value in trainer.evaluate(params).items():
+      for key, value in compiled.evaluate(params).items():
         curve[key].append(float(value))
   run = {"step_seconds": wall, "step_cpu_seconds": cpu, "curve": curve}
-  if trainer.spec.foam_family:
+  if compiled.spec.foam_family:
     stats = fo.stats(opt_state)
-    run["root_computations"] = int(stats["eigendecompositions"])
+    run["root_computations"] = int(stats["eigendecompositions"]
+                                   + stats["inverse_roots"])
     run["num_factors"] = int(stats["num_factors"])
   return run
 
@@ -111,9 +112,9 @@ def run_workload(name, names, steps, rounds, lr) -> dict:
   """Compiles every method, then trains them in `rounds` interleaved
   rounds; returns the raw runs and the compile seconds."""
   workload = workloads.WORKLOADS[name](**({"steps": steps} if steps else {}))
-  trainers = {m: runner.Trainer(workload, spec)
+  trainers = {m: trainer.Trainer(workload, spec)
               for m, spec in method_specs(names).items()}
-  compile_seconds = {m: t.compile() for m, t in trainers.items()}
+  compile_seconds = {m: t.compile_seconds for m, t in trainers.items()}
   eval_every = max(1, workload.steps // EVAL_POINTS)
   runs = {m: [] for m in names}
   for r in range(rounds):
@@ -252,7 +253,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   names = [m for m in METHODS
            if m in args.methods or m in (OFFICIAL, ONE_SIDED_FOAM)]
-  meta = {"command": "python scripts/asgo_comparison.py "
+  meta = {"command": "python scripts/archive/asgo_comparison.py "
                      + shlex.join(sys.argv[1:] if argv is None else argv),
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "cpu_count": os.cpu_count(), "jax": jax.__version__,

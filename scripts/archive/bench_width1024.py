@@ -19,10 +19,10 @@ over rounds, by wall clock and by the process's CPU time (all threads; on a
 machine shared with other jobs the CPU time is the steadier of the two).
 Usage::
 
-    python scripts/bench_width1024.py                    # 3 rounds
-    python scripts/bench_width1024.py --with-f1          # add Shampoo f=1
-    python scripts/bench_width1024.py --steps 40 --rounds 1 --width 64  # smoke
-    python scripts/bench_width1024.py --statistics-steps 2 4 \
+    python scripts/archive/bench_width1024.py                    # 3 rounds
+    python scripts/archive/bench_width1024.py --with-f1          # add Shampoo f=1
+    python scripts/archive/bench_width1024.py --steps 40 --rounds 1 --width 64  # smoke
+    python scripts/archive/bench_width1024.py --statistics-steps 2 4 \
         --only "foam (exact)"    # statistics_compute_steps
 """
 
@@ -44,6 +44,7 @@ import optax
 import foam_optax as fo
 from foam_optax import controllers
 from foam_optax import kernels
+from foam_optax.bench.measure import timed
 
 LR = 3e-3
 BATCH = 128
@@ -129,16 +130,6 @@ class Run:
             "cpu_seconds": sum(cpu_times), "cpu_times": cpu_times,
             "kinds": kinds,
             "evds": evds, "loss": float(self.full_loss(params))}
-
-
-def timed(fn, *args, repeats=7):
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(repeats):
-    tic = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    out.append(time.perf_counter() - tic)
-  return statistics.median(out)
 
 
 def check_parts(m, probes):

@@ -8,7 +8,7 @@ timeout and under a raised one, and counts the runs that finish. No
 foam_optax code runs here: this measures the runtime the multi-device tests
 stand on (see docs/multi_device.md). Usage::
 
-    python scripts/host_device_collectives.py --runs 4
+    python scripts/archive/host_device_collectives.py --runs 4
 """
 
 from __future__ import annotations

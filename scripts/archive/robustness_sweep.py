@@ -5,7 +5,7 @@ Kronecker quadratic 0.5 ||A^(1/2) (W - W*) B^(1/2)||_F^2 (condition 1e4 per
 side). A run diverges when its final loss is not finite or exceeds the
 initial loss. Prints and writes a Markdown table.
 
-  python scripts/robustness_sweep.py --steps 200 --out sweep.md
+  python scripts/archive/robustness_sweep.py --steps 200 --out sweep.md
 """
 
 import argparse

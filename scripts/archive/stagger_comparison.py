@@ -6,7 +6,7 @@ For each foam-bench workload and each paper-named optimizer (`foam`,
 Markdown table: final train loss mean ± std over seeds, the difference of
 the means in units of the seed std, and fresh eigendecompositions (EVDs).
 
-  python scripts/stagger_comparison.py --seeds 3 --lr 1e-2
+  python scripts/archive/stagger_comparison.py --seeds 3 --lr 1e-2
 """
 
 import argparse
@@ -14,7 +14,7 @@ import functools
 import statistics
 
 import foam_optax as fo
-from foam_optax.bench import optimizers, runner, workloads
+from foam_optax.bench import optimizers, trainer, workloads
 
 NAMES = ("foam", "shampoo_f20", "soap")
 
@@ -31,8 +31,8 @@ def run(workload_names, seeds, steps, lr):
         spec = optimizers.OptimizerSpec(
             name, functools.partial(_build, name, stagger), base.lr_grid,
             base.settings, True)
-        trainer = runner.Trainer(wl, spec)
-        runs = [trainer.train(seed, wl.steps, lr, record=False)
+        compiled = trainer.Trainer(wl, spec)
+        runs = [compiled.train(seed, wl.steps, lr)
                 for seed in range(seeds)]
         result[stagger] = (
             [r["curve"]["train_loss"][-1] for r in runs],

@@ -14,8 +14,8 @@ is trained with ``proxy='exact'`` and with ``proxy='sketch'`` for each k in
 
 Prints Markdown tables; ``--json`` writes the figures.
 
-    python scripts/sketch_agreement.py                 # all workloads
-    python scripts/sketch_agreement.py --workloads digits_mlp --steps 60
+    python scripts/archive/sketch_agreement.py                 # all workloads
+    python scripts/archive/sketch_agreement.py --workloads digits_mlp --steps 60
 """
 
 from __future__ import annotations

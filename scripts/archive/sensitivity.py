@@ -8,7 +8,7 @@ the parameters' movement ‖θ − θ₀‖. Near-null directions of the factor 
 to ε0^(-1/p) in X = Q diag((D + ε0)^(-1/p)) Qᵀ; `pseudo_inverse_rtol` drops
 them. Settings are the benchmark's (`foam_optax.bench.optimizers`).
 
-  python scripts/sensitivity.py
+  python scripts/archive/sensitivity.py
 """
 
 from __future__ import annotations

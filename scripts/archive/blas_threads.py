@@ -21,7 +21,7 @@ on the machine as it is ("as found") and with `--load N` busy-looping
 processes beside it ("loaded"). Prints a Markdown table with the load
 average.
 
-  OPENBLAS_NUM_THREADS= python scripts/blas_threads.py --load 2
+  OPENBLAS_NUM_THREADS= python scripts/archive/blas_threads.py --load 2
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ SETTINGS = {
 def measure(setting: str, repeats: int) -> dict:
   """Runs in the child process: times of the three kernels, in ms."""
   import statistics
-  import time
 
   import jax
   import jax.numpy as jnp
@@ -53,6 +52,7 @@ def measure(setting: str, repeats: int) -> dict:
   from threadpoolctl import threadpool_info, threadpool_limits
 
   import foam_optax as fo
+  from foam_optax.bench.measure import call_times
 
   def limit():
     threadpool_limits(1, user_api="blas")
@@ -94,11 +94,7 @@ def measure(setting: str, repeats: int) -> dict:
   params, state = jax.block_until_ready(step(params, state, grads))
 
   def timed(fn):
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append(1e3 * (time.perf_counter() - start))
+    times = [1e3 * s for s in call_times(fn, repeats=repeats, warmup=False)]
     return {"median": statistics.median(times), "max": max(times)}
 
   result = {f"eigh {n}": timed(lambda n=n, m=m: eighs[n](m))

@@ -11,7 +11,7 @@ tests (tests/reference.py); and the final train loss of FOAM and Shampoo
 (f = 20) on the `foam-bench --quick` workloads, trained with the bench's
 settings at one learning rate, relative to float32 storage.
 
-  python scripts/storage_dtypes.py --steps 40 --seeds 2
+  python scripts/archive/storage_dtypes.py --steps 40 --seeds 2
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import foam_optax as fo
-from foam_optax.bench import optimizers, runner, workloads
+from foam_optax.bench import optimizers, trainer, workloads
 
 BF16, FP16 = jnp.bfloat16, jnp.float16
 PINV = dict(pseudo_inverse_rtol=1e-6)
@@ -78,8 +78,8 @@ def bytes_per_parameter_byte(tx, params) -> float:
 def final_loss(workload, name, storage, lr, steps, seeds) -> float:
   spec = optimizers.OptimizerSpec(name, _build(name, storage), (lr,), {},
                                   foam_family=True)
-  trainer = runner.Trainer(workload, spec)
-  losses = [trainer.train(seed, steps, lr, record=False)["curve"][
+  compiled = trainer.Trainer(workload, spec)
+  losses = [compiled.train(seed, steps, lr)["curve"][
       "train_loss"][-1] for seed in range(seeds)]
   return float(np.mean(losses))
 
