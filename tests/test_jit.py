@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 import foam_optax as fo
 from foam_optax._src import linalg
@@ -322,3 +323,19 @@ def test_initial_state_can_be_donated(make):
   _, new_state = step(params, state, params)
   assert jax.tree.structure(new_state) == jax.tree.structure(
       jax.eval_shape(tx.init, params))
+
+
+def test_update_on_a_one_device_explicit_mesh():
+  """Sharding types on Explicit axes constrain every reshape, also on a
+  mesh of one device (which distributes nothing)."""
+  mesh = jax.make_mesh((1,), ("x",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    params = {"w": jax.device_put(jnp.ones((8, 4)),
+                                  jax.NamedSharding(mesh, P("x"))),
+              "b": jnp.zeros(4)}
+    tx = fo.foam(1e-3)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params),
+                                    tx.init(params), params)
+    assert jax.typeof(updates["w"]).sharding.spec == P("x", None)
+    assert bool(jnp.all(jnp.isfinite(updates["w"])))

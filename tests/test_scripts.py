@@ -19,6 +19,7 @@ for folder in ("scripts", os.path.join("scripts", "archive")):
 import long_run  # noqa: E402
 import robustness_sweep  # noqa: E402
 import stagger_comparison  # noqa: E402
+import trajectories  # noqa: E402
 
 _FLOAT = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)"
 # The archived scripts' records are in the documents (scripts/archive/
@@ -224,3 +225,15 @@ def test_profile_step_stacks_blocks_as_the_library():
   np.testing.assert_array_equal(stacks[(4, 3)],
                                 jnp.stack([grads["a"], grads["c"]]))
   np.testing.assert_array_equal(stacks[(6, 2)], grads["b"][None])
+
+
+def test_trajectories_compare_a_run_with_itself_and_spot_a_change(
+    tmp_path, capsys, monkeypatch):
+  first = tmp_path / "first.json"
+  assert trajectories.main(["--only", "dasgo", "--out", str(first)]) == 0
+  assert trajectories.main(["--only", "dasgo", "--compare", str(first)]) == 0
+  assert capsys.readouterr().out.rstrip().endswith("identical")
+  # Another learning rate is another trajectory.
+  monkeypatch.setitem(trajectories.CONFIGS, "dasgo", lambda: fo.dasgo(2e-2))
+  assert trajectories.main(["--only", "dasgo", "--compare", str(first)]) == 1
+  assert capsys.readouterr().out.rstrip().endswith("changed: dasgo")

@@ -93,16 +93,24 @@ def _usable(mesh) -> Optional[AbstractMesh]:
   return mesh if mesh.size > 1 else None
 
 
-def typed_mesh(tree) -> Optional[AbstractMesh]:
-  """The mesh in the sharding types of `tree`'s arrays (Explicit axes)."""
+def typed_mesh(tree, *, single_device: bool = False
+               ) -> Optional[AbstractMesh]:
+  """The mesh in the sharding types of `tree`'s arrays (Explicit axes).
+
+  A mesh of one device distributes nothing and is ignored, unless
+  `single_device`: its sharding types still constrain every reshape.
+  """
   for x in jax.tree.leaves(tree):
     try:
       sharding = jax.typeof(x).sharding
     except (TypeError, AttributeError):
       continue
-    mesh = _usable(getattr(sharding, "mesh", None))
-    if mesh is not None and any(t == AxisType.Explicit
-                                for t in mesh.axis_types):
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True):
+      continue
+    mesh = getattr(mesh, "abstract_mesh", mesh)
+    if (mesh.size > 1 or single_device) and any(
+        t == AxisType.Explicit for t in mesh.axis_types):
       return mesh
   return None
 

@@ -13,6 +13,7 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
 from foam_optax._src import guards
@@ -23,11 +24,25 @@ from foam_optax._src.state import BlockClassState, ScaleByFoamState
 from foam_optax._src.state import SkipCounters
 
 
+def _materialized(flag) -> jax.Array:
+  """`flag`, computed once into a buffer of its own.
+
+  A tree's finite flag is a chain of elementwise scalar operations over the
+  leaves' reductions (an ``and`` per leaf). Every select of a skipped step
+  reads it, and XLA's fusion copies such cheap producers into each consumer:
+  on a 72-leaf GPT-2-small tree the chain was repeated in some 400 kernels
+  (29,000 of the update's 115,000 HLO instructions, 7 of its 11 s of CPU
+  compilation). The result of a conditional is a buffer, which fusion does
+  not duplicate.
+  """
+  return lax.cond(flag, lambda: True, lambda: False)
+
+
 def entries_finite(tree) -> jax.Array:
   """True when every entry of every leaf is finite."""
   leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]
-                           or [jnp.asarray(True)]))
+  return _materialized(jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.asarray(True)])))
 
 
 def gradients_finite(updates) -> jax.Array:
@@ -41,9 +56,9 @@ def gradients_finite(updates) -> jax.Array:
   leaves = jax.tree.leaves(updates)
   if not leaves:
     return jnp.asarray(True)
-  return jnp.all(jnp.stack(
+  return _materialized(jnp.all(jnp.stack(
       [jnp.isfinite(jnp.sum(jnp.square(g.astype(linalg.stat_dtype()))))
-       for g in leaves]))
+       for g in leaves])))
 
 
 # A traced bool set by `skipping`: the enclosing `skip_nonfinite` wrapper's

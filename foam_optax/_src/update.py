@@ -80,7 +80,8 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
   _check_mesh(state.plan, state)
   guards.check_structure(list(state.layouts), cfg)
   run = with_arguments(_apply, cfg)
-  explicit = distribution.typed_mesh(state)
+  explicit = distribution.typed_mesh((updates, state, params),
+                                     single_device=True)
   if explicit is not None:
     # On Explicit axes every reshape of a sharded array would need its output
     # sharding spelled out; let the partitioner place the intermediates and

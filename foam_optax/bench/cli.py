@@ -15,8 +15,8 @@ import argparse
 import pathlib
 
 try:
-  from foam_optax.bench import bias, comparison, harness, scale, stability
-  from foam_optax.bench import threads, transfer
+  from foam_optax.bench import bias, comparison, cost, harness, scale
+  from foam_optax.bench import stability, threads, transfer
 except ImportError as error:
   # The benchmark's own dependencies (flax, scikit-learn, matplotlib, tqdm)
   # are an extra, not part of the library's.
@@ -33,6 +33,7 @@ SUITES: dict[str, harness.Suite] = {
     "stability": stability.SUITE,
     "transfer": transfer.SUITE,
     "bias": bias.SUITE,
+    "cost": cost.SUITE,
 }
 
 

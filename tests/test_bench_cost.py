@@ -1,0 +1,63 @@
+"""`foam-bench --suite cost`: its measurements on a tiny tree."""
+
+import pytest
+
+from foam_optax.bench import cost
+
+PARAMS = cost.init_params(1, 16)
+
+
+def test_hlo_size_counts_each_kind():
+  text = "\n".join([
+      "ENTRY %main {",
+      "  %a = f32[2] parameter(0)",
+      "  %f = f32[2] fusion(%a), kind=kLoop, calls=%c",
+      "  %w = (f32[2]) while(%t), condition=%x, body=%y",
+      "  %k = f32[2] conditional(%p, %a, %a), branch_computations={%u, %v}",
+      "}"])
+  assert cost.hlo_size(text) == {"instructions": 4, "fusions": 1,
+                                 "conditionals": 1, "loops": 1}
+
+
+def test_update_cost_sees_the_control_flow():
+  # Two layers: a stack of one factor would need no loop.
+  params = cost.init_params(2, 16)
+  foam = cost.update_cost("foam", params, scanned=False)
+  adamw = cost.update_cost("adamw", params, scanned=False)
+  assert foam["hlo"]["conditionals"] > 0 and foam["hlo"]["loops"] > 0
+  assert adamw["hlo"]["conditionals"] == 0 and adamw["hlo"]["loops"] == 0
+  assert foam["total_s"] >= foam["compile_s"] > 0
+
+
+def test_state_bytes_of_adamw_are_two_parameter_copies():
+  ratio = cost.state_bytes_ratio("adamw", PARAMS, scanned=False)
+  assert ratio == pytest.approx(2.0, rel=1e-3)
+
+
+def test_step_times_tell_plain_check_and_refresh_steps_apart():
+  cfg = cost.CostConfig(d_model=16, step_layers=1, check_frequency=2,
+                        sequence=4)
+  times = cost.step_times("foam", cfg, PARAMS, False, cost.make_batch(cfg))
+  # Step 2 is the first check (every factor refreshes), step 4 a check of
+  # bases that a repeated gradient keeps exact; 1, 3 and 5 check nothing.
+  assert times["plain"]["steps"] == 3
+  assert times["check"]["steps"] == 1
+  assert times["refresh"]["steps"] == 1
+  # Four one-block matrices, two factors each.
+  assert times["refresh"]["work"]["eigendecompositions"] == 8
+
+
+def test_scanned_tree_has_the_layer_axis_as_a_batch_axis():
+  params = cost.init_params(3, 16, scanned=True)
+  dims = cost.dimension_numbers(params)
+  assert params["qkv"].shape == (3, 16, 48)
+  assert dims["qkv"].reduction_axis == 1 and dims["qkv"].output_axis == 2
+  assert dims["ln1"] is None
+
+
+@pytest.mark.slow
+def test_a_warm_persistent_cache_skips_compilation():
+  cfg = cost.CostConfig(d_model=16, layers=1)
+  cached = cost.persistent_cache_cost("foam", cfg)
+  assert cached["warm"]["compile_s"] < cached["cold"]["compile_s"] / 3
+  assert cached["warm"]["hlo"] == cached["cold"]["hlo"]
