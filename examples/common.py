@@ -7,6 +7,7 @@ dict of results and ``main(argv=None)`` parsing the flags below.
 from __future__ import annotations
 
 import argparse
+from typing import Iterator, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +32,8 @@ def load_data(seed: int = 0):
           (images[test], labels[test].astype(np.int32)))
 
 
-def batches(images, labels, batch_size: int, seed: int = 0):
+def batches(images, labels, batch_size: int,
+            seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Endless random mini-batches."""
   rng = np.random.default_rng(seed)
   while True:
@@ -61,8 +63,10 @@ def make_optimizer(name: str, learning_rate: float, steps: int,
   raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=description)
+def parser(doc: Optional[str]) -> argparse.ArgumentParser:
+  """The examples' flags; `doc` is the example's module docstring, whose
+  first line describes it."""
+  p = argparse.ArgumentParser(description=(doc or "").partition("\n")[0])
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--optimizer", choices=OPTIMIZERS, default="foam")
   p.add_argument("--learning-rate", type=float, default=3e-3)
@@ -91,10 +95,11 @@ def log(step: int, loss: float, opt_state=None) -> None:
   print(line, flush=True)
 
 
-def run(train, description: str, argv=None, label=lambda result: ""):
-  """The examples' shared entry point: parse the flags above, train, print
-  ``<label>test accuracy``; returns `train`'s result."""
-  args = parser(description).parse_args(argv)
+def run(train, doc: Optional[str], argv=None, label=lambda result: ""):
+  """The examples' shared entry point: parse the flags above (`doc` as in
+  `parser`), train, print ``<label>test accuracy``; returns `train`'s
+  result."""
+  args = parser(doc).parse_args(argv)
   result = train(steps=args.steps, optimizer=args.optimizer,
                  learning_rate=args.learning_rate, batch_size=args.batch_size,
                  check_frequency=args.check_frequency,
@@ -128,7 +133,8 @@ def nnx_train(model, opt, train, test, steps: int, batch_size: int,
   batches of `train`; returns the losses, the accuracy on `test` and the
   optimizer's stats."""
   losses = []
-  data = batches(*train, batch_size, seed)
+  images, labels = train
+  data = batches(images, labels, batch_size, seed)
   for step in range(1, steps + 1):
     losses.append(float(nnx_train_step(model, opt, *next(data))))
     if step % log_every == 0 or step == steps:

@@ -107,7 +107,7 @@ def train(steps: int = 300, optimizer: str = "foam",
 
 
 def main(argv=None):
-  return common.run(train, __doc__.splitlines()[0], argv,
+  return common.run(train, __doc__, argv,
                     label=lambda result: f"mesh {result['mesh']} | ")
 
 

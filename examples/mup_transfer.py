@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Literal
 
 import jax
 import optax
@@ -25,8 +26,8 @@ import common  # noqa: E402
 
 # Which μP rule each optimizer follows (`fo.mup_multipliers`' `optimizer`):
 # FOAM and Shampoo graft Adam's step size, SOAP is Adam in a rotated basis.
-RULES = {"foam": "grafted", "shampoo": "grafted", "soap": "soap",
-         "adamw": "adam"}
+RULES: dict[str, Literal["grafted", "soap", "adam"]] = {
+    "foam": "grafted", "shampoo": "grafted", "soap": "soap", "adamw": "adam"}
 WD_X_WIDTH = 0.128   # weight decay 1e-3 at width 128
 
 
@@ -97,7 +98,7 @@ def train(steps: int = 300, optimizer: str = "foam",
 
 
 def main(argv=None):
-  parser = common.parser(__doc__.splitlines()[0])
+  parser = common.parser(__doc__)
   parser.add_argument("--width", type=int, default=128,
                       help="hidden width to train")
   parser.add_argument("--base-width", type=int, default=128,

@@ -37,7 +37,7 @@ def train(steps: int = 300, optimizer: str = "foam",
 
 
 def main(argv=None):
-  return common.run(train, __doc__.splitlines()[0], argv)
+  return common.run(train, __doc__, argv)
 
 
 if __name__ == "__main__":

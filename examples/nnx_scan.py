@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import jax
 from flax import nnx
@@ -78,7 +79,7 @@ def train(steps: int = 300, optimizer: str = "foam",
   """Trains the scanned MLP; returns losses, test accuracy and stats."""
   train, test = common.load_data(seed)
   model = ScannedMLP(width, depth, nnx.Rngs(seed))
-  options = {} if optimizer == "adamw" else dict(
+  options: dict[str, Any] = {} if optimizer == "adamw" else dict(
       weight_dimension_numbers=dimension_numbers)
   opt = nnx.Optimizer(model, common.make_optimizer(
       optimizer, learning_rate, steps, check_frequency, **options),
@@ -89,7 +90,7 @@ def train(steps: int = 300, optimizer: str = "foam",
 
 
 def main(argv=None):
-  return common.run(train, __doc__.splitlines()[0], argv)
+  return common.run(train, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -320,6 +320,111 @@ def test_defaults_agree_with_config(fn):
   assert shared == {k: config[k] for k in shared}
 
 
+def test_generated_source_is_the_option_table():
+  """The signatures, docstring argument lists and `Config` fields written in
+  the source are what the option table generates."""
+  from foam_optax._src import signatures
+  texts = signatures.generated_sources()
+  assert {p.name for p in texts} == {"alias.py", "transform.py", "config.py"}
+  for path, text in texts.items():
+    assert path.read_text(encoding="utf-8") == text, (
+        f"{path.name} is stale: run `python -m foam_optax._src.signatures "
+        "README.md`")
+
+
+def test_generated_signatures_follow_the_table():
+  """Each generated function takes the table's arguments in its order, with
+  its defaults and types (independently of the generator's text)."""
+  import inspect
+  from foam_optax._src import options, signatures
+  for functions in signatures.FUNCTIONS.values():
+    for optimizer, alias in functions:
+      fn = getattr(fo, signatures.function_name(optimizer, alias))
+      params = list(inspect.signature(fn, eval_str=True).parameters.values())
+      if alias:
+        first = params.pop(0)
+        assert (first.name, first.annotation) == (
+            "learning_rate", optax.ScalarOrSchedule)
+      table = options.exposed(optimizer, alias)
+      assert [(p.name, p.default, p.annotation, p.kind) for p in params] == [
+          (o.public_name(optimizer), o.default_for(optimizer), o.annotation,
+           inspect.Parameter.KEYWORD_ONLY) for o in table], fn.__name__
+      for o in table:   # the docstring documents every argument
+        assert f"\n    {o.public_name(optimizer)}: " in fn.__doc__
+
+
+_HAND_WRITTEN = [  # alias, its transformation, its mask's name, non-defaults
+    (fo.dasgo, fo.scale_by_dasgo, "weight_decay_mask",
+     dict(b1=0.5, b2=0.7, epsilon=1e-3, graft_rms=0.3, mu_dtype=jnp.bfloat16,
+          weight_dimension_numbers={"w": fo.DimensionNumbers(1, 0),
+                                    "b": None})),
+    (fo.bias_corrected_adamw, fo.scale_by_bias_corrected_adam, "mask",
+     dict(b1=0.5, b2=0.7, eps=1e-3, method="two_group",
+          variance_correction=False, mu_dtype=jnp.bfloat16)),
+]
+
+
+@pytest.mark.parametrize("alias,core,mask,_", _HAND_WRITTEN)
+def test_hand_written_alias_signatures_follow_their_transformation(
+    alias, core, mask, _):
+  """The learning rate, the transformation's arguments (same defaults and
+  types), then the weight decay and its mask."""
+  import inspect
+  from typing import Any, Optional
+  params = list(inspect.signature(alias, eval_str=True).parameters.values())
+  first = params[0]
+  assert (first.name, first.kind, first.annotation) == (
+      "learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+      optax.ScalarOrSchedule)
+  assert params[1:-2] == list(
+      inspect.signature(core, eval_str=True).parameters.values())
+  assert [(p.name, p.kind, p.default, p.annotation) for p in params[-2:]] == [
+      ("weight_decay", inspect.Parameter.KEYWORD_ONLY, 0.1, float),
+      (mask, inspect.Parameter.KEYWORD_ONLY, None, Optional[Any])]
+
+
+@pytest.mark.parametrize("alias,core,mask,kwargs", _HAND_WRITTEN)
+def test_hand_written_aliases_pass_every_argument_on(alias, core, mask,
+                                                     kwargs):
+  """With every argument off its default, the alias steps as the chain it
+  stands for."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4)}
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+  extra = {}   # only bias-corrected AdamW uses microbatch gradients
+  if alias is fo.bias_corrected_adamw:
+    extra["microbatch_grads"] = jax.tree.map(
+        lambda g: g * jnp.arange(1.0, 5.0).reshape((4,) + (1,) * g.ndim),
+        grads)
+  decays = {"w": True, "b": False}
+  chain = optax.chain(core(**kwargs), optax.add_decayed_weights(0.2, decays),
+                      optax.scale_by_learning_rate(0.1))
+  tx = alias(0.1, weight_decay=0.2, **{mask: decays}, **kwargs)
+  expected, _ = chain.update(grads, chain.init(params), params, **extra)
+  got, state = tx.update(grads, tx.init(params), params, **extra)
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+  assert jax.tree.leaves(fo.find_states(state, type(chain.init(params)[0]))[0]
+                         .mu)[0].dtype == jnp.bfloat16
+
+
+def test_config_is_typed_and_carries_the_option_table():
+  """`Config` is a frozen dataclass with one typed field per option, in the
+  table's order, each with its default and its `Option` as metadata."""
+  import dataclasses
+  import typing
+  from foam_optax._src import options
+  from foam_optax._src.config import Config
+  fields = dataclasses.fields(Config)
+  assert [f.name for f in fields] == [o.name for o in options.OPTIONS]
+  hints = typing.get_type_hints(Config)
+  for f, option in zip(fields, options.OPTIONS):
+    assert f.metadata["option"] is option
+    assert f.default == option.default
+    assert hints[f.name] == option.annotation, f.name
+  cfg = Config()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    setattr(cfg, "b1", 0.5)
+
+
 @pytest.mark.parametrize("alias,core", [(fo.foam, fo.scale_by_foam),
                                         (fo.shampoo, fo.scale_by_shampoo),
                                         (fo.soap, fo.scale_by_soap)])

@@ -229,3 +229,35 @@ def test_shampoo_with_polar_express_roots_matches_eigh_roots():
     steps[method] = np.asarray(update)
   np.testing.assert_allclose(steps["polar_express"], steps["eigh"],
                              rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda **k: fo.dasgo(LR, **k),
+                                  lambda **k: fo.scale_by_dasgo(**k)])
+def test_dasgo_takes_asgos_epsilon_and_its_old_eps_with_a_warning(make):
+  """ASGO's and DASGO's damping is `epsilon`; DASGO's former `eps` still
+  works, with a DeprecationWarning that names `epsilon`."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)}
+  grads = {"w": jnp.sin(5 * params["w"])}
+
+  def step(tx):
+    return tx.update(grads, tx.init(params), params)[0]["w"]
+
+  new = step(make(epsilon=0.5))
+  with pytest.warns(DeprecationWarning, match=r"the argument 'eps' is "
+                    r"deprecated, pass epsilon=0\.5 instead") as record:
+    old = step(make(eps=0.5))
+  assert record[0].filename == __file__   # points at the caller
+  np.testing.assert_array_equal(old, new)
+  assert not np.array_equal(new, step(make()))   # the value reaches DASGO
+  with pytest.raises(TypeError, match="pass 'epsilon' only"):
+    make(eps=0.5, epsilon=0.5)
+
+
+def test_asgo_and_dasgo_name_their_damping_alike():
+  import inspect
+  for fn in (fo.asgo, fo.scale_by_asgo, fo.dasgo, fo.scale_by_dasgo):
+    params = inspect.signature(fn).parameters
+    assert "epsilon" in params and "eps" not in params, fn.__name__
+  with pytest.raises(TypeError, match=r"^fo\.asgo\(\) got an unexpected "
+                     r"keyword argument 'eps'; did you mean 'epsilon'\?$"):
+    fo.asgo(LR, eps=1e-10)

@@ -2,6 +2,8 @@
 (`official_bias_correction`), zero spread, the Monte-Carlo bias, bad
 input."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,7 +221,7 @@ def test_variance_correction_refused_where_it_is_not_defined():
     fo.soap(1e-3, bias_correction="cross_fit_variance")
   with pytest.raises(ValueError, match="^bias_correction='cross_fit_varian"):
     fo.asgo(1e-3, bias_correction="cross_fit_variance") if "bias_correction" \
-        in fo.asgo.__signature__.parameters else fo.shampoo(
+        in inspect.signature(fo.asgo).parameters else fo.shampoo(
             1e-3, bias_correction="cross_fit_variance",
             root_method="polar_express")
 

@@ -175,3 +175,81 @@ def test_shampoo_accepts_large_epsilon(factory):
   params = {"w": jnp.ones((3, 2))}
   updates, _ = tx.update(params, state, params)
   assert bool(jnp.all(jnp.isfinite(updates["w"])))
+
+
+# --- Arguments a function does not take ---------------------------------------
+
+OPTIMIZERS = ["foam", "shampoo", "soap", "asgo", "dasgo", "bias_corrected_adamw",
+              "scale_by_foam", "scale_by_shampoo", "scale_by_soap",
+              "scale_by_asgo", "scale_by_dasgo", "scale_by_bias_corrected_adam",
+              "scale_by_spectral_norm"]
+
+
+def _raised_here(info):
+  """The error comes from the package, not from inside `inspect`."""
+  assert not info.traceback[-1].path.name == "inspect.py"
+
+
+def test_misspelled_keyword_names_the_closest_argument():
+  with pytest.raises(TypeError) as info:
+    fo.foam(1e-3, weight_decy=1e-4)
+  assert str(info.value) == ("fo.foam() got an unexpected keyword argument "
+                             "'weight_decy'; did you mean 'weight_decay'?")
+  _raised_here(info)
+  with pytest.raises(TypeError, match=r"^fo\.scale_by_soap\(\) got an "
+                     r"unexpected keyword argument 'treshold'; did you mean "
+                     r"'threshold'\?$"):
+    fo.scale_by_soap(treshold=0.5)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_names_itself_for_an_unknown_keyword(name):
+  fn = getattr(fo, name)
+  params = inspect.signature(fn).parameters
+  known = next(p for p in params if p != "learning_rate")
+  misspelled = known[:-1] + "_" + known[-1]
+  args = (1e-3,) if "learning_rate" in params else ()
+  with pytest.raises(TypeError) as info:
+    fn(*args, **{misspelled: 0.5})
+  assert str(info.value) == (
+      f"fo.{name}() got an unexpected keyword argument {misspelled!r}; did "
+      f"you mean {known!r}?")
+  _raised_here(info)
+  with pytest.raises(TypeError) as info:
+    fn(*args, zzz=1)
+  assert str(info.value) == (
+      f"fo.{name}() got an unexpected keyword argument 'zzz'; help(fo.{name})"
+      " lists its arguments.")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_names_itself_for_too_many_positional_arguments(name):
+  fn = getattr(fo, name)
+  params = list(inspect.signature(fn).parameters)
+  alias = "learning_rate" in params
+  with pytest.raises(TypeError) as info:
+    fn(*([1e-3] * (2 if alias else 1)))
+  message = str(info.value)
+  takes = ("takes 1 positional argument (learning_rate) but 2 were given"
+           if alias else "takes no positional arguments but 1 was given")
+  keywords = [p for p in params if p != "learning_rate"][:3]
+  assert message.startswith(
+      f"fo.{name}() {takes}; pass {'the others' if alias else 'them'} by "
+      "keyword ("
+      + ", ".join(f"{k}=..." for k in keywords) + ", ...)"), message
+  _raised_here(info)
+
+
+def test_a_learning_rate_given_to_a_transformation_points_to_the_alias():
+  with pytest.raises(TypeError, match=r"the learning rate goes to the alias, "
+                     r"fo\.foam\(learning_rate, \.\.\.\)\.$"):
+    fo.scale_by_foam(1e-3)
+
+
+def test_missing_and_repeated_arguments_name_the_function():
+  with pytest.raises(TypeError, match=r"^fo\.foam\(\) missing a required "
+                     r"argument: 'learning_rate'$"):
+    fo.foam(weight_decay=1e-4)
+  with pytest.raises(TypeError, match=r"^fo\.dasgo\(\) got multiple values "
+                     r"for argument 'learning_rate'$"):
+    fo.dasgo(1e-3, learning_rate=1e-3)

@@ -3,12 +3,14 @@ inversion from per-microbatch gradients."""
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from foam_optax._src import alias
 from foam_optax._src import checks
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
@@ -24,7 +26,7 @@ class ScaleByBiasCorrectedAdamState(NamedTuple):
   full-batch gradient (``count`` updates so far), and the steps an enclosing
   `skip_nonfinite` skipped (``skips``, `fo.bias_corrected_adamw`'s)."""
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   mu: Any
   nu: Any
   skips: SkipCounters
@@ -69,6 +71,7 @@ def _two_group(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction):
   return (new_mu / bc1) * inverse, new_mu, new_nu
 
 
+@signatures.public
 def scale_by_bias_corrected_adam(
     *,
     b1: float = 0.9,
@@ -151,7 +154,7 @@ def scale_by_bias_corrected_adam(
         microbatch_grads, plain_arrays(updates), minimum,
         "bias-corrected AdamW" + (" (two_group)" if method == "two_group"
                                   else ""), even=method == "two_group")
-    count = optax.safe_increment(state.count)
+    count = typing.cast(jax.Array, optax.safe_increment(state.count))
     dtype = linalg.stat_dtype()
     bc1 = 1 - jnp.asarray(b1, dtype) ** count
     bc2 = 1 - jnp.asarray(b2, dtype) ** count
@@ -171,9 +174,20 @@ def scale_by_bias_corrected_adam(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-bias_corrected_adamw = signatures.decayed_alias(
-    "bias_corrected_adamw", scale_by_bias_corrected_adam, weight_decay=0.1,
-    mask="mask", doc="""AdamW with the paper's bias corrections
+@signatures.public
+def bias_corrected_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    method: Method = "leave_one_out",
+    variance_correction: bool = True,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: float = 0.1,
+    mask: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW with the paper's bias corrections
   (`scale_by_bias_corrected_adam`), decoupled weight decay and learning
   rate, ``p ← p·(1 - lr·wd) - lr·u``, taking `optax.adamw`'s arguments.
 
@@ -183,10 +197,23 @@ bias_corrected_adamw = signatures.decayed_alias(
   there are trained by plain AdamW). A step with a non-finite microbatch
   gradient is skipped whole (`skip_nonfinite`).
 
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps, method, variance_correction, mu_dtype: as in
+      `scale_by_bias_corrected_adam`.
+    weight_decay: decoupled weight decay (multiplied by the learning rate).
+    mask: pytree of bools or a callable of the params choosing the leaves
+      that decay; None decays all.
+
   Example:
     >>> import foam_optax as fo
     >>> opt = fo.bias_corrected_adamw(3e-4)
     >>> # loss, grads, micro = fo.microbatch_grads(loss_fn, params, batch, 8)
     >>> # updates, state = opt.update(grads, state, params,
     >>> #                             microbatch_grads=micro)
-  """)
+  """
+  return alias.decayed_alias(
+      scale_by_bias_corrected_adam(
+          b1=b1, b2=b2, eps=eps, method=method,
+          variance_correction=variance_correction, mu_dtype=mu_dtype),
+      learning_rate, weight_decay, mask)

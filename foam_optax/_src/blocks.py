@@ -99,11 +99,11 @@ def _direction(blocks: ClassBlocks, old: BlockClassState, left, right,
   moment = old.rotated_second_moment
   direction, moment = preconditioners.eigenvalue_corrected(
       blocks.grad, blocks.momentum, moment if previous else follow(moment),
-      *map(preconditioners.basis, rotating), adam_step, cfg, blocks.samples)
+      *map(preconditioners.basis, rotating), adam_step, cfg, blocks.samples)  # pyright: ignore[reportCallIssue]
   if previous:
     moment = follow(moment)
   moment = _first_step_moment(step, old.rotated_second_moment, moment, cfg)
-  return direction, moment.astype(old.rotated_second_moment.dtype)
+  return direction, moment.astype(old.rotated_second_moment.dtype)  # pyright: ignore[reportOptionalMemberAccess]
 
 
 def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,

@@ -7,7 +7,7 @@ a check then verifies only what it can see (the type), not the value.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,7 @@ def integer(minimum, allow_none=False):
   return check
 
 
-def choice(choices):
+def choice(choices: Iterable | Callable[[], Iterable]):
   """A check that the value is one of `choices` (a callable returning them
   is read at check time, for registries that grow)."""
 

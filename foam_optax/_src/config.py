@@ -1,16 +1,18 @@
 """`Config`: the values of every option, derived from the option table.
 
-One frozen dataclass carries every option of the core transformation (its
-fields are `options.OPTIONS`, with their defaults), so the numerical modules
-read named fields instead of long argument lists. Numeric fields may hold
-traced arrays when the transformation is wrapped in
+One frozen dataclass carries every option of the core transformation: a
+typed field per entry of `options.OPTIONS`, with its default and its
+`Option` as metadata, written out by `signatures` (``python -m
+foam_optax._src.signatures``), so that the numerical modules and type
+checkers read named, typed fields instead of long argument lists. Numeric
+fields may hold traced arrays when the transformation is wrapped in
 `optax.inject_hyperparams`; validation only checks values it can see.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +21,71 @@ from foam_optax._src import checks
 from foam_optax._src import options
 
 
-class _Derived:
-  """Quantities derived from the options (a base of `Config`)."""
+def _field(name: str) -> Any:
+  """The dataclass field of the option `name`: its default, and the `Option`
+  in its metadata (``dataclasses.fields(Config)[i].metadata["option"]``)."""
+  option = options.BY_NAME[name]
+  return dataclasses.field(default=option.default,
+                           metadata={"option": option})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """All options of `scale_by_foam` (see `options.OPTIONS` for their
+  meaning), with the quantities derived from them.
+
+  Under `optax.inject_hyperparams` the numeric fields that are not static
+  hold traced arrays.
+  """
+
+  # Generated from options.py by `python -m foam_optax._src.signatures`.
+  b1: float = _field("b1")
+  b2: float = _field("b2")
+  epsilon: float = _field("epsilon")
+  max_epsilon: float = _field("max_epsilon")
+  threshold: float = _field("threshold")
+  check_frequency: int = _field("check_frequency")
+  exponent: float = _field("exponent")
+  block_size: Optional[int] = _field("block_size")
+  max_precond_dim: Optional[int] = _field("max_precond_dim")
+  merge_dims: bool = _field("merge_dims")
+  one_sided: bool = _field("one_sided")
+  precondition_1d: bool = _field("precondition_1d")
+  rotation_basis: options.RotationBasis = _field("rotation_basis")
+  first_step: options.FirstStep = _field("first_step")
+  tensor_shaping: options.TensorShaping = _field("tensor_shaping")
+  start_preconditioning_step: Optional[int] = _field(
+      "start_preconditioning_step")
+  grafting: options.Grafting = _field("grafting")
+  graft_rms: float = _field("graft_rms")
+  graft_b2: float = _field("graft_b2")
+  adam_eps: float = _field("adam_eps")
+  controller: options.Controller = _field("controller")
+  residual_tol: float = _field("residual_tol")
+  preconditioner: options.Preconditioner = _field("preconditioner")
+  refresh_method: options.RefreshMethod = _field("refresh_method")
+  stagger: bool = _field("stagger")
+  statistics_compute_steps: int = _field("statistics_compute_steps")
+  refresh_batching: options.RefreshBatching = _field("refresh_batching")
+  skip_nonfinite: bool = _field("skip_nonfinite")
+  max_consecutive_skips: Optional[int] = _field("max_consecutive_skips")
+  mu_dtype: Optional[Any] = _field("mu_dtype")
+  second_moment_dtype: Optional[Any] = _field("second_moment_dtype")
+  factor_matrix_dtype: Optional[Any] = _field("factor_matrix_dtype")
+  factor_matrix_eigenvectors_dtype: Optional[Any] = _field(
+      "factor_matrix_eigenvectors_dtype")
+  inv_factor_matrix_dtype: Optional[Any] = _field("inv_factor_matrix_dtype")
+  pseudo_inverse_rtol: Optional[float] = _field("pseudo_inverse_rtol")
+  weight_dimension_numbers: Optional[Any] = _field("weight_dimension_numbers")
+  cache_inverse_root: bool = _field("cache_inverse_root")
+  proxy: options.Proxy = _field("proxy")
+  proxy_probes: int = _field("proxy_probes")
+  root_method: options.RootMethod = _field("root_method")
+  root_iterations: int = _field("root_iterations")
+  bias_correction: options.BiasCorrection = _field("bias_correction")
+  ema_bias_correction: bool = _field("ema_bias_correction")
+  root_damping: options.RootDamping = _field("root_damping")
+  # End of the generated fields.
 
   @property
   def first_check_step(self):
@@ -51,17 +116,7 @@ class _Derived:
     return damping
 
 
-Config = dataclasses.make_dataclass(
-    "Config",
-    [(o.name, Any, dataclasses.field(default=o.default))
-     for o in options.OPTIONS],
-    bases=(_Derived,), frozen=True)
-Config.__module__ = __name__
-Config.__doc__ = ("All options of `scale_by_foam` (see `options.OPTIONS` for "
-                  "their meaning).")
-
-
-def with_arguments(fn, cfg: Config):
+def with_arguments(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
   """`fn(*args, cfg)` as a function of ``(*args, traced)``, `traced` being
   ``cfg.traced()``.
 
@@ -82,17 +137,20 @@ _EIGENVALUE_CORRECTED_ONLY = {"rotation_basis": "updated",
                               "tensor_shaping": "matrix", "merge_dims": False}
 
 
-def validate(cfg: Config, names: Mapping[str, str] = None) -> Config:
+def validate(cfg: Config,
+             names: Optional[Mapping[str, str]] = None) -> Config:
   """Raises ValueError naming the first invalid argument; returns `cfg`.
 
   `names` maps Config fields to the argument names the caller passed them
   as (e.g. SOAP's ``epsilon`` is the field ``adam_eps``).
   """
-  names = dict(names or {})
-  name = lambda field: names.get(field, field)
+  renamed = dict(names or {})
+
+  def name(field: str) -> str:
+    return renamed.get(field, field)
+
   for option in options.OPTIONS:
-    if option.check is not None:
-      option.check(name(option.name), getattr(cfg, option.name))
+    option.validate(name(option.name), getattr(cfg, option.name))
   eps, max_eps = checks.known(cfg.epsilon), checks.known(cfg.max_epsilon)
   if eps is not None and max_eps is not None and max_eps < eps:
     raise ValueError(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from foam_optax._src import alias
 from foam_optax._src import checks
 from foam_optax._src import grafting
 from foam_optax._src import initial_state
@@ -33,7 +35,7 @@ class ScaleByDasgoState(NamedTuple):
     skips: the steps an enclosing `skip_nonfinite` skipped (`fo.dasgo`'s).
   """
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   mu: Any
   nu: Any
   skips: SkipCounters
@@ -48,11 +50,23 @@ def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
   return shaping.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
 
 
+def _rows(layout: shaping.LeafLayout) -> int:
+  """The rows of a `_matrix_layout`, which always has a matrix."""
+  assert layout.matrix_shape is not None
+  return layout.matrix_shape[0]
+
+
+_RENAMED = signatures.renamed(
+    {"eps": "epsilon"}, "the damping is epsilon in fo.asgo and fo.dasgo alike")
+
+
+@_RENAMED
+@signatures.public
 def scale_by_dasgo(
     *,
     b1: float = 0.9,
     b2: float = 0.95,
-    eps: float = 1e-8,
+    epsilon: float = 1e-8,
     graft_rms: float = 0.2,
     mu_dtype: Optional[Any] = None,
     weight_dimension_numbers: Optional[Any] = None,
@@ -79,7 +93,8 @@ def scale_by_dasgo(
   Args:
     b1: momentum decay.
     b2: decay of the row second moments.
-    eps: added to the second moments before the inverse square root.
+    epsilon: added to the second moments before the inverse square root
+      (the official code's ``eps``; ``eps=`` is accepted, deprecated).
     graft_rms: the RMS of each matrix's step.
     mu_dtype: the momentum's storage dtype; None: the parameter's.
     weight_dimension_numbers: as in `scale_by_foam`.
@@ -98,7 +113,7 @@ def scale_by_dasgo(
     Gradient Optimization, NeurIPS 2025. arXiv:2503.20762.
   """
   for name, value, check in (("b1", b1, _UNIT), ("b2", b2, _UNIT),
-                             ("eps", eps, _POSITIVE),
+                             ("epsilon", epsilon, _POSITIVE),
                              ("graft_rms", graft_rms, _POSITIVE)):
     check(name, value)
   checks.floating_dtype("mu_dtype", mu_dtype)
@@ -116,7 +131,7 @@ def scale_by_dasgo(
     mu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), mu_dtype or
                                           jnp.result_type(p)), params)
     nu = treedef.unflatten([
-        jnp.zeros((lay.batch, lay.matrix_shape[0]), linalg.stat_dtype())
+        jnp.zeros((lay.batch, _rows(lay)), linalg.stat_dtype())
         for lay in layouts(params)])
     return ScaleByDasgoState(jnp.zeros([], jnp.int32), mu, nu,
                              SkipCounters.zeros())
@@ -127,7 +142,7 @@ def scale_by_dasgo(
     rows = shaping.to_matrices(g, layout)
     second_moment = b2 * second_moment + (1 - b2) * jnp.sum(rows ** 2, -1)
     scaled = (shaping.to_matrices(momentum, layout)
-              * jax.lax.rsqrt(second_moment + eps)[..., None])
+              * jax.lax.rsqrt(second_moment + epsilon)[..., None])
     update = grafting.with_rms(scaled, graft_rms)
     return (shaping.from_matrices(update, layout).astype(grad.dtype),
             momentum.astype(mu_dtype or grad.dtype), second_moment)
@@ -141,7 +156,8 @@ def scale_by_dasgo(
         jax.tree.leaves(state.nu), layouts(grads))]
     treedef = jax.tree.structure(state.mu)
     return (structure.unflatten([u for u, _, _ in out]),
-            ScaleByDasgoState(optax.safe_increment(state.count),
+            ScaleByDasgoState(typing.cast(jax.Array,
+                                          optax.safe_increment(state.count)),
                               treedef.unflatten([m for _, m, _ in out]),
                               treedef.unflatten([v for _, _, v in out]),
                               state.skips))
@@ -149,12 +165,33 @@ def scale_by_dasgo(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-dasgo = signatures.decayed_alias(
-    "dasgo", scale_by_dasgo, weight_decay=0.1, mask="weight_decay_mask",
-    doc="""DASGO (`scale_by_dasgo`) with decoupled weight decay and learning
-  rate, ``p ← p·(1 - lr·wd) - lr·update`` as the official optimizer, whose
+@_RENAMED
+@signatures.public
+def dasgo(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    epsilon: float = 1e-8,
+    graft_rms: float = 0.2,
+    mu_dtype: Optional[Any] = None,
+    weight_dimension_numbers: Optional[Any] = None,
+    weight_decay: float = 0.1,
+    weight_decay_mask: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """DASGO (`scale_by_dasgo`) with decoupled weight decay and learning rate.
+
+  ``p ← p·(1 - lr·wd) - lr·update`` as the official optimizer, whose
   defaults these are; a step with a non-finite gradient is skipped whole
   (`skip_nonfinite`).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, epsilon, graft_rms, mu_dtype, weight_dimension_numbers: as in
+      `scale_by_dasgo`.
+    weight_decay: decoupled weight decay (multiplied by the learning rate).
+    weight_decay_mask: pytree of bools or a callable of the params choosing
+      the leaves that decay; None decays all.
 
   Example:
     >>> import optax, foam_optax as fo
@@ -162,4 +199,9 @@ dasgo = signatures.decayed_alias(
     >>> opt = fo.partition(fo.dasgo(1e-2),
     ...                    optax.adam(1e-2, b1=0.9, b2=0.95, eps=1e-8),
     ...                    bias_and_norm_pattern="bias", embedding_pattern="emb")
-  """)
+  """
+  return alias.decayed_alias(
+      scale_by_dasgo(b1=b1, b2=b2, epsilon=epsilon, graft_rms=graft_rms,
+                     mu_dtype=mu_dtype,
+                     weight_dimension_numbers=weight_dimension_numbers),
+      learning_rate, weight_decay, weight_decay_mask)

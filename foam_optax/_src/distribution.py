@@ -30,6 +30,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import jax
+import jax.core
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
@@ -155,7 +156,7 @@ def slot_maps(classes: Sequence[shaping.BlockClass],
   far that still has a free slot in that stack.
   """
   loads = np.zeros(num_shards)
-  maps = [None] * len(classes)
+  maps: list[Optional[np.ndarray]] = [None] * len(classes)
   uneven = []
   for c, cls in enumerate(classes):
     if cls.count % num_shards == 0:

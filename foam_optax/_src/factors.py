@@ -247,10 +247,10 @@ def _commit_one(fs: FactorStack, decision: Decision,
   if fresh.inverse_root is not None:
     # An iterative root (ASGO's): the fresh X, or on failure the identity,
     # as ASGO's official code falls back to.
-    eye = jnp.eye(fresh.inverse_root.shape[-1], dtype=fs.inverse_root.dtype)
+    eye = jnp.eye(fresh.inverse_root.shape[-1], dtype=fs.inverse_root.dtype)  # pyright: ignore[reportOptionalMemberAccess]
     new = new._replace(inverse_root=jnp.where(
         success, fresh.inverse_root, jnp.where(failure, eye,
-                                               fs.inverse_root)))
+                                               fs.inverse_root)))  # pyright: ignore[reportArgumentType]
   elif fs.inverse_root is not None:
     # Cached so that every step applies X with two products instead of four;
     # rebuilt (one m³ product) only when the check changed what X is made

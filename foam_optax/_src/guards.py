@@ -52,7 +52,8 @@ def check_gradient_dtypes(updates) -> None:
           "leaf: keep such leaves out of the optimized tree).")
 
 
-def check_consecutive_skips(consecutive, limit, params_finite=True) -> None:
+def check_consecutive_skips(consecutive, limit,
+                            params_finite: bool | jax.Array = True) -> None:
   """Stops a run stuck on skipped updates, naming the likelier cause: the
   parameters, when they are themselves not finite, else the gradients."""
   stuck = consecutive >= limit

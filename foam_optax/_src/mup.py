@@ -18,6 +18,7 @@ import numbers
 from typing import Any, Callable, Literal, Optional, get_args
 
 import jax
+import jax.core
 import numpy as np
 import optax
 

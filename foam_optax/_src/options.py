@@ -32,6 +32,7 @@ TensorShaping = Literal["matrix", "per_dimension"]
 RootDamping = Literal["controller", "epsilon"]
 RootMethod = Literal["eigh", "polar_express", "newton_schulz"]
 BiasCorrection = Literal["none", "cross_fit", "cross_fit_variance"]
+Controller = controllers.Controller
 MaskOrFn = Optional[Any]
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,11 @@ class Option:
 
   def doc_for(self, optimizer: str) -> str:
     return self.docs.get(optimizer, self.doc)
+
+  def validate(self, name: str, value) -> None:
+    """Raises the check's ValueError, naming `name`, if `value` is invalid."""
+    if self.check is not None:
+      self.check(name, value)
 
 
 def _literal(annotation) -> Callable:
@@ -165,7 +171,7 @@ OPTIONS = (
                    "soap": "epsilon"},
            defaults={"soap": 1e-8},
            docs={"soap": "Adam's epsilon in the eigenbasis."}),
-    Option("controller", controllers.Controller, "foam",
+    Option("controller", Controller, "foam",
            "when bases are refreshed: ``'foam'``, ``'stale'`` (every "
            "check), ``'foam_fixed_damping'``, ``'foam_no_refresh'``, "
            "``'residual'``, or any name given to "

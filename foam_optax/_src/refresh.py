@@ -222,7 +222,7 @@ def refresh(fs, need, correction, cfg: Config, plan,
   if not plan.distributed:
     return lax.cond(jnp.any(need), local, none)
   r = stack_requests
-  branch = jnp.where(jnp.any(r.need_all), jnp.where(r.rebalance, 2, 1), 0)
+  branch = jnp.where(jnp.any(r.need_all), jnp.where(r.rebalance, 2, 1), 0)  # pyright: ignore[reportOptionalMemberAccess]
   return lax.switch(branch, [
       none, local,
-      lambda: _rebalanced(fs, r.need_all, r.offset, correction, cfg, plan)])
+      lambda: _rebalanced(fs, r.need_all, r.offset, correction, cfg, plan)])  # pyright: ignore[reportOptionalMemberAccess]

@@ -113,16 +113,17 @@ def to_matrices(x, layout: LeafLayout):
   """A leaf -> its (batch, rows, cols) matrix view."""
   if layout.transpose is not None:
     x = jnp.transpose(x, layout.transpose)
+  assert layout.matrix_shape is not None, "a leaf with no matrix view"
   return x.reshape((layout.batch,) + tuple(layout.matrix_shape))
 
 
 def from_matrices(matrices, layout: LeafLayout):
   """Inverse of `to_matrices`."""
-  if layout.transpose is None:
+  transpose = layout.transpose
+  if transpose is None:
     return matrices.reshape(layout.shape)
-  permuted = tuple(layout.shape[a] for a in layout.transpose)
-  inverse = tuple(sorted(range(len(layout.shape)),
-                         key=lambda i: layout.transpose[i]))
+  permuted = tuple(layout.shape[a] for a in transpose)
+  inverse = tuple(sorted(range(len(layout.shape)), key=lambda i: transpose[i]))
   return jnp.transpose(matrices.reshape(permuted), inverse)
 
 

@@ -53,7 +53,7 @@ def _split_further(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
   for dim, entry in enumerate(entries):
     axes = _axes_of(entry) + free
     if shape[dim] % math.prod(mesh.shape[a] for a in axes) == 0:
-      entries[dim] = axes if len(axes) > 1 else axes[0]
+      entries[dim] = axes[0] if len(axes) == 1 else axes
       return PartitionSpec(*entries)
   return spec
 

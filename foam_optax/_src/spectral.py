@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from foam_optax._src import signatures
 
 _TINY = 1e-30   # guards divisions by a zero norm
 
@@ -32,7 +35,7 @@ class ScaleBySpectralNormState(NamedTuple):
       vectors).
   """
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   right_vectors: Any
 
 
@@ -62,6 +65,7 @@ def _check_int(name, value, minimum):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
+@signatures.public
 def scale_by_spectral_norm(*, embedding: Optional[Callable[[str], bool]] = None,
                            power_iterations: int = 1,
                            warmup_steps: int = 50,
@@ -188,6 +192,7 @@ def scale_by_spectral_norm(*, embedding: Optional[Callable[[str], bool]] = None,
     new_updates = jax.tree_util.tree_unflatten(treedef, [u for u, _ in results])
     vectors = jax.tree_util.tree_unflatten(treedef, [v for _, v in results])
     return new_updates, ScaleBySpectralNormState(
-        count=optax.safe_int32_increment(state.count), right_vectors=vectors)
+        count=typing.cast(jax.Array, optax.safe_int32_increment(state.count)),
+        right_vectors=vectors)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -96,7 +96,7 @@ class ScaleByFoamState(NamedTuple):
     refresh_kind: static: what a refresh of the factors computes.
   """
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   nonfinite_skips: jax.Array
   mu: Any
   nu: Any

@@ -90,7 +90,7 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
       with jax.sharding.use_abstract_mesh(explicit):
         return jax.sharding.auto_axes(
             inner, out_sharding=(_specs(inputs[0]), _specs(state)))(
-                inputs, state, step, traced)
+                inputs, state, step, traced)  # pyright: ignore[reportCallIssue]
   new_updates, new_state = skipping.run_or_skip(
       run, (updates, micro), state, optax.safe_increment(state.count),
       cfg.traced(), cfg, params)

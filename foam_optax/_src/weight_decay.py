@@ -1,5 +1,6 @@
 """Decoupled weight decay applied after the update, as the official SOAP's."""
 
+import typing
 from typing import NamedTuple
 
 import jax
@@ -10,7 +11,8 @@ from foam_optax._src import options
 
 
 class DecayUpdatedWeightsState(NamedTuple):
-  count: jax.Array   # updates so far (the schedule's argument)
+  # Updates so far (the schedule's argument).
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
 
 
 def decay_updated_weights(
@@ -47,8 +49,8 @@ def decay_updated_weights(
     ...                  fo.decay_updated_weights(3e-3, 0.01))
   """
   if not callable(learning_rate):
-    options.LEARNING_RATE.check("learning_rate", learning_rate)
-  options.ALIAS_BY_NAME["weight_decay"].check("weight_decay", weight_decay)
+    options.LEARNING_RATE.validate("learning_rate", learning_rate)
+  options.ALIAS_BY_NAME["weight_decay"].validate("weight_decay", weight_decay)
 
   def init_fn(params):
     del params
@@ -65,7 +67,7 @@ def decay_updated_weights(
     updates = jax.tree.map(
         lambda u, p: (u - rate * (p + u)).astype(u.dtype), updates, params)
     return updates, DecayUpdatedWeightsState(
-        optax.safe_increment(state.count))
+        typing.cast(jax.Array, optax.safe_increment(state.count)))
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -190,7 +190,7 @@ def compile_cost(fn, *args) -> dict:
           "total_s": lower_wall + compile_wall,
           "trace_lower_cpu_s": lower_cpu, "compile_cpu_s": compile_cpu,
           "total_cpu_s": lower_cpu + compile_cpu,
-          "hlo": hlo_size(compiled.as_text())}
+          "hlo": hlo_size(compiled.as_text() or "")}
 
 
 def update_cost(name: str, params, scanned: bool) -> dict:
@@ -255,7 +255,7 @@ def step_times(name: str, cfg: CostConfig, params, scanned: bool,
       kinds["check"].append((wall, work))
     else:
       kinds["plain"].append((wall, work))
-  result = {"check_frequency": options.get("check_frequency")}
+  result: dict[str, Any] = {"check_frequency": options.get("check_frequency")}
   for kind, measured in kinds.items():
     if measured:
       result[kind] = {"seconds": statistics.median(w for w, _ in measured),

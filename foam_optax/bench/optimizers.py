@@ -78,7 +78,7 @@ ASGO_SETTINGS = dict(b1=0.9, b2=0.8, epsilon=1e-10, root_method="polar_express",
 # checked every 20 steps, refreshed when FOAM's staleness proxy asks.
 ASGO_FOAM_SETTINGS = dict(ASGO_SETTINGS, root_method="eigh", controller="foam",
                           check_frequency=20)
-DASGO_SETTINGS = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=WEIGHT_DECAY)
+DASGO_SETTINGS = dict(b1=0.9, b2=0.95, epsilon=1e-8, weight_decay=WEIGHT_DECAY)
 # Their update has RMS 0.2 whatever the gradient's scale: the optimum sits
 # higher than Adam's on the digits models (3e-2..1e-1), at the official 1e-2
 # on the Transformer and the quadratics.

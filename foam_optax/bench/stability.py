@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Optional
+import typing
+from typing import Any, Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -261,7 +262,7 @@ class Method:
   name: str
   group: str                  # foam, ladder, equal, figure1 or policy
   controller: str = "foam"    # 'stale' is Shampoo
-  proxy: str = "exact"
+  proxy: Literal["exact", "sketch"] = "exact"
   check_frequency: int = 20
   threshold: float = 0.75
   max_epsilon: float = 3e-7
@@ -387,7 +388,10 @@ class Simulator:
       if method.controller == "stale":
         tx = fo.shampoo(learning_rate=lr, **common)
       else:
-        tx = fo.foam(learning_rate=lr, controller=method.controller,
+        # A name registered here (foam_hold) is outside the signature's
+        # Literal of the built-in controllers.
+        controller = typing.cast(Any, method.controller)
+        tx = fo.foam(learning_rate=lr, controller=controller,
                      proxy=method.proxy, threshold=hp["threshold"],
                      max_epsilon=hp["max_epsilon"], **common)
 
