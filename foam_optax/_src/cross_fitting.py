@@ -32,15 +32,27 @@ so the result is the official algorithm's; where they did not, the
 coordinate is estimated from the data that did see it.
 
 * Leave-one-out (fold ``r`` against the other folds): the pooled estimate
-  is Adam's own, ``(b2·v + (1-b2)·ḡ²) / c2`` over all folds, at hand.
+  is Adam's own, ``(b2·v + (1-b2)·ḡ²) / c2`` over all folds, at hand; the
+  floor acts where the other folds' estimate is below 1/8 of it.
 * Two groups (the momentum from the first half, the second moment from the
   second half): the pooled moving average ``v̂ = (v̂_A + v̂_B) / 2`` is not
   kept, so its lower bound ``v̂ ≥ v̂_A / 2 ≥ m̂² / (2 R_t²)`` stands in for
   it (the momentum averages the first half's means, whose squares are at
   most the first half's mean squares). This costs no state, and it makes
   the bound explicit: the step ``|m̂| / √v̂`` is at most ``√(2/κ)·R_t``, four
-  times the largest step Adam itself can take. In Adam's eigenbasis
-  (`fo.soap`) the same holds per rotated coordinate.
+  times the largest step Adam itself can take. The floor is inactive
+  wherever ``v̂_B ≥ κ·v̂_A / 2``, the held-out half's second moment at least
+  1/16 of the numerator half's. The same holds for the grafting optimizer
+  of `fo.shampoo` and `fo.foam`, and per rotated coordinate for Adam in
+  `fo.soap`'s eigenbasis.
+
+The factor statistics of `fo.shampoo` and `fo.foam` (and SOAP's bases) are
+cross-fitted too, and are not floored: a factor pools a whole row or column
+of a block over a long moving average. Measured on the digits MLP whose
+coordinates' held-out second moments are 0, the held-out factors miss at
+most 2 of 64 directions, which hold under 1e-7 of the pooled statistic
+(scripts/cross_fit_safeguard.py). A grafted step takes its norm from the
+floored grafting second moment, and SOAP's rotation preserves norms.
 
 The official algorithm stays selectable with ``cross_fit_safeguard=False``.
 """
