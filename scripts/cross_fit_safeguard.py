@@ -12,6 +12,8 @@ many coordinates the safeguard floors. Then the mechanism, measured:
 * per leaf, at the first steps of the official two-group AdamW, the
   coordinates whose held-out second moment is 0 while the momentum is not,
   and their ratio ``|m̂| / √v̂`` against every other coordinate's;
+* the safeguarded two-group AdamW's remaining gap to AdamW, taken apart:
+  AdamW fed the two-group estimator's ingredients without cross-fitting;
 * a data ablation: the official estimators on the same data with every
   input made non-zero (+1/16) and / or tanh instead of ReLU (no hidden unit
   is ever exactly off);
@@ -20,14 +22,15 @@ many coordinates the safeguard floors. Then the mechanism, measured:
   1/8 of the pooled one, and their share of the pooled statistic.
 
 ``char_lm``: the bias suite's character Transformer LM
-(`foam_optax.bench.bias`) at its chosen learning rate (1e-2), one seed:
-each corrected method with the safeguard on and off, how often the
-safeguard acts, and the held-out losses.
+(`foam_optax.bench.bias`) at its chosen learning rate (1e-2), the first
+seed: for each corrected method, how often and where the safeguard acts,
+and the held-out loss (``--compare``: also with the safeguard off, and of
+the uncorrected self).
 
 Usage::
 
   PYTHONPATH=. python scripts/cross_fit_safeguard.py [--part digits|char_lm]
-      [--seeds 0 1 2] [--steps 150]
+      [--seeds 0 1 2] [--steps 150] [--compare]
 """
 
 from __future__ import annotations
@@ -275,6 +278,55 @@ def mechanism(steps=3):
             f"{top_unseen} | {top_seen} | {only_a if leaf == 'w1' else ''} |")
 
 
+def microbatch_adam(numerator, denominator, b1=0.9, b2=0.95, eps=1e-8,
+                    weight_decay=0.1):
+  """AdamW (decoupled decay, lr `LR`) whose momentum averages the mean of
+  the microbatches `numerator` (a slice) and whose second moment averages
+  the mean square of the microbatches `denominator`: no correction, only
+  the two-group estimator's ingredients."""
+  def init_fn(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return jnp.zeros([], jnp.int32), zeros, zeros
+
+  def update_fn(grads, state, params=None, *, microbatch_grads):
+    count, mu, nu = state
+    count = count + 1
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g[numerator].mean(0),
+                      mu, microbatch_grads)
+    nu = jax.tree.map(
+        lambda v, g: b2 * v + (1 - b2) * (g[denominator] ** 2).mean(0), nu,
+        microbatch_grads)
+    updates = jax.tree.map(
+        lambda m, v, p: -LR * ((m / (1 - b1 ** count))
+                               / (jnp.sqrt(v / (1 - b2 ** count)) + eps)
+                               + weight_decay * p), mu, nu, params)
+    return updates, (count, mu, nu)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def two_group_gap(seeds, steps):
+  """Where the safeguarded two-group AdamW's remaining gap to AdamW comes
+  from: its second moment is a mean of squared microbatch gradients."""
+  data = Digits.load()
+  half, every = slice(0, MICROBATCHES // 2), slice(0, MICROBATCHES)
+  rows = [("AdamW (`optax.adamw`)", optax.adamw(LR, **ADAMW), False),
+          ("all microbatches / mean square of all (no cross-fitting)",
+           microbatch_adam(every, every), True),
+          ("first half / mean square of all (pooled)",
+           microbatch_adam(half, every), True),
+          ("two-group AdamW, safeguarded",
+           fo.bias_corrected_adamw(LR, method="two_group"), True)]
+  print("\n## The two-group estimator's ingredients (momentum from / second "
+        f"moment from), last-10 loss, seeds {list(seeds)}\n")
+  print("| momentum / second moment | last-10 loss (mean) |")
+  print("|---|---|")
+  for label, tx, corrected in rows:
+    run = trainer(data, tx, corrected)
+    print(f"| {label} | "
+          f"{np.mean([_last10(run(s, steps)[0]) for s in seeds]):.4f} |",
+          flush=True)
+
+
 def data_ablation(steps):
   """The official estimators where no held-out gradient is exactly 0."""
   print("\n## Data ablation: official estimators (seed 0), last-10 loss "
@@ -345,43 +397,45 @@ def factor_conditioning(steps, b2=0.995, fraction=1 / 8):
 # ----------------------------------------------------------------- char LM
 
 
-def char_lm(seed: int, lr: float = 1e-2):
-  """Each corrected method of the bias suite with the safeguard on and off,
-  at the suite's learning rate, and its uncorrected self."""
+def char_lm(seed: int, compare: bool, lr: float = 1e-2):
+  """Each corrected method of the bias suite with the safeguard, at the
+  suite's learning rate: how often the floor acts, where, and the final
+  held-out loss; with `compare`, also with the safeguard off and of the
+  uncorrected self."""
   from foam_optax.bench import bias
   workload = bias.bias_workload()
   evaluate = jax.jit(workload.evaluate)
   steps = bias.FULL.steps
   suite = bias.methods()
+  final = lambda method: bias.Trainer(
+      workload, method, MICROBATCHES, evaluate).train(seed, steps, lr)[
+          "test_loss"]
   print(f"\n## Char LM ({workload.description}), seed {seed}, lr {lr:g}, "
         f"{steps} steps: final held-out loss\n")
-  print("| method | uncorrected self | official | safeguarded | "
-        "coordinates floored | where (leaf shape: share of its evaluations) |")
-  print("|---|---|---|---|---|---|")
-  held_out = {}
-  for m in suite:
-    if m.baseline is None:
-      held_out[m.name] = bias.Trainer(workload, m, MICROBATCHES, evaluate
-                                      ).train(seed, steps, lr)["test_loss"]
+  print("| method | safeguarded | coordinates floored | where (leaf shape: "
+        "share of its evaluations floored) |"
+        + (" official | uncorrected self |" if compare else ""))
+  print("|---|---|---|---|" + ("---|---|" if compare else ""))
+  plain = {m.name: final(m) for m in suite
+           if compare and m.baseline is None}
   counter = FloorCounter()
   for m in suite:
     if not m.corrected:
       continue
-    off = dataclasses.replace(m, settings=dict(m.settings,
-                                               cross_fit_safeguard=False))
-    official = bias.Trainer(workload, off, MICROBATCHES, evaluate).train(
-        seed, steps, lr)["test_loss"]
     with counter:
       counter.reset()
-      safe = bias.Trainer(workload, m, MICROBATCHES, evaluate).train(
-          seed, steps, lr)["test_loss"]
+      safe = final(m)
     where = ", ".join(
-        f"{k}: {counter.active[k] / counter.evaluated[k]:.2%}"
+        f"{k}: {counter.active[k] / counter.evaluated[k]:.3%}"
         for k in sorted(counter.evaluated, key=lambda k: -counter.active[k])
         if counter.active[k])
-    print(f"| {m.name} | {held_out[m.baseline]:.4f} ({m.baseline}) | "
-          f"{official:.4f} | {safe:.4f} | {100 * counter.fraction():.4f}% | "
-          f"{where or '—'} |", flush=True)
+    row = (f"| {m.name} | {safe:.4f} | {100 * counter.fraction():.4f}% | "
+           f"{where or '—'} |")
+    if compare:
+      official = final(dataclasses.replace(
+          m, settings=dict(m.settings, cross_fit_safeguard=False)))
+      row += f" {official:.4f} | {plain[m.baseline]:.4f} ({m.baseline}) |"
+    print(row, flush=True)
 
 
 def main():
@@ -390,15 +444,19 @@ def main():
                       default="digits")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--steps", type=int, default=150)
+  parser.add_argument("--compare", action="store_true",
+                      help="char_lm: also run the official algorithm and "
+                           "the uncorrected methods")
   args = parser.parse_args()
   start = time.perf_counter()
   if args.part == "digits":
     digits_table(args.seeds, args.steps)
     mechanism()
+    two_group_gap(args.seeds, args.steps)
     data_ablation(args.steps)
     factor_conditioning(min(args.steps, 100))
   else:
-    char_lm(args.seeds[0])
+    char_lm(args.seeds[0], args.compare)
   print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

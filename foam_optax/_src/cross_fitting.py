@@ -8,7 +8,8 @@ independent. Nothing then ties the held-out second moment to the numerator.
 In a coordinate that every held-out microbatch leaves at zero (an input
 pixel or a ReLU unit that is zero on all their examples, a rare token) the
 held-out second moment is 0 and Adam's step ``m̂ / (√v̂ + ε)`` becomes
-``m̂ / ε``: on a digits MLP, entries of 1e5 to 1e9 where Adam's are below 1.
+``m̂ / ε``: on a digits MLP, ratios ``|m̂| / √v̂`` of 1e3 to 1e5 in the
+first three steps, where Adam's stay below 1.1, and then a loss of 2e6.
 
 Uncorrected Adam cannot do this: its momentum and second moment average
 the same gradients, and Cauchy–Schwarz bounds their ratio,
@@ -25,15 +26,26 @@ like ``(b2/b1)^t``). ``R_1 = 1``; for ``b1² < b2``, ``R_t`` tends to
 ``(1-b1) / √((1-b2)(1 - b1²/b2))`` (1.17 at b1 = 0.9, b2 = 0.95).
 
 The safeguard floors the held-out estimate at a fraction `FRACTION` (κ) of
-the pooled one, the same estimate from all microbatches:
+a lower bound of the pooled one, the same estimate from all microbatches:
 ``v̂ ← max(v̂_held_out, κ·v̂_pooled)``. Where the held-out microbatches saw a
 coordinate, its estimate is near the pooled one and the floor is inactive,
 so the result is the official algorithm's; where they did not, the
-coordinate is estimated from the data that did see it.
+coordinate is estimated from the data that did see it. The lower bounds
+cost no state, and they cannot vanish where a numerator does not:
 
-* Leave-one-out (fold ``r`` against the other folds): the pooled estimate
-  is Adam's own, ``(b2·v + (1-b2)·ḡ²) / c2`` over all folds, at hand; the
-  floor acts where the other folds' estimate is below 1/8 of it.
+* Leave-one-out (fold ``r``: numerator ``g_r``, second moment from the
+  other folds' mean ``ḡ_{-r}``): the pooled estimate is Adam's own,
+  ``(b2·v + (1-b2)·ḡ²) / c2``, and ``ḡ² = (Σ_j g_j)² / m²`` has the lower
+  bound ``Σ_j g_j² / m²`` in expectation (exchangeable microbatches, whose
+  cross terms ``E[g_i g_j] = E[g]²`` are non-negative), which no
+  cancellation between microbatches can bring to 0. So each fold's second
+  moment is floored at ``κ·(b2·v + (1-b2)·Σ_j g_j² / m²) / c2``. Where only
+  fold ``r`` sees a coordinate this equals ``κ`` times Adam's; before any
+  second moment has built up it also bounds the official estimator's heavy
+  tail (``g_r / |ḡ_{-r}|`` is a ratio of normals when the coordinate's mean
+  is small: measured on N(μ, 1) draws, first steps up to 1e3 with the
+  variance correction and 4e4 without, at most 1.7 and 3.8 with the
+  floor).
 * Two groups (the momentum from the first half, the second moment from the
   second half): the pooled moving average ``v̂ = (v̂_A + v̂_B) / 2`` is not
   kept, so its lower bound ``v̂ ≥ v̂_A / 2 ≥ m̂² / (2 R_t²)`` stands in for
