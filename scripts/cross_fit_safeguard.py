@@ -22,10 +22,10 @@ many coordinates the safeguard floors. Then the mechanism, measured:
   1/8 of the pooled one, and their share of the pooled statistic.
 
 ``char_lm``: the bias suite's character Transformer LM
-(`foam_optax.bench.bias`) at its chosen learning rate (1e-2), the first
-seed: for each corrected method, how often and where the safeguard acts,
-and the held-out loss (``--compare``: also with the safeguard off, and of
-the uncorrected self).
+(`foam_optax.bench.bias`) at its learning rates: for each corrected method,
+how often and where the safeguard acts, and the held-out loss
+(``--compare``: also with the safeguard off, and of the uncorrected self,
+with the paired differences).
 
 Usage::
 
@@ -397,25 +397,37 @@ def factor_conditioning(steps, b2=0.995, fraction=1 / 8):
 # ----------------------------------------------------------------- char LM
 
 
-def char_lm(seed: int, compare: bool, lr: float = 1e-2):
+# The bias suite's learning rates (its 2026-12-07 run's sweeps).
+CHAR_LM_RATES = {"adamw": 1e-2, "shampoo": 3e-2, "foam": 3e-2, "soap": 1e-2}
+
+
+def char_lm(seeds, compare: bool):
   """Each corrected method of the bias suite with the safeguard, at the
-  suite's learning rate: how often the floor acts, where, and the final
-  held-out loss; with `compare`, also with the safeguard off and of the
-  uncorrected self."""
+  suite's learning rates (`CHAR_LM_RATES`): how often the floor acts,
+  where, and the final held-out loss per seed; with `compare`, also with
+  the safeguard off and of the uncorrected self, and the paired
+  differences."""
   from foam_optax.bench import bias
   workload = bias.bias_workload()
   evaluate = jax.jit(workload.evaluate)
   steps = bias.FULL.steps
   suite = bias.methods()
-  final = lambda method: bias.Trainer(
-      workload, method, MICROBATCHES, evaluate).train(seed, steps, lr)[
-          "test_loss"]
-  print(f"\n## Char LM ({workload.description}), seed {seed}, lr {lr:g}, "
-        f"{steps} steps: final held-out loss\n")
+
+  def final(method):
+    trainer = bias.Trainer(workload, method, MICROBATCHES, evaluate)
+    return np.asarray([trainer.train(s, steps, CHAR_LM_RATES[method.family])
+                        ["test_loss"] for s in seeds])
+
+  spread = lambda x: f"{np.mean(x):+.4f} ± {np.std(x, ddof=1):.4f}"
+  print(f"\n## Char LM ({workload.description}), {steps} steps, seeds "
+        f"{list(seeds)}, learning rates {CHAR_LM_RATES}: final held-out "
+        "loss (mean over seeds)\n")
   print("| method | safeguarded | coordinates floored | where (leaf shape: "
         "share of its evaluations floored) |"
-        + (" official | uncorrected self |" if compare else ""))
-  print("|---|---|---|---|" + ("---|---|" if compare else ""))
+        + (" official | uncorrected self | Δ official − uncorrected | "
+           "Δ safeguarded − uncorrected | per-seed safeguarded − official |"
+           if compare else ""))
+  print("|---|---|---|---|" + ("---|---|---|---|---|" if compare else ""))
   plain = {m.name: final(m) for m in suite
            if compare and m.baseline is None}
   counter = FloorCounter()
@@ -429,12 +441,16 @@ def char_lm(seed: int, compare: bool, lr: float = 1e-2):
         f"{k}: {counter.active[k] / counter.evaluated[k]:.3%}"
         for k in sorted(counter.evaluated, key=lambda k: -counter.active[k])
         if counter.active[k])
-    row = (f"| {m.name} | {safe:.4f} | {100 * counter.fraction():.4f}% | "
-           f"{where or '—'} |")
+    row = (f"| {m.name} | {np.mean(safe):.4f} | "
+           f"{100 * counter.fraction():.4f}% | {where or '—'} |")
     if compare:
       official = final(dataclasses.replace(
           m, settings=dict(m.settings, cross_fit_safeguard=False)))
-      row += f" {official:.4f} | {plain[m.baseline]:.4f} ({m.baseline}) |"
+      base = plain[m.baseline]
+      row += (f" {np.mean(official):.4f} | {np.mean(base):.4f} "
+              f"({m.baseline}) | {spread(official - base)} | "
+              f"{spread(safe - base)} | "
+              + " ".join(f"{d:+.3f}" for d in safe - official) + " |")
     print(row, flush=True)
 
 
@@ -456,7 +472,7 @@ def main():
     data_ablation(args.steps)
     factor_conditioning(min(args.steps, 100))
   else:
-    char_lm(args.seeds[0], args.compare)
+    char_lm(args.seeds, args.compare)
   print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
