@@ -196,7 +196,8 @@ def test_the_option_must_be_a_bool():
 @pytest.mark.slow
 def test_digits_mlp_corrected_optimizers_within_twice_uncorrected():
   """README's recipe on the digits MLP (64-64-10 ReLU, zero readout, lr
-  3e-3, 8 microbatches of 16, 150 steps; scripts/cross_fit_safeguard.py).
+  3e-3, 8 microbatches of 16, 150 steps;
+  scripts/archive/cross_fit_safeguard.py).
   The official two-group, leave-one-out (without the variance correction),
   Shampoo, FOAM and SOAP runs diverge. Safeguarded, every one ends within
   twice its uncorrected self's last-10 loss but two-group AdamW, whose
@@ -206,7 +207,7 @@ def test_digits_mlp_corrected_optimizers_within_twice_uncorrected():
   import os
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
-                                  "scripts"))
+                                  "scripts", "archive"))
   import cross_fit_safeguard as script
   results = script.digits_results([0], 150)
   assert set(results) == set(script.CORRECTED)

@@ -63,8 +63,9 @@ cross-fitted too, and are not floored: a factor pools a whole row or column
 of a block over a long moving average. Measured on the digits MLP whose
 coordinates' held-out second moments are 0, the held-out factors miss at
 most 2 of 64 directions, which hold under 1e-7 of the pooled statistic
-(scripts/cross_fit_safeguard.py). A grafted step takes its norm from the
-floored grafting second moment, and SOAP's rotation preserves norms.
+(scripts/archive/cross_fit_safeguard.py). A grafted step takes its norm
+from the floored grafting second moment, and SOAP's rotation preserves
+norms.
 
 The official algorithm stays selectable with ``cross_fit_safeguard=False``.
 """

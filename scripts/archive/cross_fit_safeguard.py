@@ -29,8 +29,8 @@ with the paired differences).
 
 Usage::
 
-  PYTHONPATH=. python scripts/cross_fit_safeguard.py [--part digits|char_lm]
-      [--seeds 0 1 2] [--steps 150] [--compare]
+  PYTHONPATH=. python scripts/archive/cross_fit_safeguard.py
+      [--part digits|char_lm] [--seeds 0 1 2] [--steps 150] [--compare]
 """
 
 from __future__ import annotations
@@ -414,9 +414,10 @@ def char_lm(seeds, compare: bool):
   suite = bias.methods()
 
   def final(method):
-    trainer = bias.Trainer(workload, method, MICROBATCHES, evaluate)
-    return np.asarray([trainer.train(s, steps, CHAR_LM_RATES[method.family])
-                        ["test_loss"] for s in seeds])
+    compiled = bias.compile_method(workload, method, MICROBATCHES, evaluate)
+    return np.asarray([
+        bias.train(compiled, s, steps, CHAR_LM_RATES[method.family])[
+            "test_loss"] for s in seeds])
 
   spread = lambda x: f"{np.mean(x):+.4f} ± {np.std(x, ddof=1):.4f}"
   print(f"\n## Char LM ({workload.description}), {steps} steps, seeds "
