@@ -28,7 +28,8 @@ def test_monte_carlo_figures_are_the_tests(method):
   for correction in (False, True):
     assert bias.first_step_mean(0.5, method, correction) == (
         test_bias_correction._first_steps(
-            0.5, method=method, variance_correction=correction))
+            0.5, method=method, variance_correction=correction,
+            cross_fit_safeguard=False))
 
 
 def test_learning_rates_warm_up_then_decay_to_zero():

@@ -1,6 +1,6 @@
 """Bias-corrected optimizers: the float64 ports of the official code
-(`official_bias_correction`), zero spread, the Monte-Carlo bias, bad
-input."""
+(`official_bias_correction`), with the cross-fitting safeguard off and
+where it never acts, zero spread, the Monte-Carlo bias, bad input."""
 
 import inspect
 
@@ -11,23 +11,32 @@ import optax
 import pytest
 
 import foam_optax as fo
+from foam_optax._src import cross_fitting
 import official_bias_correction as official
 
 STEPS = 30
 LR = 1e-2
 
 
-def _micro_sequence(shapes, microbatches, steps, seed=0):
+def _micro_sequence(shapes, microbatches, steps, seed=0, well_conditioned=False):
   """Per step, per parameter, `microbatches` gradients around a persistent
-  mean (torch and JAX layouts alike: these are not transposed)."""
+  mean (torch and JAX layouts alike: these are not transposed). Well
+  conditioned: means of magnitude 1 to 3 and noise of 0.3, so that every
+  group of microbatches estimates every second moment well."""
   rng = np.random.default_rng(seed)
   means = {k: rng.standard_normal(s) for k, s in shapes.items()}
-  return [{k: means[k] + rng.standard_normal((microbatches,) + s)
+  noise = 1.0
+  if well_conditioned:
+    means = {k: np.sign(m) * (1 + np.minimum(np.abs(m), 2))
+             for k, m in means.items()}
+    noise = 0.3
+  return [{k: means[k] + noise * rng.standard_normal((microbatches,) + s)
            for k, s in shapes.items()} for _ in range(steps)]
 
 
-def _compare(tx, reference, shapes, microbatches=8):
-  micro_seq = _micro_sequence(shapes, microbatches, STEPS)
+def _compare(tx, reference, shapes, microbatches=8, well_conditioned=False):
+  micro_seq = _micro_sequence(shapes, microbatches, STEPS,
+                              well_conditioned=well_conditioned)
   rng = np.random.default_rng(1)
   start = {k: rng.standard_normal(s) for k, s in shapes.items()}
   theirs, params = [], start
@@ -59,8 +68,41 @@ ADAMW_SHAPES = {"w": (6, 5), "b": (5,)}
         LR, betas=(0.9, 0.95), weight_decay=0.1, mode="full")),
 ])
 def test_bias_corrected_adamw_matches_the_official_code(method, reference):
+  error = _compare(fo.bias_corrected_adamw(LR, method=method,
+                                           cross_fit_safeguard=False),
+                   reference(), ADAMW_SHAPES)
+  assert error <= 1e-6, error
+
+
+@pytest.fixture
+def floor_triggers(monkeypatch):
+  """The number of coordinates the cross-fitting safeguard floors, per
+  call of `cross_fitting.floored` in the functions traced from now on."""
+  counts = []
+  floored = cross_fitting.floored
+
+  def counting(held_out, pooled):
+    jax.debug.callback(lambda n: counts.append(int(n)),
+                       jnp.sum(held_out < cross_fitting.FRACTION * pooled))
+    return floored(held_out, pooled)
+  monkeypatch.setattr(cross_fitting, "floored", counting)
+  return counts
+
+
+@pytest.mark.parametrize("method,reference", [
+    ("leave_one_out", lambda: official.LOOBCAdamW(
+        LR, betas=(0.9, 0.95), weight_decay=0.1, jensen_correction=True)),
+    ("two_group", lambda: official.BiasCorrectedAdamW(
+        LR, betas=(0.9, 0.95), weight_decay=0.1, mode="full")),
+])
+def test_the_safeguard_keeps_the_official_adamw_where_it_never_acts(
+    method, reference, floor_triggers):
+  """Well-conditioned microbatches: the floor is evaluated at every step
+  and leaf, is never active, and the run is the official one."""
   error = _compare(fo.bias_corrected_adamw(LR, method=method), reference(),
-                   ADAMW_SHAPES)
+                   ADAMW_SHAPES, well_conditioned=True)
+  assert len(floor_triggers) == STEPS * len(ADAMW_SHAPES)
+  assert sum(floor_triggers) == 0
   assert error <= 1e-6, error
 
 
@@ -73,12 +115,17 @@ SHAMPOO = dict(b1=0.9, b2=0.95, epsilon=1e-6, exponent=4, grafting="none",
 
 
 @pytest.mark.parametrize("make,mode", [
-    (lambda: fo.shampoo(LR, bias_correction="cross_fit_variance", **SHAMPOO),
-     "full"),
-    (lambda: fo.shampoo(LR, bias_correction="cross_fit", **SHAMPOO), "cf"),
+    (lambda: fo.shampoo(LR, bias_correction="cross_fit_variance",
+                        cross_fit_safeguard=False, **SHAMPOO), "full"),
+    (lambda: fo.shampoo(LR, bias_correction="cross_fit",
+                        cross_fit_safeguard=False, **SHAMPOO), "cf"),
     # FOAM's controller run as the stale one: the decisions of every step.
     (lambda: fo.foam(LR, bias_correction="cross_fit_variance",
-                     controller="stale", max_epsilon=1e-6, **SHAMPOO),
+                     controller="stale", max_epsilon=1e-6,
+                     cross_fit_safeguard=False, **SHAMPOO), "full"),
+    # The official configuration has no grafting: no second moment for the
+    # safeguard to floor, and the run is the official one.
+    (lambda: fo.shampoo(LR, bias_correction="cross_fit_variance", **SHAMPOO),
      "full"),
 ])
 def test_bias_corrected_shampoo_matches_the_official_code(make, mode):
@@ -161,7 +208,8 @@ def _first_steps(mu, sigma=1.0, m=8, draws=20000, **options):
 
 @pytest.mark.parametrize("mu", [0.2, 0.5, 1.0])
 def test_variance_correction_reduces_the_first_step_bias_monte_carlo(mu):
-  """Monte Carlo over 20,000 coordinates, 8 microbatches of N(μ, 1) each.
+  """Monte Carlo over 20,000 coordinates, 8 microbatches of N(μ, 1) each,
+  of the paper's estimators (``cross_fit_safeguard=False``).
 
   Cross-fitted, the first step's numerator is independent of its
   denominator, so the remaining bias is Jensen's: E[1/d] > 1/E[d]. Against
@@ -176,9 +224,10 @@ def test_variance_correction_reduces_the_first_step_bias_monte_carlo(mu):
   bias = lambda value, target: abs(value - target) / target
   for method, target in (("two_group", two_group),
                          ("leave_one_out", leave_one_out)):
-    plain = bias(_first_steps(mu, method=method, variance_correction=False),
-                 target)
-    corrected = bias(_first_steps(mu, method=method), target)
+    plain = bias(_first_steps(mu, method=method, variance_correction=False,
+                              cross_fit_safeguard=False), target)
+    corrected = bias(_first_steps(mu, method=method,
+                                  cross_fit_safeguard=False), target)
     assert corrected < 0.6 * plain, (method, plain, corrected)
     assert corrected < 0.25, (method, corrected)
 

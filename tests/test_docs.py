@@ -61,3 +61,22 @@ def test_every_readme_block_runs_as_pasted_or_reads_as_a_fragment(block):
     return
   _, printed, expected = readme_blocks.run(block.code)
   assert readme_blocks.matches(printed, expected), (printed, expected)
+
+
+# ------------------------------------------------ links into BENCHMARKS.md
+
+
+def _github_anchor(heading):
+  """The anchor GitHub gives a Markdown heading."""
+  text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+  return text.replace(" ", "-")
+
+
+def test_readme_links_into_benchmarks_land_on_a_section():
+  with open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8") as f:
+    anchors = {_github_anchor(h)
+               for h in re.findall(r"^#+ (.*)$", f.read(), re.M)}
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    links = set(re.findall(r"BENCHMARKS\.md#([\w\-]+)", f.read()))
+  assert "cross-fitting-on-coordinates-that-are-rarely-non-zero" in links
+  assert links <= anchors, links - anchors

@@ -96,6 +96,7 @@ CASES = [
     ("decay_after_update", "yes", "a bool"),
     ("bias_correction", "loo", r"one of \("),
     ("ema_bias_correction", 1, "a bool"),
+    ("cross_fit_safeguard", "yes", "a bool"),
 ]
 
 

@@ -108,6 +108,7 @@ def foam(
     root_method: options.RootMethod = "eigh",
     root_iterations: int = 10,
     bias_correction: options.BiasCorrection = "none",
+    cross_fit_safeguard: bool = True,
     ema_bias_correction: bool = True,
     proxy: options.Proxy = "exact",
     proxy_probes: int = 16,
@@ -242,6 +243,18 @@ def foam(
       eigenbasis (root-inverse preconditioning with
       ``root_method='eigh'``); ``'none'``: neither. Needs 4 or more
       microbatches, an even number.
+    cross_fit_safeguard: with ``bias_correction``, floor the held-out
+      second moment a step divides by (the grafting optimizer's, or
+      Adam's in the eigenbasis) at 1/8 of the pooled one's lower bound
+      ``M̂² / (2 R_t²)``, ``R_t`` the largest ``|M̂| / √V̂`` Adam
+      reaches, so that no cross-fitted ratio exceeds 4 times Adam's
+      largest; False: the official algorithm. The official one divides
+      by a second moment near zero in coordinates that the held-out
+      microbatches leave at zero (rare inputs or tokens, ReLU units off
+      on all their examples) and diverges there. Wherever the held-out
+      second moment is at least 1/16 of the numerator half's, the floor
+      is inactive and the step is the official one
+      (`foam_optax._src.cross_fitting`).
     ema_bias_correction: divide the momentum and the factor statistics
       by ``1 - b^t``, their moving averages' bias correction; False uses
       the raw averages, as the official bias-corrected Shampoo does.
@@ -309,6 +322,7 @@ def scale_by_shampoo(
     root_method: options.RootMethod = "eigh",
     root_iterations: int = 10,
     bias_correction: options.BiasCorrection = "none",
+    cross_fit_safeguard: bool = True,
     ema_bias_correction: bool = True,
 ) -> optax.GradientTransformation:
   r"""Classic Shampoo with a fixed eigendecomposition frequency.
@@ -424,6 +438,18 @@ def scale_by_shampoo(
       eigenbasis (root-inverse preconditioning with
       ``root_method='eigh'``); ``'none'``: neither. Needs 4 or more
       microbatches, an even number.
+    cross_fit_safeguard: with ``bias_correction``, floor the held-out
+      second moment a step divides by (the grafting optimizer's, or
+      Adam's in the eigenbasis) at 1/8 of the pooled one's lower bound
+      ``M̂² / (2 R_t²)``, ``R_t`` the largest ``|M̂| / √V̂`` Adam
+      reaches, so that no cross-fitted ratio exceeds 4 times Adam's
+      largest; False: the official algorithm. The official one divides
+      by a second moment near zero in coordinates that the held-out
+      microbatches leave at zero (rare inputs or tokens, ReLU units off
+      on all their examples) and diverges there. Wherever the held-out
+      second moment is at least 1/16 of the numerator half's, the floor
+      is inactive and the step is the official one
+      (`foam_optax._src.cross_fitting`).
     ema_bias_correction: divide the momentum and the factor statistics
       by ``1 - b^t``, their moving averages' bias correction; False uses
       the raw averages, as the official bias-corrected Shampoo does.
@@ -474,6 +500,7 @@ def shampoo(
     root_method: options.RootMethod = "eigh",
     root_iterations: int = 10,
     bias_correction: options.BiasCorrection = "none",
+    cross_fit_safeguard: bool = True,
     ema_bias_correction: bool = True,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[Any] = None,
@@ -586,6 +613,18 @@ def shampoo(
       eigenbasis (root-inverse preconditioning with
       ``root_method='eigh'``); ``'none'``: neither. Needs 4 or more
       microbatches, an even number.
+    cross_fit_safeguard: with ``bias_correction``, floor the held-out
+      second moment a step divides by (the grafting optimizer's, or
+      Adam's in the eigenbasis) at 1/8 of the pooled one's lower bound
+      ``M̂² / (2 R_t²)``, ``R_t`` the largest ``|M̂| / √V̂`` Adam
+      reaches, so that no cross-fitted ratio exceeds 4 times Adam's
+      largest; False: the official algorithm. The official one divides
+      by a second moment near zero in coordinates that the held-out
+      microbatches leave at zero (rare inputs or tokens, ReLU units off
+      on all their examples) and diverges there. Wherever the held-out
+      second moment is at least 1/16 of the numerator half's, the floor
+      is inactive and the step is the official one
+      (`foam_optax._src.cross_fitting`).
     ema_bias_correction: divide the momentum and the factor statistics
       by ``1 - b^t``, their moving averages' bias correction; False uses
       the raw averages, as the official bias-corrected Shampoo does.
@@ -638,6 +677,7 @@ def scale_by_soap(
     proxy: options.Proxy = "exact",
     proxy_probes: int = 16,
     bias_correction: options.BiasCorrection = "none",
+    cross_fit_safeguard: bool = True,
 ) -> optax.GradientTransformation:
   r"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors.
 
@@ -787,6 +827,18 @@ def scale_by_soap(
       eigenbasis (root-inverse preconditioning with
       ``root_method='eigh'``); ``'none'``: neither. Needs 4 or more
       microbatches, an even number.
+    cross_fit_safeguard: with ``bias_correction``, floor the held-out
+      second moment a step divides by (the grafting optimizer's, or
+      Adam's in the eigenbasis) at 1/8 of the pooled one's lower bound
+      ``M̂² / (2 R_t²)``, ``R_t`` the largest ``|M̂| / √V̂`` Adam
+      reaches, so that no cross-fitted ratio exceeds 4 times Adam's
+      largest; False: the official algorithm. The official one divides
+      by a second moment near zero in coordinates that the held-out
+      microbatches leave at zero (rare inputs or tokens, ReLU units off
+      on all their examples) and diverges there. Wherever the held-out
+      second moment is at least 1/16 of the numerator half's, the floor
+      is inactive and the step is the official one
+      (`foam_optax._src.cross_fitting`).
 
   Example:
     >>> import jax.numpy as jnp, foam_optax as fo
@@ -842,6 +894,7 @@ def soap(
     proxy: options.Proxy = "exact",
     proxy_probes: int = 16,
     bias_correction: options.BiasCorrection = "none",
+    cross_fit_safeguard: bool = True,
     weight_decay: float = 0.01,
     weight_decay_mask: Optional[Any] = None,
     decay_after_update: bool = True,
@@ -961,6 +1014,18 @@ def soap(
       eigenbasis (root-inverse preconditioning with
       ``root_method='eigh'``); ``'none'``: neither. Needs 4 or more
       microbatches, an even number.
+    cross_fit_safeguard: with ``bias_correction``, floor the held-out
+      second moment a step divides by (the grafting optimizer's, or
+      Adam's in the eigenbasis) at 1/8 of the pooled one's lower bound
+      ``M̂² / (2 R_t²)``, ``R_t`` the largest ``|M̂| / √V̂`` Adam
+      reaches, so that no cross-fitted ratio exceeds 4 times Adam's
+      largest; False: the official algorithm. The official one divides
+      by a second moment near zero in coordinates that the held-out
+      microbatches leave at zero (rare inputs or tokens, ReLU units off
+      on all their examples) and diverges there. Wherever the held-out
+      second moment is at least 1/16 of the numerator half's, the floor
+      is inactive and the step is the official one
+      (`foam_optax._src.cross_fitting`).
     weight_decay: decoupled weight decay (multiplied by the learning
       rate).
     weight_decay_mask: pytree of bools or a callable of the params

@@ -12,6 +12,7 @@ import optax
 
 from foam_optax._src import alias
 from foam_optax._src import checks
+from foam_optax._src import cross_fitting
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
 from foam_optax._src import signatures
@@ -32,14 +33,20 @@ class ScaleByBiasCorrectedAdamState(NamedTuple):
   skips: SkipCounters
 
 
-def _leave_one_out(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction):
+def _leave_one_out(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction,
+                   safeguard):
   """The official LOO step: fold ``r``'s numerator from ``g_r``, its
   denominator from the other folds' mean; Jensen's term from the spread of
-  the denominators. Returns (step, new momentum, new second moment)."""
+  the denominators. With `safeguard` (not None), each fold's second moment
+  is floored at a fraction of a lower bound of Adam's, from all folds
+  (`cross_fitting`). Returns (step, new momentum, new second moment)."""
   m = micro.shape[0]
   full = jnp.mean(micro, axis=0)
   others = (m * full - micro) / (m - 1)
   v_hat = jnp.maximum((b2 * nu + (1 - b2) * others ** 2) / bc2, 0.0)
+  if safeguard is not None:
+    v_hat = cross_fitting.floored(v_hat, (
+        b2 * nu + (1 - b2) * jnp.mean(micro ** 2, axis=0) / m) / bc2)
   denom = jnp.sqrt(v_hat) + eps
   m_hat = (b1 * mu + (1 - b1) * micro) / bc1
   step = jnp.mean(m_hat / denom, axis=0)
@@ -52,16 +59,23 @@ def _leave_one_out(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction):
   return step, b1 * mu + (1 - b1) * full, b2 * nu + (1 - b2) * full ** 2
 
 
-def _two_group(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction):
+def _two_group(micro, mu, nu, b1, b2, eps, bc1, bc2, variance_correction,
+               safeguard):
   """The official two-group step: the momentum from group A (the first
   half), the second moment from group B's mean square, and the variance of
-  B's hypothetical denominators subtracted from the inverse. Returns (step,
-  new momentum, new second moment)."""
+  B's hypothetical denominators subtracted from the inverse. With
+  `safeguard`, Adam's ratio bound ``R_t``, B's second moment is floored at
+  a fraction of the pooled one's lower bound from the momentum
+  (`cross_fitting`). Returns (step, new momentum, new second moment)."""
   half = micro.shape[0] // 2
   group_a, group_b = micro[:half], micro[half:]
   new_nu = b2 * nu + (1 - b2) * jnp.mean(group_b ** 2, axis=0)
   new_mu = b1 * mu + (1 - b1) * jnp.mean(group_a, axis=0)
-  denom = jnp.sqrt(new_nu / bc2) + eps
+  v_hat = new_nu / bc2
+  if safeguard is not None:
+    v_hat = cross_fitting.floored(v_hat, cross_fitting.pooled_lower_bound(
+        new_mu / bc1, safeguard))
+  denom = jnp.sqrt(v_hat) + eps
   inverse = 1.0 / denom
   if variance_correction:
     per_micro = jnp.sqrt(jnp.maximum((b2 * nu + (1 - b2) * group_b ** 2)
@@ -79,6 +93,7 @@ def scale_by_bias_corrected_adam(
     eps: float = 1e-8,
     method: Method = "leave_one_out",
     variance_correction: bool = True,
+    cross_fit_safeguard: bool = True,
     mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam from per-microbatch gradients, corrected for the two biases of a
@@ -108,6 +123,22 @@ def scale_by_bias_corrected_adam(
   from the inverse. ``variance_correction=False`` keeps the cross-fitting
   only. When every microbatch gradient is the same, the step is Adam's.
 
+  The held-out second moment is floored (``cross_fit_safeguard``, see
+  `foam_optax._src.cross_fitting`). In a coordinate that the held-out
+  microbatches never saw (a rare input, a ReLU unit off on all their
+  examples) the official estimators divide by a second moment near 0, and
+  on such data they diverge (a digits MLP: loss 2e6 for two groups, 2e8
+  for leave-one-out without the variance correction). Leave-one-out floors
+  each fold's ``d_r²`` (before ``ε``) at 1/8 of ``(b2·v + (1-b2)·Σ_j g_j² /
+  m²) / (1-b2^t)``, a lower bound of Adam's own second moment from all
+  folds that no cancellation between them brings to 0. Two groups floor
+  B's at 1/8 of the pooled second moment's lower bound ``m̂² / (2 R_t²)``
+  (``R_t``: the largest ``|m̂| / √v̂`` Adam reaches with these decays), so
+  the step never exceeds ``4 R_t``; this floor is inactive wherever B's
+  second moment is at least 1/16 of A's. Where a floor is inactive, the
+  step is the official one. ``cross_fit_safeguard=False`` runs the
+  official algorithm.
+
   The step is computed from `microbatch_grads` alone (`grads` gives the
   structure): a transformation before this one in a chain that changes the
   gradients, such as clipping, does not reach it.
@@ -117,6 +148,8 @@ def scale_by_bias_corrected_adam(
     method: ``'leave_one_out'`` (needs 2 or more microbatches) or
       ``'two_group'`` (4 or more, an even number).
     variance_correction: subtract the variance (Jensen) term.
+    cross_fit_safeguard: floor the held-out second moment (above); False:
+      the official algorithm.
     mu_dtype: the momentum's storage dtype; None: the parameter's.
 
   Returns:
@@ -133,6 +166,7 @@ def scale_by_bias_corrected_adam(
   checks.in_range(0.0, float("inf"))("eps", eps)
   checks.choice(("leave_one_out", "two_group"))("method", method)
   checks.boolean("variance_correction", variance_correction)
+  checks.boolean("cross_fit_safeguard", cross_fit_safeguard)
   checks.floating_dtype("mu_dtype", mu_dtype)
   step_fn = _leave_one_out if method == "leave_one_out" else _two_group
   minimum = 2 if method == "leave_one_out" else 4
@@ -158,8 +192,10 @@ def scale_by_bias_corrected_adam(
     dtype = linalg.stat_dtype()
     bc1 = 1 - jnp.asarray(b1, dtype) ** count
     bc2 = 1 - jnp.asarray(b2, dtype) ** count
+    safeguard = (cross_fitting.adam_ratio_bound(b1, b2, count)
+                 if cross_fit_safeguard else None)
     out = [step_fn(g.astype(dtype), m.astype(dtype), v, b1, b2, eps, bc1,
-                   bc2, variance_correction)
+                   bc2, variance_correction, safeguard)
            for g, m, v in zip(micro, jax.tree.leaves(state.mu),
                               jax.tree.leaves(state.nu))]
     treedef = jax.tree.structure(state.mu)

@@ -83,6 +83,7 @@ class Config:
   root_method: options.RootMethod = _field("root_method")
   root_iterations: int = _field("root_iterations")
   bias_correction: options.BiasCorrection = _field("bias_correction")
+  cross_fit_safeguard: bool = _field("cross_fit_safeguard")
   ema_bias_correction: bool = _field("ema_bias_correction")
   root_damping: options.RootDamping = _field("root_damping")
   # End of the generated fields.

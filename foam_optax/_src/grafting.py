@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from foam_optax._src import cross_fitting
 from foam_optax._src.config import Config
 
 USES_SECOND_MOMENT = ("adam", "rmsprop")
 
 
 def adam_direction(second_moment, grad, momentum, step, b2, eps,
-                   bias_correction=True, samples=None):
+                   bias_correction=True, samples=None, bound=None):
   """Adam's direction ``M / (sqrt(V / (1 - b2^t)) + eps)`` (RMSProp's
   without the bias correction) and the new second moment ``V ← b2·V +
   (1-b2)·G²``; with `samples` of shape ``(J, *shape)``, cross-fitting's
   second group of microbatch gradients, ``V`` takes their mean square
-  instead of ``G²``."""
+  instead of ``G²``. With `bound`, Adam's ratio bound ``R_t``
+  (`cross_fitting.adam_ratio_bound`), the direction divides by that
+  held-out estimate floored at a fraction of the pooled one's lower bound
+  ``M² / (2 R_t²)`` (`cross_fitting`; the state keeps the unfloored ``V``)."""
   b2 = jnp.asarray(b2, grad.dtype)
   if samples is None:
     term = (1 - b2) * grad * grad
@@ -31,6 +35,9 @@ def adam_direction(second_moment, grad, momentum, step, b2, eps,
     term = (1 - b2) * jnp.mean(samples ** 2, axis=0)
   second_moment = b2 * second_moment + term
   scale = second_moment / (1 - b2 ** step) if bias_correction else second_moment
+  if bound is not None:
+    scale = cross_fitting.floored(
+        scale, cross_fitting.pooled_lower_bound(momentum, bound))
   return momentum / (jnp.sqrt(scale) + eps), second_moment
 
 
@@ -38,15 +45,18 @@ def direction(second_moment, grad, momentum, step, cfg: Config, samples=None):
   """Grafting direction `a_t` and the new second moment (None if unused).
 
   `momentum` is the bias-corrected `M_t` shared with the preconditioner;
-  `samples` as in `adam_direction`.
+  `samples` as in `adam_direction`, whose estimate is floored with
+  ``cross_fit_safeguard`` (`cross_fitting`).
   """
   if cfg.grafting == "rms":
     return with_rms(momentum[None], cfg.graft_rms)[0], second_moment
   if cfg.grafting not in USES_SECOND_MOMENT:   # 'sgd' and 'none'
     return momentum, second_moment
+  corrected = cfg.grafting == "adam"
   return adam_direction(second_moment, grad, momentum, step, cfg.graft_b2,
-                        cfg.adam_eps, bias_correction=cfg.grafting == "adam",
-                        samples=samples)
+                        cfg.adam_eps, bias_correction=corrected,
+                        samples=samples, bound=cross_fitting.bound_for(
+                            cfg, cfg.graft_b2, step, corrected, samples))
 
 
 def _frobenius_norms(x):

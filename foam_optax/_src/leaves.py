@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from foam_optax._src import blocks
+from foam_optax._src import cross_fitting
 from foam_optax._src import distribution
 from foam_optax._src import grafting
 from foam_optax._src import linalg
@@ -82,7 +83,8 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
     square = g * g if samples is None else jnp.mean(samples ** 2, axis=0)
     graft_dir, new_graft_moment = preconditioners.adam_in_basis(
         square, corrected, graft_moment.astype(g.dtype), step, cfg.b2,  # pyright: ignore[reportOptionalMemberAccess]
-        cfg.adam_eps)
+        cfg.adam_eps, bound=cross_fitting.bound_for(cfg, cfg.b2, step,
+                                                    samples=samples))
     graft_moment = new_graft_moment.astype(graft_moment.dtype)  # pyright: ignore[reportOptionalMemberAccess]
   else:
     graft_dir, new_graft_moment = grafting.direction(

@@ -295,6 +295,19 @@ OPTIONS = (
            "``root_method='eigh'``); ``'none'``: neither. Needs 4 or more "
            "microbatches, an even number.", _literal(BiasCorrection),
            static=True),
+    Option("cross_fit_safeguard", bool, True,
+           "with ``bias_correction``, floor the held-out second moment a "
+           "step divides by (the grafting optimizer's, or Adam's in the "
+           "eigenbasis) at 1/8 of the pooled one's lower bound ``M̂² / (2 "
+           "R_t²)``, ``R_t`` the largest ``|M̂| / √V̂`` Adam reaches, so "
+           "that no cross-fitted ratio exceeds 4 times Adam's largest; "
+           "False: the official algorithm. The official one divides by a "
+           "second moment near zero in coordinates that the held-out "
+           "microbatches leave at zero (rare inputs or tokens, ReLU units "
+           "off on all their examples) and diverges there. Wherever the "
+           "held-out second moment is at least 1/16 of the numerator "
+           "half's, the floor is inactive and the step is the official "
+           "one (`foam_optax._src.cross_fitting`).", checks.boolean),
     Option("ema_bias_correction", bool, True,
            "divide the momentum and the factor statistics by ``1 - b^t``, "
            "their moving averages' bias correction; False uses the raw "
@@ -342,7 +355,7 @@ _SHAMPOO = (
     "factor_matrix_eigenvectors_dtype", "inv_factor_matrix_dtype",
     "pseudo_inverse_rtol", "weight_dimension_numbers", "cache_inverse_root",
     "root_method", "root_iterations", "bias_correction",
-    "ema_bias_correction")
+    "cross_fit_safeguard", "ema_bias_correction")
 
 # Per optimizer, the options its functions take, in signature order.
 EXPOSED = {
@@ -361,7 +374,7 @@ EXPOSED = {
         "max_consecutive_skips", "mu_dtype", "second_moment_dtype",
         "factor_matrix_dtype", "factor_matrix_eigenvectors_dtype",
         "weight_dimension_numbers", "proxy", "proxy_probes",
-        "bias_correction"),
+        "bias_correction", "cross_fit_safeguard"),
     "asgo": (
         "b1", "b2", "epsilon", "root_method", "root_iterations", "graft_rms",
         "controller", "max_epsilon", "threshold", "check_frequency",

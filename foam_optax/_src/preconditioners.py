@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from foam_optax._src import cross_fitting
 from foam_optax._src import linalg
 from foam_optax._src.config import Config
 
@@ -89,7 +90,7 @@ def rotated_square(grad, rotate, samples=None, axis=0):
 
 
 def adam_in_basis(square, momentum, second_moment, step, b2, eps,
-                  rotate=lambda x: x, unrotate=lambda x: x):
+                  rotate=lambda x: x, unrotate=lambda x: x, bound=None):
   """Adam on rotated gradients, with SOAP's bias correction and epsilon.
 
   ``V ← b2·V + (1-b2)·square`` (`square` = ``(rotate G)²``, see
@@ -99,20 +100,32 @@ def adam_in_basis(square, momentum, second_moment, step, b2, eps,
   ``lr·√(1-b2^t)/(1-b1^t)`` with ``√V + eps`` (Adam's
   ``√(V/(1-b2^t)) + eps`` differs only in where `eps` sits).
 
+  With `bound`, Adam's ratio bound ``R_t`` (`cross_fitting`), `square` is
+  cross-fitting's held-out term, and the direction divides by ``V``
+  floored at a fraction of the pooled moment's lower bound ``(1-b2^t)·
+  M̃² / (2 R_t²)``, ``M̃ = rotate(M)`` (the state keeps the unfloored ``V``).
+
   Returns:
     (direction, new second moment).
   """
   b2 = jnp.asarray(b2, square.dtype)
   second_moment = b2 * second_moment + (1 - b2) * square
-  scaled = rotate(momentum) * jnp.sqrt(1 - b2 ** step)
-  return unrotate(scaled / (jnp.sqrt(second_moment) + eps)), second_moment
+  correction = 1 - b2 ** step
+  rotated = rotate(momentum)
+  held_out = second_moment
+  if bound is not None:
+    held_out = cross_fitting.floored(second_moment, correction * (
+        cross_fitting.pooled_lower_bound(rotated, bound)))
+  scaled = rotated * jnp.sqrt(correction)
+  return unrotate(scaled / (jnp.sqrt(held_out) + eps)), second_moment
 
 
 def eigenvalue_corrected(grad, momentum, second_moment, left_basis,
                          right_basis, step, cfg: Config, samples=None):
   """Adam in the eigenbasis of a (k, m, n) stack (None: identity basis);
   with `samples` (k, J, m, n) the second moment takes their rotated squares'
-  mean (cross-fitting) instead of the gradient's.
+  mean (cross-fitting) instead of the gradient's, floored with
+  ``cross_fit_safeguard`` (`cross_fitting`).
 
   Returns (direction, new second moment).
   """
@@ -120,4 +133,5 @@ def eigenvalue_corrected(grad, momentum, second_moment, left_basis,
   return adam_in_basis(
       rotated_square(grad, rotate, samples, axis=1), momentum, second_moment,
       step, cfg.b2, cfg.adam_eps, rotate=rotate,
-      unrotate=lambda x: linalg.unrotate(x, left_basis, right_basis))
+      unrotate=lambda x: linalg.unrotate(x, left_basis, right_basis),
+      bound=cross_fitting.bound_for(cfg, cfg.b2, step, samples=samples))

@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from foam_optax._src import cross_fitting
 from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import linalg
@@ -198,7 +199,8 @@ def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
   direction, moment = preconditioners.adam_in_basis(
       preconditioners.rotated_square(grad, rotate, samples), momentum,
       ts.rotated_second_moment.astype(grad.dtype), adam_step, cfg.b2,
-      cfg.adam_eps, rotate, unrotate)
+      cfg.adam_eps, rotate, unrotate,
+      cross_fitting.bound_for(cfg, cfg.b2, adam_step, samples=samples))
   ts = ts._replace(rotated_second_moment=moment.astype(stored))
   if cfg.rotation_basis == "previous":
     ts = _update_factors(grad, ts, step, first_id, cfg, samples)

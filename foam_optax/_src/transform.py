@@ -58,6 +58,7 @@ def scale_by_foam(
     root_method: options.RootMethod = "eigh",
     root_iterations: int = 10,
     bias_correction: options.BiasCorrection = "none",
+    cross_fit_safeguard: bool = True,
     ema_bias_correction: bool = True,
     proxy: options.Proxy = "exact",
     proxy_probes: int = 16,
@@ -204,6 +205,18 @@ def scale_by_foam(
       eigenbasis (root-inverse preconditioning with
       ``root_method='eigh'``); ``'none'``: neither. Needs 4 or more
       microbatches, an even number.
+    cross_fit_safeguard: with ``bias_correction``, floor the held-out
+      second moment a step divides by (the grafting optimizer's, or
+      Adam's in the eigenbasis) at 1/8 of the pooled one's lower bound
+      ``M̂² / (2 R_t²)``, ``R_t`` the largest ``|M̂| / √V̂`` Adam
+      reaches, so that no cross-fitted ratio exceeds 4 times Adam's
+      largest; False: the official algorithm. The official one divides
+      by a second moment near zero in coordinates that the held-out
+      microbatches leave at zero (rare inputs or tokens, ReLU units off
+      on all their examples) and diverges there. Wherever the held-out
+      second moment is at least 1/16 of the numerator half's, the floor
+      is inactive and the step is the official one
+      (`foam_optax._src.cross_fitting`).
     ema_bias_correction: divide the momentum and the factor statistics
       by ``1 - b^t``, their moving averages' bias correction; False uses
       the raw averages, as the official bias-corrected Shampoo does.
