@@ -19,6 +19,16 @@ def test_api_reference_builds_without_warnings(tmp_path):
     assert name in api, name
 
 
+def test_package_docstring_names_every_public_name():
+  """`help(foam_optax)` opens with one summary line and names everything
+  `__all__` exports."""
+  import foam_optax
+  doc = foam_optax.__doc__
+  assert len(doc.splitlines()[0]) <= 79 and not doc.splitlines()[1]
+  missing = [n for n in foam_optax.__all__ if f"`{n}`" not in doc]
+  assert not missing, missing
+
+
 # ---------------------------------------- the README's and docs' blocks
 
 import re  # noqa: E402
