@@ -1,4 +1,61 @@
-"""foam_optax: FOAM, Shampoo and SOAP as optax gradient transformations."""
+"""Shampoo-family optimizers for JAX as optax gradient transformations.
+
+FOAM, Shampoo, SOAP, ASGO, DASGO and bias-corrected AdamW, each a
+pure-functional `optax.GradientTransformation` that works under `jax.jit`
+and inside optax's chains and wrappers.
+
+Optimizers (an alias with a learning rate, and its `scale_by_*` direction):
+
+- `foam` / `scale_by_foam`: Shampoo whose cached eigenbases are refreshed
+  only when FOAM's staleness proxy asks for it, with adaptive damping
+  (the FOAM paper, ICML 2026).
+- `shampoo` / `scale_by_shampoo`: Shampoo refreshed every
+  `check_frequency` steps, the paper's baseline.
+- `soap` / `scale_by_soap`: SOAP, Adam in the factors' eigenbasis, as the
+  official code.
+- `asgo` / `scale_by_asgo` and `dasgo` / `scale_by_dasgo`: ASGO (one factor
+  per matrix) and its diagonal variant DASGO, as the official code.
+- `bias_corrected_adamw` / `scale_by_bias_corrected_adam`: AdamW corrected
+  for coupling and Jensen bias from per-microbatch gradients
+  (`microbatch_grads`); the `bias_correction` option does the same for
+  `shampoo`, `foam` and `soap`.
+
+Around them:
+
+- `partition`, `precondition_labels`: matrices to a Shampoo-family
+  optimizer, vectors, norms and embeddings to a diagonal one.
+- `mup_multipliers`, `scale_by_mup`, `nnx_dimension_numbers`: learning-rate
+  transfer across widths (μP); `scale_by_spectral_norm`: explicit spectral
+  normalisation of each update.
+- `DimensionNumbers`: which axes of a leaf form its matrix (stacked layers,
+  attention heads).
+- `stats`, `find_states`, `factor_stacks`, `block_stacks`: counters,
+  damping and skipped steps of any optimizer here, found anywhere in a
+  chain; the factor stacks a state holds.
+- `skip_nonfinite`, `decay_updated_weights`: skipping of non-finite steps
+  for a hand-built chain; SOAP's weight decay after the update.
+- `state_sharding`, `relayout`: the state's shardings on a device mesh, and
+  moving a state between device counts.
+- `controllers` (refresh rules and their registry) and `kernels` (the
+  linear algebra).
+- The states' types: `ScaleByFoamState` (with `LeafState`,
+  `BlockClassState`, `FactorStack`, `SkipCounters`), `FactorStackView`,
+  `ScaleByDasgoState`, `ScaleByBiasCorrectedAdamState`,
+  `ScaleBySpectralNormState`.
+
+Example:
+
+>>> import jax.numpy as jnp, optax
+>>> import foam_optax as fo
+>>> tx = fo.partition(fo.foam(1e-3), optax.adamw(1e-3))
+>>> state = tx.init({"w": jnp.ones((8, 4)), "b": jnp.zeros(4)})
+>>> int(fo.stats(state)["step"])
+0
+
+More: the README (quickstart and recipes), the docs/ pages (every option,
+what each alias reproduces, several devices, design), BENCHMARKS.md (every
+measurement, with an overview), and each function's docstring.
+"""
 
 from foam_optax import controllers
 from foam_optax import kernels

@@ -1,4 +1,5 @@
-"""The README's Python blocks: finding them, running them as pasted, and
+"""The Python blocks of the README and of the docs pages that hold its
+reference material (`PAGES`): finding them, running them as pasted, and
 what their comments say they print.
 
 A block is one of:
@@ -23,13 +24,21 @@ import pathlib
 import re
 import textwrap
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# docs/multi_device.md is not among them: its recipe needs 8 devices and
+# tests/test_multi_device.py runs it; its other blocks are fragments.
+PAGES = (README,) + tuple(
+    ROOT / "docs" / name for name in ("options.md", "reproduction.md",
+                                      "bias_correction.md", "practice.md",
+                                      "mup.md", "design.md"))
 _BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
 _RUN_BY = re.compile(r"<!-- run by (tests/\S+\.py) -->\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
+  page: str                  # its file, relative to the repository
   line: int                  # 1-based line of the opening fence
   code: str                  # dedented
   run_by: str | None         # the test file that runs it, if another
@@ -40,26 +49,24 @@ class Block:
 
 
 def blocks() -> list[Block]:
-  text = README.read_text()
+  """Every Python block of every page, in order."""
   found = []
-  for match in _BLOCK.finditer(text):
-    before = text[:match.start()].rstrip("\n").splitlines()
-    run_by = _RUN_BY.search(before[-1]) if before else None
-    found.append(Block(text.count("\n", 0, match.start()) + 1,
-                       textwrap.dedent(match.group(2)),
-                       run_by.group(1) if run_by else None))
+  for page in PAGES:
+    text = page.read_text(encoding="utf-8")
+    for match in _BLOCK.finditer(text):
+      before = text[:match.start()].rstrip("\n").splitlines()
+      run_by = _RUN_BY.search(before[-1]) if before else None
+      found.append(Block(str(page.relative_to(ROOT)),
+                         text.count("\n", 0, match.start()) + 1,
+                         textwrap.dedent(match.group(2)),
+                         run_by.group(1) if run_by else None))
   return found
 
 
 def recipe(keyword: str) -> str:
-  """The one Python block of the README's Recipes section containing
-  `keyword`."""
-  text = README.read_text()
-  start = text.index("## Recipes")
-  end = text.index("\n## ", start + 1)
-  first, last = (text.count("\n", 0, i) + 1 for i in (start, end))
-  found = [b.code for b in blocks()
-           if first <= b.line <= last and keyword in b.code]
+  """The one recipe containing `keyword`: a block, on any page, that
+  another test runs (``<!-- run by ... -->``)."""
+  found = [b.code for b in blocks() if b.run_by and keyword in b.code]
   assert len(found) == 1, keyword
   return found[0]
 

@@ -115,17 +115,17 @@ def test_mup_transfer_example_scales_the_rates_with_width(capsys):
 
 
 def test_readme_mup_snippet_runs_with_the_examples_mlp():
-  """The README's μP block as pasted, with the example's MLP: the chain
+  """docs/mup.md's first block as pasted, with the example's MLP: the chain
   initialises on the width-1024 model and the multipliers are the grafted
   rule's 1/8 for the hidden and readout kernels."""
   import pathlib
   import re
-  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
-            ).read_text()
-  section = readme[readme.index("## Hyperparameter transfer across widths"):]
+  page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "mup.md"
+          ).read_text()
+  section = page[page.index("# Hyperparameter transfer across widths"):]
   code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
   namespace = {"MLP": mup_transfer.MLP}
-  exec(compile(code, "README.md", "exec"), namespace)
+  exec(compile(code, "docs/mup.md", "exec"), namespace)
   multipliers = namespace["multipliers"]
   assert multipliers["hidden"]["kernel"] == multipliers["readout"][
       "kernel"] == 1 / 8

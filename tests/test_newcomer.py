@@ -17,9 +17,11 @@ from flax import nnx
 import foam_optax as fo
 
 import readme_blocks
-from readme_blocks import README
+from readme_blocks import ROOT
 from readme_blocks import recipe as _recipe
 from readme_blocks import run as _run
+
+OPTIONS = ROOT / "docs" / "options.md"
 
 
 # ---------------------------------------------------------------------------
@@ -266,27 +268,28 @@ def test_step_counters_with_a_skipped_step():
 
 
 # ---------------------------------------------------------------------------
-# 6. The README's defaults table is the code's.
+# 6. The tables of docs/options.md are the code's.
 
 
 @pytest.mark.parametrize("marker,table", [
     ("defaults-table", "defaults_table"), ("arguments-table", "arguments_table")])
 def test_readme_tables_are_derived_from_the_option_table(marker, table):
-  """The README's tables are generated from the one table of options."""
+  """The tables of docs/options.md are generated from the one table of
+  options."""
   from foam_optax._src import signatures
-  text = README.read_text()
+  text = OPTIONS.read_text()
   start, end = f"<!-- {marker}:start -->\n", f"\n<!-- {marker}:end -->"
   block = text[text.index(start) + len(start):text.index(end)]
   expected = getattr(signatures, table)()
   assert block == expected, (
-      f"README.md's {marker} is stale: run `python -m "
-      "foam_optax._src.signatures README.md`")
+      f"docs/options.md's {marker} is stale: run `python -m "
+      "foam_optax._src.signatures`")
 
 
 def test_readme_defaults_are_the_signatures():
   """Cross-check of the generated table against `inspect`: every default
   shown is the one the function has."""
-  text = README.read_text()
+  text = OPTIONS.read_text()
   table = text[text.index("<!-- defaults-table:start -->"):
                text.index("<!-- defaults-table:end -->")]
   rows = [r.strip("|").split("|") for r in table.splitlines()
@@ -658,7 +661,7 @@ def test_asgo_counts_polar_express_roots_as_inverse_roots():
 
 
 # ---------------------------------------------------------------------------
-# 10. ASGO's routing: the README's and the docstrings' are the official one.
+# 10. ASGO's routing: the documented one and the docstrings' are the official one.
 
 
 class _Transformer(nnx.Module):
@@ -677,7 +680,8 @@ def test_asgo_routing_is_the_official_one():
   """Adam for what the official `get_optimizer_and_lr_scheduler` sends to
   it ('emb' in the name, or a vector), judging each bias by the PyTorch
   layout the official models have (a vector, here (heads, head_dim) in
-  attention); ASGO for the rest. README and docstrings route alike."""
+  attention); ASGO for the rest. docs/reproduction.md and the docstrings
+  route alike."""
   from official_asgo import official_route
   readme = next(b.code for b in readme_blocks.blocks()
                 if "fo.asgo(lr)" in b.code)

@@ -1,6 +1,6 @@
 """What type checkers see: basedpyright, in standard mode (pyproject.toml),
-finds no error in the package, the examples or the README's Python blocks,
-and flags every line of `type_mistakes.py` marked ``# error:``, and no
+finds no error in the package, the examples or the Python blocks of the
+README and the docs pages (`readme_blocks.PAGES`), and flags every line of `type_mistakes.py` marked ``# error:``, and no
 other line."""
 
 import ast
@@ -13,9 +13,11 @@ import textwrap
 
 import pytest
 
+from readme_blocks import PAGES
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MISTAKES = ROOT / "tests" / "type_mistakes.py"
-# Every README block is checked as a script with these imports first; a
+# Every block is checked as a script with these imports first; a
 # fragment may also use these names from the text around it, typed here.
 PRELUDE = ("import jax\nimport jax.numpy as jnp\nimport optax\n"
            "import foam_optax as fo\nfrom typing import Any\n")
@@ -24,10 +26,13 @@ CONTEXT = {"params": "params: Any = None", "lr": "lr: float = 1e-3",
 
 
 def readme_blocks():
-  """(README line of the block's first line, its code), every block."""
-  text = (ROOT / "README.md").read_text(encoding="utf-8")
-  for m in re.finditer(r"^( *)```python\n(.*?)^\1```", text, re.S | re.M):
-    yield text[:m.start()].count("\n") + 2, textwrap.dedent(m[2])
+  """(page, the page's line of the block's first line, its code), every
+  block of every page."""
+  for page in PAGES:
+    text = page.read_text(encoding="utf-8")
+    for m in re.finditer(r"^( *)```python\n(.*?)^\1```", text, re.S | re.M):
+      yield (str(page.relative_to(ROOT)), text[:m.start()].count("\n") + 2,
+             textwrap.dedent(m[2]))
 
 
 def _bound(code):
@@ -46,16 +51,17 @@ def _bound(code):
 @pytest.fixture(scope="module")
 def errors(tmp_path_factory):
   """file -> [(line, message)] of every error of one basedpyright run over
-  the package, the examples, the README blocks (as ``README.md``, with its
-  line numbers) and the mistakes."""
+  the package, the examples, the pages' blocks (as their page, e.g.
+  ``docs/options.md``, with its line numbers) and the mistakes."""
   folder = tmp_path_factory.mktemp("readme")
-  readme = {}   # checked file -> (README line of its line 1, lines added)
-  for line, code in readme_blocks():
+  readme = {}   # checked file -> (page, its line of line 1, lines added)
+  for page, line, code in readme_blocks():
     head = PRELUDE + "".join(
         CONTEXT[name] + "\n" for name in sorted(CONTEXT.keys() - _bound(code)))
-    path = (folder / f"readme_{line}.py").resolve()
+    stem = page.replace("/", "_").replace(".md", "")
+    path = (folder / f"{stem}_{line}.py").resolve()
     path.write_text(head + code, encoding="utf-8")
-    readme[str(path)] = (line, head.count("\n"))
+    readme[str(path)] = (page, line, head.count("\n"))
   assert len(readme) >= 10
   try:
     run = subprocess.run(
@@ -74,8 +80,8 @@ def errors(tmp_path_factory):
     file = str(pathlib.Path(d["file"]).resolve())
     line = d["range"]["start"]["line"] + 1
     if file in readme:
-      start, added = readme[file]
-      file, line = "README.md", start + line - 1 - added
+      page, start, added = readme[file]
+      file, line = page, start + line - 1 - added
     found.setdefault(file, []).append((line, d["message"]))
   return found
 
@@ -85,9 +91,10 @@ def _listing(found):
                    for line, message in errs)
 
 
-@pytest.mark.parametrize("where", ["foam_optax", "examples", "README.md"])
+@pytest.mark.parametrize("where", ["foam_optax", "examples", "README.md",
+                                   "docs/"])
 def test_no_type_errors(errors, where):
-  prefix = where if where.endswith(".md") else str(ROOT / where) + "/"
+  prefix = where if where.endswith((".md", "docs/")) else str(ROOT / where) + "/"
   found = {f: e for f, e in errors.items() if f.startswith(prefix)}
   assert not found, "\n" + _listing(found)
 

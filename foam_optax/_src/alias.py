@@ -1103,7 +1103,7 @@ def scale_by_asgo(
   proxy asks, with its adaptive damping (set ``check_frequency``, e.g. 20).
   Vectors and scalars get their momentum rescaled to RMS `graft_rms`; the
   official runs train them (and embeddings) with Adam instead, which
-  `fo.partition` reproduces (see the README).
+  `fo.partition` reproduces (see docs/reproduction.md).
 
   Args:
     b1: momentum decay (0 disables momentum).

@@ -6,9 +6,9 @@ The functions built from the table (`scale_by_foam`, and the aliases and
 `scale_by_*` transformations of `alias`) are written out in the source with
 their full signatures and docstring argument lists, and `Config` with one
 typed field per option, so that type checkers, IDEs, `inspect` and `help`
-all read the same explicit code. ``python -m foam_optax._src.signatures
-README.md`` regenerates those parts of the source (`generated_sources`) and
-the README's tables from the table; the tests check that they are current.
+all read the same explicit code. ``python -m foam_optax._src.signatures``
+regenerates those parts of the source (`generated_sources`) and the tables
+of docs/options.md from the table; the tests check that they are current.
 
 `public` gives a public function errors that name it and the closest
 argument; `renamed` keeps a renamed argument working, with a warning.
@@ -388,4 +388,4 @@ def update_readme(path: str) -> None:
 
 if __name__ == "__main__":
   update_sources()
-  update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+  update_readme(sys.argv[1] if len(sys.argv) > 1 else "docs/options.md")
