@@ -219,6 +219,7 @@ def bias_corrected_adamw(
     eps: float = 1e-8,
     method: Method = "leave_one_out",
     variance_correction: bool = True,
+    cross_fit_safeguard: bool = True,
     mu_dtype: Optional[Any] = None,
     weight_decay: float = 0.1,
     mask: Optional[Any] = None,
@@ -235,8 +236,8 @@ def bias_corrected_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1, b2, eps, method, variance_correction, mu_dtype: as in
-      `scale_by_bias_corrected_adam`.
+    b1, b2, eps, method, variance_correction, cross_fit_safeguard,
+      mu_dtype: as in `scale_by_bias_corrected_adam`.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
     mask: pytree of bools or a callable of the params choosing the leaves
       that decay; None decays all.
@@ -251,5 +252,6 @@ def bias_corrected_adamw(
   return alias.decayed_alias(
       scale_by_bias_corrected_adam(
           b1=b1, b2=b2, eps=eps, method=method,
-          variance_correction=variance_correction, mu_dtype=mu_dtype),
+          variance_correction=variance_correction,
+          cross_fit_safeguard=cross_fit_safeguard, mu_dtype=mu_dtype),
       learning_rate, weight_decay, mask)
