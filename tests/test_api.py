@@ -359,7 +359,8 @@ _HAND_WRITTEN = [  # alias, its transformation, its mask's name, non-defaults
                                     "b": None})),
     (fo.bias_corrected_adamw, fo.scale_by_bias_corrected_adam, "mask",
      dict(b1=0.5, b2=0.7, eps=1e-3, method="two_group",
-          variance_correction=False, mu_dtype=jnp.bfloat16)),
+          variance_correction=False, cross_fit_safeguard=False,
+          mu_dtype=jnp.bfloat16)),
 ]
 
 
