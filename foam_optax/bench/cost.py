@@ -239,15 +239,19 @@ def step_times(name: str, cfg: CostConfig, params, scanned: bool,
   tx = optimizer(name, params, scanned, **options)
   grads = jax.grad(loss_fn)(params, batch, scanned)
   state = jax.block_until_ready(tx.init(params))
-  step = jax.jit(lambda state: tx.update(grads, state, params)[1],
-                 donate_argnums=0).lower(state).compile()
+  # Gradients and parameters are arguments: closed over, they would be
+  # constants that XLA folds through the update's products for minutes.
+  step = jax.jit(lambda state, grads, params: tx.update(grads, state,
+                                                        params)[1],
+                 donate_argnums=0).lower(state, grads, params).compile()
   keys = ("checks", "eigendecompositions", "inverse_roots")
   counters = lambda state: ({k: int(v) for k, v in fo.stats(state).items()
                              if k in keys} if package else {})
   kinds = {"plain": [], "check": [], "refresh": []}
   for _ in range(2 * cfg.check_frequency + 1):
     before = counters(state)
-    state, wall, _ = _timed(lambda: jax.block_until_ready(step(state)))
+    state, wall, _ = _timed(
+        lambda: jax.block_until_ready(step(state, grads, params)))
     work = {k: v - before[k] for k, v in counters(state).items()}
     if work.get("eigendecompositions") or work.get("inverse_roots"):
       kinds["refresh"].append((wall, work))
