@@ -13,6 +13,7 @@ import pytest
 import foam_optax as fo
 from foam_optax._src import cross_fitting
 import official_bias_correction as official
+from helpers import first_steps
 
 STEPS = 30
 LR = 1e-2
@@ -194,18 +195,6 @@ def test_cross_fitting_decorrelates_numerator_and_preconditioner():
   assert abs(crossed) < 0.03 < abs(same) and plain > 0.5
 
 
-def _first_steps(mu, sigma=1.0, m=8, draws=20000, **options):
-  """The mean first-step update of `scale_by_bias_corrected_adam` over
-  `draws` coordinates whose microbatch gradients are N(μ, σ²)."""
-  rng = np.random.default_rng(0)
-  micro = (mu + sigma * rng.standard_normal((m, draws))).astype(np.float32)
-  tx = fo.scale_by_bias_corrected_adam(**options)
-  params = {"w": jnp.zeros((draws,))}
-  update, _ = tx.update({"w": jnp.asarray(micro.mean(0))}, tx.init(params),
-                        params, microbatch_grads={"w": jnp.asarray(micro)})
-  return float(jnp.mean(update["w"]))
-
-
 @pytest.mark.parametrize("mu", [0.2, 0.5, 1.0])
 def test_variance_correction_reduces_the_first_step_bias_monte_carlo(mu):
   """Monte Carlo over 20,000 coordinates, 8 microbatches of N(μ, 1) each,
@@ -224,9 +213,9 @@ def test_variance_correction_reduces_the_first_step_bias_monte_carlo(mu):
   bias = lambda value, target: abs(value - target) / target
   for method, target in (("two_group", two_group),
                          ("leave_one_out", leave_one_out)):
-    plain = bias(_first_steps(mu, method=method, variance_correction=False,
+    plain = bias(first_steps(mu, method=method, variance_correction=False,
                               cross_fit_safeguard=False), target)
-    corrected = bias(_first_steps(mu, method=method,
+    corrected = bias(first_steps(mu, method=method,
                                   cross_fit_safeguard=False), target)
     assert corrected < 0.6 * plain, (method, plain, corrected)
     assert corrected < 0.25, (method, corrected)

@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import foam_optax as fo
-from test_reference import BASE, FAST_COMPILE, branches, compare
+from helpers import BASE, FAST_COMPILE, branches, compare
 
 # Fewer leaves than the root-inverse suite: (4,4) square, (2,3,4) -> (6,4)
 # blocked 4+2, (3,5) blocked 4+1, (1,5) vector, () scalar.
