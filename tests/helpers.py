@@ -3,6 +3,7 @@ core state inside any optax state, and the step-by-step comparison of
 `scale_by_foam`/`scale_by_soap` with the float64 reference (`reference.py`).
 """
 
+import inspect
 import math
 
 import jax
@@ -26,11 +27,33 @@ def gaussian_like(tree, seed, scale=1.0, draw_dtype=None):
           x.dtype) for k, x in zip(keys, leaves)])
 
 
-def core(state):
+def core_state(state):
   """The one `ScaleByFoamState` inside an alias or wrapper state."""
   found = fo.find_states(state)
   assert len(found) == 1
   return found[0]
+
+
+def run_steps(tx, params, steps, seed=0):
+  """Jitted updates on random gradients (`gaussian_like`, drawn in float32);
+  the last updates and the state."""
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for i in range(steps):
+    updates, state = update(
+        gaussian_like(params, seed + i, draw_dtype=jnp.float32), state, params)
+  return updates, state
+
+
+def leaf_states(state):
+  """The per-leaf states of every `ScaleByFoamState` inside `state`."""
+  return [ls for found in fo.find_states(state) for ls in found.leaf_states()]
+
+
+def defaults(fn):
+  """{argument: default} of `fn`'s signature."""
+  return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+          if p.default is not inspect.Parameter.empty}
 
 
 def first_steps(mu, sigma=1.0, m=8, draws=20000, **options):
@@ -43,6 +66,19 @@ def first_steps(mu, sigma=1.0, m=8, draws=20000, **options):
   update, _ = tx.update({"w": jnp.asarray(micro.mean(0))}, tx.init(params),
                         params, microbatch_grads={"w": jnp.asarray(micro)})
   return float(jnp.mean(update["w"]))
+
+
+# A small MLP's gradients and its 8 microbatches' gradients.
+
+MB_PARAMS = {"w": jnp.ones((6, 4)) / 3, "b": jnp.zeros(4)}
+
+
+def microbatched(seed):
+  """(grads, per-microbatch grads) of 8 microbatches of 4 examples."""
+  batch = jax.random.normal(jax.random.PRNGKey(seed), (32, 6))
+  loss_fn = lambda p, x: jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+  _, grads, micro = fo.microbatch_grads(loss_fn, MB_PARAMS, batch, 8)
+  return grads, micro
 
 
 # The step-by-step comparison with the float64 reference.

@@ -6,6 +6,7 @@ structural causes found there, which do not depend on the machine.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import foam_optax as fo
 
@@ -24,3 +25,15 @@ def test_skip_predicate_is_computed_once():
   text = _compiled_update_text(fo.foam(1e-3), params)
   leaves = len(jax.tree.leaves(params))
   assert text.count("is-finite(") <= 3 * leaves
+
+
+def test_overflowing_finite_gradients_are_counted_apart():
+  tx = fo.foam(1e-3)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  for g in (1e30, np.nan, 1.0):
+    _, state = tx.update({"w": jnp.full((4, 3), g)}, state, params)
+  stats = fo.stats(state)
+  assert int(stats["nonfinite_skips"]) == 2
+  assert int(stats["overflow_skips"]) == 1
+  assert int(stats["step"]) == 1
