@@ -11,7 +11,7 @@ ours. Two substitutions only:
   the state's shapes, so a jitted ``init`` cannot read them traced.
 
 Complex dtypes are left out: the optimizers reject complex parameters at
-``init`` (tested in test_api.py). Each optimizer also runs with
+``init`` (tested in test_validation.py). Each optimizer also runs with
 ``precondition_1d=True`` (the suites' problems are mostly vectors); outside
 the convergence tests those runs are marked slow.
 """

@@ -139,7 +139,7 @@ def test_every_case_applies_somewhere(name):
   """Each factory is checked on most of its numeric/choice arguments."""
   accepted = set(inspect.signature(FACTORIES[name]).parameters)
   covered = {arg for arg, _, _ in CASES} & accepted
-  # Both need the parameters: checked by `init` (tests/test_api.py).
+  # Both need the parameters: checked by `init` (tests/test_layout.py, tests/test_optax_contracts.py).
   untested = accepted - covered - {"weight_decay_mask",
                                    "weight_dimension_numbers"}
   assert not untested, untested

@@ -1,5 +1,5 @@
 """The bias suite's pairing, Monte-Carlo figures and schedule (its quick
-run: tests/test_bench_suites.py)."""
+run: tests/bench/test_harness.py)."""
 
 import numpy as np
 import pytest
