@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import foam_optax as fo
-from helpers import leaf_states, run_steps
+from helpers import gaussian_like, leaf_states, run_steps
 
 
 OPTIMIZERS = {
@@ -77,8 +77,7 @@ _W = {"m": jnp.ones((6, 4)), "v": jnp.ones((4,))}
 
 
 def _grads(seed):
-  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-  return {"m": jax.random.normal(k1, (6, 4)), "v": jax.random.normal(k2, (4,))}
+  return gaussian_like(_W, seed)
 
 
 def test_inject_hyperparams_default_foam_injects_block_size_and_changes():
