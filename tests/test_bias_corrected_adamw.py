@@ -1,6 +1,7 @@
 """Bias-corrected optimizers: the float64 ports of the official code
 (`official_bias_correction`), with the cross-fitting safeguard off and
-where it never acts, zero spread, the Monte-Carlo bias, bad input."""
+where it never acts, zero spread, the Monte-Carlo bias, bad input
+(microbatch input: test_microbatches.py)."""
 
 import inspect
 

@@ -1,5 +1,6 @@
 """foam_optax optimizers inside the optax ecosystem: wrappers, schedules,
-dtypes, state invariants and convergence on small problems."""
+dtypes, state invariants, `optax.tree.map_params`, static options under
+`inject_hyperparams`, and convergence on small problems."""
 
 import functools
 

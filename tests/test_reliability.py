@@ -379,10 +379,9 @@ def test_gradient_at_the_float32_limit(controller):
 
 @pytest.mark.parametrize("name", ["foam", "scale_by_shampoo", "soap"])
 def test_zero_gradients_for_many_steps(name):
-  tx = OPTIMIZERS[name]()
+  tx, step = _shared_stepper(name)
   params = jax.tree.map(jnp.zeros_like, _params())
   carry = (params, tx.init(params))
-  step = _stepper(tx)
   zeros = jax.tree.map(jnp.zeros_like, params)
   for _ in range(25):
     carry = step(*carry, zeros)[:2]

@@ -1,4 +1,5 @@
-"""Properties of the compiled update that keep its compile time in check.
+"""The step: properties of the compiled update that keep its compile time in
+check, and overflowing finite gradients counted apart from non-finite ones.
 
 Compile time is measured by ``foam-bench --suite cost``; these tests pin the
 structural causes found there, which do not depend on the machine.

@@ -1,7 +1,9 @@
 """Out-of-range hyperparameters raise ValueError at construction.
 
 Every public factory is checked against every invalid value of every argument
-it accepts; the message must name the argument and its allowed range.
+it accepts; the message must name the argument and its allowed range. Bad
+parameters and gradients (complex, integer, float0) are refused naming the
+leaf, and a stuck run with non-finite parameters names them.
 """
 
 import inspect
