@@ -1,7 +1,7 @@
 """How a leaf becomes blocks: weight dimension numbers (scanned layers,
 attention heads), the default reshaping, the block layout (leaf -> matrix ->
-blocks) and where the blocks land in the block-class stacks, on one device and
-on a mesh plan."""
+blocks) and where the blocks land in the block-class stacks (on a mesh plan:
+test_mesh.py)."""
 
 import itertools
 import math
@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import foam_optax as fo
-from foam_optax._src import distribution, shaping
+from foam_optax._src import shaping
 from foam_optax._src.state import block_classes
 from helpers import leaf_states
 
@@ -191,7 +191,7 @@ def test_extract_is_numpy_slicing_and_assemble_inverts_it(shape, numbers):
   np.testing.assert_array_equal(shaping.assemble(stacks, layout), leaf)
 
 
-# --- slot placement: where each leaf's blocks land in the class stacks -----
+# --- slot placement: where each leaf's blocks land in the class stacks ---
 
 def test_each_block_lands_in_its_class_stack_at_its_members_offset():
   """After one step, stack slot ``offsets[m] + k`` of a class holds the
@@ -236,57 +236,3 @@ def test_each_block_lands_in_its_class_stack_at_its_members_offset():
     for fs in (stacks.left, stacks.right):
       assert fs is None or fs.statistic.shape[0] == cls.count
   assert scale is not None and scale > 0
-
-
-def _lone_block_class(size):
-  return shaping.BlockClass(size, size, True, True, ((0, 0),), (0,), 1)
-
-
-@pytest.mark.parametrize("num_shards", [1, 2, 3, 4, 8])
-def test_slot_maps_hold_every_block_once_with_padding_at_the_ends(
-    num_shards):
-  layouts = [shaping.leaf_layout(s, 4, None, True)
-             for s in [(9, 9), (4, 12), (5,), (8, 8), (3, 3, 4)]]
-  classes = shaping.block_classes(layouts)
-  maps = distribution.slot_maps(classes, num_shards)
-  for cls, slots in zip(classes, maps):
-    assert len(slots) == -(-cls.count // num_shards) * num_shards
-    assert sorted(slots[slots >= 0]) == list(range(cls.count))
-    per = len(slots) // num_shards
-    if cls.count % num_shards == 0:
-      np.testing.assert_array_equal(slots, np.arange(cls.count))
-    # Each device's contiguous range holds its blocks first, then padding.
-    for device in range(num_shards):
-      mine = slots[device * per:(device + 1) * per]
-      held = int((mine >= 0).sum())
-      assert (mine[:held] >= 0).all() and (mine[held:] == -1).all()
-    positions = distribution.positions(slots)
-    np.testing.assert_array_equal(slots[positions], np.arange(cls.count))
-
-
-def test_lone_blocks_of_different_stacks_go_to_different_devices():
-  """Stacks of one block each: the most expensive first, each to the least
-  loaded device, so no device holds two while another holds none."""
-  sizes = [2, 8, 4, 6]
-  maps = distribution.slot_maps([_lone_block_class(s) for s in sizes], 4)
-  devices = [int(np.flatnonzero(slots == 0)[0]) for slots in maps]
-  assert sorted(devices) == [0, 1, 2, 3]
-  # Largest cost first: the 8x8 block on device 0, the 6x6 on device 1, ...
-  assert [devices[sizes.index(s)] for s in (8, 6, 4, 2)] == [0, 1, 2, 3]
-  # Five lone blocks on four devices: the fifth joins the cheapest device.
-  sizes = [8, 7, 6, 5, 2]
-  maps = distribution.slot_maps([_lone_block_class(s) for s in sizes], 4)
-  devices = [int(np.flatnonzero(slots == 0)[0]) for slots in maps]
-  assert devices[-1] == devices[sizes.index(5)]
-
-
-@pytest.mark.parametrize("num_slots,num_shards", [(8, 1), (8, 2), (12, 4),
-                                                   (16, 8)])
-def test_interleaved_ranks_alternate_devices(num_slots, num_shards):
-  ranks = distribution.interleaved_ranks(num_slots, num_shards)
-  assert sorted(ranks) == list(range(num_slots))
-  device_of_rank = np.empty(num_slots, int)
-  device_of_rank[ranks] = np.arange(num_slots) // (num_slots // num_shards)
-  # Consecutive ranks (neighbouring check phases) on consecutive devices.
-  np.testing.assert_array_equal(device_of_rank,
-                                np.arange(num_slots) % num_shards)

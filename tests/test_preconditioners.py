@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import lax
 
 import foam_optax as fo
-from helpers import BASE, FAST_COMPILE, branches, compare, run_steps
+from helpers import BASE, branches, compare, run_steps
 
 
 # Fewer leaves than the root-inverse suite: (4,4) square, (2,3,4) -> (6,4)
@@ -60,12 +59,6 @@ def _soap_and_reference_kwargs(**soap):
   return soap, ref
 
 
-def _factor_states(state):
-  return [x for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, fo.FactorStack))
-          if isinstance(x, fo.FactorStack)]
-
-
 def test_no_factors_is_adam():
   # max_precond_dim below every dimension: no factor anywhere, plain Adam.
   params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros((5,)),
@@ -79,7 +72,7 @@ def test_no_factors_is_adam():
                           first_step="update")
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   s_soap, s_adam = soap.init(params), adam.init(params)
-  assert not _factor_states(s_soap)
+  assert not fo.find_states(s_soap, fo.FactorStack)
   rng = np.random.default_rng(1)
   step = jax.jit(lambda g, s1, s2: (soap.update(g, s1), adam.update(g, s2)))
   for _ in range(6):
@@ -91,48 +84,6 @@ def test_no_factors_is_adam():
       np.testing.assert_allclose(u1[k], u2[k], rtol=1e-5, atol=1e-6)
       # Not a trivial comparison: Adam's step has entries of order 1.
       assert np.max(np.abs(u2[k])) > 0.1
-
-
-@pytest.mark.parametrize("controller,tol", [("residual", 1.0),
-                                            ("residual", 0.0),
-                                            ("stale", 0.1)])
-def test_bases_change_only_on_check_steps(controller, tol):
-  params = [jnp.zeros((4, 3)), jnp.zeros((2, 3, 2))]
-  tx = fo.scale_by_soap(check_frequency=3, start_preconditioning_step=2,
-                        controller=controller, residual_tol=tol, stagger=False,
-                        refresh_method="power_qr", first_step="update")
-  steps = 14
-  rng = np.random.default_rng(2)
-  grads = [jnp.asarray(rng.standard_normal((steps,) + p.shape), jnp.float32)
-           for p in params]
-
-  def body(state, g):
-    _, state = tx.update(g, state)
-    fss = _factor_states(state)
-    bases = jnp.concatenate([f.basis.reshape(-1) for f in fss])
-    return state, (bases, fo.stats(state))
-
-  _, (bases, stats) = jax.jit(lambda s, g: lax.scan(body, s, g),
-                              compiler_options=FAST_COMPILE)(
-                                  tx.init(params), grads)
-  bases = np.asarray(bases)
-  changed = [not np.array_equal(bases[t], bases[t - 1])
-             for t in range(1, steps)]
-  checks = [t == 2 or (t > 2 and t % 3 == 0) for t in range(2, steps + 1)]
-  # A basis moves only on a check step.
-  assert all(c for c, ch in zip(checks, changed) if ch)
-  num_factors = int(stats["num_factors"][-1])
-  evds = np.asarray(stats["eigendecompositions"])
-  n_checks = np.asarray(stats["checks"])
-  assert n_checks[-1] == num_factors * sum(checks)
-  if controller == "residual" and tol == 1.0:
-    # ‖offdiag(B)‖ <= ‖B‖ always: only the first basis is ever computed.
-    assert evds[-1] == num_factors
-    assert not any(changed[1:])
-  else:
-    # tol = 0 (and 'stale'): a fresh basis on every check.
-    np.testing.assert_array_equal(evds, n_checks)
-    assert all(ch for c, ch in zip(checks, changed) if c)
 
 
 SOAP_CASES = [
@@ -214,76 +165,6 @@ def test_official_conventions_need_the_eigenvalue_corrected_preconditioner():
                                   merge_dims=True))
 
 
-def test_decay_updated_weights_decays_the_updated_weights():
-  # p <- (p + u)(1 - lr·wd) on masked leaves, the schedule read at the
-  # transformation's own count, nothing on a skipped first step.
-  params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])}
-  updates = {"w": jnp.array([0.5, 0.5]), "b": jnp.array([1.0])}
-  lr = optax.piecewise_constant_schedule(0.1, {1: 0.5})   # 0.1, then 0.05
-  tx = fo.decay_updated_weights(lr, 0.2, mask={"w": True, "b": False},
-                                skip_first_step=True)
-  state = tx.init(params)
-  first, state = tx.update(updates, state, params)
-  second, state = tx.update(updates, state, params)
-  for k in params:
-    np.testing.assert_array_equal(first[k], updates[k])
-  rate = 0.05 * 0.2
-  np.testing.assert_allclose(second["w"], updates["w"] - rate * (
-      params["w"] + updates["w"]), rtol=1e-6)
-  np.testing.assert_array_equal(second["b"], updates["b"])
-  third, _ = fo.decay_updated_weights(0.1, 0.2).update(
-      updates, fo.decay_updated_weights(0.1, 0.2).init(params), params)
-  np.testing.assert_allclose(third["b"], 1.0 - 0.02 * 4.0, rtol=1e-6)
-
-
-def test_tensor_factors_are_counted_and_refreshed_on_soaps_schedule():
-  # (3,4,5): one factor per dimension, beside a matrix's two. The first
-  # step decomposes all five; the next refresh follows update t - 1 = 10.
-  params = {"k": jnp.zeros((3, 4, 5)), "w": jnp.zeros((6, 5))}
-  tx = fo.scale_by_soap()
-  rng = np.random.default_rng(3)
-  grads = jax.tree.map(lambda p: jnp.asarray(
-      rng.standard_normal((12,) + p.shape), jnp.float32), params)
-
-  def body(state, g):
-    _, state = tx.update(g, state)
-    return state, fo.stats(state)["eigendecompositions"]
-
-  state, evds = jax.jit(lambda s, g: lax.scan(body, s, g),
-                        compiler_options=FAST_COMPILE)(tx.init(params), grads)
-  assert int(fo.stats(state)["num_factors"]) == 5
-  np.testing.assert_array_equal(evds, [5] * 10 + [10, 10])
-  tensor = state.leaves["k"].tensor
-  assert [f.statistic.shape for f in tensor.factors] == [
-      (1, 3, 3), (1, 4, 4), (1, 5, 5)]
-
-
-def test_tensor_leaves_use_the_storage_dtypes():
-  """The per-dimension factors and rotated second moment of a rank-3 leaf
-  are stored in the storage dtypes, as matrix leaves' are, and stay so."""
-  bf16 = jnp.bfloat16
-  tx = fo.scale_by_soap(factor_matrix_dtype=bf16,
-                        factor_matrix_eigenvectors_dtype=bf16,
-                        second_moment_dtype=bf16)
-  params = {"t": jnp.zeros((3, 4, 5)), "w": jnp.zeros((6, 5))}
-  state = tx.init(params)
-  rng = np.random.default_rng(0)
-  step = jax.jit(tx.update)
-  for _ in range(3):
-    grads = jax.tree.map(
-        lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
-        params)
-    updates, state = step(grads, state)
-  views = fo.factor_stacks(state)
-  assert {v.side for v in views} >= {"dim0", "dim1", "dim2", "left", "right"}
-  for view in views:
-    assert view.stack.statistic.dtype == bf16, view.side
-    assert view.stack.basis.dtype == bf16, view.side
-  (tensor,) = [t for t in state.tensors if t is not None]
-  assert tensor.rotated_second_moment.dtype == bf16
-  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-
-
 def test_eigenvalue_corrected_leaves_without_a_factor_decay_with_b2():
   """In eigenvalue-corrected mode a leaf without a factor runs the
   eigenbasis Adam (decay `b2`), not the grafting optimizer's `graft_b2`."""
@@ -299,33 +180,6 @@ def test_eigenvalue_corrected_leaves_without_a_factor_decay_with_b2():
   np.testing.assert_allclose(
       updates["v"], grads["v"] * np.sqrt(0.5) / (np.sqrt(0.5) * grads["v"]
                                                   + 1e-9), rtol=1e-5)
-
-
-@pytest.mark.parametrize("make,phase,refresh_steps", [
-    (lambda: fo.scale_by_soap(check_frequency=3), -1, [1, 4, 7]),
-    (lambda: fo.scale_by_foam(check_frequency=3, controller="stale"), 0,
-     [3, 6]),
-])
-def test_check_phase_and_schedule(make, phase, refresh_steps):
-  """Without stagger every factor's check phase is -1 with the init-only
-  first step (SOAP: refreshes after updates s = t - 1 = 0, f, 2f, ...) and 0
-  otherwise (checks at t = s0, 2f, ...)."""
-  tx = make()
-  params = {"w": jnp.zeros((4, 3))}
-  state = tx.init(params)
-  assert all(np.all(np.asarray(v.stack.phase) == phase)
-             for v in fo.factor_stacks(state))
-  step = jax.jit(tx.update)
-  rng = np.random.default_rng(0)
-  seen, before = [], 0
-  for t in range(1, 8):
-    grads = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
-    _, state = step(grads, state)
-    total = int(fo.stats(state)["eigendecompositions"])
-    if total > before:
-      seen.append(t)
-    before = total
-  assert seen == refresh_steps
 
 
 @pytest.mark.parametrize("name", ["scale_by_foam", "scale_by_shampoo"])
@@ -406,13 +260,6 @@ def test_one_sided_shampoo_matches_a_dense_reference(shape, side):
     expected = root @ g if side == "left" else g @ root
     update, state = step(jnp.asarray(g, jnp.float32), state)
     np.testing.assert_allclose(update, expected, rtol=2e-3, atol=1e-4)
-
-
-def test_one_sided_keeps_the_smallest_dimension_of_a_tensor_leaf():
-  state = fo.scale_by_soap(one_sided=True).init(jnp.zeros((6, 3, 5)))
-  assert [v.side for v in fo.factor_stacks(state)] == ["dim1"]
-  state = fo.scale_by_soap(one_sided=True).init(jnp.zeros((6, 4)))
-  assert [v.side for v in fo.factor_stacks(state)] == ["right"]
 
 
 def test_one_sided_with_max_precond_dim_under_inject_hyperparams():

@@ -11,10 +11,8 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import foam_optax as fo
 from foam_optax._src import distribution, linalg, refresh
@@ -312,42 +310,6 @@ def test_soap_power_qr_executes_eigh_only_for_first_bases(refresh_batching,
   assert len(executed) == (num_factors if refresh_batching == "map" else stacks)
   assert stacks < num_factors
 
-
-@pytest.mark.parametrize("make", [
-    lambda: fo.foam(1e-3), lambda: fo.shampoo(1e-3), lambda: fo.soap(1e-3),
-    lambda: fo.partition(fo.foam(1e-3), optax.adamw(1e-3))],
-    ids=["foam", "shampoo", "soap", "partition"])
-def test_initial_state_can_be_donated(make):
-  # Training loops donate the optimizer state to the jitted step; XLA
-  # rejects a state whose fields share one buffer.
-  tx = make()
-  params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4), "k": jnp.ones((2, 3, 4))}
-  state = tx.init(params)
-  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
-  assert len(set(pointers)) == len(pointers)
-  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
-  _, new_state = step(params, state, params)
-  assert jax.tree.structure(new_state) == jax.tree.structure(
-      jax.eval_shape(tx.init, params))
-
-
-def test_update_on_a_one_device_explicit_mesh():
-  """Sharding types on Explicit axes constrain every reshape, also on a
-  mesh of one device (which distributes nothing)."""
-  mesh = jax.make_mesh((1,), ("x",),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
-  with jax.set_mesh(mesh):
-    params = {"w": jax.device_put(jnp.ones((8, 4)),
-                                  jax.NamedSharding(mesh, P("x"))),
-              "b": jnp.zeros(4)}
-    tx = fo.foam(1e-3)
-    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params),
-                                    tx.init(params), params)
-    assert jax.typeof(updates["w"]).sharding.spec == P("x", None)
-    assert bool(jnp.all(jnp.isfinite(updates["w"])))
-
-
-# --- which factors ask for a refresh, on which steps ------------------------
 
 def _factor_counters(state):
   """(checks, refreshes, phase) of every factor, stack after stack."""
