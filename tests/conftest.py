@@ -10,17 +10,6 @@ import sys
 # CPU"). Set before any test module imports JAX; subprocesses inherit it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-# The suite's programs are small and run for a few steps: compiling them
-# costs more than running them. These flags shorten LLVM's code generation
-# only (about 20% less CPU time measured on the skipping and diagnostics
-# tests); the HLO the tests inspect and the float semantics (no fast math)
-# are unchanged. Subprocesses inherit them (`host_devices.env` keeps them).
-_FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
-                       "--xla_llvm_disable_expensive_passes=true")
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(
-      filter(None, [os.environ.get("XLA_FLAGS"), _FAST_COMPILE_FLAGS]))
-
 import pytest  # noqa: E402
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))

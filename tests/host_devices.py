@@ -13,9 +13,7 @@ import os
 
 
 def env(count: int = 8, **extra) -> dict:
-  """`os.environ` with `count` CPU devices (and the other XLA flags set)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={count}")
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags),
+  """`os.environ` with `count` CPU devices."""
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
               **extra)
