@@ -1,6 +1,9 @@
-"""Shared pytest configuration: one OpenBLAS thread, opt-in slow tests."""
+"""Shared pytest configuration: one OpenBLAS thread, opt-in slow tests, and
+the test helpers (`helpers.py`, `reference.py`) and official ports
+(`ports/`) importable from every test module."""
 
 import os
+import sys
 
 # JAX's CPU `eigh` runs on OpenBLAS, whose default threads compete with
 # XLA's and with the other test worker (BENCHMARKS.md, "OpenBLAS threads on
@@ -8,6 +11,11 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _path in (_TESTS, os.path.join(_TESTS, "ports")):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 
 def pytest_addoption(parser):

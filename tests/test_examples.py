@@ -88,9 +88,8 @@ def test_nnx_scan_example_gives_each_layer_its_own_factors(capsys):
   losses = result["losses"]
   assert np.all(np.isfinite(losses)) and np.mean(losses[-5:]) < 0.95 * losses[0]
   assert result["stats"]["eigendecompositions"] > 0
-  is_core = lambda x: isinstance(x, fo.ScaleByFoamState)
-  layouts = {layout.shape: layout for core in jax.tree.leaves(
-      result["opt_state"], is_leaf=is_core) if is_core(core)
+  layouts = {layout.shape: layout
+             for core in fo.find_states(result["opt_state"])
              for layout in core.layouts}
   kernel, bias = layouts[(3, 32, 32)], layouts[(3, 32)]
   assert kernel.batch == 3 and kernel.matrix_shape == (32, 32)

@@ -1,5 +1,6 @@
 """foam_optax optimizers inside the optax ecosystem: wrappers, schedules,
-dtypes, state invariants and convergence on small problems."""
+dtypes, state invariants, `optax.tree.map_params`, static options under
+`inject_hyperparams`, and convergence on small problems."""
 
 import functools
 
@@ -10,6 +11,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from helpers import gaussian_like, leaf_states, run_steps
 
 
 OPTIMIZERS = {
@@ -76,8 +78,7 @@ _W = {"m": jnp.ones((6, 4)), "v": jnp.ones((4,))}
 
 
 def _grads(seed):
-  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-  return {"m": jax.random.normal(k1, (6, 4)), "v": jax.random.normal(k2, (4,))}
+  return gaussian_like(_W, seed)
 
 
 def test_inject_hyperparams_default_foam_injects_block_size_and_changes():
@@ -303,3 +304,43 @@ def test_weight_decay_mask_decays_only_masked_leaves():
       # The decay term is visible: the masked leaf differs from -lr * u.
       assert not np.allclose(u["m"], -lr * u_core["m"], rtol=1e-3)
   assert int(fo.stats(states[-1])["eigendecompositions"]) > 0
+
+
+ALIASES = {"foam": fo.foam, "shampoo": fo.shampoo, "soap": fo.soap}
+PARAMS = {"w": jnp.ones((6, 4)), "k": jnp.ones((2, 3, 4)), "b": jnp.ones(4)}
+
+
+@pytest.mark.parametrize("name", list(ALIASES))
+def test_tree_map_params(name):
+  opt = ALIASES[name](1e-2, check_frequency=2, weight_dimension_numbers={
+      "w": None, "k": fo.DimensionNumbers(1, 2), "b": None})
+  _, state = run_steps(opt, PARAMS, 2)
+  same = optax.tree.map_params(opt, lambda v: v, state)
+  assert jax.tree.structure(same) == jax.tree.structure(state)
+  # f reaches exactly the per-parameter buffers (momentum, grafting moment);
+  # transform_non_params everything else.
+  marked = optax.tree.map_params(opt, lambda v: jnp.full_like(v, 7.0), state,
+                                 transform_non_params=lambda v: v)
+  core, marked_core = state[0], marked[0]
+  for before, after in zip(leaf_states(core), leaf_states(marked_core)):
+    assert bool(jnp.all(after.momentum == 7.0))
+    assert before.layout == after.layout
+  for a, b in zip(jax.tree.leaves(core.classes),
+                  jax.tree.leaves(marked_core.classes)):
+    assert a is b
+  assert marked_core.count is core.count
+
+
+def test_inject_hyperparams_with_static_storage_dtype_and_dimension_numbers():
+  """As README says: shape and dtype arguments static, then a jitted init."""
+  tx = optax.inject_hyperparams(fo.foam, static_args=(
+      "block_size", "max_precond_dim", "mu_dtype",
+      "weight_dimension_numbers"))(
+          learning_rate=0.1, mu_dtype=jnp.bfloat16, block_size=4,
+          weight_dimension_numbers=lambda p: {"k": fo.DimensionNumbers(1, 2)})
+  state = jax.jit(tx.init)({"k": jnp.ones((2, 3, 4))})
+  (leaf,) = leaf_states(state)
+  assert leaf.momentum.dtype == jnp.bfloat16 and leaf.layout.batch == 2
+  assert set(state.hyperparams) >= {"learning_rate", "epsilon"}
+  with pytest.raises(ValueError, match="block_size"):
+    jax.jit(optax.inject_hyperparams(fo.foam)(0.1).init)({"w": jnp.ones((4, 4))})

@@ -11,7 +11,7 @@ ours. Two substitutions only:
   the state's shapes, so a jitted ``init`` cannot read them traced.
 
 Complex dtypes are left out: the optimizers reject complex parameters at
-``init`` (tested in test_api.py). Each optimizer also runs with
+``init`` (tested in test_validation.py). Each optimizer also runs with
 ``precondition_1d=True`` (the suites' problems are mostly vectors); outside
 the convergence tests those runs are marked slow.
 """
@@ -205,14 +205,11 @@ def test_alias_gradient_accumulation(kwargs):
 _PARAMS = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
 
 
-def _cores(state):
-  is_core = lambda x: isinstance(x, fo.ScaleByFoamState)
-  return [x for x in jax.tree.leaves(state, is_leaf=is_core) if is_core(x)]
 
 
 def _momenta(state):
   """The momentum buffers of every foam_optax state in `state`."""
-  return [m for core in _cores(state) for m in jax.tree.leaves(core.mu)]
+  return [m for core in fo.find_states(state) for m in jax.tree.leaves(core.mu)]
 
 
 def _arrays_outside_params(core):
@@ -269,7 +266,7 @@ def test_map_params_with_an_extra_tree(name):
   mapped = optax.tree.map_params(
       opt, lambda _, spec: spec, opt.init(_PARAMS), specs,
       transform_non_params=lambda _: None)
-  core, = _cores(mapped)
+  core, = fo.find_states(mapped)
   assert core.mu == specs
   # Root-inverse preconditioning with Adam grafting keeps a grafting moment
   # for every parameter: a second copy of the tree. SOAP does not.
@@ -281,9 +278,9 @@ def test_map_params_leaves_tensor_factors_alone():
   opt = fo.soap(1e-2)
   state = opt.init(params)
   mapped = optax.tree.map_params(opt, lambda _: None, state)
-  core, = _cores(mapped)
+  core, = fo.find_states(mapped)
   assert core.mu == {"k": None}
   # The per-dimension factors are not parameter-shaped: kept as they were.
-  (tensor,), (before,) = core.tensors, _cores(state)[0].tensors
+  (tensor,), (before,) = core.tensors, fo.find_states(state)[0].tensors
   assert jax.tree.leaves(tensor) and all(
       a is b for a, b in zip(jax.tree.leaves(tensor), jax.tree.leaves(before)))

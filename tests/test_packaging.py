@@ -1,5 +1,6 @@
 """The sdist and wheel build, pass `twine check`, and the installed wheel
-imports without Flax and ships `py.typed`."""
+imports without Flax and ships `py.typed`; the bench says what to install
+when its extra is missing."""
 
 import glob
 import os
@@ -59,3 +60,31 @@ def test_scripts_examples_bench_and_notebooks_use_the_public_api_only():
   offenders = [str(f.relative_to(root)) for f in files
                if private.search(f.read_text())]
   assert len(files) > 20 and not offenders, offenders
+
+
+def _python(code):
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                        capture_output=True, text=True)
+
+
+def test_import_does_not_import_flax():
+  out = _python("import sys, foam_optax; "
+                "print(sorted(m for m in ('flax', 'tqdm', 'sklearn') "
+                "if m in sys.modules))")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[]"
+
+
+def test_bench_without_its_extra_says_what_to_install():
+  # A module set to None in sys.modules fails to import, as if absent.
+  out = _python("import sys; sys.modules['tqdm'] = None; "
+                "from foam_optax.bench.cli import main")
+  assert out.returncode == 1
+  assert "pip install 'foam_optax[bench]'" in out.stderr
+  assert "missing: tqdm" in out.stderr
+
+
+def test_py_typed_is_shipped():
+  import foam_optax
+  assert os.path.exists(os.path.join(os.path.dirname(foam_optax.__file__),
+                                     "py.typed"))

@@ -1,5 +1,6 @@
 """Fault injection and degenerate inputs for every exported optimizer."""
 
+import functools
 import math
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 import foam_optax as fo
 from foam_optax._src import linalg
+from helpers import core_state, gaussian_like, leaf_states
 
 EPS, MAX_EPS = 1e-9, 3e-7
 # Small settings: preconditioning from step 1, a check every 2 steps.
@@ -30,25 +32,13 @@ def _params():
 
 
 def _grads(seed, params=None, scale=1.0):
-  params = _params() if params is None else params
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([scale * jax.random.normal(k, p.shape, p.dtype)
-                            for k, p in zip(keys, leaves)])
-
-
-def _core(state):
-  """The ScaleByFoamState inside an alias / wrapper state."""
-  found = [x for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, fo.ScaleByFoamState))
-           if isinstance(x, fo.ScaleByFoamState)]
-  assert len(found) == 1
-  return found[0]
+  return gaussian_like(_params() if params is None else params, seed, scale)
 
 
 def _factors(state):
   return [x for x in jax.tree.leaves(
-      _core(state).classes, is_leaf=lambda x: isinstance(x, fo.FactorStack))
+      core_state(state).classes,
+      is_leaf=lambda x: isinstance(x, fo.FactorStack))
           if isinstance(x, fo.FactorStack)]
 
 
@@ -74,7 +64,7 @@ def _stepper(tx):
 
 def _without_skips(state):
   """The state with the skip counters zeroed, to compare everything else."""
-  core = _core(state)
+  core = core_state(state)
   return _replace_core(state, core._replace(
       nonfinite_skips=jnp.zeros_like(core.nonfinite_skips),
       consecutive_skips=jnp.zeros_like(core.consecutive_skips),
@@ -82,7 +72,7 @@ def _without_skips(state):
 
 
 def _without_proxy(state):
-  core = _core(state)
+  core = core_state(state)
   groups = jax.tree.map(
       lambda f: f._replace(proxy=jnp.zeros_like(f.proxy))
       if isinstance(f, fo.FactorStack) else f,
@@ -112,7 +102,8 @@ def test_nonfinite_gradient_skips_whole_update(name, bad):
   1e20 is finite but its square overflows float32 statistics, so it is
   treated like an infinity.
   """
-  _check_skipped_step(OPTIMIZERS[name](), bad)
+  tx, step = _shared_stepper(name)
+  _check_skipped_step(tx, bad, step)
 
 
 @pytest.mark.parametrize("options", [
@@ -125,8 +116,16 @@ def test_skipped_step_keeps_statistics_exactly(options):
   _check_skipped_step(OPTIMIZERS["foam"](**options), math.nan)
 
 
-def _check_skipped_step(tx, bad):
-  step = _stepper(tx)
+@functools.lru_cache(maxsize=None)
+def _shared_stepper(name):
+  """One optimizer and its jitted step per name: the bad value is data, so
+  every parametrization of a name runs the same compiled step."""
+  tx = OPTIMIZERS[name]()
+  return tx, _stepper(tx)
+
+
+def _check_skipped_step(tx, bad, step=None):
+  step = step or _stepper(tx)
   params = _params()
   clean = (params, tx.init(params))
   faulty = clean
@@ -275,8 +274,10 @@ def _orthonormal(basis):
 
 
 @pytest.mark.parametrize("name,refresh_batching", [
-    ("foam", "map"), ("foam_fixed_damping", "bucket"), ("residual", "map"),
-    ("shampoo", "bucket"), ("soap_eigh", "map")])
+    ("foam", "map"), ("shampoo", "bucket"), ("soap_eigh", "map"),
+    # The same refresh path under the other controllers: slow variants.
+    pytest.param("foam_fixed_damping", "bucket", marks=pytest.mark.slow),
+    pytest.param("residual", "map", marks=pytest.mark.slow)])
 def test_failed_eigendecomposition_keeps_basis_and_recovers(
     name, refresh_batching, monkeypatch):
   tx = FAILING[name](stagger=False, refresh_batching=refresh_batching)
@@ -308,9 +309,8 @@ def test_failed_eigendecomposition_keeps_basis_and_recovers(
   assert _all_finite(carry)
 
   monkeypatch.undo()
-  recovered = jax.jit(lambda p, s, g: _stepper(tx)(p, s, g))
-  for i in range(6, 12):
-    carry = recovered(*carry, _grads(i))[:2]
+  for i in range(6, 12):   # `healthy` was compiled before the hook
+    carry = healthy(*carry, _grads(i))[:2]
   after = fo.stats(carry[1])
   assert int(after["eigendecomposition_failures"]) == failures
   assert int(after["eigendecompositions"]) > int(bad["eigendecompositions"])
@@ -381,10 +381,9 @@ def test_gradient_at_the_float32_limit(controller):
 
 @pytest.mark.parametrize("name", ["foam", "scale_by_shampoo", "soap"])
 def test_zero_gradients_for_many_steps(name):
-  tx = OPTIMIZERS[name]()
+  tx, step = _shared_stepper(name)
   params = jax.tree.map(jnp.zeros_like, _params())
   carry = (params, tx.init(params))
-  step = _stepper(tx)
   zeros = jax.tree.map(jnp.zeros_like, params)
   for _ in range(25):
     carry = step(*carry, zeros)[:2]
@@ -553,11 +552,9 @@ def test_low_precision_parameters(name, dtype):
   tx = optax.chain(OPTIMIZERS[name](), optax.scale(-5e-2)) if name.startswith(
       "scale_by") else OPTIMIZERS[name]()
   state = tx.init(params)
-  is_core = lambda x: isinstance(x, fo.ScaleByFoamState)
-  leaf_states = [ls for core in jax.tree.leaves(state, is_leaf=is_core)
-                 if is_core(core) for ls in core.leaf_states()]
-  assert {x.momentum.dtype for x in leaf_states} == {jnp.dtype(dtype)}
-  momenta = {id(x.momentum) for x in leaf_states}
+  leaves = leaf_states(state)
+  assert {x.momentum.dtype for x in leaves} == {jnp.dtype(dtype)}
+  momenta = {id(x.momentum) for x in leaves}
   float_leaves = [x for x in jax.tree.leaves(state)
                   if jnp.issubdtype(x.dtype, jnp.floating)
                   and id(x) not in momenta]

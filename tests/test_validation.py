@@ -1,7 +1,9 @@
 """Out-of-range hyperparameters raise ValueError at construction.
 
 Every public factory is checked against every invalid value of every argument
-it accepts; the message must name the argument and its allowed range.
+it accepts; the message must name the argument and its allowed range. Bad
+parameters and gradients (complex, integer, float0) are refused naming the
+leaf, and a stuck run with non-finite parameters names them.
 """
 
 import inspect
@@ -10,8 +12,12 @@ import re
 
 import optax
 import pytest
+import jax.numpy as jnp
+import jax
+import numpy as np
 
 import foam_optax as fo
+
 
 FACTORIES = {
     "foam": fo.foam,
@@ -135,7 +141,7 @@ def test_every_case_applies_somewhere(name):
   """Each factory is checked on most of its numeric/choice arguments."""
   accepted = set(inspect.signature(FACTORIES[name]).parameters)
   covered = {arg for arg, _, _ in CASES} & accepted
-  # Both need the parameters: checked by `init` (tests/test_api.py).
+  # Both need the parameters: checked by `init` (tests/test_layout.py, tests/test_optax_contracts.py).
   untested = accepted - covered - {"weight_decay_mask",
                                    "weight_dimension_numbers"}
   assert not untested, untested
@@ -254,3 +260,50 @@ def test_missing_and_repeated_arguments_name_the_function():
   with pytest.raises(TypeError, match=r"^fo\.dasgo\(\) got multiple values "
                      r"for argument 'learning_rate'$"):
     fo.dasgo(1e-3, learning_rate=1e-3)
+
+
+@pytest.mark.parametrize("init", [
+    lambda: fo.foam(1e-3).init({"a": jnp.ones(3), "c": jnp.ones((3, 3),
+                                                                jnp.complex64)}),
+    lambda: fo.scale_by_soap().init({"z": jnp.ones(4, jnp.complex64)}),
+])
+def test_complex_parameters_rejected_naming_the_leaf(init):
+  with pytest.raises(ValueError, match=r"\['(c|z)'\] is complex"):
+    init()
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_parameters_rejected_at_init_naming_the_leaf(dtype):
+  params = {"w": jnp.ones((4, 3)), "steps": jnp.zeros((4, 3), dtype)}
+  for tx in (fo.foam(1e-3), fo.soap(1e-3),
+             fo.partition(fo.foam(1e-3), optax.adamw(1e-3))):
+    with pytest.raises(ValueError, match=r"\['steps'\].*floating-point"):
+      tx.init(params)
+
+
+def test_float0_gradient_rejected_naming_the_leaf():
+  tx = fo.foam(1e-3)
+  state = tx.init({"w": jnp.ones((4, 3))})
+  grads = {"w": np.zeros((4, 3), jax.dtypes.float0)}
+  with pytest.raises(ValueError, match=r"\['w'\].*float0"):
+    tx.update(grads, state)
+
+
+def test_stuck_run_with_nonfinite_parameters_names_them():
+  """A NaN learning rate makes the parameters NaN; the stuck run's error
+  then names the parameters, not the gradients."""
+  tx = fo.foam(lambda count: jnp.where(count >= 2, jnp.nan, 1e-3),
+               max_consecutive_skips=3)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  with pytest.raises(Exception, match="parameters themselves are not finite"):
+    for _ in range(8):
+      params, state = step(params, state)
+      jax.block_until_ready(params)

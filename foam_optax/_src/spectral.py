@@ -99,7 +99,7 @@ def scale_by_spectral_norm(*, embedding: Optional[Callable[[str], bool]] = None,
   :math:`y = Uv`, never below the official :math:`\|Uv\|` and never above
   :math:`\|U\|_2`, at no extra cost. The estimate never exceeds
   :math:`\|U\|_2`, so a normalised update can only overshoot the target;
-  warm-started, by well under 5% (`tests/test_mup.py` checks it by SVD); the
+  warm-started, by well under 5% (`tests/test_spectral.py` checks it by SVD); the
   very first update, from a random vector, by more when the top two
   singular values are close.
 

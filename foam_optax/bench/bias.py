@@ -394,7 +394,7 @@ def first_step_mean(mu: float, method: Estimator, variance_correction: bool,
   """The mean first-step update of the paper's estimator
   (`fo.scale_by_bias_corrected_adam` with ``cross_fit_safeguard=False``)
   over `draws` coordinates whose microbatch gradients are N(`mu`, 1), drawn
-  as tests/test_bias_correction.py's Monte-Carlo test draws them (seed
+  as tests/test_bias_corrected_adamw.py's Monte-Carlo test draws them (seed
   0)."""
   rng = np.random.default_rng(0)
   micro = (mu + rng.standard_normal((num_microbatches, draws))).astype(
@@ -504,7 +504,7 @@ def markdown(raw: dict) -> str:
             "(`fo.scale_by_bias_corrected_adam` with "
             "`cross_fit_safeguard=False`; Monte Carlo, 20,000 coordinates of "
             "8 microbatches of N(μ, 1); the figures of "
-            "tests/test_bias_correction.py):", "",
+            "tests/test_bias_corrected_adamw.py):", "",
             "| μ | method | population step | bias, cross-fitted only "
             "| bias, with variance correction |", "|---|---|---|---|---|"]
   for row in raw["monte_carlo"]:

@@ -96,7 +96,7 @@ FULL = TransferConfig(
 # Smoke run: two tiny widths, two rates, a few steps, one context
 # character; AdamW and SOAP (blocked rule) only, to stay short: FOAM's and
 # Muon's paths differ from these in their direction and multipliers alone,
-# which `tests/test_bench_transfer.py` checks without training.
+# which `tests/bench/test_transfer.py` checks without training.
 QUICK = TransferConfig(
     widths=(8, 16), steps=8, batch_size=8, delta_h_steps=2, context=1,
     eval_size=128, optimizers=("adamw", "soap"),

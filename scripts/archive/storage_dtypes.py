@@ -92,7 +92,7 @@ def reference_agreement(options):
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                   "..", "tests"))
-  import test_reference as tr
+  import helpers as tr
   kwargs = dict(tr.BASE, controller="foam", precondition_1d=True)
   grads = tr.make_grads(tr.SHAPES)
   # The storage options only: the reference has no pseudo-inverse.
@@ -140,7 +140,7 @@ def main(argv=None):
   if args.bytes_only:
     return
 
-  print("\n### Against the float64 reference (tests/test_reference.py's "
+  print("\n### Against the float64 reference (tests/test_transform.py's "
         "problem, FOAM, 16 steps, float32 computations)\n")
   print("| setting | max relative update error | eigendecompositions "
         "(library / reference) |")

@@ -1,4 +1,5 @@
-"""Properties of the compiled update that keep its compile time in check.
+"""The step: properties of the compiled update that keep its compile time in
+check, and overflowing finite gradients counted apart from non-finite ones.
 
 Compile time is measured by ``foam-bench --suite cost``; these tests pin the
 structural causes found there, which do not depend on the machine.
@@ -6,6 +7,7 @@ structural causes found there, which do not depend on the machine.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import foam_optax as fo
 
@@ -24,3 +26,15 @@ def test_skip_predicate_is_computed_once():
   text = _compiled_update_text(fo.foam(1e-3), params)
   leaves = len(jax.tree.leaves(params))
   assert text.count("is-finite(") <= 3 * leaves
+
+
+def test_overflowing_finite_gradients_are_counted_apart():
+  tx = fo.foam(1e-3)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  for g in (1e30, np.nan, 1.0):
+    _, state = tx.update({"w": jnp.full((4, 3), g)}, state, params)
+  stats = fo.stats(state)
+  assert int(stats["nonfinite_skips"]) == 2
+  assert int(stats["overflow_skips"]) == 1
+  assert int(stats["step"]) == 1

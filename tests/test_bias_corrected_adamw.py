@@ -1,6 +1,7 @@
 """Bias-corrected optimizers: the float64 ports of the official code
 (`official_bias_correction`), with the cross-fitting safeguard off and
-where it never acts, zero spread, the Monte-Carlo bias, bad input."""
+where it never acts, zero spread, the Monte-Carlo bias, bad input
+(microbatch input: test_microbatches.py)."""
 
 import inspect
 
@@ -12,7 +13,9 @@ import pytest
 
 import foam_optax as fo
 from foam_optax._src import cross_fitting
+from helpers import first_steps
 import official_bias_correction as official
+
 
 STEPS = 30
 LR = 1e-2
@@ -194,18 +197,6 @@ def test_cross_fitting_decorrelates_numerator_and_preconditioner():
   assert abs(crossed) < 0.03 < abs(same) and plain > 0.5
 
 
-def _first_steps(mu, sigma=1.0, m=8, draws=20000, **options):
-  """The mean first-step update of `scale_by_bias_corrected_adam` over
-  `draws` coordinates whose microbatch gradients are N(μ, σ²)."""
-  rng = np.random.default_rng(0)
-  micro = (mu + sigma * rng.standard_normal((m, draws))).astype(np.float32)
-  tx = fo.scale_by_bias_corrected_adam(**options)
-  params = {"w": jnp.zeros((draws,))}
-  update, _ = tx.update({"w": jnp.asarray(micro.mean(0))}, tx.init(params),
-                        params, microbatch_grads={"w": jnp.asarray(micro)})
-  return float(jnp.mean(update["w"]))
-
-
 @pytest.mark.parametrize("mu", [0.2, 0.5, 1.0])
 def test_variance_correction_reduces_the_first_step_bias_monte_carlo(mu):
   """Monte Carlo over 20,000 coordinates, 8 microbatches of N(μ, 1) each,
@@ -224,45 +215,12 @@ def test_variance_correction_reduces_the_first_step_bias_monte_carlo(mu):
   bias = lambda value, target: abs(value - target) / target
   for method, target in (("two_group", two_group),
                          ("leave_one_out", leave_one_out)):
-    plain = bias(_first_steps(mu, method=method, variance_correction=False,
+    plain = bias(first_steps(mu, method=method, variance_correction=False,
                               cross_fit_safeguard=False), target)
-    corrected = bias(_first_steps(mu, method=method,
+    corrected = bias(first_steps(mu, method=method,
                                   cross_fit_safeguard=False), target)
     assert corrected < 0.6 * plain, (method, plain, corrected)
     assert corrected < 0.25, (method, corrected)
-
-
-@pytest.mark.parametrize("make,micro,match", [
-    (lambda: fo.bias_corrected_adamw(1e-3), None, "needs the per-microbatch"),
-    (lambda: fo.shampoo(1e-3, bias_correction="cross_fit"), None,
-     "needs the per-microbatch"),
-    (lambda: fo.bias_corrected_adamw(1e-3),
-     {"w": jnp.zeros((1, 4, 3))}, "at least 2"),
-    (lambda: fo.foam(1e-3, bias_correction="cross_fit"),
-     {"w": jnp.zeros((2, 4, 3))}, "at least 4"),
-    (lambda: fo.bias_corrected_adamw(1e-3, method="two_group"),
-     {"w": jnp.zeros((5, 4, 3))}, "an even number"),
-    (lambda: fo.bias_corrected_adamw(1e-3),
-     {"v": jnp.zeros((4, 4, 3))}, "tree structure"),
-    (lambda: fo.bias_corrected_adamw(1e-3),
-     {"w": jnp.zeros((4, 3, 4))}, "gradient's shape"),
-])
-def test_bad_microbatch_input_raises_at_trace_time(make, micro, match):
-  tx = make()
-  params = {"w": jnp.zeros((4, 3))}
-  state = tx.init(params)
-  with pytest.raises(ValueError, match=match):
-    jax.jit(lambda s, m: tx.update(params, s, params,
-                                   microbatch_grads=m))(state, micro)
-
-
-def test_different_microbatch_counts_per_leaf_raise():
-  tx = fo.bias_corrected_adamw(1e-3)
-  params = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
-  with pytest.raises(ValueError, match="same number of microbatches"):
-    tx.update(params, tx.init(params), params,
-              microbatch_grads={"a": jnp.zeros((4, 3)),
-                                "b": jnp.zeros((6, 2))})
 
 
 def test_variance_correction_refused_where_it_is_not_defined():
@@ -290,21 +248,3 @@ def test_a_non_finite_microbatch_gradient_skips_the_step(make):
   for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
     if a.dtype != jnp.int32:
       np.testing.assert_array_equal(a, b)
-
-
-def test_microbatch_grads_under_jit():
-  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
-  x = jax.random.normal(jax.random.key(0), (16, 4))
-  loss_fn = lambda p, b: jnp.mean((b @ p["w"] + p["b"]) ** 2)
-  loss, grads, micro = jax.jit(
-      lambda p, b: fo.microbatch_grads(loss_fn, p, b, 4))(params, x)
-  full_loss, full_grads = jax.value_and_grad(loss_fn)(params, x)
-  np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
-  for g, f, m in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads),
-                     jax.tree.leaves(micro)):
-    np.testing.assert_allclose(g, f, rtol=1e-5, atol=1e-6)
-    assert m.shape == (4,) + f.shape
-  first = jax.grad(loss_fn)(params, x[:4])
-  np.testing.assert_allclose(micro["w"][0], first["w"], rtol=1e-5)
-  with pytest.raises(ValueError, match="does not split"):
-    fo.microbatch_grads(loss_fn, params, x, 5)

@@ -1,6 +1,6 @@
 """The transfer suite's Muon multipliers net of `optax.contrib.muon`'s own
 width factor, its other optimizers' directions and rules, and its recipe
-(its quick run: tests/test_bench_suites.py)."""
+(its quick run: tests/bench/test_harness.py)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The scale suite beyond its quick runs (tests/test_bench_suites.py): the
+"""The scale suite beyond its quick runs (tests/bench/test_harness.py): the
 Pareto line's interpolation, the float64 error of a stale inverse root, the
 wall-clock part under a time limit and the GPU preset."""
 

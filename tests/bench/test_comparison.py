@@ -1,4 +1,4 @@
-"""The default suite beyond its quick run (tests/test_bench_suites.py): the
+"""The default suite beyond its quick run (tests/bench/test_harness.py): the
 ASGO family through the command line, the linearity in the learning rate
 that the trainer relies on, and the trainer's sweep and deadline."""
 

@@ -1,5 +1,5 @@
 """The stability suite's measures, the switch workload's purpose and the
-hold controller (its quick run: tests/test_bench_suites.py)."""
+hold controller (its quick run: tests/bench/test_harness.py)."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,18 +1,22 @@
-"""Behaviour under `jax.jit`: EVDs only behind conditionals, skipped EVDs not
-executed, no recompilation, stable state shapes and dtypes."""
+"""Refresh: which factors ask for one on which steps, the requests gathered
+on a mesh, and behaviour under `jax.jit`: EVDs only behind conditionals,
+skipped EVDs not executed, no recompilation, stable state shapes and dtypes."""
 
+import json
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import foam_optax as fo
-from foam_optax._src import linalg
+from foam_optax._src import distribution, linalg, refresh
+import host_devices
 
 # f32 (6,4) blocked 4+2; bf16 rank 3 (2,3,4) -> (6,4); bf16 vector; f32 scalar.
 PARAMS = {"w": jnp.zeros((6, 4), jnp.float32),
@@ -307,35 +311,99 @@ def test_soap_power_qr_executes_eigh_only_for_first_bases(refresh_batching,
   assert stacks < num_factors
 
 
-@pytest.mark.parametrize("make", [
-    lambda: fo.foam(1e-3), lambda: fo.shampoo(1e-3), lambda: fo.soap(1e-3),
-    lambda: fo.partition(fo.foam(1e-3), optax.adamw(1e-3))],
-    ids=["foam", "shampoo", "soap", "partition"])
-def test_initial_state_can_be_donated(make):
-  # Training loops donate the optimizer state to the jitted step; XLA
-  # rejects a state whose fields share one buffer.
-  tx = make()
-  params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4), "k": jnp.ones((2, 3, 4))}
+def _factor_counters(state):
+  """(checks, refreshes, phase) of every factor, stack after stack."""
+  (core,) = fo.find_states(state)
+  stacks = [fs for cls in core.classes for fs in (cls.left, cls.right)
+            if fs is not None]
+  return tuple(np.concatenate([np.asarray(getattr(fs, name)) for fs in stacks])
+               for name in ("checks", "refreshes", "phase"))
+
+
+@pytest.mark.parametrize("make,every_check_refreshes", [
+    (fo.scale_by_shampoo, True), (fo.scale_by_foam, False)])
+def test_factors_check_on_their_phase_and_refresh_only_there(
+    make, every_check_refreshes):
+  """Step ``t`` checks a factor iff ``t == s0`` or ``t > s0`` and ``(t +
+  phase) % f == 0``; stale Shampoo refreshes at every check, FOAM at some."""
+  frequency, first, steps = 3, 2, 10
+  tx = make(check_frequency=frequency, start_preconditioning_step=first,
+            block_size=4, precondition_1d=True, stagger=True)
+  params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((7,)), "k": jnp.zeros(
+      (3, 3))}
+  update = jax.jit(tx.update)
   state = tx.init(params)
-  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
-  assert len(set(pointers)) == len(pointers)
-  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
-  _, new_state = step(params, state, params)
-  assert jax.tree.structure(new_state) == jax.tree.structure(
-      jax.eval_shape(tx.init, params))
+  checks, refreshes, phase = _factor_counters(state)
+  assert len(set(phase.tolist())) == frequency     # stagger spreads them
+  rng = np.random.default_rng(0)
+  for t in range(1, steps + 1):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    state = update(grads, state)[1]
+    new_checks, new_refreshes, _ = _factor_counters(state)
+    checked, refreshed = new_checks - checks, new_refreshes - refreshes
+    want = np.array([t == first or (t > first and (t + p) % frequency == 0)
+                     for p in phase])
+    np.testing.assert_array_equal(checked, want, err_msg=f"step {t}")
+    assert np.all(refreshed <= checked), t
+    if every_check_refreshes:
+      np.testing.assert_array_equal(refreshed, checked, err_msg=f"step {t}")
+    checks, refreshes = new_checks, new_refreshes
+  assert refreshes.sum() > 0
 
 
-def test_update_on_a_one_device_explicit_mesh():
-  """Sharding types on Explicit axes constrain every reshape, also on a
-  mesh of one device (which distributes nothing)."""
-  mesh = jax.make_mesh((1,), ("x",),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
-  with jax.set_mesh(mesh):
-    params = {"w": jax.device_put(jnp.ones((8, 4)),
-                                  jax.NamedSharding(mesh, P("x"))),
-              "b": jnp.zeros(4)}
-    tx = fo.foam(1e-3)
-    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params),
-                                    tx.init(params), params)
-    assert jax.typeof(updates["w"]).sharding.spec == P("x", None)
-    assert bool(jnp.all(jnp.isfinite(updates["w"])))
+def test_requests_without_a_mesh_are_none():
+  plan = distribution.Plan()
+  assert refresh.requests([jnp.ones(3, bool), jnp.zeros(2, bool)], plan) == [
+      None, None]
+
+
+_REQUESTS = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from foam_optax._src import distribution, refresh
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    plan = distribution.Plan.for_mesh(mesh.abstract_mesh)
+
+    def body(a, b):
+      ra, rb = refresh.requests([a, b], plan)
+      return (ra.need_all, rb.need_all, ra.offset, rb.offset, ra.rebalance,
+              rb.rebalance)
+
+    run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"),) * 2,
+                                out_specs=(P(),) * 6, check_vma=False))
+    out = []
+    for a, b in json.loads(input()):
+      got = run(jnp.asarray(a, bool), jnp.asarray(b, bool))
+      out.append([np.asarray(x).tolist() for x in got])
+    print(json.dumps(out))
+""")
+
+
+def test_requests_gather_every_devices_flags_and_decide_the_rebalance():
+  """On 4 devices, two stacks: each device's `Requests` hold the whole
+  stack's flags, the number of requests of the earlier stacks, and whether
+  some device holds more than ``ceil(requests / 4)`` of the step's requests."""
+  rng = np.random.default_rng(0)
+  cases = [([1, 0, 1, 0, 1, 0, 1, 0], [0, 1, 1, 0]),    # one per device
+           ([1, 1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0]),    # all on device 0
+           ([0] * 8, [0] * 4),
+           ([1] * 8, [1] * 4)]
+  cases += [(rng.integers(0, 2, 8).tolist(), rng.integers(0, 2, 4).tolist())
+            for _ in range(4)]
+  out = subprocess.run(
+      [sys.executable, "-c", _REQUESTS], input=json.dumps(cases),
+      env=host_devices.env(4), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-4000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  for (a, b), got in zip(cases, results):
+    a, b = np.array(a, bool), np.array(b, bool)
+    need_a, need_b, offset_a, offset_b, rebalance_a, rebalance_b = got
+    assert need_a == a.tolist() and need_b == b.tolist()
+    assert (offset_a, offset_b) == (0, int(a.sum()))
+    held = a.reshape(4, -1).sum(1) + b.reshape(4, -1).sum(1)
+    share = -(-held.sum() // 4)
+    assert rebalance_a == rebalance_b == bool(held.max() > share), (a, b)
+  assert [r[4] for r in results[:4]] == [False, True, False, False]

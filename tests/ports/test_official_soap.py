@@ -21,7 +21,7 @@ from jax import lax
 
 import foam_optax as fo
 from official_soap import SOAP
-from test_reference import FAST_COMPILE
+from helpers import FAST_COMPILE
 
 STEPS = 60
 LEARNING_RATE = 1e-2

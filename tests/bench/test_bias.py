@@ -1,11 +1,11 @@
 """The bias suite's pairing, Monte-Carlo figures and schedule (its quick
-run: tests/test_bench_suites.py)."""
+run: tests/bench/test_harness.py)."""
 
 import numpy as np
 import pytest
 
 from foam_optax.bench import bias
-import test_bias_correction
+from helpers import first_steps
 
 
 def test_pairs_use_only_the_seeds_both_ran():
@@ -24,10 +24,10 @@ def test_pairs_use_only_the_seeds_both_ran():
 @pytest.mark.parametrize("method", ["two_group", "leave_one_out"])
 def test_monte_carlo_figures_are_the_tests(method):
   """BENCHMARKS.md's Monte-Carlo table comes from the same draws and code
-  path as tests/test_bias_correction.py's Monte-Carlo test."""
+  path as tests/test_bias_corrected_adamw.py's Monte-Carlo test."""
   for correction in (False, True):
     assert bias.first_step_mean(0.5, method, correction) == (
-        test_bias_correction._first_steps(
+        first_steps(
             0.5, method=method, variance_correction=correction,
             cross_fit_safeguard=False))
 
