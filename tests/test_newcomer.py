@@ -273,14 +273,14 @@ def test_step_counters_with_a_skipped_step():
     ("defaults-table", "defaults_table"), ("arguments-table", "arguments_table")])
 def test_readme_tables_are_derived_from_the_option_table(marker, table):
   """The README's tables are generated from the one table of options."""
-  from foam_optax._src import signatures
+  from foam_optax._src import readme_tables
   text = README.read_text()
   start, end = f"<!-- {marker}:start -->\n", f"\n<!-- {marker}:end -->"
   block = text[text.index(start) + len(start):text.index(end)]
-  expected = getattr(signatures, table)()
+  expected = getattr(readme_tables, table)()
   assert block == expected, (
       f"README.md's {marker} is stale: run `python -m "
-      "foam_optax._src.signatures README.md`")
+      "foam_optax._src.readme_tables README.md`")
 
 
 def test_readme_defaults_are_the_signatures():

@@ -69,7 +69,7 @@ def decayed_alias(scale: optax.GradientTransformation,
 
 @signatures.public
 def foam(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     learning_rate: optax.ScalarOrSchedule,
     *,
     b1: float = 0.95,
@@ -290,7 +290,7 @@ def foam(
 
 @signatures.public
 def scale_by_shampoo(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     *,
     b1: float = 0.95,
     b2: float = 0.995,
@@ -467,7 +467,7 @@ def scale_by_shampoo(
 
 @signatures.public
 def shampoo(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     learning_rate: optax.ScalarOrSchedule,
     *,
     b1: float = 0.95,
@@ -642,7 +642,7 @@ def shampoo(
 
 @signatures.public
 def scale_by_soap(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     *,
     b1: float = 0.95,
     b2: float = 0.95,
@@ -858,7 +858,7 @@ def scale_by_soap(
 
 @signatures.public
 def soap(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     learning_rate: optax.ScalarOrSchedule,
     *,
     b1: float = 0.95,
@@ -1044,7 +1044,7 @@ def soap(
 
 @signatures.public
 def scale_by_asgo(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     *,
     b1: float = 0.9,
     b2: float = 0.8,
@@ -1214,7 +1214,7 @@ def scale_by_asgo(
 
 @signatures.public
 def asgo(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     learning_rate: optax.ScalarOrSchedule,
     *,
     b1: float = 0.9,

@@ -3,7 +3,7 @@
 One frozen dataclass carries every option of the core transformation: a
 typed field per entry of `options.OPTIONS`, with its default and its
 `Option` as metadata, written out by `signatures` (``python -m
-foam_optax._src.signatures``), so that the numerical modules and type
+foam_optax._src.readme_tables``), so that the numerical modules and type
 checkers read named, typed fields instead of long argument lists. Numeric
 fields may hold traced arrays when the transformation is wrapped in
 `optax.inject_hyperparams`; validation only checks values it can see.
@@ -38,7 +38,7 @@ class Config:
   hold traced arrays.
   """
 
-  # Generated from options.py by `python -m foam_optax._src.signatures`.
+  # Generated from options.py by `python -m foam_optax._src.readme_tables`.
   b1: float = _field("b1")
   b2: float = _field("b2")
   epsilon: float = _field("epsilon")

@@ -20,7 +20,7 @@ from foam_optax._src.config import Config
 
 @signatures.public
 def scale_by_foam(
-    # Generated from options.py by `python -m foam_optax._src.signatures`.
+    # Generated from options.py by `python -m foam_optax._src.readme_tables`.
     *,
     b1: float = 0.95,
     b2: float = 0.995,
