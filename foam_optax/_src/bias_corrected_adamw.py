@@ -16,7 +16,8 @@ from foam_optax._src import cross_fitting
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
 from foam_optax._src import signatures
-from foam_optax._src.state import SkipCounters, plain_arrays
+from foam_optax._src.state import SkipCounters
+from foam_optax._src.nnx import plain_arrays
 
 Method = Literal["leave_one_out", "two_group"]
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)

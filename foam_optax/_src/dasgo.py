@@ -17,7 +17,8 @@ from foam_optax._src import initial_state
 from foam_optax._src import linalg
 from foam_optax._src import shaping
 from foam_optax._src import signatures
-from foam_optax._src.state import SkipCounters, plain_arrays
+from foam_optax._src.state import SkipCounters
+from foam_optax._src.nnx import plain_arrays
 
 _UNIT = checks.in_range(0.0, 1.0, high_open=True)
 _POSITIVE = checks.in_range(0.0, float("inf"), low_open=True)

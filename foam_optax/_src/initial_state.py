@@ -12,14 +12,13 @@ import optax
 from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import grafting
-from foam_optax._src import nnx_state
+from foam_optax._src import nnx
 from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.checks import static_int
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, RefreshKind
 from foam_optax._src.state import ScaleByFoamState
-from foam_optax._src.state import plain_arrays
 
 
 def _layout(path, shape, dimension_numbers, cfg: Config) -> shaping.LeafLayout:
@@ -48,7 +47,7 @@ def dimension_numbers(spec, params) -> list:
   if spec is None:
     return [None] * num_leaves
   # A tree built from `nnx.state(model, nnx.Param)` keeps the wrappers.
-  spec = plain_arrays(spec)
+  spec = nnx.plain_arrays(spec)
   is_leaf = lambda x: x is None or shaping.is_dimension_numbers(x)
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       spec, is_leaf=is_leaf)[0]:
@@ -176,9 +175,9 @@ def init(params, cfg: Config) -> ScaleByFoamState:
   """The initial state of `scale_by_foam` for `params`.
 
   For Flax NNX parameters on a device mesh, the state carries the sharding
-  annotations of its layout (`nnx_state.annotate`).
+  annotations of its layout (`nnx.annotate`).
   """
-  wrapped, params = params, plain_arrays(params)
+  wrapped, params = params, nnx.plain_arrays(params)
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   _reject_non_real_floating(paths_and_leaves)
   leaves = [p for _, p in paths_and_leaves]
@@ -224,7 +223,7 @@ def init(params, cfg: Config) -> ScaleByFoamState:
                          if needs_graft_moment else optax.MaskedNode())
     tensor_states.append(tensor)
   zero = lambda: jnp.zeros([], jnp.int32)
-  return nnx_state.annotate(ScaleByFoamState(
+  return nnx.annotate(ScaleByFoamState(
       count=zero(), nonfinite_skips=zero(),
       mu=treedef.unflatten(momenta), nu=treedef.unflatten(graft_moments),
       tensors=tuple(tensor_states), layouts=tuple(layouts),

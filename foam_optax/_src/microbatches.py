@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from foam_optax._src.state import plain_arrays
+from foam_optax._src.nnx import plain_arrays
 
 # What every warning about unused microbatch gradients starts with, for
 # `warnings.filterwarnings("ignore", IGNORED)`.

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from foam_optax._src.shaping import DimensionNumbers
-from foam_optax._src.state import is_variable
+from foam_optax._src.nnx import is_variable
 
 
 def _trailing(ndim: int, num_in: int, num_out: int) -> DimensionNumbers:

@@ -32,7 +32,7 @@ import optax
 from foam_optax._src import distribution
 from foam_optax._src.state import BlockClassState
 from foam_optax._src.state import ScaleByFoamState
-from foam_optax._src.state import plain_arrays
+from foam_optax._src.nnx import plain_arrays
 from foam_optax._src.state import slot_maps
 
 

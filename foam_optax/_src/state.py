@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -14,6 +13,7 @@ from foam_optax._src import distribution
 from foam_optax._src import shaping
 from foam_optax._src import tensors
 from foam_optax._src.factors import FactorStack
+from foam_optax._src.nnx import plain_arrays
 
 
 class BlockClassState(NamedTuple):
@@ -152,27 +152,3 @@ def find_states(tree, kind=None) -> list:
   is_kind = lambda x: isinstance(x, kind)
   return [plain_arrays(x) for x in jax.tree.leaves(tree, is_leaf=is_kind)
           if is_kind(x)]
-
-
-def is_variable(x) -> bool:
-  """Whether `x` is a Flax NNX variable (``nnx.Param`` and the like).
-
-  Flax is not a dependency: a tree can hold NNX variables only once the
-  caller has imported `flax.nnx`.
-  """
-  nnx = sys.modules.get("flax.nnx")
-  return nnx is not None and isinstance(x, nnx.Variable)
-
-
-def plain_arrays(tree):
-  """`tree` with Flax NNX variables replaced by the values they hold.
-
-  `nnx.split(model, nnx.Param)` and `nnx.Optimizer` hand the optimizer
-  parameters wrapped in `nnx.Param` variables; the state keeps plain
-  arrays, and trees built from the parameters (dimension numbers) are read
-  without the wrappers.
-  """
-  # `get_value` from Flax 0.12 on (where `.value` is deprecated).
-  unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
-  return jax.tree.map(lambda x: unwrap(x) if is_variable(x) else x, tree,
-                      is_leaf=is_variable)

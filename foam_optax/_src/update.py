@@ -14,7 +14,8 @@ from foam_optax._src import leaves
 from foam_optax._src import microbatches
 from foam_optax._src import skipping
 from foam_optax._src.config import Config, with_arguments
-from foam_optax._src.state import ScaleByFoamState, plain_arrays
+from foam_optax._src.state import ScaleByFoamState
+from foam_optax._src.nnx import plain_arrays
 from foam_optax._src.state import with_leaf_states
 
 
