@@ -20,10 +20,10 @@ from foam_optax._src.factors import FactorStack
 from foam_optax._src.microbatches import microbatch_grads
 from foam_optax._src.mup import mup_multipliers
 from foam_optax._src.mup import scale_by_mup
-from foam_optax._src.nnx_layers import nnx_dimension_numbers
+from foam_optax._src.layout import nnx_dimension_numbers
 from foam_optax._src.partition import partition
 from foam_optax._src.partition import precondition_labels
-from foam_optax._src.shaping import DimensionNumbers
+from foam_optax._src.layout import DimensionNumbers
 from foam_optax._src.sharding import relayout
 from foam_optax._src.sharding import state_sharding
 from foam_optax._src.skipping import skip_nonfinite

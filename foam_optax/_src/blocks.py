@@ -1,7 +1,7 @@
 """The per-block work of a step: factor pipeline, then preconditioning.
 
 Blocks of one shape across the whole parameter tree form a block class
-(`shaping.BlockClass`) whose gradients, momenta and factors are stacked
+(`layout.BlockClass`) whose gradients, momenta and factors are stacked
 along one leading axis. `step` advances every class's factor stacks with
 `factors.advance` and returns each class's preconditioned directions. On a
 device mesh it runs inside `jax.shard_map` over the block axis, each device
@@ -19,6 +19,7 @@ from jax import lax
 from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import grafting
+from foam_optax._src import layout
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
 from foam_optax._src.config import Config
@@ -60,7 +61,7 @@ def num_block_factors(classes) -> int:
   return sum(cls.count * (cls.left + cls.right) for cls in classes)
 
 
-def _factor_ids(first_id, slots, count, plan: distribution.Plan):
+def _factor_ids(first_id, slots, count, plan: layout.Plan):
   """Ids of this device's `count` factor slots of one stack.
 
   A factor's id is `first_id` plus the index of its block in the class
@@ -107,7 +108,7 @@ def _direction(blocks: ClassBlocks, old: BlockClassState, left, right,
 
 
 def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
-         plan: distribution.Plan):
+         plan: layout.Plan):
   """Every block class's per-block work; per device under `shard_map`.
 
   Args:
@@ -117,7 +118,7 @@ def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
     step: the 1-based step (0 on a skipped step).
     adam_step: the step of the momentum's and Adam's bias corrections.
     cfg: hyperparameters.
-    classes: the static `shaping.BlockClass` of each class.
+    classes: the static `layout.BlockClass` of each class.
     plan: the mesh the stacks are laid out for.
 
   Returns:

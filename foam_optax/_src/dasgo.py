@@ -13,9 +13,8 @@ import optax
 from foam_optax._src import alias
 from foam_optax._src import checks
 from foam_optax._src import grafting
-from foam_optax._src import initial_state
 from foam_optax._src import linalg
-from foam_optax._src import shaping
+from foam_optax._src import layout
 from foam_optax._src import signatures
 from foam_optax._src.state import SkipCounters
 from foam_optax._src.nnx import plain_arrays
@@ -42,19 +41,19 @@ class ScaleByDasgoState(NamedTuple):
   skips: SkipCounters
 
 
-def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
+def _matrix_layout(shape, numbers) -> layout.LeafLayout:
   """The leaf's (batch, rows, cols) view: its matrix, or ``(n, 1)`` for a
   vector and ``(1, 1)`` for a scalar."""
-  layout = shaping.leaf_layout(shape, None, None, False, numbers)
-  if layout.matrix_shape is not None:
-    return layout
-  return shaping.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
+  matrix = layout.leaf_layout(shape, None, None, False, numbers)
+  if matrix.matrix_shape is not None:
+    return matrix
+  return layout.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
 
 
-def _rows(layout: shaping.LeafLayout) -> int:
+def _rows(matrix: layout.LeafLayout) -> int:
   """The rows of a `_matrix_layout`, which always has a matrix."""
-  assert layout.matrix_shape is not None
-  return layout.matrix_shape[0]
+  assert matrix.matrix_shape is not None
+  return matrix.matrix_shape[0]
 
 
 _RENAMED = signatures.renamed(
@@ -121,7 +120,7 @@ def scale_by_dasgo(
 
   def layouts(params):
     """Each leaf's matrix view, in `jax.tree.leaves` order."""
-    numbers = initial_state.dimension_numbers(weight_dimension_numbers,
+    numbers = layout.dimension_numbers(weight_dimension_numbers,
                                               params)
     return [_matrix_layout(jnp.shape(p), dims)
             for p, dims in zip(jax.tree.leaves(params), numbers)]
@@ -137,15 +136,15 @@ def scale_by_dasgo(
     return ScaleByDasgoState(jnp.zeros([], jnp.int32), mu, nu,
                              SkipCounters.zeros())
 
-  def one(grad, momentum, second_moment, layout):
+  def one(grad, momentum, second_moment, matrix):
     g = grad.astype(linalg.stat_dtype())
     momentum = b1 * momentum.astype(g.dtype) + (1 - b1) * g
-    rows = shaping.to_matrices(g, layout)
+    rows = layout.to_matrices(g, matrix)
     second_moment = b2 * second_moment + (1 - b2) * jnp.sum(rows ** 2, -1)
-    scaled = (shaping.to_matrices(momentum, layout)
+    scaled = (layout.to_matrices(momentum, matrix)
               * jax.lax.rsqrt(second_moment + epsilon)[..., None])
     update = grafting.with_rms(scaled, graft_rms)
-    return (shaping.from_matrices(update, layout).astype(grad.dtype),
+    return (layout.from_matrices(update, matrix).astype(grad.dtype),
             momentum.astype(mu_dtype or grad.dtype), second_moment)
 
   def update_fn(updates, state, params=None):

@@ -26,7 +26,6 @@ its share of the factors that asked (see there).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence
 
 import jax
@@ -34,55 +33,7 @@ import jax.core
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from foam_optax._src import shaping
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """The mesh a state is laid out for: its axis names and sizes (empty for
-  one device). Axis types are not recorded: the same layout serves Auto and
-  Explicit meshes."""
-
-  axis_names: tuple = ()
-  axis_sizes: tuple = ()
-
-  @classmethod
-  def for_mesh(cls, mesh: Optional[AbstractMesh]) -> "Plan":
-    if mesh is None:
-      return cls()
-    return cls(tuple(mesh.axis_names), tuple(mesh.axis_sizes))
-
-  @property
-  def distributed(self) -> bool:
-    return bool(self.axis_names)
-
-  @property
-  def shape(self) -> dict:
-    return dict(zip(self.axis_names, self.axis_sizes))
-
-  @property
-  def num_shards(self) -> int:
-    return int(np.prod(self.axis_sizes, dtype=int))
-
-  @property
-  def axes(self) -> tuple:
-    """Mesh axis names the block axis is split over (all of them)."""
-    return self.axis_names
-
-  @property
-  def block_spec(self):
-    """PartitionSpec entry of the block axis."""
-    axes = self.axes
-    return axes[0] if len(axes) == 1 else axes
-
-  def mesh(self) -> AbstractMesh:
-    """The mesh to `shard_map` over: the context's when it is this one (its
-    axis types included), else the plan's with Auto axes."""
-    context = jax.sharding.get_abstract_mesh()
-    if not context.empty and dict(context.shape) == self.shape:
-      return context
-    return AbstractMesh(self.axis_sizes, self.axis_names)
+from foam_optax._src import layout
 
 
 def _usable(mesh) -> Optional[AbstractMesh]:
@@ -139,12 +90,12 @@ def padded_count(count: int, num_shards: int) -> int:
   return -(-count // num_shards) * num_shards
 
 
-def _block_cost(cls: shaping.BlockClass) -> int:
+def _block_cost(cls: layout.BlockClass) -> int:
   """Eigendecomposition cost of one block of the class, in m³ units."""
   return cls.rows ** 3 * cls.left + cls.cols ** 3 * cls.right
 
 
-def slot_maps(classes: Sequence[shaping.BlockClass],
+def slot_maps(classes: Sequence[layout.BlockClass],
               num_shards: int) -> tuple:
   """For each class, an int array over its stack's slots: the class's block
   held by each slot, or -1 for padding.

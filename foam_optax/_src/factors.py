@@ -325,7 +325,7 @@ def advance(stacks: Sequence[FactorStack],
     ids: per stack the (k,) int32 ids of its factors (`controllers.probe_keys`).
     step: the 1-based step (0 on a skipped step: no factor is checked).
     cfg: hyperparameters.
-    plan: the `distribution.Plan` the stacks are divided by; on a mesh this
+    plan: the `layout.Plan` the stacks are divided by; on a mesh this
       runs inside `shard_map` and the refresh requests are gathered.
     active: per stack (k,) bool, the slots that hold a factor (not mesh
       padding, which is never checked); None: all.

@@ -16,7 +16,7 @@ from jax import lax
 from jax.experimental import io_callback
 import numpy as np
 
-from foam_optax._src import shaping
+from foam_optax._src import layout
 from foam_optax._src.config import Config
 
 
@@ -74,14 +74,14 @@ def check_consecutive_skips(consecutive, limit,
           "fo.skip_nonfinite).", consecutive, jnp.asarray(limit))
 
 
-def _block_size_range(layouts: Sequence[shaping.LeafLayout]):
+def _block_size_range(layouts: Sequence[layout.LeafLayout]):
   """[low, high] of the block sizes that give `layouts` (high None: no cap)."""
   low, high = 1, None
-  for layout in layouts:
-    if layout.matrix_shape is None:
+  for leaf in layouts:
+    if leaf.matrix_shape is None:
       continue
-    first = layout.groups[0]
-    for size, block in zip(layout.matrix_shape, (first.rows, first.cols)):
+    first = leaf.groups[0]
+    for size, block in zip(leaf.matrix_shape, (first.rows, first.cols)):
       if block < size:   # cut: the block side is the block size
         low = max(low, block)
         high = block if high is None else min(high, block)
@@ -90,17 +90,17 @@ def _block_size_range(layouts: Sequence[shaping.LeafLayout]):
   return low, high
 
 
-def _max_precond_dim_range(layouts: Sequence[shaping.LeafLayout]):
+def _max_precond_dim_range(layouts: Sequence[layout.LeafLayout]):
   """[low, high] of the max_precond_dim values that give `layouts`."""
   low, high = 1, None
-  for layout in layouts:
-    if layout.matrix_shape is None:
+  for leaf in layouts:
+    if leaf.matrix_shape is None:
       continue
-    for g in layout.groups:
+    for g in leaf.groups:
       for side, size, block, kept in (
-          ("left", layout.matrix_shape[0], g.rows, g.left),
-          ("right", layout.matrix_shape[1], g.cols, g.right)):
-        if block <= 1 or layout.one_side not in (None, side):
+          ("left", leaf.matrix_shape[0], g.rows, g.left),
+          ("right", leaf.matrix_shape[1], g.cols, g.right)):
+        if block <= 1 or leaf.one_side not in (None, side):
           continue       # never preconditioned, whatever max_precond_dim
         if kept:
           low = max(low, size)
@@ -109,7 +109,7 @@ def _max_precond_dim_range(layouts: Sequence[shaping.LeafLayout]):
   return low, high
 
 
-def check_structure(layouts: Sequence[shaping.LeafLayout], cfg: Config):
+def check_structure(layouts: Sequence[layout.LeafLayout], cfg: Config):
   """Raises when `block_size` or `max_precond_dim` no longer match the state.
 
   They decide the state's block layout at `init`; under

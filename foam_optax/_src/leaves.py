@@ -22,8 +22,8 @@ from foam_optax._src import distribution
 from foam_optax._src import grafting
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
-from foam_optax._src import shaping
-from foam_optax._src import tensors
+from foam_optax._src import layout
+from foam_optax._src import per_dimension
 from foam_optax._src.config import Config, with_arguments
 from foam_optax._src.state import LeafState
 
@@ -56,10 +56,9 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   (J, *shape) microbatch gradients, ``bias_correction`` on) the momentum
   takes the first half's mean and every second moment the second half's
   (cross-fitting)."""
-  layout = ls.layout
-  if tuple(grad.shape) != layout.shape:
+  if tuple(grad.shape) != ls.layout.shape:
     raise ValueError(f"update of shape {tuple(grad.shape)} does not match the "
-                     f"shape {layout.shape} the state was initialised with.")
+                     f"shape {ls.layout.shape} the state was initialised with.")
   # Computations in the statistics' dtype; the buffers are cast on load
   # and store (`mu_dtype`, `second_moment_dtype`).
   g = grad.astype(linalg.stat_dtype())
@@ -74,7 +73,7 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   if cfg.ema_bias_correction:
     corrected = momentum / (1 - b1 ** step)
   graft_moment = ls.graft_second_moment
-  if cfg.eigenvalue_corrected and (layout.preconditioned or
+  if cfg.eigenvalue_corrected and (ls.layout.preconditioned or
                                    ls.tensor is not None):
     graft_dir = None   # Adam runs in the eigenbasis
   elif cfg.eigenvalue_corrected and cfg.grafting == "adam":
@@ -97,13 +96,13 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
       graft_second_moment=graft_moment), samples)
 
 
-def class_stack(arrays, layouts, cls: shaping.BlockClass, slots):
+def class_stack(arrays, layouts, cls: layout.BlockClass, slots):
   """(slots, m, n) stack of every block of the class cut from the leaves'
   `arrays`, with zero blocks in the padding slots."""
   stacks = []
   for i, j in cls.members:
-    matrices = shaping.to_matrices(arrays[i], layouts[i])
-    stacks.append(shaping.extract(matrices, layouts[i].groups[j]))
+    matrices = layout.to_matrices(arrays[i], layouts[i])
+    stacks.append(layout.extract(matrices, layouts[i].groups[j]))
   stack = stacks[0] if len(stacks) == 1 else jnp.concatenate(stacks)
   if distribution.is_natural(slots):
     return stack
@@ -151,7 +150,7 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
   """Per leaf, per block group, the (count, m, n) preconditioned direction;
   and the new class states."""
   layouts = [ls.state.layout for ls in leaf_steps]
-  classes = shaping.block_classes(layouts)
+  classes = layout.block_classes(layouts)
   slot_maps = distribution.slot_maps(classes, plan.num_shards)
   stack = lambda field, cls, slots: class_stack(
       [getattr(ls, field) for ls in leaf_steps], layouts, cls, slots)
@@ -177,7 +176,7 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
   class_directions, new_states = block_step(
       stacks, tuple(class_states), active, step, adam_step(step, cfg),
       cfg.traced())
-  directions = [[None] * len(layout.groups) for layout in layouts]
+  directions = [[None] * len(leaf.groups) for leaf in layouts]
   for cls, slots, direction in zip(classes, slot_maps, class_directions):
     direction = _unslot(direction, slots)
     for (i, j), start in zip(cls.members, cls.offsets):
@@ -187,7 +186,7 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
 
 
 def update_tree(grads, leaf_states, class_states, step, cfg: Config,
-                plan: distribution.Plan, micro=None):
+                plan: layout.Plan, micro=None):
   """Updates and new (leaf states, class states) for flat lists of leaves;
   `micro`, per leaf its (J, *shape) microbatch gradients (cross-fitting)."""
   micro = micro or [None] * len(grads)
@@ -196,22 +195,22 @@ def update_tree(grads, leaf_states, class_states, step, cfg: Config,
   directions, new_class_states = _class_directions(
       leaf_steps, class_states, step, cfg, plan)
   next_id = blocks.num_block_factors(
-      shaping.block_classes([ls.layout for ls in leaf_states]))
+      layout.block_classes([ls.layout for ls in leaf_states]))
   updates, new_leaves = [], []
   for grad, leaf, stacks, old in zip(grads, leaf_steps, directions,
                                      leaf_states):
-    layout, state = leaf.state.layout, leaf.state
+    state = leaf.state
     if state.tensor is not None:
       # Per leaf, outside the block stacks: every device runs it whole.
-      direction, tensor = tensors.update(
+      direction, tensor = per_dimension.update(
           leaf.grad, leaf.corrected, state.tensor, step, adam_step(step, cfg),
           next_id, cfg, leaf.samples)
-      next_id += tensors.num_factors(state.tensor.layout)
+      next_id += layout.num_factors(state.tensor.layout)
       state = state._replace(tensor=tensor)
-    elif not layout.preconditioned:
+    elif not state.layout.preconditioned:
       direction = leaf.graft_dir
     else:
-      direction = shaping.assemble(stacks, layout)
+      direction = layout.assemble(stacks, state.layout)
       if not cfg.eigenvalue_corrected:
         # Before the first check only the grafting optimizer steps.
         direction = jnp.where(step >= cfg.first_check_step, direction,

@@ -22,8 +22,7 @@ import jax.core
 import numpy as np
 import optax
 
-from foam_optax._src import initial_state
-from foam_optax._src import shaping
+from foam_optax._src import layout
 
 Optimizer = Literal["adam", "grafted", "shampoo", "soap", "muon", "asgo", "sgd"]
 PathPredicate = Optional[Callable[[str], bool]]
@@ -70,7 +69,7 @@ def _fan_view(shape: tuple, dims) -> tuple:
   (the reduction axes merged, then the output axes; batch axes, such as
   stacked layers, left out), or its flat size as a vector when either side
   has no axis (``DimensionNumbers((), ())``: no matrix)."""
-  _, _, view = shaping.dimension_numbers_transpose(shape, dims)
+  _, _, view = layout.dimension_numbers_transpose(shape, dims)
   axes = lambda axis: (axis,) if isinstance(axis, int) else tuple(axis)
   if not (axes(dims.reduction_axis) and axes(dims.output_axis)):
     return (math.prod(shape),)
@@ -330,7 +329,7 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
   if treedef != base_treedef:
     raise ValueError("mup_multipliers: params and base_params differ in "
                      f"structure at leaf {_differing_leaf(flat, base_flat)}.")
-  leaf_numbers = initial_state.dimension_numbers(weight_dimension_numbers,
+  leaf_numbers = layout.dimension_numbers(weight_dimension_numbers,
                                                  params)
 
   multipliers = []

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import distribution
-from foam_optax._src import shaping
-from foam_optax._src import tensors
+from foam_optax._src import layout
+from foam_optax._src import per_dimension
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.nnx import plain_arrays
 
@@ -20,7 +20,7 @@ class BlockClassState(NamedTuple):
   """State of one block class: every block of one shape in the tree, stacked.
 
   The leading axis of every array runs over the class's blocks (see
-  `shaping.BlockClass`); None marks a side that is not preconditioned, or
+  `layout.BlockClass`); None marks a side that is not preconditioned, or
   a part the preconditioner does not use.
   """
 
@@ -34,9 +34,9 @@ class LeafState(NamedTuple):
 
   momentum: jax.Array                  # EMA of gradients (not bias-corrected)
   graft_second_moment: Optional[jax.Array]
-  layout: shaping.LeafLayout           # static: no arrays
+  layout: layout.LeafLayout           # static: no arrays
   # Per-dimension factors of a tensor leaf (``tensor_shaping='per_dimension'``).
-  tensor: Optional[tensors.TensorState] = None
+  tensor: Optional[per_dimension.TensorState] = None
 
 
 @jax.tree_util.register_static
@@ -105,7 +105,7 @@ class ScaleByFoamState(NamedTuple):
   classes: tuple
   consecutive_skips: jax.Array
   overflow_skips: jax.Array
-  plan: distribution.Plan = distribution.Plan()
+  plan: layout.Plan = layout.Plan()
   refresh_kind: RefreshKind = RefreshKind()
 
   def leaf_states(self) -> list:
@@ -134,8 +134,8 @@ def with_leaf_states(state: ScaleByFoamState, leaf_states) -> ScaleByFoamState:
 
 
 def block_classes(state: ScaleByFoamState) -> tuple:
-  """The `shaping.BlockClass` of each entry of ``state.classes``."""
-  return shaping.block_classes(list(state.layouts))
+  """The `layout.BlockClass` of each entry of ``state.classes``."""
+  return layout.block_classes(list(state.layouts))
 
 
 def slot_maps(state: ScaleByFoamState) -> tuple:

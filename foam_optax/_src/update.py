@@ -10,6 +10,7 @@ import optax
 
 from foam_optax._src import distribution
 from foam_optax._src import guards
+from foam_optax._src import layout
 from foam_optax._src import leaves
 from foam_optax._src import microbatches
 from foam_optax._src import skipping
@@ -19,7 +20,7 @@ from foam_optax._src.nnx import plain_arrays
 from foam_optax._src.state import with_leaf_states
 
 
-def _check_mesh(plan: distribution.Plan, tree) -> None:
+def _check_mesh(plan: layout.Plan, tree) -> None:
   """The state's plan against the mesh `update` runs under."""
   mesh = distribution.current_mesh(tree)
   if mesh is None:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from foam_optax._src import leaves
-from foam_optax._src import shaping
+from foam_optax._src import layout
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.state import block_classes, find_states, slot_maps
@@ -26,7 +26,7 @@ class FactorStackView(NamedTuple):
     ids: (slots,) each slot's factor id, the one its sketched proxy's probe
       keys are drawn from (`controllers.probe_keys`); -1 for the padding
       slots of a stack laid out for a device mesh.
-    block_class: the static `shaping.BlockClass` of the blocks (their shape
+    block_class: the static `layout.BlockClass` of the blocks (their shape
       and the leaves they come from); None for a tensor leaf's factor.
     class_index: the stack's index in ``state.classes`` (None for a tensor
       leaf's factor).
@@ -37,7 +37,7 @@ class FactorStackView(NamedTuple):
   stack: FactorStack
   side: str
   ids: np.ndarray
-  block_class: Optional[shaping.BlockClass]
+  block_class: Optional[layout.BlockClass]
   class_index: Optional[int]
   leaf_index: Optional[int]
 

@@ -22,30 +22,17 @@ are not divided among devices: on a mesh every device runs them whole.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from foam_optax._src import cross_fitting
-from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
-from foam_optax._src import shaping
 from foam_optax._src.config import Config
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class TensorLayout:
-  """Static shape of a per-dimension leaf: its tensor view and which of its
-  dimensions have a factor."""
-
-  shape: tuple
-  factored: tuple
+from foam_optax._src.layout import Plan, TensorLayout
 
 
 class TensorState(NamedTuple):
@@ -54,52 +41,6 @@ class TensorState(NamedTuple):
   factors: tuple                    # per dimension a FactorStack or None
   rotated_second_moment: jax.Array  # in `layout.shape`
   layout: TensorLayout
-
-
-def merged_shape(shape, max_precond_dim: Optional[int]) -> tuple:
-  """The official SOAP's ``merge_dims``: adjacent dimensions merged, left to
-  right, while their product stays within `max_precond_dim`."""
-  limit = math.inf if max_precond_dim is None else max_precond_dim
-  new_shape, current = [], 1
-  for size in shape:
-    if current * size > limit:
-      if current > 1:
-        new_shape.append(current)
-        current = size
-      else:
-        new_shape.append(size)
-        current = 1
-    else:
-      current *= size
-  if current > 1 or not new_shape:
-    new_shape.append(current)
-  return tuple(new_shape)
-
-
-def layouts(shape, cfg: Config, block_size, max_precond_dim):
-  """(LeafLayout, TensorLayout or None) of a leaf under 'per_dimension'.
-
-  Views of rank <= 2 get a matrix `LeafLayout` (with SOAP's rule that a leaf
-  of rank >= 2 whose view is a vector is preconditioned without
-  `precondition_1d`); views of rank >= 3 get a `TensorLayout` and a
-  `LeafLayout` with no blocks.
-  """
-  shape = tuple(int(d) for d in shape)
-  view = shape
-  if cfg.merge_dims and len(shape) >= 2:
-    view = merged_shape(shape, max_precond_dim)
-  view = tuple(d for d in view if d != 1)
-  if len(view) <= 2 or 0 in shape:
-    layout = shaping.leaf_layout(view, block_size, max_precond_dim,
-                                 cfg.precondition_1d or len(shape) >= 2,
-                                 one_sided=cfg.one_sided)
-    return dataclasses.replace(layout, shape=shape), None
-  factored = tuple(max_precond_dim is None or d <= max_precond_dim
-                   for d in view)
-  if cfg.one_sided:   # the smallest dimension only (the first on a tie)
-    smallest = view.index(min(view))
-    factored = tuple(f and d == smallest for d, f in enumerate(factored))
-  return shaping.LeafLayout(shape, None, ()), TensorLayout(view, factored)
 
 
 def init_state(layout: TensorLayout, phases, cfg: Config):
@@ -111,10 +52,6 @@ def init_state(layout: TensorLayout, phases, cfg: Config):
   moment = jnp.zeros(layout.shape,
                      factors.storage_dtype(cfg.second_moment_dtype))
   return TensorState(tuple(states), moment, layout)
-
-
-def num_factors(layout: Optional[TensorLayout]) -> int:
-  return 0 if layout is None else sum(layout.factored)
 
 
 def _along(x, basis, axis, transpose):
@@ -165,7 +102,7 @@ def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
                      axis=0)[None] for axis in axes]
   ids = [jnp.full((1,), first_id + i, jnp.int32) for i in range(len(axes))]
   stacks, orders = factors.advance([ts.factors[a] for a in axes], grams, ids,
-                                   step, cfg, distribution.Plan())
+                                   step, cfg, Plan())
   moment, states = ts.rotated_second_moment, list(ts.factors)
   for axis, fs, order in zip(axes, stacks, orders):
     moment = jnp.take(moment, order[0], axis=axis)
