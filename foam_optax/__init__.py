@@ -24,8 +24,8 @@ from foam_optax._src.layout import nnx_dimension_numbers
 from foam_optax._src.partition import partition
 from foam_optax._src.partition import precondition_labels
 from foam_optax._src.layout import DimensionNumbers
-from foam_optax._src.sharding import relayout
-from foam_optax._src.sharding import state_sharding
+from foam_optax._src.mesh import relayout
+from foam_optax._src.mesh import state_sharding
 from foam_optax._src.skipping import skip_nonfinite
 from foam_optax._src.spectral import scale_by_spectral_norm
 from foam_optax._src.spectral import ScaleBySpectralNormState

@@ -70,7 +70,7 @@ _SCRIPT = textwrap.dedent("""
     from jax import lax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import foam_optax as fo
-    from foam_optax._src import config, distribution, factors, layout, linalg, refresh
+    from foam_optax._src import config, factors, layout, linalg, refresh
 
     out = {}
     mesh = jax.make_mesh((8,), ("data",))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from foam_optax._src import distribution
+from foam_optax._src import mesh
 from foam_optax._src import factors
 from foam_optax._src import grafting
 from foam_optax._src import layout
@@ -124,7 +124,7 @@ def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
   Returns:
     (per class the (k, m, n) preconditioned direction, new class states).
   """
-  slot_maps = distribution.slot_maps(classes, plan.num_shards)
+  slot_maps = mesh.slot_maps(classes, plan.num_shards)
   sides, stacks, ids, act, terms = [], [], [], [], []
   first_id = 0   # id of the stack's first block (`_factor_ids`)
   for c, (cls, state, blocks_c) in enumerate(zip(classes, states, blocks)):

@@ -10,7 +10,7 @@ from foam_optax._src.bias_corrected_adamw import ScaleByBiasCorrectedAdamState
 from foam_optax._src.dasgo import ScaleByDasgoState
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.state import find_states
-from foam_optax._src.state import slot_maps
+from foam_optax._src.mesh import state_slot_maps
 
 
 def stats(opt_state) -> dict[str, jax.Array]:
@@ -109,7 +109,7 @@ def _stats(opt_state) -> dict[str, jax.Array]:
   sides = {"left": [], "right": []}
   for state in states:
     kind = state.refresh_kind.counter
-    for gs, slots in zip(state.classes, slot_maps(state)):
+    for gs, slots in zip(state.classes, state_slot_maps(state)):
       for side in sides:
         fs = getattr(gs, side)
         if fs is not None:

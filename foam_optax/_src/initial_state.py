@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from foam_optax._src import distribution
+from foam_optax._src import mesh
 from foam_optax._src import factors
 from foam_optax._src import grafting
 from foam_optax._src import nnx
@@ -76,7 +76,7 @@ def _phases(stack_sizes, num_shards, cfg: Config) -> list:
   """Deterministic check offsets spreading factors over the check period.
 
   Factors are ranked stack after stack; inside a stack the ranks alternate
-  between devices (`distribution.interleaved_ranks`), so the factors of one
+  between devices (`mesh.interleaved_ranks`), so the factors of one
   check step are spread over the mesh rather than landing on one device.
   Every offset is `factors.uniform_phase` plus the spread.
   """
@@ -88,7 +88,7 @@ def _phases(stack_sizes, num_shards, cfg: Config) -> list:
       phases.append(jnp.full((size,), offset, jnp.int32))
       continue
     rank = jnp.asarray(
-        start + distribution.interleaved_ranks(size, num_shards), jnp.int32)
+        start + mesh.interleaved_ranks(size, num_shards), jnp.int32)
     freq = jnp.asarray(cfg.check_frequency, jnp.int32)
     phases.append((rank * freq) // total + offset)
     start += size
@@ -141,7 +141,7 @@ def init(params, cfg: Config) -> ScaleByFoamState:
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   _reject_non_real_floating(paths_and_leaves)
   leaves = [p for _, p in paths_and_leaves]
-  plan = layout.Plan.for_mesh(distribution.current_mesh(leaves))
+  plan = layout.Plan.for_mesh(mesh.current_mesh(leaves))
   _refuse_bucket_on_a_mesh(plan, cfg)
   if _is_params_placeholder(params):   # has no leaves
     return _placeholder_state(params, cfg, plan)
@@ -151,7 +151,7 @@ def init(params, cfg: Config) -> ScaleByFoamState:
   layouts = [lay for lay, _ in both]
   tensor_layouts = [tensor for _, tensor in both]
   classes = layout.block_classes(layouts)
-  slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
+  slots = [len(s) for s in mesh.slot_maps(classes, plan.num_shards)]
   sides = [(size, side) for cls, size in zip(classes, slots)
            for side in (cls.left, cls.right) if side]
   # Each per-dimension factor of a tensor leaf is a stack of one.

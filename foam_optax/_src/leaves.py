@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from foam_optax._src import blocks
 from foam_optax._src import cross_fitting
-from foam_optax._src import distribution
+from foam_optax._src import mesh
 from foam_optax._src import grafting
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
@@ -104,7 +104,7 @@ def class_stack(arrays, layouts, cls: layout.BlockClass, slots):
     matrices = layout.to_matrices(arrays[i], layouts[i])
     stacks.append(layout.extract(matrices, layouts[i].groups[j]))
   stack = stacks[0] if len(stacks) == 1 else jnp.concatenate(stacks)
-  if distribution.is_natural(slots):
+  if mesh.is_natural(slots):
     return stack
   stack = jnp.concatenate([stack, jnp.zeros_like(stack[:1])])
   return stack[jnp.where(slots < 0, cls.count, slots)]
@@ -112,9 +112,9 @@ def class_stack(arrays, layouts, cls: layout.BlockClass, slots):
 
 def _unslot(direction, slots):
   """The class's blocks in member order from a (slots, m, n) stack."""
-  if distribution.is_natural(slots):
+  if mesh.is_natural(slots):
     return direction
-  return direction[distribution.positions(slots)]
+  return direction[mesh.positions(slots)]
 
 
 def to_dtype(direction, dtype):
@@ -151,7 +151,7 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
   and the new class states."""
   layouts = [ls.state.layout for ls in leaf_steps]
   classes = layout.block_classes(layouts)
-  slot_maps = distribution.slot_maps(classes, plan.num_shards)
+  slot_maps = mesh.slot_maps(classes, plan.num_shards)
   stack = lambda field, cls, slots: class_stack(
       [getattr(ls, field) for ls in leaf_steps], layouts, cls, slots)
   stacks = tuple(

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from foam_optax._src import distribution
 from foam_optax._src import layout
 from foam_optax._src import per_dimension
 from foam_optax._src.factors import FactorStack
@@ -87,7 +86,7 @@ class ScaleByFoamState(NamedTuple):
     layouts: static: per parameter its block structure.
     classes: per block class (`block_classes`) a `BlockClassState`; on a
       device mesh each stack is padded to a multiple of the device count
-      (see `distribution`).
+      (see `mesh`).
     consecutive_skips: updates skipped in a row up to now (0 after an
       applied update); a growing value means a stuck run.
     overflow_skips: the skipped updates whose gradients were finite but so
@@ -136,12 +135,6 @@ def with_leaf_states(state: ScaleByFoamState, leaf_states) -> ScaleByFoamState:
 def block_classes(state: ScaleByFoamState) -> tuple:
   """The `layout.BlockClass` of each entry of ``state.classes``."""
   return layout.block_classes(list(state.layouts))
-
-
-def slot_maps(state: ScaleByFoamState) -> tuple:
-  """For each entry of ``state.classes``, the block held by each stack slot
-  (-1: padding); see `distribution.slot_maps`."""
-  return distribution.slot_maps(block_classes(state), state.plan.num_shards)
 
 
 def find_states(tree, kind=None) -> list:

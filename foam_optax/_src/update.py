@@ -8,7 +8,7 @@ import warnings
 import jax
 import optax
 
-from foam_optax._src import distribution
+from foam_optax._src import mesh
 from foam_optax._src import guards
 from foam_optax._src import layout
 from foam_optax._src import leaves
@@ -22,20 +22,20 @@ from foam_optax._src.state import with_leaf_states
 
 def _check_mesh(plan: layout.Plan, tree) -> None:
   """The state's plan against the mesh `update` runs under."""
-  mesh = distribution.current_mesh(tree)
-  if mesh is None:
+  current = mesh.current_mesh(tree)
+  if current is None:
     return
   if not plan.distributed:
     warnings.warn(
-        f"foam_optax: updating under a mesh of {mesh.size} devices a state "
+        f"foam_optax: updating under a mesh of {current.size} devices a state "
         "initialised without one: every device repeats every "
         "eigendecomposition. Initialise the state under the mesh (inside "
         "`with jax.set_mesh(mesh):`, or from parameters sharded on it).",
         stacklevel=4)
-  elif dict(mesh.shape) != plan.shape:
+  elif dict(current.shape) != plan.shape:
     raise ValueError(
         f"the optimizer state was laid out for the mesh {plan.shape}"
-        f" but is updated under {dict(mesh.shape)}; initialise it for this "
+        f" but is updated under {dict(current.shape)}; initialise it for this "
         "mesh, or move a saved state with `foam_optax.relayout`.")
 
 
@@ -82,7 +82,7 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
   _check_mesh(state.plan, state)
   guards.check_structure(list(state.layouts), cfg)
   run = with_arguments(_apply, cfg)
-  explicit = distribution.typed_mesh((updates, state, params),
+  explicit = mesh.typed_mesh((updates, state, params),
                                      single_device=True)
   if explicit is not None:
     # On Explicit axes every reshape of a sharded array would need its output

@@ -12,7 +12,8 @@ from foam_optax._src import leaves
 from foam_optax._src import layout
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.state import ScaleByFoamState
-from foam_optax._src.state import block_classes, find_states, slot_maps
+from foam_optax._src.mesh import state_slot_maps
+from foam_optax._src.state import block_classes, find_states
 
 
 class FactorStackView(NamedTuple):
@@ -83,7 +84,7 @@ def factor_stacks(opt_state) -> list:
   core = _core(opt_state)
   views, first_id = [], 0
   for c, (cls, cs, slots) in enumerate(zip(block_classes(core), core.classes,
-                                           slot_maps(core))):
+                                           state_slot_maps(core))):
     for side in ("left", "right"):
       if getattr(cls, side):
         ids = np.where(slots < 0, -1, first_id + slots)
@@ -117,4 +118,4 @@ def block_stacks(opt_state, tree) -> list:
   layouts = list(core.layouts)
   arrays = jax.tree.leaves(tree)
   return [(cls, leaves.class_stack(arrays, layouts, cls, slots))
-          for cls, slots in zip(block_classes(core), slot_maps(core))]
+          for cls, slots in zip(block_classes(core), state_slot_maps(core))]
