@@ -11,16 +11,14 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import alias
-from foam_optax._src import checks
 from foam_optax._src import grafting
 from foam_optax._src import linalg
 from foam_optax._src import layout
 from foam_optax._src import signatures
+from foam_optax._src import validation
 from foam_optax._src.state import SkipCounters
 from foam_optax._src.nnx import plain_arrays
 
-_UNIT = checks.in_range(0.0, 1.0, high_open=True)
-_POSITIVE = checks.in_range(0.0, float("inf"), low_open=True)
 
 
 class ScaleByDasgoState(NamedTuple):
@@ -112,11 +110,12 @@ def scale_by_dasgo(
     An, Liu, Pan, Ren, Ma, Goldfarb and Zhang, ASGO: Adaptive Structured
     Gradient Optimization, NeurIPS 2025. arXiv:2503.20762.
   """
-  for name, value, check in (("b1", b1, _UNIT), ("b2", b2, _UNIT),
-                             ("epsilon", epsilon, _POSITIVE),
-                             ("graft_rms", graft_rms, _POSITIVE)):
+  for name, value, check in (
+      ("b1", b1, validation.UNIT), ("b2", b2, validation.UNIT),
+      ("epsilon", epsilon, validation.POSITIVE),
+      ("graft_rms", graft_rms, validation.POSITIVE)):
     check(name, value)
-  checks.floating_dtype("mu_dtype", mu_dtype)
+  validation.floating_dtype("mu_dtype", mu_dtype)
 
   def layouts(params):
     """Each leaf's matrix view, in `jax.tree.leaves` order."""

@@ -15,7 +15,7 @@ from foam_optax._src import grafting
 from foam_optax._src import nnx
 from foam_optax._src import layout
 from foam_optax._src import per_dimension
-from foam_optax._src.checks import static_int
+from foam_optax._src.validation import static_int
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, RefreshKind
 from foam_optax._src.state import ScaleByFoamState

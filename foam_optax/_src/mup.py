@@ -14,15 +14,14 @@ FOAM's controller are derived in `mup_multipliers`' docstring.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, Literal, Optional, get_args
 
 import jax
-import jax.core
 import numpy as np
 import optax
 
 from foam_optax._src import layout
+from foam_optax._src import validation
 
 Optimizer = Literal["adam", "grafted", "shampoo", "soap", "muon", "asgo", "sgd"]
 PathPredicate = Optional[Callable[[str], bool]]
@@ -49,19 +48,6 @@ def _differing_leaf(flat, base_flat, labels=("params", "base_params")) -> str:
     if name != base_name:
       return f"{name} (in {labels[0]}) / {base_name} (in {labels[1]})"
   return names[0] if names else "<root>"
-
-
-def _check_optional_int(name: str, value) -> None:
-  if value is not None and (isinstance(value, bool)
-                            or not isinstance(value, numbers.Integral)
-                            or value < 1):
-    raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
-
-
-def _check_positive(name: str, value) -> None:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value <= 0):
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
 
 
 def _fan_view(shape: tuple, dims) -> tuple:
@@ -315,10 +301,11 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
   if optimizer not in get_args(Optimizer):
     raise ValueError(f"optimizer must be one of {get_args(Optimizer)}, got "
                      f"{optimizer!r}.")
-  _check_optional_int("block_size", block_size)
-  _check_optional_int("max_precond_dim", max_precond_dim)
-  _check_positive("depth_ratio", depth_ratio)
-  _check_positive("exponent", exponent)
+  for name, value in (("block_size", block_size),
+                      ("max_precond_dim", max_precond_dim)):
+    validation.python_integer(1, allow_none=True)(name, value)
+  validation.POSITIVE("depth_ratio", depth_ratio)
+  validation.POSITIVE("exponent", exponent)
   for name, predicate in (("embedding", embedding), ("readout", readout)):
     if predicate is not None and not callable(predicate):
       raise ValueError(f"{name} must be None or a predicate on the leaf's "
@@ -369,16 +356,11 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
 
 
 def _check_multiplier(path, value) -> None:
-  name = jax.tree_util.keystr(path)
-  if isinstance(value, jax.core.Tracer):
-    return
-  if (isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0
-      or not np.issubdtype(np.asarray(value).dtype, np.number)):
-    raise ValueError(f"scale_by_mup: multiplier {name} must be a real "
-                     f"number, got {value!r}.")
-  if not (math.isfinite(float(value)) and float(value) > 0):
-    raise ValueError(f"scale_by_mup: multiplier {name} must be positive and "
-                     f"finite, got {value!r}.")
+  name = f"scale_by_mup: multiplier {jax.tree_util.keystr(path)}"
+  validation.numeric(name, value)
+  known = validation.known(value)   # None when traced
+  if known is not None and not (math.isfinite(known) and known > 0):
+    raise ValueError(f"{name} must be positive and finite, got {value!r}.")
 
 
 def _unmatched_leaf(multipliers, params) -> Optional[str]:

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 import optax
 
-from foam_optax._src import guards
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
+from foam_optax._src import validation
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, ScaleByFoamState
 from foam_optax._src.state import SkipCounters
@@ -52,7 +52,7 @@ def gradients_finite(updates) -> jax.Array:
   their Gram matrices or squared entries would overflow. A gradient that is
   not floating-point raises, naming its leaf.
   """
-  guards.check_gradient_dtypes(updates)
+  validation.check_gradient_dtypes(updates)
   leaves = jax.tree.leaves(updates)
   if not leaves:
     return jnp.asarray(True)
@@ -128,7 +128,7 @@ def run_or_skip(run, inputs, state: ScaleByFoamState, step, traced,
   consecutive = jnp.where(skip, optax.safe_increment(state.consecutive_skips),
                           jnp.zeros_like(state.consecutive_skips))
   if cfg.max_consecutive_skips is not None:
-    guards.check_consecutive_skips(
+    validation.check_consecutive_skips(
         consecutive, cfg.max_consecutive_skips,
         True if params is None else entries_finite(params))
   # Finite entries whose squares overflow: skipped, and counted apart too.

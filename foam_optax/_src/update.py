@@ -9,11 +9,11 @@ import jax
 import optax
 
 from foam_optax._src import mesh
-from foam_optax._src import guards
 from foam_optax._src import layout
 from foam_optax._src import leaves
 from foam_optax._src import microbatches
 from foam_optax._src import skipping
+from foam_optax._src import validation
 from foam_optax._src.config import Config, with_arguments
 from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.nnx import plain_arrays
@@ -70,7 +70,7 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
   """
   structure, state_structure = map(jax.tree.structure, (updates, state))
   updates, state = plain_arrays(updates), plain_arrays(state)
-  guards.check_gradient_dtypes(updates)
+  validation.check_gradient_dtypes(updates)
   micro = None
   if cfg.bias_correction != "none":
     micro = microbatches.checked(
@@ -80,7 +80,7 @@ def update(updates, state: ScaleByFoamState, cfg: Config, params=None,
     microbatches.ignored(microbatch_grads,
                          "this transformation (bias_correction='none')")
   _check_mesh(state.plan, state)
-  guards.check_structure(list(state.layouts), cfg)
+  validation.check_structure(list(state.layouts), cfg)
   run = with_arguments(_apply, cfg)
   explicit = mesh.typed_mesh((updates, state, params),
                                      single_device=True)
