@@ -36,9 +36,9 @@ from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.state import SkipCounters
 from foam_optax._src.transform import scale_by_foam
 from foam_optax._src.weight_decay import decay_updated_weights
-from foam_optax._src.views import FactorStackView
-from foam_optax._src.views import block_stacks
-from foam_optax._src.views import factor_stacks
+from foam_optax._src.diagnostics import FactorStackView
+from foam_optax._src.diagnostics import block_stacks
+from foam_optax._src.diagnostics import factor_stacks
 
 __version__ = "0.1.0"
 
