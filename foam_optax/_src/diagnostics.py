@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from foam_optax._src import layout
-from foam_optax._src import leaves
 from foam_optax._src.bias_corrected_adamw import ScaleByBiasCorrectedAdamState
 from foam_optax._src.dasgo import ScaleByDasgoState
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.mesh import state_slot_maps
 from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.state import block_classes, find_states
+from foam_optax._src.step import class_stack
 
 
 def stats(opt_state) -> dict[str, jax.Array]:
@@ -279,5 +279,5 @@ def block_stacks(opt_state, tree) -> list:
   core = _core(opt_state)
   layouts = list(core.layouts)
   arrays = jax.tree.leaves(tree)
-  return [(cls, leaves.class_stack(arrays, layouts, cls, slots))
+  return [(cls, class_stack(arrays, layouts, cls, slots))
           for cls, slots in zip(block_classes(core), state_slot_maps(core))]

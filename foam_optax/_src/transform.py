@@ -14,7 +14,7 @@ import optax
 from foam_optax._src import initial_state
 from foam_optax._src import options
 from foam_optax._src import signatures
-from foam_optax._src import update
+from foam_optax._src import step
 from foam_optax._src.config import Config
 
 
@@ -271,6 +271,6 @@ def from_config(cfg: Config) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None, *, microbatch_grads=None,
                 **extra_args) -> tuple[Any, Any]:
     del extra_args   # optax's convention: the chain's others, unused here
-    return update.update(updates, state, cfg, params, microbatch_grads)
+    return step.update(updates, state, cfg, params, microbatch_grads)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
