@@ -170,9 +170,9 @@ _PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 # alias), the alias being `optimizer` and the transformation
 # `scale_by_<optimizer>`.
 FUNCTIONS = {
-    "_src/transform.py": (("foam", False),),
-    "_src/alias.py": (("foam", True), ("shampoo", False), ("shampoo", True),
-                      ("soap", False), ("soap", True), ("asgo", False),
+    "_src/transform.py": (("foam", False), ("shampoo", False),
+                          ("soap", False), ("asgo", False)),
+    "_src/alias.py": (("foam", True), ("shampoo", True), ("soap", True),
                       ("asgo", True)),
 }
 CONFIG_FILE = "_src/config.py"
