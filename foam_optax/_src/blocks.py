@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from foam_optax._src import mesh
+from foam_optax._src import cross_fitting
 from foam_optax._src import factors
 from foam_optax._src import grafting
 from foam_optax._src import layout
@@ -33,16 +34,10 @@ class ClassBlocks(NamedTuple):
   momentum: jax.Array                 # bias-corrected M_t
   graft: Optional[jax.Array]          # grafting direction (root-inverse)
   # (k, J, m, n) cross-fitting samples: the statistics' microbatches.
-  samples: Optional[jax.Array] = None
+  samples: Optional[cross_fitting.Samples] = None
 
 
 _SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
-
-
-def _side_samples(samples, side):
-  """(k, J, d, ·): the samples whose Grams build a side's statistic: the
-  blocks (left, ``G Gᵀ``) or their transposes (right, ``Gᵀ G``)."""
-  return samples if side == "left" else jnp.swapaxes(samples, -1, -2)
 
 
 def _statistic_term(blocks_c: ClassBlocks, side, gram):
@@ -50,9 +45,7 @@ def _statistic_term(blocks_c: ClassBlocks, side, gram):
   mean Gram of the cross-fitting samples."""
   if blocks_c.samples is None:
     return gram(blocks_c.grad)
-  s = _side_samples(blocks_c.samples, side)
-  return jnp.einsum("kjde,kjfe->kdf", s, s,
-                    precision=linalg.HIGHEST) / s.shape[1]
+  return blocks_c.samples.side(side).mean_gram()
 
 
 def num_block_factors(classes) -> int:
@@ -139,7 +132,7 @@ def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
         first_id += cls.count
   samples = None
   if cfg.bias_correction == "cross_fit_variance":
-    samples = lambda: [_side_samples(b.samples, name) for b, name, _ in terms]
+    samples = lambda: [b.samples.side(name) for b, name, _ in terms]  # pyright: ignore[reportOptionalMemberAccess]
   new_stacks, new_orders = factors.advance(
       stacks, lambda: [_statistic_term(*t) for t in terms], ids, step, cfg,
       plan, active=act, samples=samples)

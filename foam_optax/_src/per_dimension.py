@@ -22,7 +22,7 @@ are not divided among devices: on a mesh every device runs them whole.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from foam_optax._src import factors
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
 from foam_optax._src.config import Config
+from foam_optax._src.cross_fitting import Samples
 from foam_optax._src.layout import Plan, TensorLayout
 
 
@@ -83,7 +84,7 @@ def _rotations(states):
 
 
 def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
-                    samples=None):
+                    samples: Optional[Samples] = None):
   """Accumulates each dimension's statistic (from `grad`, or the mean over
   the cross-fitting `samples`) and refreshes on its checks
   (`factors.advance`, ids from `first_id` on); the second moment follows
@@ -98,8 +99,8 @@ def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
   def grams():
     if samples is None:
       return [contraction(grad, axis)[None] for axis in axes]
-    return [jnp.mean(jax.vmap(lambda s: contraction(s, axis))(samples),
-                     axis=0)[None] for axis in axes]
+    return [samples.mean_of(lambda s: contraction(s, axis))[None]
+            for axis in axes]
   ids = [jnp.full((1,), first_id + i, jnp.int32) for i in range(len(axes))]
   stacks, orders = factors.advance([ts.factors[a] for a in axes], grams, ids,
                                    step, cfg, Plan())
@@ -111,7 +112,7 @@ def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
 
 
 def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
-           cfg: Config, samples=None):
+           cfg: Config, samples: Optional[Samples] = None):
   """Direction (in the leaf's shape) and new state of one tensor leaf.
 
   Args:
@@ -121,14 +122,15 @@ def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
     adam_step: the step of Adam's bias correction.
     first_id: the id of the leaf's first factor (`controllers.probe_keys`).
     cfg: hyperparameters.
-    samples: cross-fitting: (J, *leaf shape) microbatch gradients that the
-      statistics and the second moment take instead of `grad`.
+    samples: cross-fitting: the `cross_fitting.Samples` of (J, *leaf shape)
+      microbatch gradients that the statistics and the second moment take
+      instead of `grad`.
   """
   shape = grad.shape
   grad = grad.reshape(ts.layout.shape)
   momentum = momentum.reshape(ts.layout.shape)
   if samples is not None:
-    samples = samples.reshape((-1,) + ts.layout.shape)
+    samples = samples.reshaped(ts.layout.shape)
   if cfg.rotation_basis == "updated":
     ts = _update_factors(grad, ts, step, first_id, cfg, samples)
   rotate, unrotate = _rotations(ts.factors)

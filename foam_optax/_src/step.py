@@ -179,9 +179,8 @@ class LeafStep(NamedTuple):
   corrected: jax.Array     # bias-corrected momentum M_t
   graft_dir: Optional[jax.Array]
   state: LeafState         # momentum and grafting moment already advanced
-  # Cross-fitting: the second group's (J, *shape) microbatch gradients,
-  # whose statistics the factors and second moments take; else None.
-  samples: Optional[jax.Array] = None
+  # Cross-fitting's held-out microbatch gradients; else None.
+  samples: Optional[cross_fitting.Samples] = None
 
 
 def adam_step(step, cfg: Config):
@@ -208,9 +207,7 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   g = grad.astype(linalg.stat_dtype())
   numerator, samples = g, None
   if micro is not None:
-    micro = micro.astype(g.dtype)
-    half = micro.shape[0] // 2
-    numerator, samples = jnp.mean(micro[:half], axis=0), micro[half:]
+    numerator, samples = cross_fitting.Samples.split(micro.astype(g.dtype))
   b1 = jnp.asarray(cfg.b1, g.dtype)
   momentum = b1 * ls.momentum.astype(g.dtype) + (1 - b1) * numerator
   corrected = momentum
@@ -223,7 +220,7 @@ def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   elif cfg.eigenvalue_corrected and cfg.grafting == "adam":
     # No factor: Adam in the identity basis with the eigenbasis Adam's
     # decay and epsilon, as SOAP steps such leaves.
-    square = g * g if samples is None else jnp.mean(samples ** 2, axis=0)
+    square = g * g if samples is None else samples.mean_square()
     graft_dir, new_graft_moment = preconditioners.adam_in_basis(
         square, corrected, graft_moment.astype(g.dtype), step, cfg.b2,  # pyright: ignore[reportOptionalMemberAccess]
         cfg.adam_eps, bound=cross_fitting.bound_for(cfg, cfg.b2, step,
@@ -284,10 +281,9 @@ def _sample_stack(leaf_steps, layouts, cls, slots):
   (microbatch gradient); None without cross-fitting."""
   if leaf_steps[0].samples is None:
     return None
-  per_sample = jax.vmap(lambda arrays: class_stack(arrays, layouts, cls,
-                                                   slots))(
-      [ls.samples for ls in leaf_steps])
-  return jnp.moveaxis(per_sample, 0, 1)
+  return cross_fitting.Samples.stacked(
+      [ls.samples for ls in leaf_steps],
+      lambda arrays: class_stack(arrays, layouts, cls, slots))
 
 
 def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
