@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import optax
 
+from foam_optax._src import first_step
 from foam_optax._src import options
 from foam_optax._src import signatures
 from foam_optax._src.skipping import skip_nonfinite
@@ -46,7 +47,7 @@ def _alias(optimizer: str,
         core, optax.scale_by_learning_rate(learning_rate),
         decay_updated_weights(
             learning_rate, weight_decay, mask,
-            skip_first_step=arguments.get("first_step") == "init_only"))
+            skip_first_step=first_step.skips_first_decay(arguments)))
   else:
     chain = optax.chain(core, optax.add_decayed_weights(weight_decay, mask),
                         optax.scale_by_learning_rate(learning_rate))

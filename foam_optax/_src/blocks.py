@@ -19,6 +19,7 @@ from jax import lax
 from foam_optax._src import mesh
 from foam_optax._src import cross_fitting
 from foam_optax._src import factors
+from foam_optax._src import first_step
 from foam_optax._src import grafting
 from foam_optax._src import layout
 from foam_optax._src import linalg
@@ -69,14 +70,6 @@ def _factor_ids(first_id, slots, count, plan: layout.Plan):
   return jnp.where(blocks < 0, -1, first_id + blocks)
 
 
-def _first_step_moment(step, old, new, cfg: Config):
-  """With ``first_step='init_only'`` the first gradient leaves the rotated
-  second moment untouched."""
-  if cfg.init_only_first_step:
-    return jnp.where(step == 1, old, new)
-  return new
-
-
 def _direction(blocks: ClassBlocks, old: BlockClassState, left, right,
                orders, adam_step, step, cfg: Config):
   """(direction, rotated second moment) of one class given its new factor
@@ -96,7 +89,8 @@ def _direction(blocks: ClassBlocks, old: BlockClassState, left, right,
       *map(preconditioners.basis, rotating), adam_step, cfg, blocks.samples)  # pyright: ignore[reportCallIssue]
   if previous:
     moment = follow(moment)
-  moment = _first_step_moment(step, old.rotated_second_moment, moment, cfg)
+  moment = first_step.rotated_moment(step, old.rotated_second_moment, moment,
+                                     cfg)
   return direction, moment.astype(old.rotated_second_moment.dtype)  # pyright: ignore[reportOptionalMemberAccess]
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from foam_optax._src import first_step
 from foam_optax._src import linalg
 from foam_optax._src import refresh as refreshing
 from foam_optax._src.config import Config
@@ -94,13 +95,6 @@ def init_stack(count, size, phase, cfg: Config) -> FactorStack:
       phase=jnp.asarray(phase, jnp.int32),
       checks=zeros_i(), refreshes=zeros_i(), failures=zeros_i(),
       inverse_root=inverse_root, variance=variance)
-
-
-def uniform_phase(cfg: Config) -> int:
-  """The check offset of every factor without stagger: -1 with
-  ``first_step='init_only'`` (the schedule's step count then starts at the
-  second gradient, as SOAP's does), else 0."""
-  return -1 if cfg.init_only_first_step else 0
 
 
 def is_check_step(step, phase, cfg: Config):
@@ -370,6 +364,7 @@ def advance(stacks: Sequence[FactorStack],
     # steps) skips decisions, refresh and commit with one conditional for
     # all stacks.
     new, orders = lax.cond(
-        is_check_step(step, uniform_phase(cfg), cfg), lambda: check(loaded),
+        is_check_step(step, first_step.uniform_phase(cfg), cfg),
+        lambda: check(loaded),
         lambda: (loaded, [identity_orders(fs) for fs in loaded]))
   return [store(n, fs) for n, fs in zip(new, stacks)], orders

@@ -11,6 +11,7 @@ import optax
 
 from foam_optax._src import mesh
 from foam_optax._src import factors
+from foam_optax._src import first_step
 from foam_optax._src import grafting
 from foam_optax._src import nnx
 from foam_optax._src import layout
@@ -78,10 +79,10 @@ def _phases(stack_sizes, num_shards, cfg: Config) -> list:
   Factors are ranked stack after stack; inside a stack the ranks alternate
   between devices (`mesh.interleaved_ranks`), so the factors of one
   check step are spread over the mesh rather than landing on one device.
-  Every offset is `factors.uniform_phase` plus the spread.
+  Every offset is `first_step.uniform_phase` plus the spread.
   """
   total = sum(stack_sizes)
-  offset = factors.uniform_phase(cfg)
+  offset = first_step.uniform_phase(cfg)
   phases, start = [], 0
   for size in stack_sizes:
     if not cfg.stagger:

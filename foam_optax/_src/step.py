@@ -27,6 +27,7 @@ import optax
 
 from foam_optax._src import blocks
 from foam_optax._src import cross_fitting
+from foam_optax._src import first_step
 from foam_optax._src import grafting
 from foam_optax._src import layout
 from foam_optax._src import linalg
@@ -183,16 +184,6 @@ class LeafStep(NamedTuple):
   samples: Optional[cross_fitting.Samples] = None
 
 
-def adam_step(step, cfg: Config):
-  """The step of the momentum's and Adam's bias corrections: with
-  ``first_step='init_only'`` the first gradient only initialises, so they
-  count from the second (clamped at 1 on the first step, whose results are
-  discarded)."""
-  if cfg.init_only_first_step:
-    return jnp.maximum(step - 1, 1)
-  return step
-
-
 def prepare(grad, ls: LeafState, step, cfg: Config, micro=None) -> LeafStep:
   """Momentum, grafting direction and advanced buffers of one leaf;
   `step` is the bias corrections' (`adam_step`). With `micro` (the leaf's
@@ -270,12 +261,6 @@ def to_dtype(direction, dtype):
   return direction.astype(dtype)
 
 
-def _keep_on_first_step(step, old, new):
-  """`old` on the first step, else `new` (trees alike): the moments an
-  initialising first step must leave untouched."""
-  return jax.tree.map(lambda o, n: jnp.where(step == 1, o, n), old, new)
-
-
 def _sample_stack(leaf_steps, layouts, cls, slots):
   """(slots, J, m, n): the class's blocks of each cross-fitting sample
   (microbatch gradient); None without cross-fitting."""
@@ -314,8 +299,8 @@ def _class_directions(leaf_steps, class_states, step, cfg: Config, plan):
         # output is per device, so the replication check has nothing to add.
         check_vma=False)
   class_directions, new_states = block_step(
-      stacks, tuple(class_states), active, step, adam_step(step, cfg),
-      cfg.traced())
+      stacks, tuple(class_states), active, step,
+      first_step.adam_step(step, cfg), cfg.traced())
   directions = [[None] * len(leaf.groups) for leaf in layouts]
   for cls, slots, direction in zip(classes, slot_maps, class_directions):
     direction = _unslot(direction, slots)
@@ -330,7 +315,7 @@ def update_tree(grads, leaf_states, class_states, step, cfg: Config,
   """Updates and new (leaf states, class states) for flat lists of leaves;
   `micro`, per leaf its (J, *shape) microbatch gradients (cross-fitting)."""
   micro = micro or [None] * len(grads)
-  leaf_steps = [prepare(g, ls, adam_step(step, cfg), cfg, m)
+  leaf_steps = [prepare(g, ls, first_step.adam_step(step, cfg), cfg, m)
                 for g, ls, m in zip(grads, leaf_states, micro)]
   directions, new_class_states = _class_directions(
       leaf_steps, class_states, step, cfg, plan)
@@ -343,8 +328,8 @@ def update_tree(grads, leaf_states, class_states, step, cfg: Config,
     if state.tensor is not None:
       # Per leaf, outside the block stacks: every device runs it whole.
       direction, tensor = per_dimension.update(
-          leaf.grad, leaf.corrected, state.tensor, step, adam_step(step, cfg),
-          next_id, cfg, leaf.samples)
+          leaf.grad, leaf.corrected, state.tensor, step,
+          first_step.adam_step(step, cfg), next_id, cfg, leaf.samples)
       next_id += layout.num_factors(state.tensor.layout)
       state = state._replace(tensor=tensor)
     elif not state.layout.preconditioned:
@@ -355,18 +340,8 @@ def update_tree(grads, leaf_states, class_states, step, cfg: Config,
         # Before the first check only the grafting optimizer steps.
         direction = jnp.where(step >= cfg.first_check_step, direction,
                               leaf.graft_dir)  # pyright: ignore[reportArgumentType]
-    if cfg.init_only_first_step:
-      # The first gradient only builds the statistics and first bases.
-      direction = jnp.where(step == 1, jnp.zeros_like(direction), direction)  # pyright: ignore[reportArgumentType]
-      state = state._replace(
-          momentum=_keep_on_first_step(step, old.momentum, state.momentum),
-          graft_second_moment=_keep_on_first_step(
-              step, old.graft_second_moment, state.graft_second_moment))
-      if state.tensor is not None:
-        state = state._replace(tensor=state.tensor._replace(
-            rotated_second_moment=_keep_on_first_step(
-                step, old.tensor.rotated_second_moment,
-                state.tensor.rotated_second_moment)))
+    direction, state = first_step.first_update(step, direction, state, old,
+                                               cfg)
     updates.append(to_dtype(direction, grad.dtype))
     new_leaves.append(state)
   return updates, new_leaves, tuple(new_class_states)
