@@ -106,13 +106,11 @@ def zeroed(skip, tree):
 
 def _keep_class(new: BlockClassState, old: BlockClassState,
                 keep) -> BlockClassState:
-  """The class state to keep on a skipped step.
-
-  A skipped step runs with step 0 (never a check step: checks start at
-  s0 >= 1), zero gradients and b2 = 1, so the factors come out exactly as
-  they went in: the statistics' average is ``1·S + 0·(0·0ᵀ)`` and nothing
-  else changes outside a check. They need no select, which on a CPU cost a
-  pass over the largest arrays of the state.
+  """The class state to keep on a skipped step: the factor stacks as the
+  step returned them, which by `run_or_skip`'s invariant are the old ones,
+  bit for bit. They need no select, which on a CPU cost a pass over the
+  largest arrays of the state; the rotated second moments (Adam's, which
+  decays with b2 but also follows the bases' column orders) are selected.
   """
   moment = new.rotated_second_moment
   return BlockClassState(
@@ -126,7 +124,23 @@ def run_or_skip(run, inputs, state: ScaleByFoamState, step, traced,
   gradients (`inputs`: the updates and any microbatch gradients) are not
   finite (``cfg.skip_nonfinite``) or an enclosing `skip_nonfinite` skips.
   `params`, when given, lets a stuck run's error name non-finite parameters
-  as its likelier cause."""
+  as its likelier cause.
+
+  A skipped step is step 0 with b2 = 1: it runs the same computation with
+  the step count 0, zero gradients (and microbatch gradients) and the
+  statistics' decay b2 = 1, and the invariant that makes this a skip is
+  that it leaves every factor stack (`FactorStack`: statistics, bases,
+  eigenvalues, damping, counters, cached roots) bit for bit as it was:
+
+  * step 0 is never a check step (checks start at s0 >= 1,
+    `factors.is_check_step`), so no factor is decided, refreshed or
+    committed;
+  * each statistic's moving average becomes ``1·S + 0·(0·0ᵀ) = S``
+    (`factors.accumulate`), on a statistics step or not.
+
+  The factors therefore need no select (`_keep_class`); every other result
+  (the updates, momentum, second moments, counters) is discarded by selects.
+  tests/test_step.py checks the invariant on the step itself."""
   skip = _OUTER_SKIP.get()
   if cfg.skip_nonfinite:
     own = jnp.logical_not(gradients_finite(inputs))
@@ -134,11 +148,10 @@ def run_or_skip(run, inputs, state: ScaleByFoamState, step, traced,
   if skip is None:
     return run(inputs, state, step, traced)
 
-  # One pass, no conditional over the state: a skipped step runs with step 0
-  # (no factor is checked), zero gradients and b2 = 1, which leave the
-  # factors as they were (`_keep_class`); the other results are discarded by
-  # selects, which XLA fuses into the arithmetic that produces them.
-  # Selects, not multiplications by a 0/1 flag: NaN * 0 is NaN.
+  # One pass, no conditional over the state: step 0 with b2 = 1 (see the
+  # docstring). The selects are fused by XLA into the arithmetic that
+  # produces their inputs. Selects, not multiplications by a 0/1 flag:
+  # NaN * 0 is NaN.
   traced = dict(traced, b2=jnp.where(skip, 1.0, cfg.b2))
   new_updates, new_state = run(zeroed(skip, inputs), state,
                                jnp.where(skip, 0, step), traced)
