@@ -16,8 +16,8 @@ from foam_optax._src import linalg
 from foam_optax._src import microbatches
 from foam_optax._src import signatures
 from foam_optax._src import validation
-from foam_optax._src.state import SkipCounters
 from foam_optax._src.nnx import plain_arrays
+from foam_optax._src.state import SkipCounters
 
 Method = Literal["leave_one_out", "two_group"]
 

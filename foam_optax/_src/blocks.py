@@ -5,7 +5,7 @@ Blocks of one shape across the whole parameter tree form a block class
 along one leading axis. `step` advances every class's factor stacks with
 `factors.advance` and returns each class's preconditioned directions. On a
 device mesh it runs inside `jax.shard_map` over the block axis, each device
-on its own slice of every stack (`distribution`).
+on its own slice of every stack (`mesh`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from foam_optax._src import mesh
 from foam_optax._src import cross_fitting
 from foam_optax._src import factors
 from foam_optax._src import first_step
 from foam_optax._src import grafting
 from foam_optax._src import layout
 from foam_optax._src import linalg
+from foam_optax._src import mesh
 from foam_optax._src import preconditioners
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState

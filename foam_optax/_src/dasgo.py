@@ -12,12 +12,12 @@ import optax
 
 from foam_optax._src import alias
 from foam_optax._src import grafting
-from foam_optax._src import linalg
 from foam_optax._src import layout
+from foam_optax._src import linalg
 from foam_optax._src import signatures
 from foam_optax._src import validation
-from foam_optax._src.state import SkipCounters
 from foam_optax._src.nnx import plain_arrays
+from foam_optax._src.state import SkipCounters
 
 
 
@@ -29,7 +29,7 @@ class ScaleByDasgoState(NamedTuple):
     mu: the momentum, shaped like the parameters.
     nu: per parameter the EMA of the squared gradient summed over each
       matrix's columns (the output axis): shape ``(batch, rows)`` of its
-      matrix view (see `shaping`; a vector is one ``(n, 1)`` matrix).
+      matrix view (see `layout`; a vector is one ``(n, 1)`` matrix).
     skips: the steps an enclosing `skip_nonfinite` skipped (`fo.dasgo`'s).
   """
 

@@ -15,8 +15,8 @@ from foam_optax._src.bias_corrected_adamw import ScaleByBiasCorrectedAdamState
 from foam_optax._src.dasgo import ScaleByDasgoState
 from foam_optax._src.factors import FactorStack
 from foam_optax._src.mesh import state_slot_maps
-from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.state import block_classes, find_states
+from foam_optax._src.state import ScaleByFoamState
 from foam_optax._src.step import class_stack
 
 
@@ -109,7 +109,7 @@ _COUNTED = (ScaleByDasgoState, ScaleByBiasCorrectedAdamState)
 def _stats(opt_state) -> dict[str, jax.Array]:
   states = find_states(opt_state)
   # Every factor stack with the mask of its real slots (the others are
-  # padding, see `distribution`) and what its refreshes compute.
+  # padding, see `mesh`) and what its refreshes compute.
   # Reductions per stack, then over stacks, so that sharded stacks are
   # never gathered.
   stacks = []

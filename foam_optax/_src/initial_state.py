@@ -9,17 +9,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from foam_optax._src import mesh
 from foam_optax._src import factors
 from foam_optax._src import first_step
 from foam_optax._src import grafting
-from foam_optax._src import nnx
 from foam_optax._src import layout
+from foam_optax._src import mesh
+from foam_optax._src import nnx
 from foam_optax._src import per_dimension
-from foam_optax._src.validation import static_int
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, RefreshKind
 from foam_optax._src.state import ScaleByFoamState
+from foam_optax._src.validation import static_int
 
 
 def _layout(path, shape, dimension_numbers, cfg: Config) -> layout.LeafLayout:

@@ -7,17 +7,17 @@ EMA of the gradient contracted with itself over every other dimension, and
 Adam runs in the basis that rotates every factored dimension by its
 eigenvectors. The view is the leaf's shape or, with ``merge_dims=True``,
 SOAP's merge of adjacent dimensions while their product stays within
-`max_precond_dim` (`merged_shape`); a dimension longer than
+`max_precond_dim` (`layout.merged_shape`); a dimension longer than
 `max_precond_dim` keeps no factor, and size-1 dimensions are dropped (their
-factor would be the scalar 1).
+factor would be the scalar 1). `layout.per_dimension_layouts` decides the
+view.
 
-A view of rank 1 or 2 is a matrix and takes the stacked block path of
-`transform`; only views of rank >= 3 are handled here, one leaf at a time,
-each factor a `FactorStack` of one that goes through the same factor
-pipeline (`factors.advance`) as the block stacks of the matrix path:
-controllers, refresh methods, storage dtypes and the check schedule are
-theirs. They
-are not divided among devices: on a mesh every device runs them whole.
+A view of rank 1 or 2 is a matrix and takes the block stacks of the other
+leaves (`step`, `blocks`); only views of rank >= 3 are handled here, one
+leaf at a time, each factor a `FactorStack` of one that goes through the
+same factor pipeline (`factors.advance`) as the block stacks: controllers,
+refresh methods, storage dtypes and the check schedule are theirs. They are
+not divided among devices: on a mesh every device runs them whole.
 """
 
 from __future__ import annotations
