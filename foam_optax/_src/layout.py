@@ -358,7 +358,7 @@ def num_factors(layout: Optional[TensorLayout]) -> int:
   return 0 if layout is None else sum(layout.factored)
 
 
-# --- Dimension numbers -----------------------------------------------------
+# --- Dimension numbers -------------------------------------------------------
 
 
 def dimension_numbers(spec, params) -> list:
@@ -515,7 +515,7 @@ def nnx_dimension_numbers(model, wrt: Any = None) -> Any:
       is_leaf=is_variable)
 
 
-# --- The mesh of a state ---------------------------------------------------
+# --- The mesh of a state -----------------------------------------------------
 
 
 @jax.tree_util.register_static

@@ -186,7 +186,7 @@ def state_slot_maps(state: ScaleByFoamState) -> tuple:
                    state.plan.num_shards)
 
 
-# --- Shardings of a state ---------------------------------------------------
+# --- Shardings of a state ----------------------------------------------------
 
 def _axes_of(entry) -> tuple:
   if entry is None:

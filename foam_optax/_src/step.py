@@ -42,7 +42,7 @@ from foam_optax._src.state import BlockClassState, LeafState
 from foam_optax._src.state import ScaleByFoamState, with_leaf_states
 
 
-# --- Skipping a step ----------------------------------------------------------
+# --- Skipping a step ---------------------------------------------------------
 
 
 def _materialized(flag) -> jax.Array:
@@ -82,8 +82,8 @@ def gradients_finite(updates) -> jax.Array:
        for g in leaves])))
 
 
-# A traced bool set by `skipped_when`: the enclosing `skip_nonfinite` wrapper's
-# verdict, which every `scale_by_foam` update inside it obeys.
+# A traced bool set by `skipped_when`: the enclosing `skip_nonfinite`
+# wrapper's verdict, which every `scale_by_foam` update inside it obeys.
 _OUTER_SKIP = contextvars.ContextVar("foam_optax_outer_skip", default=None)
 
 
@@ -183,7 +183,7 @@ def run_or_skip(run, inputs, state: ScaleByFoamState, step, traced,
                                optax.safe_increment(state.overflow_skips),
                                state.overflow_skips))
 
-# --- The step of the leaves ---------------------------------------------------
+# --- The step of the leaves --------------------------------------------------
 
 
 class LeafStep(NamedTuple):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
   from foam_optax._src.layout import LeafLayout
 
 
-# --- Argument checks ----------------------------------------------------------
+# --- Argument checks ---------------------------------------------------------
 
 
 def known(value) -> Optional[float]:
@@ -166,7 +166,7 @@ POSITIVE = in_range(0.0, math.inf, low_open=True)
 NON_NEGATIVE = in_range(0.0, math.inf)
 
 
-# --- Errors that stop a run ---------------------------------------------------
+# --- Errors that stop a run --------------------------------------------------
 
 
 def fail_if(condition, error: type, message: str, *values) -> None:
