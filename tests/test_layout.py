@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import foam_optax as fo
-from foam_optax._src import shaping
+from foam_optax._src import layout as layout_lib
 from foam_optax._src.state import block_classes
 from helpers import leaf_states
 
@@ -123,10 +123,10 @@ def test_matrix_view_is_the_squarest_split_of_the_merged_dims():
   shapes += [(0, 3), (2, 0, 4), (3, 3, 3, 3), (2, 1, 2, 2, 3), (7, 2, 3)]
   for shape in shapes:
     for precondition_1d in (False, True):
-      assert shaping.matrix_shape(shape, precondition_1d) == _squarest(
+      assert layout_lib.matrix_shape(shape, precondition_1d) == _squarest(
           shape, precondition_1d), (shape, precondition_1d)
-  assert shaping.matrix_shape((3, 3, 2, 2), False) == (9, 4)   # a conv kernel
-  assert shaping.matrix_shape((2, 1, 2, 2, 3), False) == (4, 6)
+  assert layout_lib.matrix_shape((3, 3, 2, 2), False) == (9, 4)   # a conv kernel
+  assert layout_lib.matrix_shape((2, 1, 2, 2, 3), False) == (4, 6)
 
 
 @pytest.mark.parametrize("max_precond_dim", [None, 5])
@@ -134,7 +134,7 @@ def test_blocks_tile_the_matrix_once_with_partial_last_blocks(
     max_precond_dim):
   for rows, cols in [(1, 7), (4, 4), (5, 7), (6, 4), (9, 2), (3, 10)]:
     for block_size in (None, 1, 2, 3, 4, 8):
-      layout = shaping.leaf_layout((rows, cols), block_size, max_precond_dim,
+      layout = layout_lib.leaf_layout((rows, cols), block_size, max_precond_dim,
                                    True)
       covered = np.zeros((rows, cols), int)
       for g in layout.groups:
@@ -181,14 +181,14 @@ def _numpy_blocks(leaf, layout, group):
 ])
 def test_extract_is_numpy_slicing_and_assemble_inverts_it(shape, numbers):
   leaf = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape)
-  layout = shaping.leaf_layout(shape, 3, None, False, numbers)
-  matrices = shaping.to_matrices(leaf, layout)
-  stacks = [shaping.extract(matrices, g) for g in layout.groups]
+  layout = layout_lib.leaf_layout(shape, 3, None, False, numbers)
+  matrices = layout_lib.to_matrices(leaf, layout)
+  stacks = [layout_lib.extract(matrices, g) for g in layout.groups]
   for stack, g in zip(stacks, layout.groups):
     want = _numpy_blocks(leaf, layout, g)
     assert stack.shape == (len(want), g.rows, g.cols)
     np.testing.assert_array_equal(stack, np.stack(want))
-  np.testing.assert_array_equal(shaping.assemble(stacks, layout), leaf)
+  np.testing.assert_array_equal(layout_lib.assemble(stacks, layout), leaf)
 
 
 # --- slot placement: where each leaf's blocks land in the class stacks ---

@@ -70,11 +70,11 @@ _SCRIPT = textwrap.dedent("""
     from jax import lax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import foam_optax as fo
-    from foam_optax._src import config, distribution, factors, linalg, refresh
+    from foam_optax._src import config, factors, layout, linalg, refresh
 
     out = {}
     mesh = jax.make_mesh((8,), ("data",))
-    plan = distribution.Plan.for_mesh(mesh)
+    plan = layout.Plan.for_mesh(mesh)
 
     # 1. Requests concentrated on one device are dealt round-robin.
     k, m = 16, 6

@@ -18,14 +18,14 @@ OPTIONS = ROOT / "docs" / "options.md"
 def test_readme_tables_are_derived_from_the_option_table(marker, table):
   """The tables of docs/options.md are generated from the one table of
   options."""
-  from foam_optax._src import signatures
+  from foam_optax._src import readme_tables
   text = OPTIONS.read_text()
   start, end = f"<!-- {marker}:start -->\n", f"\n<!-- {marker}:end -->"
   block = text[text.index(start) + len(start):text.index(end)]
-  expected = getattr(signatures, table)()
+  expected = getattr(readme_tables, table)()
   assert block == expected, (
       f"docs/options.md's {marker} is stale: run `python -m "
-      "foam_optax._src.signatures`")
+      "foam_optax._src.readme_tables`")
 
 
 def test_readme_defaults_are_the_signatures():

@@ -15,7 +15,9 @@ import pytest
 from jax import lax
 
 import foam_optax as fo
-from foam_optax._src import distribution, linalg, refresh
+from foam_optax._src import layout
+from foam_optax._src import linalg
+from foam_optax._src import refresh
 import host_devices
 
 # f32 (6,4) blocked 4+2; bf16 rank 3 (2,3,4) -> (6,4); bf16 vector; f32 scalar.
@@ -353,7 +355,7 @@ def test_factors_check_on_their_phase_and_refresh_only_there(
 
 
 def test_requests_without_a_mesh_are_none():
-  plan = distribution.Plan()
+  plan = layout.Plan()
   assert refresh.requests([jnp.ones(3, bool), jnp.zeros(2, bool)], plan) == [
       None, None]
 
@@ -362,10 +364,10 @@ _REQUESTS = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from foam_optax._src import distribution, refresh
+    from foam_optax._src import layout, refresh
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    plan = distribution.Plan.for_mesh(mesh.abstract_mesh)
+    plan = layout.Plan.for_mesh(mesh.abstract_mesh)
 
     def body(a, b):
       ra, rb = refresh.requests([a, b], plan)

@@ -23,7 +23,7 @@ def test_generated_source_is_the_option_table():
   assert {p.name for p in texts} == {"alias.py", "transform.py", "config.py"}
   for path, text in texts.items():
     assert path.read_text(encoding="utf-8") == text, (
-        f"{path.name} is stale: run `python -m foam_optax._src.signatures`")
+        f"{path.name} is stale: run `python -m foam_optax._src.readme_tables`")
 
 
 def test_generated_signatures_follow_the_table():

@@ -11,15 +11,15 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import alias
-from foam_optax._src import checks
 from foam_optax._src import cross_fitting
 from foam_optax._src import linalg
 from foam_optax._src import microbatches
 from foam_optax._src import signatures
-from foam_optax._src.state import SkipCounters, plain_arrays
+from foam_optax._src import validation
+from foam_optax._src.nnx import plain_arrays
+from foam_optax._src.state import SkipCounters
 
 Method = Literal["leave_one_out", "two_group"]
-_UNIT = checks.in_range(0.0, 1.0, high_open=True)
 
 
 class ScaleByBiasCorrectedAdamState(NamedTuple):
@@ -162,12 +162,12 @@ def scale_by_bias_corrected_adam(
     ``loo_hybrid`` collector, and ``BiasCorrectedAdamW``).
   """
   for name, value in (("b1", b1), ("b2", b2)):
-    _UNIT(name, value)
-  checks.in_range(0.0, float("inf"))("eps", eps)
-  checks.choice(("leave_one_out", "two_group"))("method", method)
-  checks.boolean("variance_correction", variance_correction)
-  checks.boolean("cross_fit_safeguard", cross_fit_safeguard)
-  checks.floating_dtype("mu_dtype", mu_dtype)
+    validation.UNIT(name, value)
+  validation.NON_NEGATIVE("eps", eps)
+  validation.choice(("leave_one_out", "two_group"))("method", method)
+  validation.boolean("variance_correction", variance_correction)
+  validation.boolean("cross_fit_safeguard", cross_fit_safeguard)
+  validation.floating_dtype("mu_dtype", mu_dtype)
   step_fn = _leave_one_out if method == "leave_one_out" else _two_group
   minimum = 2 if method == "leave_one_out" else 4
 

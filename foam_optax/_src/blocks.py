@@ -1,11 +1,11 @@
 """The per-block work of a step: factor pipeline, then preconditioning.
 
 Blocks of one shape across the whole parameter tree form a block class
-(`shaping.BlockClass`) whose gradients, momenta and factors are stacked
+(`layout.BlockClass`) whose gradients, momenta and factors are stacked
 along one leading axis. `step` advances every class's factor stacks with
 `factors.advance` and returns each class's preconditioned directions. On a
 device mesh it runs inside `jax.shard_map` over the block axis, each device
-on its own slice of every stack (`distribution`).
+on its own slice of every stack (`mesh`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from foam_optax._src import distribution
+from foam_optax._src import cross_fitting
 from foam_optax._src import factors
+from foam_optax._src import first_step
 from foam_optax._src import grafting
+from foam_optax._src import layout
 from foam_optax._src import linalg
+from foam_optax._src import mesh
 from foam_optax._src import preconditioners
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState
@@ -32,16 +35,10 @@ class ClassBlocks(NamedTuple):
   momentum: jax.Array                 # bias-corrected M_t
   graft: Optional[jax.Array]          # grafting direction (root-inverse)
   # (k, J, m, n) cross-fitting samples: the statistics' microbatches.
-  samples: Optional[jax.Array] = None
+  samples: Optional[cross_fitting.Samples] = None
 
 
 _SIDES = (("left", linalg.gram_left), ("right", linalg.gram_right))
-
-
-def _side_samples(samples, side):
-  """(k, J, d, ·): the samples whose Grams build a side's statistic: the
-  blocks (left, ``G Gᵀ``) or their transposes (right, ``Gᵀ G``)."""
-  return samples if side == "left" else jnp.swapaxes(samples, -1, -2)
 
 
 def _statistic_term(blocks_c: ClassBlocks, side, gram):
@@ -49,9 +46,7 @@ def _statistic_term(blocks_c: ClassBlocks, side, gram):
   mean Gram of the cross-fitting samples."""
   if blocks_c.samples is None:
     return gram(blocks_c.grad)
-  s = _side_samples(blocks_c.samples, side)
-  return jnp.einsum("kjde,kjfe->kdf", s, s,
-                    precision=linalg.HIGHEST) / s.shape[1]
+  return blocks_c.samples.side(side).mean_gram()
 
 
 def num_block_factors(classes) -> int:
@@ -60,7 +55,7 @@ def num_block_factors(classes) -> int:
   return sum(cls.count * (cls.left + cls.right) for cls in classes)
 
 
-def _factor_ids(first_id, slots, count, plan: distribution.Plan):
+def _factor_ids(first_id, slots, count, plan: layout.Plan):
   """Ids of this device's `count` factor slots of one stack.
 
   A factor's id is `first_id` plus the index of its block in the class
@@ -73,14 +68,6 @@ def _factor_ids(first_id, slots, count, plan: distribution.Plan):
     blocks = lax.dynamic_slice_in_dim(
         blocks, lax.axis_index(plan.axes) * count, count)
   return jnp.where(blocks < 0, -1, first_id + blocks)
-
-
-def _first_step_moment(step, old, new, cfg: Config):
-  """With ``first_step='init_only'`` the first gradient leaves the rotated
-  second moment untouched."""
-  if cfg.init_only_first_step:
-    return jnp.where(step == 1, old, new)
-  return new
 
 
 def _direction(blocks: ClassBlocks, old: BlockClassState, left, right,
@@ -102,12 +89,13 @@ def _direction(blocks: ClassBlocks, old: BlockClassState, left, right,
       *map(preconditioners.basis, rotating), adam_step, cfg, blocks.samples)  # pyright: ignore[reportCallIssue]
   if previous:
     moment = follow(moment)
-  moment = _first_step_moment(step, old.rotated_second_moment, moment, cfg)
+  moment = first_step.rotated_moment(step, old.rotated_second_moment, moment,
+                                     cfg)
   return direction, moment.astype(old.rotated_second_moment.dtype)  # pyright: ignore[reportOptionalMemberAccess]
 
 
 def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
-         plan: distribution.Plan):
+         plan: layout.Plan):
   """Every block class's per-block work; per device under `shard_map`.
 
   Args:
@@ -117,13 +105,13 @@ def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
     step: the 1-based step (0 on a skipped step).
     adam_step: the step of the momentum's and Adam's bias corrections.
     cfg: hyperparameters.
-    classes: the static `shaping.BlockClass` of each class.
+    classes: the static `layout.BlockClass` of each class.
     plan: the mesh the stacks are laid out for.
 
   Returns:
     (per class the (k, m, n) preconditioned direction, new class states).
   """
-  slot_maps = distribution.slot_maps(classes, plan.num_shards)
+  slot_maps = mesh.slot_maps(classes, plan.num_shards)
   sides, stacks, ids, act, terms = [], [], [], [], []
   first_id = 0   # id of the stack's first block (`_factor_ids`)
   for c, (cls, state, blocks_c) in enumerate(zip(classes, states, blocks)):
@@ -138,7 +126,7 @@ def step(blocks, states, active, step, adam_step, cfg: Config, *, classes,
         first_id += cls.count
   samples = None
   if cfg.bias_correction == "cross_fit_variance":
-    samples = lambda: [_side_samples(b.samples, name) for b, name, _ in terms]
+    samples = lambda: [b.samples.side(name) for b, name, _ in terms]  # pyright: ignore[reportOptionalMemberAccess]
   new_stacks, new_orders = factors.advance(
       stacks, lambda: [_statistic_term(*t) for t in terms], ids, step, cfg,
       plan, active=act, samples=samples)

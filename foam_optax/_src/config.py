@@ -3,7 +3,7 @@
 One frozen dataclass carries every option of the core transformation: a
 typed field per entry of `options.OPTIONS`, with its default and its
 `Option` as metadata, written out by `signatures` (``python -m
-foam_optax._src.signatures``), so that the numerical modules and type
+foam_optax._src.readme_tables``), so that the numerical modules and type
 checkers read named, typed fields instead of long argument lists. Numeric
 fields may hold traced arrays when the transformation is wrapped in
 `optax.inject_hyperparams`; validation only checks values it can see.
@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from foam_optax._src import checks
 from foam_optax._src import options
+from foam_optax._src import validation
 
 
 def _field(name: str) -> Any:
@@ -38,7 +38,7 @@ class Config:
   hold traced arrays.
   """
 
-  # Generated from options.py by `python -m foam_optax._src.signatures`.
+  # Generated from options.py by `python -m foam_optax._src.readme_tables`.
   b1: float = _field("b1")
   b2: float = _field("b2")
   epsilon: float = _field("epsilon")
@@ -152,7 +152,7 @@ def validate(cfg: Config,
 
   for option in options.OPTIONS:
     option.validate(name(option.name), getattr(cfg, option.name))
-  eps, max_eps = checks.known(cfg.epsilon), checks.known(cfg.max_epsilon)
+  eps, max_eps = validation.known(cfg.epsilon), validation.known(cfg.max_epsilon)
   if eps is not None and max_eps is not None and max_eps < eps:
     raise ValueError(
         f"{name('max_epsilon')} must be >= {name('epsilon')} "
@@ -176,7 +176,7 @@ def validate(cfg: Config,
         raise ValueError(
             f"{name('root_method')}={cfg.root_method!r} needs "
             f"{name(field)}={needed!r}, got {getattr(cfg, field)!r}.")
-    if checks.known(cfg.exponent) not in (None, 2.0):
+    if validation.known(cfg.exponent) not in (None, 2.0):
       raise ValueError(f"{name('root_method')}={cfg.root_method!r} computes "
                        f"inverse square roots: it needs {name('exponent')}=2, "
                        f"got {cfg.exponent!r}.")
@@ -188,7 +188,7 @@ def validate(cfg: Config,
         "weights of inverse roots from an eigendecomposition: it needs "
         "preconditioner='root_inverse' and root_method='eigh'; use "
         "'cross_fit' here.")
-  first_check = checks.known(cfg.first_check_step)
+  first_check = validation.known(cfg.first_check_step)
   if cfg.init_only_first_step and first_check not in (None, 1):
     # The first step computes every first basis: it is the first check.
     raise ValueError(

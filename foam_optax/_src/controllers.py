@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from foam_optax._src import linalg
-from foam_optax._src.checks import static_int
+from foam_optax._src.validation import static_int
 
 if TYPE_CHECKING:   # `config` reads the registry: no import at run time
   from foam_optax._src.config import Config

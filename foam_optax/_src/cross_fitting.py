@@ -68,11 +68,19 @@ from the floored grafting second moment, and SOAP's rotation preserves
 norms.
 
 The official algorithm stays selectable with ``cross_fit_safeguard=False``.
+
+`Samples` carries the held-out microbatch gradients through a step of the
+Shampoo family, with the few statistics the step takes from them.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
 import jax.numpy as jnp
+
+from foam_optax._src import linalg
 
 # κ: the held-out estimate is floored at this fraction of the pooled one.
 FRACTION = 1 / 8
@@ -125,7 +133,8 @@ def floored(held_out, pooled):
   return jnp.maximum(held_out, FRACTION * pooled)
 
 
-def bound_for(cfg, b2, step, moment_corrected: bool = True, samples=None):
+def bound_for(cfg, b2, step, moment_corrected: bool = True,
+              samples: Optional[Samples] = None):
   """``R_t`` of a cross-fitted Adam-type estimate of the Shampoo family
   (its momentum decays with ``cfg.b1``, bias-corrected with
   ``cfg.ema_bias_correction``; its second moment with `b2`), or None where
@@ -135,3 +144,80 @@ def bound_for(cfg, b2, step, moment_corrected: bool = True, samples=None):
     return None
   return adam_ratio_bound(cfg.b1, b2, step, cfg.ema_bias_correction,
                           moment_corrected)
+
+
+class Samples(NamedTuple):
+  """The held-out microbatch gradients of a cross-fitted step.
+
+  With ``bias_correction='cross_fit'`` or ``'cross_fit_variance'`` each
+  update's ``J = 2h`` microbatch gradients are split in two halves
+  (`split`): the momentum averages the first, and every second-order
+  statistic (the factor statistics, Adam's and the grafting optimizer's
+  second moments, the eigenvalues' variance) the second, these samples.
+  Without cross-fitting a step passes None where a `Samples` would go and
+  takes the same statistics from the gradient.
+
+  `grads` holds them along their own axis: the leading one for a leaf's
+  ``(J, *shape)`` and for one factor's ``(J, d, ·)``, the second for a
+  block stack's ``(k, J, m, n)`` (`stacked`).
+  """
+
+  grads: jax.Array
+
+  @classmethod
+  def split(cls, micro) -> tuple[jax.Array, Samples]:
+    """(the first half's mean, the second half) of a leaf's ``(J, *shape)``
+    microbatch gradients."""
+    half = micro.shape[0] // 2
+    return jnp.mean(micro[:half], axis=0), cls(micro[half:])
+
+  @classmethod
+  def stacked(cls, per_leaf: Sequence[Samples],
+              stack: Callable[[list], jax.Array]) -> Samples:
+    """The ``(k, J, m, n)`` block stack of the leaves' samples, `stack`
+    cutting one sample's leaves into their ``(k, m, n)`` blocks."""
+    per_sample = jax.vmap(stack)([s.grads for s in per_leaf])
+    return cls(jnp.moveaxis(per_sample, 0, 1))
+
+  def reshaped(self, shape) -> Samples:
+    """Each sample in `shape`."""
+    return Samples(self.grads.reshape((-1,) + tuple(shape)))
+
+  def side(self, side: str) -> Samples:
+    """The samples whose Grams build a side's statistic: the blocks (left,
+    ``G Gᵀ``) or their transposes (right, ``Gᵀ G``)."""
+    if side == "left":
+      return self
+    return Samples(jnp.swapaxes(self.grads, -1, -2))
+
+  def mean_square(self, axis: int = 0) -> jax.Array:
+    """The samples' mean ``G²``: the term of Adam's second moment."""
+    return jnp.mean(self.grads ** 2, axis=axis)
+
+  def mean_rotated_square(self, rotate, axis: int = 0) -> jax.Array:
+    """The mean of ``(rotate G)²``: Adam's term in an eigenbasis."""
+    return jnp.mean(jax.vmap(rotate, axis, axis)(self.grads) ** 2,
+                    axis=axis)
+
+  def mean_gram(self) -> jax.Array:
+    """``(k, d, d)``: the mean ``G Gᵀ`` of a ``(k, J, d, ·)`` stack."""
+    s = self.grads
+    return jnp.einsum("kjde,kjfe->kdf", s, s,
+                      precision=linalg.HIGHEST) / s.shape[1]
+
+  def mean_of(self, term: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """The mean over the ``(J, ...)`` samples of ``term(G)``."""
+    return jnp.mean(jax.vmap(term)(self.grads), axis=0)
+
+  def contributions(self, basis) -> jax.Array:
+    """``(J, m)``: ``ℓ_jk = q_kᵀ G_j G_jᵀ q_k = ‖(Qᵀ G_j)_k‖²``, each
+    sample's contribution to each eigenvalue of a ``(J, m, ·)`` factor's
+    statistic along `basis`'s columns ``q_k``."""
+    rotated = jnp.einsum("dk,jde->jke", basis, self.grads,
+                         precision=linalg.HIGHEST)
+    return jnp.sum(rotated ** 2, axis=-1)
+
+  @property
+  def num_samples(self) -> int:
+    """J, the number of samples of a ``(J, ...)`` leaf or factor."""
+    return self.grads.shape[0]

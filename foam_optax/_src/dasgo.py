@@ -11,16 +11,14 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import alias
-from foam_optax._src import checks
 from foam_optax._src import grafting
-from foam_optax._src import initial_state
+from foam_optax._src import layout
 from foam_optax._src import linalg
-from foam_optax._src import shaping
 from foam_optax._src import signatures
-from foam_optax._src.state import SkipCounters, plain_arrays
+from foam_optax._src import validation
+from foam_optax._src.nnx import plain_arrays
+from foam_optax._src.state import SkipCounters
 
-_UNIT = checks.in_range(0.0, 1.0, high_open=True)
-_POSITIVE = checks.in_range(0.0, float("inf"), low_open=True)
 
 
 class ScaleByDasgoState(NamedTuple):
@@ -31,7 +29,7 @@ class ScaleByDasgoState(NamedTuple):
     mu: the momentum, shaped like the parameters.
     nu: per parameter the EMA of the squared gradient summed over each
       matrix's columns (the output axis): shape ``(batch, rows)`` of its
-      matrix view (see `shaping`; a vector is one ``(n, 1)`` matrix).
+      matrix view (see `layout`; a vector is one ``(n, 1)`` matrix).
     skips: the steps an enclosing `skip_nonfinite` skipped (`fo.dasgo`'s).
   """
 
@@ -41,19 +39,19 @@ class ScaleByDasgoState(NamedTuple):
   skips: SkipCounters
 
 
-def _matrix_layout(shape, numbers) -> shaping.LeafLayout:
+def _matrix_layout(shape, numbers) -> layout.LeafLayout:
   """The leaf's (batch, rows, cols) view: its matrix, or ``(n, 1)`` for a
   vector and ``(1, 1)`` for a scalar."""
-  layout = shaping.leaf_layout(shape, None, None, False, numbers)
-  if layout.matrix_shape is not None:
-    return layout
-  return shaping.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
+  matrix = layout.leaf_layout(shape, None, None, False, numbers)
+  if matrix.matrix_shape is not None:
+    return matrix
+  return layout.LeafLayout(tuple(shape), (math.prod(shape), 1), ())
 
 
-def _rows(layout: shaping.LeafLayout) -> int:
+def _rows(matrix: layout.LeafLayout) -> int:
   """The rows of a `_matrix_layout`, which always has a matrix."""
-  assert layout.matrix_shape is not None
-  return layout.matrix_shape[0]
+  assert matrix.matrix_shape is not None
+  return matrix.matrix_shape[0]
 
 
 _RENAMED = signatures.renamed(
@@ -112,15 +110,16 @@ def scale_by_dasgo(
     An, Liu, Pan, Ren, Ma, Goldfarb and Zhang, ASGO: Adaptive Structured
     Gradient Optimization, NeurIPS 2025. arXiv:2503.20762.
   """
-  for name, value, check in (("b1", b1, _UNIT), ("b2", b2, _UNIT),
-                             ("epsilon", epsilon, _POSITIVE),
-                             ("graft_rms", graft_rms, _POSITIVE)):
+  for name, value, check in (
+      ("b1", b1, validation.UNIT), ("b2", b2, validation.UNIT),
+      ("epsilon", epsilon, validation.POSITIVE),
+      ("graft_rms", graft_rms, validation.POSITIVE)):
     check(name, value)
-  checks.floating_dtype("mu_dtype", mu_dtype)
+  validation.floating_dtype("mu_dtype", mu_dtype)
 
   def layouts(params):
     """Each leaf's matrix view, in `jax.tree.leaves` order."""
-    numbers = initial_state.dimension_numbers(weight_dimension_numbers,
+    numbers = layout.dimension_numbers(weight_dimension_numbers,
                                               params)
     return [_matrix_layout(jnp.shape(p), dims)
             for p, dims in zip(jax.tree.leaves(params), numbers)]
@@ -136,15 +135,15 @@ def scale_by_dasgo(
     return ScaleByDasgoState(jnp.zeros([], jnp.int32), mu, nu,
                              SkipCounters.zeros())
 
-  def one(grad, momentum, second_moment, layout):
+  def one(grad, momentum, second_moment, matrix):
     g = grad.astype(linalg.stat_dtype())
     momentum = b1 * momentum.astype(g.dtype) + (1 - b1) * g
-    rows = shaping.to_matrices(g, layout)
+    rows = layout.to_matrices(g, matrix)
     second_moment = b2 * second_moment + (1 - b2) * jnp.sum(rows ** 2, -1)
-    scaled = (shaping.to_matrices(momentum, layout)
+    scaled = (layout.to_matrices(momentum, matrix)
               * jax.lax.rsqrt(second_moment + epsilon)[..., None])
     update = grafting.with_rms(scaled, graft_rms)
-    return (shaping.from_matrices(update, layout).astype(grad.dtype),
+    return (layout.from_matrices(update, matrix).astype(grad.dtype),
             momentum.astype(mu_dtype or grad.dtype), second_moment)
 
   def update_fn(updates, state, params=None):

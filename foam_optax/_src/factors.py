@@ -29,11 +29,13 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from foam_optax._src import first_step
 from foam_optax._src import linalg
 from foam_optax._src import refresh as refreshing
 from foam_optax._src.config import Config
 from foam_optax._src.controllers import CONTROLLERS, SKETCHABLE, Decision
 from foam_optax._src.controllers import probe_keys
+from foam_optax._src.cross_fitting import Samples
 
 
 class FactorStack(NamedTuple):
@@ -93,13 +95,6 @@ def init_stack(count, size, phase, cfg: Config) -> FactorStack:
       phase=jnp.asarray(phase, jnp.int32),
       checks=zeros_i(), refreshes=zeros_i(), failures=zeros_i(),
       inverse_root=inverse_root, variance=variance)
-
-
-def uniform_phase(cfg: Config) -> int:
-  """The check offset of every factor without stagger: -1 with
-  ``first_step='init_only'`` (the schedule's step count then starts at the
-  second gradient, as SOAP's does), else 0."""
-  return -1 if cfg.init_only_first_step else 0
 
 
 def is_check_step(step, phase, cfg: Config):
@@ -195,29 +190,27 @@ def decide(fs: FactorStack, checks, correction, cfg: Config,
                   lambda: _idle(fs))
 
 
-def eigenvalue_variance(basis, samples, correction, cfg: Config):
+def eigenvalue_variance(basis, samples: Samples, correction, cfg: Config):
   """Variance of each eigenvalue's estimate of the bias-corrected statistic,
   from the spread of the microbatches' contributions along the basis.
 
-  `samples` is (J, m, ·): the J microbatches' blocks (or their transposes,
-  for a right factor), whose Grams ``S_j`` make up the statistic's new
+  `samples` (`cross_fitting.Samples`) hold (J, m, ·): the J microbatches'
+  blocks (or their transposes, for a right factor), whose Grams ``S_j`` make up the statistic's new
   term. Along eigenvector ``q_k`` microbatch ``j`` contributes
   ``ℓ_jk = q_kᵀ S_j q_k = ‖(Qᵀ S_j)_k‖²``, so the estimate's variance is
   ``(1-b2)²·s²_j(ℓ_jk) / J / c²`` (sample variance over the microbatches,
   ``c`` the statistics' bias correction), as the official bias-corrected
   Shampoo measures it.
   """
-  rotated = jnp.einsum("dk,jde->jke", basis, samples,
-                       precision=linalg.HIGHEST)
-  contributions = jnp.sum(rotated ** 2, axis=-1)
   b2 = jnp.asarray(cfg.b2, basis.dtype)
-  return ((1 - b2) ** 2 * jnp.var(contributions, axis=0, ddof=1)
-          / samples.shape[0] / correction ** 2)
+  return ((1 - b2) ** 2 * jnp.var(samples.contributions(basis), axis=0,
+                                  ddof=1)
+          / samples.num_samples / correction ** 2)
 
 
 def _commit_one(fs: FactorStack, decision: Decision,
-                fresh: refreshing.Refresh, cfg: Config, samples=None,
-                correction=None):
+                fresh: refreshing.Refresh, cfg: Config,
+                samples: Optional[Samples] = None, correction=None):
   """New state of one checked factor given the decision and refresh result;
   `samples` (J, m, ·) give a fresh basis its eigenvalues' variance."""
   eps0 = jnp.asarray(cfg.epsilon, fs.damping.dtype)
@@ -240,6 +233,8 @@ def _commit_one(fs: FactorStack, decision: Decision,
       refreshes=fs.refreshes + success.astype(jnp.int32),
       failures=fs.failures + failure.astype(jnp.int32))
   if fs.variance is not None:
+    # A variance is kept only with cross-fitting ('cross_fit_variance').
+    assert samples is not None, "cross_fit_variance without samples"
     new = new._replace(variance=lax.cond(
         success,
         lambda: eigenvalue_variance(fresh.basis, samples, correction, cfg),
@@ -275,8 +270,8 @@ def identity_orders(fs: FactorStack):
 
 
 def commit(fs: FactorStack, checks, decision: Decision,
-           fresh: refreshing.Refresh, cfg: Config, samples=None,
-           correction=None):
+           fresh: refreshing.Refresh, cfg: Config,
+           samples: Optional[Samples] = None, correction=None):
   """New state of the checked factors; `samples` (k, J, m, ·) give the fresh
   bases their eigenvalues' variance (`eigenvalue_variance`).
 
@@ -325,7 +320,7 @@ def advance(stacks: Sequence[FactorStack],
     ids: per stack the (k,) int32 ids of its factors (`controllers.probe_keys`).
     step: the 1-based step (0 on a skipped step: no factor is checked).
     cfg: hyperparameters.
-    plan: the `distribution.Plan` the stacks are divided by; on a mesh this
+    plan: the `layout.Plan` the stacks are divided by; on a mesh this
       runs inside `shard_map` and the refresh requests are gathered.
     active: per stack (k,) bool, the slots that hold a factor (not mesh
       padding, which is never checked); None: all.
@@ -369,6 +364,7 @@ def advance(stacks: Sequence[FactorStack],
     # steps) skips decisions, refresh and commit with one conditional for
     # all stacks.
     new, orders = lax.cond(
-        is_check_step(step, uniform_phase(cfg), cfg), lambda: check(loaded),
+        is_check_step(step, first_step.uniform_phase(cfg), cfg),
+        lambda: check(loaded),
         lambda: (loaded, [identity_orders(fs) for fs in loaded]))
   return [store(n, fs) for n, fs in zip(new, stacks)], orders

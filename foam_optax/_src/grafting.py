@@ -10,21 +10,25 @@ entries' RMS ``graft_rms``, i.e. the norm ``graft_rms·√(size)``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 
 from foam_optax._src import cross_fitting
 from foam_optax._src.config import Config
+from foam_optax._src.cross_fitting import Samples
 
 USES_SECOND_MOMENT = ("adam", "rmsprop")
 
 
 def adam_direction(second_moment, grad, momentum, step, b2, eps,
-                   bias_correction=True, samples=None, bound=None):
+                   bias_correction=True, samples: Optional[Samples] = None,
+                   bound=None):
   """Adam's direction ``M / (sqrt(V / (1 - b2^t)) + eps)`` (RMSProp's
   without the bias correction) and the new second moment ``V ← b2·V +
-  (1-b2)·G²``; with `samples` of shape ``(J, *shape)``, cross-fitting's
-  second group of microbatch gradients, ``V`` takes their mean square
-  instead of ``G²``. With `bound`, Adam's ratio bound ``R_t``
+  (1-b2)·G²``; with `samples` (`cross_fitting.Samples` of ``(J, *shape)``),
+  cross-fitting's held-out microbatch gradients, ``V`` takes their mean
+  square instead of ``G²``. With `bound`, Adam's ratio bound ``R_t``
   (`cross_fitting.adam_ratio_bound`), the direction divides by that
   held-out estimate floored at a fraction of the pooled one's lower bound
   ``M² / (2 R_t²)`` (`cross_fitting`; the state keeps the unfloored ``V``)."""
@@ -32,7 +36,7 @@ def adam_direction(second_moment, grad, momentum, step, b2, eps,
   if samples is None:
     term = (1 - b2) * grad * grad
   else:
-    term = (1 - b2) * jnp.mean(samples ** 2, axis=0)
+    term = (1 - b2) * samples.mean_square()
   second_moment = b2 * second_moment + term
   scale = second_moment / (1 - b2 ** step) if bias_correction else second_moment
   if bound is not None:
@@ -41,7 +45,8 @@ def adam_direction(second_moment, grad, momentum, step, b2, eps,
   return momentum / (jnp.sqrt(scale) + eps), second_moment
 
 
-def direction(second_moment, grad, momentum, step, cfg: Config, samples=None):
+def direction(second_moment, grad, momentum, step, cfg: Config,
+              samples: Optional[Samples] = None):
   """Grafting direction `a_t` and the new second moment (None if unused).
 
   `momentum` is the bias-corrected `M_t` shared with the preconditioner;

@@ -9,22 +9,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from foam_optax._src import distribution
 from foam_optax._src import factors
+from foam_optax._src import first_step
 from foam_optax._src import grafting
-from foam_optax._src import nnx_state
-from foam_optax._src import shaping
-from foam_optax._src import tensors
-from foam_optax._src.checks import static_int
+from foam_optax._src import layout
+from foam_optax._src import mesh
+from foam_optax._src import nnx
+from foam_optax._src import per_dimension
 from foam_optax._src.config import Config
 from foam_optax._src.state import BlockClassState, RefreshKind
 from foam_optax._src.state import ScaleByFoamState
-from foam_optax._src.state import plain_arrays
+from foam_optax._src.validation import static_int
 
 
-def _layout(path, shape, dimension_numbers, cfg: Config) -> shaping.LeafLayout:
+def _layout(path, shape, dimension_numbers, cfg: Config) -> layout.LeafLayout:
   try:
-    return shaping.leaf_layout(
+    return layout.leaf_layout(
         shape, static_int("block_size", cfg.block_size),
         static_int("max_precond_dim", cfg.max_precond_dim),
         cfg.precondition_1d, dimension_numbers, cfg.one_sided)
@@ -33,46 +33,6 @@ def _layout(path, shape, dimension_numbers, cfg: Config) -> shaping.LeafLayout:
       raise
     raise ValueError(f"weight_dimension_numbers of parameter "
                      f"{jax.tree_util.keystr(path)}: {e}") from e
-
-
-def dimension_numbers(spec, params) -> list:
-  """Each leaf's dimension numbers (None: the default reshaping).
-
-  `spec` (``weight_dimension_numbers``) is None, a pytree that is a prefix
-  of the parameters with dimension numbers or None at its leaves, or a
-  callable of the parameters returning one.
-  """
-  num_leaves = len(jax.tree.leaves(params))
-  if callable(spec):
-    spec = spec(params)
-  if spec is None:
-    return [None] * num_leaves
-  # A tree built from `nnx.state(model, nnx.Param)` keeps the wrappers.
-  spec = plain_arrays(spec)
-  is_leaf = lambda x: x is None or shaping.is_dimension_numbers(x)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
-      spec, is_leaf=is_leaf)[0]:
-    if not is_leaf(leaf):
-      raise ValueError(
-          f"weight_dimension_numbers holds a {type(leaf).__name__} at "
-          f"{jax.tree_util.keystr(path)}; it must hold DimensionNumbers or "
-          "None per parameter (e.g. jax.tree.map(lambda p: "
-          "fo.DimensionNumbers(0, 1) if p.ndim == 2 else None, params)), or "
-          "be a callable of the parameters returning such a tree.")
-  prefix = jax.tree.structure(spec, is_leaf=is_leaf)
-  try:
-    subtrees = prefix.flatten_up_to(params)
-  except (ValueError, TypeError):
-    # Structures only: jax's own message would print the arrays.
-    short = lambda treedef: str(treedef)[:400]
-    raise ValueError(
-        "weight_dimension_numbers must be a prefix of the parameters' tree "
-        f"structure; its structure {short(prefix)} does not match the "
-        f"parameters' {short(jax.tree.structure(params))}.") from None
-  numbers = []
-  for dims, subtree in zip(jax.tree.leaves(spec, is_leaf=is_leaf), subtrees):
-    numbers.extend([dims] * len(jax.tree.leaves(subtree)))
-  return numbers
 
 
 def _reject_non_real_floating(paths_and_leaves):
@@ -107,7 +67,7 @@ def _is_params_placeholder(params) -> bool:
 def _layouts(path, shape, dimension_numbers, cfg: Config):
   """(LeafLayout, TensorLayout or None) of a leaf."""
   if cfg.tensor_shaping == "per_dimension" and dimension_numbers is None:
-    return tensors.layouts(
+    return layout.per_dimension_layouts(
         shape, cfg, static_int("block_size", cfg.block_size),
         static_int("max_precond_dim", cfg.max_precond_dim))
   return _layout(path, shape, dimension_numbers, cfg), None
@@ -117,26 +77,26 @@ def _phases(stack_sizes, num_shards, cfg: Config) -> list:
   """Deterministic check offsets spreading factors over the check period.
 
   Factors are ranked stack after stack; inside a stack the ranks alternate
-  between devices (`distribution.interleaved_ranks`), so the factors of one
+  between devices (`mesh.interleaved_ranks`), so the factors of one
   check step are spread over the mesh rather than landing on one device.
-  Every offset is `factors.uniform_phase` plus the spread.
+  Every offset is `first_step.uniform_phase` plus the spread.
   """
   total = sum(stack_sizes)
-  offset = factors.uniform_phase(cfg)
+  offset = first_step.uniform_phase(cfg)
   phases, start = [], 0
   for size in stack_sizes:
     if not cfg.stagger:
       phases.append(jnp.full((size,), offset, jnp.int32))
       continue
     rank = jnp.asarray(
-        start + distribution.interleaved_ranks(size, num_shards), jnp.int32)
+        start + mesh.interleaved_ranks(size, num_shards), jnp.int32)
     freq = jnp.asarray(cfg.check_frequency, jnp.int32)
     phases.append((rank * freq) // total + offset)
     start += size
   return phases
 
 
-def _refuse_bucket_on_a_mesh(plan: distribution.Plan, cfg: Config) -> None:
+def _refuse_bucket_on_a_mesh(plan: layout.Plan, cfg: Config) -> None:
   if plan.distributed and cfg.refresh_batching == "bucket":
     # Measured on 8 CPU devices: with the batched refresh the collectives
     # around the per-device work reached the devices in different orders
@@ -176,27 +136,27 @@ def init(params, cfg: Config) -> ScaleByFoamState:
   """The initial state of `scale_by_foam` for `params`.
 
   For Flax NNX parameters on a device mesh, the state carries the sharding
-  annotations of its layout (`nnx_state.annotate`).
+  annotations of its layout (`nnx.annotate`).
   """
-  wrapped, params = params, plain_arrays(params)
+  wrapped, params = params, nnx.plain_arrays(params)
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   _reject_non_real_floating(paths_and_leaves)
   leaves = [p for _, p in paths_and_leaves]
-  plan = distribution.Plan.for_mesh(distribution.current_mesh(leaves))
+  plan = layout.Plan.for_mesh(mesh.current_mesh(leaves))
   _refuse_bucket_on_a_mesh(plan, cfg)
   if _is_params_placeholder(params):   # has no leaves
     return _placeholder_state(params, cfg, plan)
   both = [_layouts(path, jnp.shape(p), dims, cfg) for (path, p), dims in
           zip(paths_and_leaves,
-              dimension_numbers(cfg.weight_dimension_numbers, params))]
+              layout.dimension_numbers(cfg.weight_dimension_numbers, params))]
   layouts = [lay for lay, _ in both]
   tensor_layouts = [tensor for _, tensor in both]
-  classes = shaping.block_classes(layouts)
-  slots = [len(s) for s in distribution.slot_maps(classes, plan.num_shards)]
+  classes = layout.block_classes(layouts)
+  slots = [len(s) for s in mesh.slot_maps(classes, plan.num_shards)]
   sides = [(size, side) for cls, size in zip(classes, slots)
            for side in (cls.left, cls.right) if side]
   # Each per-dimension factor of a tensor leaf is a stack of one.
-  num_tensor_factors = sum(map(tensors.num_factors, tensor_layouts))
+  num_tensor_factors = sum(map(layout.num_factors, tensor_layouts))
   phases = iter(_phases([size for size, _ in sides] + [1] * num_tensor_factors,
                         plan.num_shards, cfg))
   stack = lambda count, size, active: (
@@ -213,7 +173,7 @@ def init(params, cfg: Config) -> ScaleByFoamState:
   momenta, graft_moments, tensor_states = [], [], []
   for p, lay, tensor_layout in zip(leaves, layouts, tensor_layouts):
     tensor = (None if tensor_layout is None
-              else tensors.init_state(tensor_layout, phases, cfg))
+              else per_dimension.init_state(tensor_layout, phases, cfg))
     in_eigenbasis = cfg.eigenvalue_corrected and (
         lay.preconditioned or tensor is not None)
     needs_graft_moment = (cfg.grafting in grafting.USES_SECOND_MOMENT and
@@ -224,7 +184,7 @@ def init(params, cfg: Config) -> ScaleByFoamState:
                          if needs_graft_moment else optax.MaskedNode())
     tensor_states.append(tensor)
   zero = lambda: jnp.zeros([], jnp.int32)
-  return nnx_state.annotate(ScaleByFoamState(
+  return nnx.annotate(ScaleByFoamState(
       count=zero(), nonfinite_skips=zero(),
       mu=treedef.unflatten(momenta), nu=treedef.unflatten(graft_moments),
       tensors=tuple(tensor_states), layouts=tuple(layouts),

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from foam_optax._src.state import plain_arrays
+from foam_optax._src import validation
+from foam_optax._src.nnx import plain_arrays
 
 # What every warning about unused microbatch gradients starts with, for
 # `warnings.filterwarnings("ignore", IGNORED)`.
@@ -116,10 +117,7 @@ def microbatch_grads(loss_fn, params, batch, num_microbatches: int):
     >>> updates, state = tx.update(grads, state, params,
     ...                            microbatch_grads=micro)  # doctest: +SKIP
   """
-  if isinstance(num_microbatches, bool) or not isinstance(
-      num_microbatches, int) or num_microbatches < 2:
-    raise ValueError("num_microbatches must be an integer >= 2, got "
-                     f"{num_microbatches!r}.")
+  validation.python_integer(2)("num_microbatches", num_microbatches)
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None
            for x in jax.tree.leaves(batch)}
   size = next(iter(sizes)) if len(sizes) == 1 else None

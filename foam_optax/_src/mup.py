@@ -14,16 +14,14 @@ FOAM's controller are derived in `mup_multipliers`' docstring.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, Literal, Optional, get_args
 
 import jax
-import jax.core
 import numpy as np
 import optax
 
-from foam_optax._src import initial_state
-from foam_optax._src import shaping
+from foam_optax._src import layout
+from foam_optax._src import validation
 
 Optimizer = Literal["adam", "grafted", "shampoo", "soap", "muon", "asgo", "sgd"]
 PathPredicate = Optional[Callable[[str], bool]]
@@ -52,25 +50,12 @@ def _differing_leaf(flat, base_flat, labels=("params", "base_params")) -> str:
   return names[0] if names else "<root>"
 
 
-def _check_optional_int(name: str, value) -> None:
-  if value is not None and (isinstance(value, bool)
-                            or not isinstance(value, numbers.Integral)
-                            or value < 1):
-    raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}.")
-
-
-def _check_positive(name: str, value) -> None:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value <= 0):
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-
-
 def _fan_view(shape: tuple, dims) -> tuple:
   """The ``(fan_in, fan_out)`` shape of a leaf under its dimension numbers
   (the reduction axes merged, then the output axes; batch axes, such as
   stacked layers, left out), or its flat size as a vector when either side
   has no axis (``DimensionNumbers((), ())``: no matrix)."""
-  _, _, view = shaping.dimension_numbers_transpose(shape, dims)
+  _, _, view = layout.dimension_numbers_transpose(shape, dims)
   axes = lambda axis: (axis,) if isinstance(axis, int) else tuple(axis)
   if not (axes(dims.reduction_axis) and axes(dims.output_axis)):
     return (math.prod(shape),)
@@ -316,10 +301,11 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
   if optimizer not in get_args(Optimizer):
     raise ValueError(f"optimizer must be one of {get_args(Optimizer)}, got "
                      f"{optimizer!r}.")
-  _check_optional_int("block_size", block_size)
-  _check_optional_int("max_precond_dim", max_precond_dim)
-  _check_positive("depth_ratio", depth_ratio)
-  _check_positive("exponent", exponent)
+  for name, value in (("block_size", block_size),
+                      ("max_precond_dim", max_precond_dim)):
+    validation.python_integer(1, allow_none=True)(name, value)
+  validation.POSITIVE("depth_ratio", depth_ratio)
+  validation.POSITIVE("exponent", exponent)
   for name, predicate in (("embedding", embedding), ("readout", readout)):
     if predicate is not None and not callable(predicate):
       raise ValueError(f"{name} must be None or a predicate on the leaf's "
@@ -330,7 +316,7 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
   if treedef != base_treedef:
     raise ValueError("mup_multipliers: params and base_params differ in "
                      f"structure at leaf {_differing_leaf(flat, base_flat)}.")
-  leaf_numbers = initial_state.dimension_numbers(weight_dimension_numbers,
+  leaf_numbers = layout.dimension_numbers(weight_dimension_numbers,
                                                  params)
 
   multipliers = []
@@ -370,16 +356,11 @@ def mup_multipliers(params, base_params, *, optimizer: Optimizer,
 
 
 def _check_multiplier(path, value) -> None:
-  name = jax.tree_util.keystr(path)
-  if isinstance(value, jax.core.Tracer):
-    return
-  if (isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0
-      or not np.issubdtype(np.asarray(value).dtype, np.number)):
-    raise ValueError(f"scale_by_mup: multiplier {name} must be a real "
-                     f"number, got {value!r}.")
-  if not (math.isfinite(float(value)) and float(value) > 0):
-    raise ValueError(f"scale_by_mup: multiplier {name} must be positive and "
-                     f"finite, got {value!r}.")
+  name = f"scale_by_mup: multiplier {jax.tree_util.keystr(path)}"
+  validation.numeric(name, value)
+  known = validation.known(value)   # None when traced
+  if known is not None and not (math.isfinite(known) and known > 0):
+    raise ValueError(f"{name} must be positive and finite, got {value!r}.")
 
 
 def _unmatched_leaf(multipliers, params) -> Optional[str]:

@@ -18,8 +18,8 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 import optax
 
-from foam_optax._src import checks
 from foam_optax._src import controllers
+from foam_optax._src import validation
 
 Grafting = Literal["adam", "rmsprop", "sgd", "rms", "none"]
 Preconditioner = Literal["root_inverse", "eigenvalue_corrected"]
@@ -66,12 +66,12 @@ class Option:
 
 
 def _literal(annotation) -> Callable:
-  return checks.choice(annotation.__args__)
+  return validation.choice(annotation.__args__)
 
 
-_UNIT = checks.in_range(0.0, 1.0, high_open=True)
-_POSITIVE = checks.in_range(0.0, math.inf, low_open=True)
-_NON_NEGATIVE = checks.in_range(0.0, math.inf)
+_UNIT = validation.in_range(0.0, 1.0, high_open=True)
+_POSITIVE = validation.in_range(0.0, math.inf, low_open=True)
+_NON_NEGATIVE = validation.in_range(0.0, math.inf)
 
 OPTIONS = (
     Option("b1", float, 0.95, "momentum decay (0 disables momentum).", _UNIT,
@@ -97,7 +97,7 @@ OPTIONS = (
     Option("threshold", float, 0.75, "``τ``, the tolerated staleness proxy.",
            _POSITIVE),
     Option("check_frequency", int, 20,
-           "``f``, steps between checks of a factor.", checks.integer(1),
+           "``f``, steps between checks of a factor.", validation.integer(1),
            defaults={"soap": 10, "asgo": 1}),
     Option("exponent", float, 2,
            "``p`` of the inverse root ``(A + ε)^{-1/p}``; 2 as in the FOAM "
@@ -107,24 +107,24 @@ OPTIONS = (
                          "only by the FOAM controllers."}),
     Option("block_size", Optional[int], 1024,
            "largest block side; None for no blocking.",
-           checks.integer(1, allow_none=True), static=True,
+           validation.integer(1, allow_none=True), static=True,
            defaults={"soap": None, "asgo": None}),
     Option("max_precond_dim", Optional[int], None,
            "a matrix side (SOAP: a dimension) longer than this gets no "
            "factor (identity); None for no limit.",
-           checks.integer(1, allow_none=True), static=True,
+           validation.integer(1, allow_none=True), static=True,
            defaults={"soap": 10000}),
     Option("merge_dims", bool, False,
            "merge adjacent dimensions while their product stays within "
            "`max_precond_dim`, as the official ``merge_dims``.",
-           checks.boolean, static=True),
+           validation.boolean, static=True),
     Option("one_sided", bool, False,
            "precondition each matrix on its smaller side only, the rows "
            "(the reduction axis) on a tie, as ASGO does; the other side's "
            "factor is the identity. SOAP's tensor leaves keep the factor of "
-           "their smallest dimension.", checks.boolean, static=True),
+           "their smallest dimension.", validation.boolean, static=True),
     Option("precondition_1d", bool, False,
-           "precondition vectors as ``1 x n`` matrices.", checks.boolean,
+           "precondition vectors as ``1 x n`` matrices.", validation.boolean,
            static=True),
     Option("rotation_basis", RotationBasis, "updated",
            "``'previous'``: rotate the gradient with the bases of the "
@@ -147,7 +147,7 @@ OPTIONS = (
     Option("start_preconditioning_step", Optional[int], None,
            "``s0``, the first check step; before it only the grafting "
            "optimizer steps. None: ``check_frequency``.",
-           checks.integer(1, allow_none=True),
+           validation.integer(1, allow_none=True),
            defaults={"soap": 1, "asgo": 1}),
     Option("grafting", Grafting, "adam",
            "``'adam'``, ``'rmsprop'``, ``'sgd'``, ``'rms'`` or ``'none'``: "
@@ -176,11 +176,11 @@ OPTIONS = (
            "check), ``'foam_fixed_damping'``, ``'foam_no_refresh'``, "
            "``'residual'``, or any name given to "
            "`foam_optax.controllers.register`.",
-           checks.choice(lambda: controllers.CONTROLLERS),
+           validation.choice(lambda: controllers.CONTROLLERS),
            defaults={"soap": "stale", "asgo": "stale"}),
     Option("residual_tol", float, 0.1,
            "relative off-diagonal tolerance of ``controller='residual'``.",
-           checks.in_range(0.0, 1.0)),
+           validation.in_range(0.0, 1.0)),
     Option("preconditioner", Preconditioner, "root_inverse",
            "``'root_inverse'`` (Shampoo) or ``'eigenvalue_corrected'`` (Adam "
            "in the eigenbasis, as SOAP; grafting then steps only the leaves "
@@ -194,14 +194,14 @@ OPTIONS = (
            "period (the first check stays at ``s0``), which flattens the "
            "cost of check steps but moves them off the schedule above; off "
            "by default, so the defaults run the paper's algorithm.",
-           checks.boolean),
+           validation.boolean),
     Option("statistics_compute_steps", int, 1,
            "add the gradient's Gram matrices to the statistics on steps "
            "``1, 1 + k, 1 + 2k, ...`` only (Google's distributed Shampoo's "
            "option of that name), saving ``2 m² n`` flops per ``m x n`` "
            "block on the other steps; the bias correction counts the "
            "accumulations. 1 (every step, the paper's) by default.",
-           checks.integer(1)),
+           validation.integer(1)),
     Option("refresh_batching", RefreshBatching, "map",
            "``'map'`` (one conditional per factor) or ``'bucket'`` (one "
            "conditional per stack of same-sized factors, a batched refresh; "
@@ -214,38 +214,38 @@ OPTIONS = (
            "statistics' dtype. Under `optax.MultiSteps` pass "
            "``should_skip_update_fn=optax.skip_not_finite``: otherwise one "
            "NaN micro-batch poisons its accumulator (NaN * 0 is NaN) and "
-           "every later update is skipped.", checks.boolean),
+           "every later update is skipped.", validation.boolean),
     Option("max_consecutive_skips", Optional[int], None,
            "stop the run with an error once this many updates in a row have "
            "been skipped (a run whose every gradient is non-finite, e.g. an "
            "`optax.MultiSteps` accumulator holding a NaN, is stuck); None "
            "never stops. Under `jax.jit` the error is raised from a host "
            "callback and surfaces as a `jax.errors.JaxRuntimeError` naming "
-           "the cause.", checks.integer(1, allow_none=True)),
+           "the cause.", validation.integer(1, allow_none=True)),
     Option("mu_dtype", Optional[Any], None,
            "dtype the momentum is stored in; None (optax's convention): each "
-           "parameter's dtype.", checks.floating_dtype, static=True),
+           "parameter's dtype.", validation.floating_dtype, static=True),
     Option("second_moment_dtype", Optional[Any], None,
            "storage dtype of the grafting second moment (and of Adam's "
            "rotated second moment in eigenvalue-corrected mode); None: "
-           "float32.", checks.floating_dtype, static=True),
+           "float32.", validation.floating_dtype, static=True),
     Option("factor_matrix_dtype", Optional[Any], None,
            "storage dtype of the factor statistics; None: float32.",
-           checks.floating_dtype, static=True),
+           validation.floating_dtype, static=True),
     Option("factor_matrix_eigenvectors_dtype", Optional[Any], None,
            "storage dtype of the cached eigenbases Q; None: float32.",
-           checks.floating_dtype, static=True),
+           validation.floating_dtype, static=True),
     Option("inv_factor_matrix_dtype", Optional[Any], None,
            "storage dtype of the cached inverse roots X; None: float32. All "
            "computations run in float32 (float64 with x64): the storage "
-           "dtypes only cast on load and store.", checks.floating_dtype,
+           "dtypes only cast on load and store.", validation.floating_dtype,
            static=True),
     Option("pseudo_inverse_rtol", Optional[float], None,
            "None (the paper's configuration) or a relative tolerance: "
            "eigenvalues at most ``rtol`` times a factor's largest are "
            "treated as zero (weight 0 in X, a pseudo-inverse, as in Meta's "
            "Distributed Shampoo) instead of being amplified by up to "
-           "``ε^(-1/p)``.", checks.in_range(0.0, 1.0, high_open=True,
+           "``ε^(-1/p)``.", validation.in_range(0.0, 1.0, high_open=True,
                                             allow_none=True)),
     Option("weight_dimension_numbers", Optional[Any], None,
            "None (the default reshaping), or as "
@@ -261,7 +261,7 @@ OPTIONS = (
            "keep each factor's X = Q diag((D+ε)^(-1/p)) Qᵀ in the state "
            "(two products per block and step); False applies X through Q "
            "and D instead (four products) and saves one (m, m) array per "
-           "factor.", checks.boolean, static=True),
+           "factor.", validation.boolean, static=True),
     Option("proxy", Proxy, "exact",
            "how the FOAM controllers measure ``RC``: ``'exact'`` (the "
            "paper's, two m³ products per check) or ``'sketch'`` (an unbiased "
@@ -270,7 +270,7 @@ OPTIONS = (
            "and the factor, so runs are reproducible).", _literal(Proxy)),
     Option("proxy_probes", int, 16,
            "number of probe vectors of ``proxy='sketch'``.",
-           checks.integer(1), static=True),
+           validation.integer(1), static=True),
     Option("root_method", RootMethod, "eigh",
            "how the inverse roots X are computed: ``'eigh'``, from the "
            "cached eigendecomposition (which the controller decides when to "
@@ -281,7 +281,7 @@ OPTIONS = (
            defaults={"asgo": "polar_express"}),
     Option("root_iterations", int, 10,
            "iterations of ``root_method='polar_express'`` or "
-           "``'newton_schulz'``.", checks.integer(1)),
+           "``'newton_schulz'``.", validation.integer(1)),
     Option("bias_correction", BiasCorrection, "none",
            "``'cross_fit'``: from the per-microbatch gradients of each "
            "``update(..., microbatch_grads=...)`` (see `fo.microbatch_grads`), "
@@ -307,12 +307,12 @@ OPTIONS = (
            "off on all their examples) and diverges there. Wherever the "
            "held-out second moment is at least 1/16 of the numerator "
            "half's, the floor is inactive and the step is the official "
-           "one (`foam_optax._src.cross_fitting`).", checks.boolean),
+           "one (`foam_optax._src.cross_fitting`).", validation.boolean),
     Option("ema_bias_correction", bool, True,
            "divide the momentum and the factor statistics by ``1 - b^t``, "
            "their moving averages' bias correction; False uses the raw "
            "averages, as the official bias-corrected Shampoo does.",
-           checks.boolean),
+           validation.boolean),
     Option("root_damping", RootDamping, "controller",
            "the damping the inverse roots X are built with: "
            "``'controller'`` (the controller's, FOAM's adaptive one) or "
@@ -337,7 +337,7 @@ ALIAS_OPTIONS = (
            "lr·wd)``, as the official SOAP; False decays before the "
            "learning rate instead, as optax's AdamW (``p ← p - lr·(u + "
            "wd·p)``), making the update linear in the learning rate.",
-           checks.boolean),
+           validation.boolean),
 )
 
 ALIAS_BY_NAME = {option.name: option for option in ALIAS_OPTIONS}
@@ -398,7 +398,7 @@ def _shampoo_cap(arguments):
   """Stale Shampoo has no max_epsilon: the damping after a failed refresh
   is max(3e-7, epsilon), so a large epsilon is not rejected against 3e-7."""
   epsilon = arguments["epsilon"]
-  value = checks.known(epsilon)
+  value = validation.known(epsilon)
   if value is None:
     import jax.numpy as jnp
     return jnp.maximum(3e-7, epsilon)

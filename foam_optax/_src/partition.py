@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import optax
 
+from foam_optax._src.nnx import is_variable, plain_arrays
 from foam_optax._src.skipping import skip_nonfinite
-from foam_optax._src.state import is_variable, plain_arrays
 
 PRECONDITION = "precondition"
 DIAGONAL = "diagonal"

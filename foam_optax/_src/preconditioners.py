@@ -15,12 +15,15 @@ Both take the same factor states, so any controller can drive either.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
 from foam_optax._src import cross_fitting
 from foam_optax._src import linalg
 from foam_optax._src.config import Config
+from foam_optax._src.cross_fitting import Samples
 
 
 def basis(fs):
@@ -80,13 +83,13 @@ def permute(second_moment, left_order, right_order):
   return second_moment
 
 
-def rotated_square(grad, rotate, samples=None, axis=0):
-  """``(rotate G)²``, or with `samples` (microbatch gradients stacked along
-  `axis`) the mean of their rotated squares: the term Adam's second moment
+def rotated_square(grad, rotate, samples: Optional[Samples] = None, axis=0):
+  """``(rotate G)²``, or with `samples` (`cross_fitting.Samples`, stacked
+  along `axis`) the mean of their rotated squares: the term Adam's second moment
   adds."""
   if samples is None:
     return rotate(grad) ** 2
-  return jnp.mean(jax.vmap(rotate, axis, axis)(samples) ** 2, axis=axis)
+  return samples.mean_rotated_square(rotate, axis)
 
 
 def adam_in_basis(square, momentum, second_moment, step, b2, eps,
@@ -121,7 +124,8 @@ def adam_in_basis(square, momentum, second_moment, step, b2, eps,
 
 
 def eigenvalue_corrected(grad, momentum, second_moment, left_basis,
-                         right_basis, step, cfg: Config, samples=None):
+                         right_basis, step, cfg: Config,
+                         samples: Optional[Samples] = None):
   """Adam in the eigenbasis of a (k, m, n) stack (None: identity basis);
   with `samples` (k, J, m, n) the second moment takes their rotated squares'
   mean (cross-fitting) instead of the gradient's, floored with

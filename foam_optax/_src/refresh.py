@@ -213,7 +213,7 @@ def refresh(fs, need, correction, cfg: Config, plan,
     need: (k,) bool, the slice's factors that need a fresh basis.
     correction: the statistics' bias correction ``1 - b2^t``.
     cfg: hyperparameters.
-    plan: the state's `distribution.Plan`.
+    plan: the state's `layout.Plan`.
     stack_requests: on a mesh, the stack's `Requests` (see `requests`).
   """
   size, dtype = fs.eigvals.shape[-1], fs.eigvals.dtype

@@ -1,14 +1,14 @@
-"""The optimizers' signatures, docstrings and README tables, generated from
-the option table (`options`), and their errors for arguments they do not
-take.
+"""The optimizers' signatures and docstrings, generated from the option table
+(`options`), and their errors for arguments they do not take.
 
-The functions built from the table (`scale_by_foam`, and the aliases and
-`scale_by_*` transformations of `alias`) are written out in the source with
+The functions built from the table (the `scale_by_*` transformations of
+`transform` and the aliases of `alias`) are written out in the source with
 their full signatures and docstring argument lists, and `Config` with one
 typed field per option, so that type checkers, IDEs, `inspect` and `help`
-all read the same explicit code. ``python -m foam_optax._src.signatures``
-regenerates those parts of the source (`generated_sources`) and the tables
-of docs/options.md from the table; the tests check that they are current.
+all read the same explicit code. `generated_sources` is what those parts of
+the source should be; ``python -m foam_optax._src.readme_tables``
+rewrites them (and the tables of docs/options.md, `readme_tables`), and the tests
+check that they are current.
 
 `public` gives a public function errors that name it and the closest
 argument; `renamed` keeps a renamed argument working, with a warning.
@@ -23,7 +23,6 @@ import functools
 import inspect
 import pathlib
 import re
-import sys
 import textwrap
 import typing
 import warnings
@@ -78,7 +77,8 @@ def _call_error(name: str, sig: inspect.Signature, args: tuple,
 
 
 def _is_public(name: str) -> bool:
-  import foam_optax   # at call time: the package imports this module
+  # Imported here: `foam_optax` imports, through its aliases, this module.
+  import foam_optax
   return name in foam_optax.__all__
 
 
@@ -162,7 +162,7 @@ def check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
 # --- The generated source ----------------------------------------------------
 
 GENERATED = ("# Generated from options.py by "
-             "`python -m foam_optax._src.signatures`.")
+             "`python -m foam_optax._src.readme_tables`.")
 CONFIG_END = "# End of the generated fields."
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
@@ -170,9 +170,9 @@ _PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 # alias), the alias being `optimizer` and the transformation
 # `scale_by_<optimizer>`.
 FUNCTIONS = {
-    "_src/transform.py": (("foam", False),),
-    "_src/alias.py": (("foam", True), ("shampoo", False), ("shampoo", True),
-                      ("soap", False), ("soap", True), ("asgo", False),
+    "_src/transform.py": (("foam", False), ("shampoo", False),
+                          ("soap", False), ("asgo", False)),
+    "_src/alias.py": (("foam", True), ("shampoo", True), ("soap", True),
                       ("asgo", True)),
 }
 CONFIG_FILE = "_src/config.py"
@@ -298,94 +298,3 @@ def update_sources(package: pathlib.Path = _PACKAGE) -> None:
   for path, text in generated_sources(package).items():
     if path.read_text(encoding="utf-8") != text:
       path.write_text(text, encoding="utf-8")
-
-
-# --- README tables ------------------------------------------------------------
-
-_ALIASES = ("foam", "shampoo", "soap", "asgo")
-# optax.adamw's names for the arguments it shares with the aliases.
-_ADAMW = {"b1": "b1", "b2": "b2", "epsilon": "eps", "weight_decay":
-          "weight_decay", "mu_dtype": "mu_dtype"}
-
-
-def _public_options(optimizer: str) -> dict:
-  return {o.public_name(optimizer): o
-          for o in options.exposed(optimizer, alias=True)}
-
-
-def _argument_rows() -> list:
-  """Every alias argument once, in the order of first appearance."""
-  names = []
-  for optimizer in _ALIASES:
-    names += [n for n in _public_options(optimizer) if n not in names]
-  return names
-
-
-def defaults_table() -> str:
-  """The README's side-by-side defaults of the aliases and optax.adamw."""
-  adamw = inspect.signature(optax.adamw).parameters
-  lines = ["| argument | " + " | ".join(f"`fo.{o}`" for o in _ALIASES)
-           + " | `optax.adamw` |", "|---" * (len(_ALIASES) + 2) + "|"]
-  for name in _argument_rows():
-    cells = []
-    for optimizer in _ALIASES:
-      option = _public_options(optimizer).get(name)
-      cells.append("—" if option is None
-                   else f"`{option.default_for(optimizer)!r}`")
-    other = _ADAMW.get(name)
-    cells.append("—" if other is None else f"`{adamw[other].default!r}`")
-    label = f"`{name}`" + ("" if other in (None, name)
-                           else f" (adamw: `{other}`)")
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def _first_sentence(doc: str) -> str:
-  """Up to the first full stop followed by a capital letter."""
-  end = re.search(r"\.\s+(?=[A-Z])", doc)
-  return (doc[:end.start()] if end else doc).rstrip(".")
-
-
-def arguments_table() -> str:
-  """The README's list of what each argument does, first sentences only;
-  an argument whose meaning differs between aliases gets one per meaning."""
-  lines = ["| argument | what it sets |", "|---|---|",
-           f"| `learning_rate` | {options.LEARNING_RATE.doc.rstrip('.')} "
-           "(aliases only) |"]
-  for name in _argument_rows():
-    meanings = {}   # option's first sentence -> the aliases it belongs to
-    for optimizer in _ALIASES:
-      option = _public_options(optimizer).get(name)
-      if option is not None:
-        first = _first_sentence(option.doc_for(optimizer))
-        if option.static:
-          first += " (static: fixed at `init`)"
-        meanings.setdefault(first, []).append(f"`fo.{optimizer}`")
-    if len(meanings) == 1:
-      text = next(iter(meanings))
-    else:
-      text = "; ".join(f"{', '.join(who)}: {first}"
-                       for first, who in meanings.items())
-    lines.append(f"| `{name}` | {text} |")
-  return "\n".join(lines)
-
-
-README_TABLES = {"defaults-table": defaults_table,
-                 "arguments-table": arguments_table}
-
-
-def update_readme(path: str) -> None:
-  """Rewrites the generated tables between their markers in `path`."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  for marker, table in README_TABLES.items():
-    start, end = f"<!-- {marker}:start -->\n", f"\n<!-- {marker}:end -->"
-    head, rest = text.split(start)
-    text = head + start + table() + end + rest.split(end, 1)[1]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
-
-
-if __name__ == "__main__":
-  update_sources()
-  update_readme(sys.argv[1] if len(sys.argv) > 1 else "docs/options.md")

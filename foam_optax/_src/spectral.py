@@ -10,7 +10,6 @@ vector, and embedding updates are rescaled to RMS 1.
 from __future__ import annotations
 
 import math
-import numbers
 import typing
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from foam_optax._src import signatures
+from foam_optax._src import validation
 
 _TINY = 1e-30   # guards divisions by a zero norm
 
@@ -57,12 +57,6 @@ def _top_singular_value(matrix, vector, iterations):
   vector, sigma = jax.lax.fori_loop(0, iterations, step,
                                     (vector, jnp.zeros((), matrix.dtype)))
   return sigma, vector
-
-
-def _check_int(name, value, minimum):
-  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-      or value < minimum):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 @signatures.public
@@ -139,13 +133,13 @@ def scale_by_spectral_norm(*, embedding: Optional[Callable[[str], bool]] = None,
   if embedding is not None and not callable(embedding):
     raise ValueError("embedding must be None or a predicate on the leaf's "
                      f"path, got {embedding!r}.")
-  _check_int("power_iterations", power_iterations, 1)
-  _check_int("warmup_steps", warmup_steps, 0)
-  _check_int("warmup_power_iterations", warmup_power_iterations, 1)
-  _check_int("seed", seed, 0)
-  if (isinstance(eps, bool) or not isinstance(eps, numbers.Real)
-      or not math.isfinite(eps) or eps < 0):
-    raise ValueError(f"eps must be a finite number >= 0, got {eps!r}.")
+  for name, value, minimum in (
+      ("power_iterations", power_iterations, 1),
+      ("warmup_steps", warmup_steps, 0),
+      ("warmup_power_iterations", warmup_power_iterations, 1),
+      ("seed", seed, 0)):
+    validation.python_integer(minimum)(name, value)
+  validation.NON_NEGATIVE("eps", eps)
 
   def is_embedding(path):
     return embedding is not None and bool(embedding(jax.tree_util.keystr(path)))

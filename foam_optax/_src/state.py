@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from foam_optax._src import distribution
-from foam_optax._src import shaping
-from foam_optax._src import tensors
+from foam_optax._src import layout
+from foam_optax._src import per_dimension
 from foam_optax._src.factors import FactorStack
+from foam_optax._src.nnx import plain_arrays
 
 
 class BlockClassState(NamedTuple):
   """State of one block class: every block of one shape in the tree, stacked.
 
   The leading axis of every array runs over the class's blocks (see
-  `shaping.BlockClass`); None marks a side that is not preconditioned, or
+  `layout.BlockClass`); None marks a side that is not preconditioned, or
   a part the preconditioner does not use.
   """
 
@@ -34,9 +33,9 @@ class LeafState(NamedTuple):
 
   momentum: jax.Array                  # EMA of gradients (not bias-corrected)
   graft_second_moment: Optional[jax.Array]
-  layout: shaping.LeafLayout           # static: no arrays
+  layout: layout.LeafLayout           # static: no arrays
   # Per-dimension factors of a tensor leaf (``tensor_shaping='per_dimension'``).
-  tensor: Optional[tensors.TensorState] = None
+  tensor: Optional[per_dimension.TensorState] = None
 
 
 @jax.tree_util.register_static
@@ -87,7 +86,7 @@ class ScaleByFoamState(NamedTuple):
     layouts: static: per parameter its block structure.
     classes: per block class (`block_classes`) a `BlockClassState`; on a
       device mesh each stack is padded to a multiple of the device count
-      (see `distribution`).
+      (see `mesh`).
     consecutive_skips: updates skipped in a row up to now (0 after an
       applied update); a growing value means a stuck run.
     overflow_skips: the skipped updates whose gradients were finite but so
@@ -105,7 +104,7 @@ class ScaleByFoamState(NamedTuple):
   classes: tuple
   consecutive_skips: jax.Array
   overflow_skips: jax.Array
-  plan: distribution.Plan = distribution.Plan()
+  plan: layout.Plan = layout.Plan()
   refresh_kind: RefreshKind = RefreshKind()
 
   def leaf_states(self) -> list:
@@ -134,14 +133,8 @@ def with_leaf_states(state: ScaleByFoamState, leaf_states) -> ScaleByFoamState:
 
 
 def block_classes(state: ScaleByFoamState) -> tuple:
-  """The `shaping.BlockClass` of each entry of ``state.classes``."""
-  return shaping.block_classes(list(state.layouts))
-
-
-def slot_maps(state: ScaleByFoamState) -> tuple:
-  """For each entry of ``state.classes``, the block held by each stack slot
-  (-1: padding); see `distribution.slot_maps`."""
-  return distribution.slot_maps(block_classes(state), state.plan.num_shards)
+  """The `layout.BlockClass` of each entry of ``state.classes``."""
+  return layout.block_classes(list(state.layouts))
 
 
 def find_states(tree, kind=None) -> list:
@@ -152,27 +145,3 @@ def find_states(tree, kind=None) -> list:
   is_kind = lambda x: isinstance(x, kind)
   return [plain_arrays(x) for x in jax.tree.leaves(tree, is_leaf=is_kind)
           if is_kind(x)]
-
-
-def is_variable(x) -> bool:
-  """Whether `x` is a Flax NNX variable (``nnx.Param`` and the like).
-
-  Flax is not a dependency: a tree can hold NNX variables only once the
-  caller has imported `flax.nnx`.
-  """
-  nnx = sys.modules.get("flax.nnx")
-  return nnx is not None and isinstance(x, nnx.Variable)
-
-
-def plain_arrays(tree):
-  """`tree` with Flax NNX variables replaced by the values they hold.
-
-  `nnx.split(model, nnx.Param)` and `nnx.Optimizer` hand the optimizer
-  parameters wrapped in `nnx.Param` variables; the state keeps plain
-  arrays, and trees built from the parameters (dimension numbers) are read
-  without the wrappers.
-  """
-  # `get_value` from Flax 0.12 on (where `.value` is deprecated).
-  unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
-  return jax.tree.map(lambda x: unwrap(x) if is_variable(x) else x, tree,
-                      is_leaf=is_variable)

@@ -1,4 +1,10 @@
-"""Flax NNX sharding annotations in a state laid out for a device mesh.
+"""Flax NNX variables in the optimizer's trees: reading through them, and
+the sharding annotations of a state laid out for a device mesh.
+
+`nnx.split(model, nnx.Param)` and `nnx.Optimizer` hand the optimizer its
+parameters wrapped in ``nnx.Param`` variables. The computations read plain
+arrays (`plain_arrays`); `update` returns the state in the structure it came
+in.
 
 Flax NNX shards a model and its optimizer from annotations on the variables
 (``nnx.with_partitioning``): `nnx.get_partition_spec` reads a
@@ -12,24 +18,51 @@ parameter-shaped buffers follow the parameters. `annotate` gives a
   parameter's variable, metadata included;
 * each array of a factor stack (and of the rotated second moments) is an
   ``nnx.OptState`` annotated to be split along its block axis over all mesh
-  axes, the layout of `distribution` and `sharding.state_sharding`;
+  axes, the layout of `mesh.state_sharding`;
 * counters and per-dimension factors of tensor leaves stay plain arrays
   (replicated, as `state_sharding` places them).
 
 Only states laid out for a mesh of several devices whose parameters hold NNX
-variables are annotated; every other state is unchanged. `update` computes
-on the plain arrays (`state.plain_arrays`) and returns the state in the
-structure it came in.
+variables are annotated; every other state is unchanged.
+
+Flax is not a dependency: a tree can hold NNX variables only once the caller
+has imported `flax.nnx`.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import jax
 import optax
 
-from foam_optax._src.state import ScaleByFoamState, is_variable
+if TYPE_CHECKING:
+  from foam_optax._src.state import ScaleByFoamState
+
+
+def is_variable(x) -> bool:
+  """Whether `x` is a Flax NNX variable (``nnx.Param`` and the like).
+
+  Flax is not a dependency: a tree can hold NNX variables only once the
+  caller has imported `flax.nnx`.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def plain_arrays(tree):
+  """`tree` with Flax NNX variables replaced by the values they hold.
+
+  `nnx.split(model, nnx.Param)` and `nnx.Optimizer` hand the optimizer
+  parameters wrapped in `nnx.Param` variables; the state keeps plain
+  arrays, and trees built from the parameters (dimension numbers) are read
+  without the wrappers.
+  """
+  # `get_value` from Flax 0.12 on (where `.value` is deprecated).
+  unwrap = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
+  return jax.tree.map(lambda x: unwrap(x) if is_variable(x) else x, tree,
+                      is_leaf=is_variable)
 
 
 def _holds_variables(params) -> bool:

@@ -7,45 +7,33 @@ EMA of the gradient contracted with itself over every other dimension, and
 Adam runs in the basis that rotates every factored dimension by its
 eigenvectors. The view is the leaf's shape or, with ``merge_dims=True``,
 SOAP's merge of adjacent dimensions while their product stays within
-`max_precond_dim` (`merged_shape`); a dimension longer than
+`max_precond_dim` (`layout.merged_shape`); a dimension longer than
 `max_precond_dim` keeps no factor, and size-1 dimensions are dropped (their
-factor would be the scalar 1).
+factor would be the scalar 1). `layout.per_dimension_layouts` decides the
+view.
 
-A view of rank 1 or 2 is a matrix and takes the stacked block path of
-`transform`; only views of rank >= 3 are handled here, one leaf at a time,
-each factor a `FactorStack` of one that goes through the same factor
-pipeline (`factors.advance`) as the block stacks of the matrix path:
-controllers, refresh methods, storage dtypes and the check schedule are
-theirs. They
-are not divided among devices: on a mesh every device runs them whole.
+A view of rank 1 or 2 is a matrix and takes the block stacks of the other
+leaves (`step`, `blocks`); only views of rank >= 3 are handled here, one
+leaf at a time, each factor a `FactorStack` of one that goes through the
+same factor pipeline (`factors.advance`) as the block stacks: controllers,
+refresh methods, storage dtypes and the check schedule are theirs. They are
+not divided among devices: on a mesh every device runs them whole.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from foam_optax._src import cross_fitting
-from foam_optax._src import distribution
 from foam_optax._src import factors
 from foam_optax._src import linalg
 from foam_optax._src import preconditioners
-from foam_optax._src import shaping
 from foam_optax._src.config import Config
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class TensorLayout:
-  """Static shape of a per-dimension leaf: its tensor view and which of its
-  dimensions have a factor."""
-
-  shape: tuple
-  factored: tuple
+from foam_optax._src.cross_fitting import Samples
+from foam_optax._src.layout import Plan, TensorLayout
 
 
 class TensorState(NamedTuple):
@@ -54,52 +42,6 @@ class TensorState(NamedTuple):
   factors: tuple                    # per dimension a FactorStack or None
   rotated_second_moment: jax.Array  # in `layout.shape`
   layout: TensorLayout
-
-
-def merged_shape(shape, max_precond_dim: Optional[int]) -> tuple:
-  """The official SOAP's ``merge_dims``: adjacent dimensions merged, left to
-  right, while their product stays within `max_precond_dim`."""
-  limit = math.inf if max_precond_dim is None else max_precond_dim
-  new_shape, current = [], 1
-  for size in shape:
-    if current * size > limit:
-      if current > 1:
-        new_shape.append(current)
-        current = size
-      else:
-        new_shape.append(size)
-        current = 1
-    else:
-      current *= size
-  if current > 1 or not new_shape:
-    new_shape.append(current)
-  return tuple(new_shape)
-
-
-def layouts(shape, cfg: Config, block_size, max_precond_dim):
-  """(LeafLayout, TensorLayout or None) of a leaf under 'per_dimension'.
-
-  Views of rank <= 2 get a matrix `LeafLayout` (with SOAP's rule that a leaf
-  of rank >= 2 whose view is a vector is preconditioned without
-  `precondition_1d`); views of rank >= 3 get a `TensorLayout` and a
-  `LeafLayout` with no blocks.
-  """
-  shape = tuple(int(d) for d in shape)
-  view = shape
-  if cfg.merge_dims and len(shape) >= 2:
-    view = merged_shape(shape, max_precond_dim)
-  view = tuple(d for d in view if d != 1)
-  if len(view) <= 2 or 0 in shape:
-    layout = shaping.leaf_layout(view, block_size, max_precond_dim,
-                                 cfg.precondition_1d or len(shape) >= 2,
-                                 one_sided=cfg.one_sided)
-    return dataclasses.replace(layout, shape=shape), None
-  factored = tuple(max_precond_dim is None or d <= max_precond_dim
-                   for d in view)
-  if cfg.one_sided:   # the smallest dimension only (the first on a tie)
-    smallest = view.index(min(view))
-    factored = tuple(f and d == smallest for d, f in enumerate(factored))
-  return shaping.LeafLayout(shape, None, ()), TensorLayout(view, factored)
 
 
 def init_state(layout: TensorLayout, phases, cfg: Config):
@@ -111,10 +53,6 @@ def init_state(layout: TensorLayout, phases, cfg: Config):
   moment = jnp.zeros(layout.shape,
                      factors.storage_dtype(cfg.second_moment_dtype))
   return TensorState(tuple(states), moment, layout)
-
-
-def num_factors(layout: Optional[TensorLayout]) -> int:
-  return 0 if layout is None else sum(layout.factored)
 
 
 def _along(x, basis, axis, transpose):
@@ -146,7 +84,7 @@ def _rotations(states):
 
 
 def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
-                    samples=None):
+                    samples: Optional[Samples] = None):
   """Accumulates each dimension's statistic (from `grad`, or the mean over
   the cross-fitting `samples`) and refreshes on its checks
   (`factors.advance`, ids from `first_id` on); the second moment follows
@@ -161,11 +99,11 @@ def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
   def grams():
     if samples is None:
       return [contraction(grad, axis)[None] for axis in axes]
-    return [jnp.mean(jax.vmap(lambda s: contraction(s, axis))(samples),
-                     axis=0)[None] for axis in axes]
+    return [samples.mean_of(lambda s: contraction(s, axis))[None]
+            for axis in axes]
   ids = [jnp.full((1,), first_id + i, jnp.int32) for i in range(len(axes))]
   stacks, orders = factors.advance([ts.factors[a] for a in axes], grams, ids,
-                                   step, cfg, distribution.Plan())
+                                   step, cfg, Plan())
   moment, states = ts.rotated_second_moment, list(ts.factors)
   for axis, fs, order in zip(axes, stacks, orders):
     moment = jnp.take(moment, order[0], axis=axis)
@@ -174,7 +112,7 @@ def _update_factors(grad, ts: TensorState, step, first_id, cfg: Config,
 
 
 def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
-           cfg: Config, samples=None):
+           cfg: Config, samples: Optional[Samples] = None):
   """Direction (in the leaf's shape) and new state of one tensor leaf.
 
   Args:
@@ -184,14 +122,15 @@ def update(grad, momentum, ts: TensorState, step, adam_step, first_id,
     adam_step: the step of Adam's bias correction.
     first_id: the id of the leaf's first factor (`controllers.probe_keys`).
     cfg: hyperparameters.
-    samples: cross-fitting: (J, *leaf shape) microbatch gradients that the
-      statistics and the second moment take instead of `grad`.
+    samples: cross-fitting: the `cross_fitting.Samples` of (J, *leaf shape)
+      microbatch gradients that the statistics and the second moment take
+      instead of `grad`.
   """
   shape = grad.shape
   grad = grad.reshape(ts.layout.shape)
   momentum = momentum.reshape(ts.layout.shape)
   if samples is not None:
-    samples = samples.reshape((-1,) + ts.layout.shape)
+    samples = samples.reshaped(ts.layout.shape)
   if cfg.rotation_basis == "updated":
     ts = _update_factors(grad, ts, step, first_id, cfg, samples)
   rotate, unrotate = _rotations(ts.factors)
