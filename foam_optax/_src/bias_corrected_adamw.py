@@ -236,8 +236,8 @@ def bias_corrected_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1, b2, eps, method, variance_correction, cross_fit_safeguard,
-      mu_dtype: as in `scale_by_bias_corrected_adam`.
+    b1, b2, eps, method, variance_correction, cross_fit_safeguard, mu_dtype:
+      as in `scale_by_bias_corrected_adam`.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
     mask: pytree of bools or a callable of the params choosing the leaves
       that decay; None decays all.
