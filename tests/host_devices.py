@@ -10,6 +10,11 @@ their 40 s rendezvous timeout.
 """
 
 import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def env(count: int = 8, **extra) -> dict:
@@ -17,3 +22,12 @@ def env(count: int = 8, **extra) -> dict:
   return dict(os.environ, JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
               **extra)
+
+
+def run(args, timeout: int, count: int = 8) -> str:
+  """`python args...` from the repository root on `count` devices; its
+  stdout, after asserting it exited 0."""
+  out = subprocess.run([sys.executable, *args], env=env(count), cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out.stdout

@@ -45,8 +45,8 @@ def test_updates_keep_the_gradients_structure_with_nnx_params(make):
 
 def test_nnx_state_on_one_device_is_the_state_of_the_arrays():
   """Only a state laid out for a device mesh carries Flax NNX sharding
-  annotations (tests/test_multi_device.py): on one device the state of NNX
-  parameters is that of their arrays, as it always was."""
+  annotations (tests/test_multi_device_recipes.py): on one device the state
+  of NNX parameters is that of their arrays, as it always was."""
   params, _ = _split_mlp()
   for tx in (fo.foam(1e-3), fo.soap(1e-3), fo.asgo(1e-3)):
     state = tx.init(params)

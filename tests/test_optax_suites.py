@@ -13,7 +13,12 @@ ours. Two substitutions only:
 Complex dtypes are left out: the optimizers reject complex parameters at
 ``init`` (tested in test_validation.py). Each optimizer also runs with
 ``precondition_1d=True`` (the suites' problems are mostly vectors); outside
-the convergence tests those runs are marked slow.
+the convergence tests those runs are marked slow. So are the runs that repeat
+another: optax's alias tests of extra arguments, `inject_hyperparams`,
+dtypes, `MultiSteps` and state stability check what the contrib tests of the
+same names check, on the same problems and at least as tightly, for an
+optimizer without a wrapper; and without a wrapper, the contrib
+``wrap=True`` run is the ``wrap=False`` one.
 """
 
 import types
@@ -102,6 +107,12 @@ def _cases(*extra_axes, vectors_preconditioned_in_ci=False):
   return result
 
 
+def _slow(cases, where=lambda kwargs: True):
+  """`cases` with those `where` picks marked slow (opt-in)."""
+  return [pytest.param(*c.values, id=c.id, marks=(*c.marks, pytest.mark.slow))
+          if where(c.values[0]) else c for c in cases]
+
+
 _TARGETS = (contrib_suite._setup_parabola, contrib_suite._setup_rosenbrock,
             contrib_suite._setup_matrix_parabola,
             contrib_suite._setup_mixed_tensor_target)
@@ -111,7 +122,8 @@ _TARGETS = (contrib_suite._setup_parabola, contrib_suite._setup_rosenbrock,
 _CONTRIB = "ContribTest"
 
 
-@pytest.mark.parametrize("kwargs", _cases(("wrap", (True, False))))
+@pytest.mark.parametrize("kwargs", _slow(_cases(("wrap", (True, False))),
+                                         where=lambda kwargs: kwargs["wrap"]))
 def test_contrib_accept_extra_args(kwargs):
   _run(contrib_suite, _CONTRIB, "test_optimizers_accept_extra_args",
        **NO_WRAPPER, **kwargs)
@@ -172,30 +184,32 @@ def test_alias_optimization(kwargs):
   _run(alias_suite, _ALIAS, "test_optimization", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases())
+@pytest.mark.parametrize("kwargs", _slow(_cases()))
 def test_alias_accept_extra_args(kwargs):
   _run(alias_suite, _ALIAS, "test_optimizers_accept_extra_args", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases())
+@pytest.mark.parametrize("kwargs", _slow(_cases()))
 def test_alias_inject_hyperparams(kwargs):
   _run(alias_suite, _ALIAS,
        "test_optimizers_can_be_wrapped_in_inject_hyperparams", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+@pytest.mark.parametrize("kwargs", _slow(
+    _cases(("dtype", ("bfloat16", "float32")))))
 def test_alias_preserve_dtype(kwargs):
   _run(alias_suite, _ALIAS, "test_preserve_dtype", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases(
-    ("dtype", (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))))
+@pytest.mark.parametrize("kwargs", _slow(_cases(
+    ("dtype", (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)))))
 def test_alias_state_shape_dtype_shard_stability(kwargs):
   _run(alias_suite, _ALIAS, "test_state_shape_dtype_shard_stability",
        **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+@pytest.mark.parametrize("kwargs", _slow(
+    _cases(("dtype", ("bfloat16", "float32")))))
 def test_alias_gradient_accumulation(kwargs):
   _run(alias_suite, _ALIAS, "test_gradient_accumulation", **kwargs)
 

@@ -340,7 +340,7 @@ def test_first_eigendecomposition_fails(name, monkeypatch):
     assert bool(jnp.all(f.damping >= MAX_EPS * (1 - 1e-6)))
   assert _all_finite(carry)
   monkeypatch.undo()
-  step = jax.jit(lambda p, s, g: _stepper(tx)(p, s, g))
+  _, step = _shared_stepper(name)   # this optimizer's step, traced unhooked
   for i in range(3, 9):
     carry = step(*carry, _grads(i))[:2]
   assert int(fo.stats(carry[1])["eigendecompositions"]) > 0

@@ -34,19 +34,6 @@ def test_state_bytes_of_adamw_are_two_parameter_copies():
   assert ratio == pytest.approx(2.0, rel=1e-3)
 
 
-def test_step_times_tell_plain_check_and_refresh_steps_apart():
-  cfg = cost.CostConfig(d_model=16, step_layers=1, check_frequency=2,
-                        sequence=4)
-  times = cost.step_times("foam", cfg, PARAMS, False, cost.make_batch(cfg))
-  # Step 2 is the first check (every factor refreshes), step 4 a check of
-  # bases that a repeated gradient keeps exact; 1, 3 and 5 check nothing.
-  assert times["plain"]["steps"] == 3
-  assert times["check"]["steps"] == 1
-  assert times["refresh"]["steps"] == 1
-  # Four one-block matrices, two factors each.
-  assert times["refresh"]["work"]["eigendecompositions"] == 8
-
-
 def test_scanned_tree_has_the_layer_axis_as_a_batch_axis():
   params = cost.init_params(3, 16, scanned=True)
   dims = cost.dimension_numbers(params)

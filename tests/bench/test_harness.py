@@ -15,8 +15,8 @@ import re
 import numpy as np
 import pytest
 
-from foam_optax.bench import bias, cli, comparison, harness, scale, stability
-from foam_optax.bench import trainer, transfer
+from foam_optax.bench import bias, cli, comparison, cost, harness, scale
+from foam_optax.bench import stability, trainer, transfer
 
 
 @dataclasses.dataclass
@@ -376,6 +376,22 @@ def test_quick_bias_suite(quick):
           >= cost["microbatch_grads_bytes"]
           > cost["value_and_grad"]["memory"]["output"])
   assert [p.name for p in run.out.glob("*.png")] == ["bias_paired.png"]
+
+
+def test_quick_cost_suite(quick):
+  """The step-time part on the quick run: FOAM's steps 1 to 5, with a check
+  every 2 steps and one gradient repeated."""
+  raw = quick("cost").raw
+  cfg = cost.QUICK
+  assert (cfg.d_model, cfg.step_layers, cfg.check_frequency) == (16, 1, 2)
+  times = raw["step_times"]["foam"]
+  # Step 2 is the first check (every factor refreshes), step 4 a check of
+  # bases that a repeated gradient keeps exact; 1, 3 and 5 check nothing.
+  assert times["plain"]["steps"] == 3
+  assert times["check"]["steps"] == 1
+  assert times["refresh"]["steps"] == 1
+  # Four one-block matrices, two factors each.
+  assert times["refresh"]["work"]["eigendecompositions"] == 8
 
 
 @pytest.mark.parametrize("argv,message", [
