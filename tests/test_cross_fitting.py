@@ -225,3 +225,21 @@ def test_digits_mlp_corrected_optimizers_within_twice_uncorrected():
       assert safe <= 1.1 * reference, (safe, reference)
     else:
       assert safe <= 2 * plain, (name, safe, plain)
+
+
+def test_adam_direction_kernel_takes_samples_as_an_array():
+  """`foam_optax.kernels.adam_direction` takes held-out microbatch gradients
+  as a ``(J, *shape)`` array, as the optimizers' `Samples` of them, and
+  with them its second moment is their mean square, not the gradient's."""
+  from foam_optax import kernels
+  from foam_optax._src.cross_fitting import Samples
+  g = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+  held_out = jnp.stack([2.0 * g, -0.5 * g + 0.1])
+  as_array = kernels.adam_direction(jnp.zeros_like(g), g, g, 1, 0.9, 1e-8,
+                                    samples=held_out)
+  as_samples = kernels.adam_direction(jnp.zeros_like(g), g, g, 1, 0.9, 1e-8,
+                                      samples=Samples(held_out))
+  for x, y in zip(as_array, as_samples):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_allclose(as_array[1], 0.1 * jnp.mean(held_out ** 2, 0),
+                             rtol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from foam_optax._src import cross_fitting
@@ -22,17 +23,21 @@ USES_SECOND_MOMENT = ("adam", "rmsprop")
 
 
 def adam_direction(second_moment, grad, momentum, step, b2, eps,
-                   bias_correction=True, samples: Optional[Samples] = None,
+                   bias_correction=True,
+                   samples: Optional[Samples | jax.Array] = None,
                    bound=None):
   """Adam's direction ``M / (sqrt(V / (1 - b2^t)) + eps)`` (RMSProp's
   without the bias correction) and the new second moment ``V ← b2·V +
   (1-b2)·G²``; with `samples` (`cross_fitting.Samples` of ``(J, *shape)``),
   cross-fitting's held-out microbatch gradients, ``V`` takes their mean
-  square instead of ``G²``. With `bound`, Adam's ratio bound ``R_t``
+  square instead of ``G²`` (a ``(J, *shape)`` array is taken as such
+  samples). With `bound`, Adam's ratio bound ``R_t``
   (`cross_fitting.adam_ratio_bound`), the direction divides by that
   held-out estimate floored at a fraction of the pooled one's lower bound
   ``M² / (2 R_t²)`` (`cross_fitting`; the state keeps the unfloored ``V``)."""
   b2 = jnp.asarray(b2, grad.dtype)
+  if samples is not None and not isinstance(samples, Samples):
+    samples = Samples(jnp.asarray(samples))
   if samples is None:
     term = (1 - b2) * grad * grad
   else:
