@@ -17,11 +17,13 @@ vectors):
   the compiled update;
 * **state**: optimizer state bytes per parameter byte;
 * **step times**: a step without a check, a check step that keeps every
-  eigenbasis and a step that refreshes every factor (FOAM checks every
-  ``check_frequency`` steps; its first check always refreshes, and with a
-  gradient that does not change the stale bases stay exact, so its next
-  check refreshes nothing; Shampoo refreshes at every check; SOAP's later
-  checks are power-QR steps; ASGO computes its root every step).
+  eigenbasis and a step that refreshes, each kind told apart by the
+  `fo.stats` counters it moved (FOAM checks every ``check_frequency``
+  steps, its first check always refreshes and a later one refreshes the
+  factors whose proxy exceeds the threshold, so a check that keeps every
+  basis may not occur in the steps measured; Shampoo refreshes at every
+  check; SOAP's later checks are power-QR steps; ASGO computes its root
+  every step).
 
 Trees: the ``unscanned`` model (one subtree per layer), the same model
 ``scanned`` (each weight stacked over layers, ``weight_dimension_numbers``
