@@ -205,7 +205,7 @@ def test_each_block_lands_in_its_class_stack_at_its_members_offset():
                            weight_dimension_numbers={
                                "a": None, "b": fo.DimensionNumbers(1, 2),
                                "c": None, "d": None, "e": None})
-  state = tx.update(grads, tx.init(grads))[1]
+  state = jax.jit(tx.update)(grads, tx.init(grads))[1]
   (core,) = fo.find_states(state)
   leaves = jax.tree.leaves(grads)
   classes = block_classes(core)

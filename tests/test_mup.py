@@ -1,6 +1,7 @@
 """μP multipliers against the official `assign_lr`, the derived rules by
 measurement, and `scale_by_mup` (spectral normalisation: test_spectral.py)."""
 
+import itertools
 import math
 
 import jax
@@ -264,20 +265,26 @@ def test_blocked_shampoo_update_of_a_low_rank_gradient_has_the_block_norm():
   without the block factor it grows with √(n_in·n_out)."""
   block = 32
   base = {"w": jax.ShapeDtypeStruct((64, 128), jnp.float32)}
+  widths, ranks = (64, 128, 256), (1, 4)
+  # One update of all widths and ranks: each leaf has its own factors, and
+  # every block is 32 x 32, so one program serves them all.
+  grads = {}
+  for width, rank in itertools.product(widths, ranks):
+    keys = jax.random.split(jax.random.PRNGKey(width + rank))
+    grads[f"{width}-{rank}"] = (jax.random.normal(keys[0], (width, rank))
+                                @ jax.random.normal(keys[1], (rank, 2 * width)))
+  tx = fo.scale_by_shampoo(grafting="none", exponent=4, b1=0.0,
+                           block_size=block, check_frequency=1,
+                           start_preconditioning_step=1,
+                           pseudo_inverse_rtol=1e-6)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
   ratios, unblocked = [], []
-  for width in (64, 128, 256):
+  for width in widths:
     d_in, d_out = width, 2 * width
-    tx = fo.scale_by_shampoo(grafting="none", exponent=4, b1=0.0,
-                             block_size=block, check_frequency=1,
-                             start_preconditioning_step=1,
-                             pseudo_inverse_rtol=1e-6)
-    for rank in (1, 4):
-      keys = jax.random.split(jax.random.PRNGKey(width + rank))
-      grad = (jax.random.normal(keys[0], (d_in, rank))
-              @ jax.random.normal(keys[1], (rank, d_out)))
-      update, _ = jax.jit(tx.update)({"w": grad}, tx.init({"w": grad}))
-      norm = np.linalg.norm(np.asarray(update["w"], np.float64), ord=2)
-      n_in, n_out = d_in // block, d_out // block
+    n_in, n_out = d_in // block, d_out // block
+    for rank in ranks:
+      norm = np.linalg.norm(np.asarray(updates[f"{width}-{rank}"], np.float64),
+                            ord=2)
       assert norm == pytest.approx(math.sqrt(n_in * n_out), rel=1e-3)
     multiplier = fo.mup_multipliers(
         {"w": jax.ShapeDtypeStruct((d_in, d_out), jnp.float32)}, base,
