@@ -8,6 +8,7 @@ with a size-1 dim, vectors, scalar), blocked by a block size that divides no
 dimension evenly.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,7 +145,8 @@ def test_layout_matches_reference(block_size, max_precond_dim,
             (1, 9, 1), (1, 1), (1,), (0, 3), (), (7,), (2, 1)]
   tx = fo.scale_by_foam(block_size=block_size, max_precond_dim=max_precond_dim,
                         precondition_1d=precondition_1d)
-  state = tx.init([jnp.zeros(s) for s in shapes])
+  # Jitted: one program, not one per operation of an eager init.
+  state = jax.jit(tx.init)([jnp.zeros(s) for s in shapes])
   keys, _ = factor_arrays(state)
   lib = {key: fs.basis.shape[-1]
          for fs, ks in factor_keys(state) for key in ks}

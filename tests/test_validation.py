@@ -180,8 +180,8 @@ def test_shampoo_accepts_large_epsilon(factory):
   tx = factory(epsilon=1e-3)
   state = tx.init({"w": jnp.ones((3, 2))})
   params = {"w": jnp.ones((3, 2))}
-  updates, _ = tx.update(params, state, params)
-  assert bool(jnp.all(jnp.isfinite(updates["w"])))
+  updates, _ = jax.jit(tx.update)(params, state, params)
+  assert np.all(np.isfinite(np.asarray(updates["w"])))
 
 
 # --- Arguments a function does not take ---------------------------------------
