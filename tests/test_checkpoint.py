@@ -128,7 +128,9 @@ def saved(tmp_path_factory):
   """A checkpoint after `_FIRST` steps and the uninterrupted trajectory."""
   directory = tmp_path_factory.mktemp("ckpt") / "state"
   params = _params()
-  params, state = _run(params, _TX.init(params), _FIRST)
+  # Committed to the device, like the arrays restored on it: one program.
+  params, state = _run(*jax.device_put((params, _TX.init(params)),
+                                       jax.devices()[0]), _FIRST)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory, {"params": params, "opt_state": state})
   checkpointer.wait_until_finished()
@@ -308,7 +310,7 @@ def test_sharded_checkpoint_restores_on_one_device(new_process):
   resumed = jax.tree.leaves(jax.device_get({"params": params, "state": state}))
   # Continued on one device from the saved arrays: bitwise the same run.
   again = jax.tree.unflatten(jax.tree.structure(abstract),
-                             [jnp.asarray(x) for x in saved])
+                             [jax.device_put(x, device) for x in saved])
   again = jax.tree.leaves(jax.device_get(
       _run(again["params"], again["opt_state"], _SECOND)))
   assert len(resumed) == len(again) == len(sharded_final)
