@@ -65,10 +65,16 @@ def _params_uneven():
           "b": jnp.zeros((8,))}
 
 
-def _run(params, state, steps, step=_step):
+def _run(params, state, steps, step=_step, shardings=None):
+  """`steps` steps; with `shardings` (as `_mesh_shardings` gives them), the
+  results are placed back after each step (XLA may return some split
+  otherwise, e.g. the bias), so that every step runs the first's program."""
   for _ in range(steps):
     # Each step completes before the next (host devices' collectives).
     params, state = jax.block_until_ready(step(params, state))
+    if shardings is not None:
+      params, state = jax.block_until_ready(jax.device_put(
+          (params, state), (shardings["params"], shardings["opt_state"])))
   return params, state
 
 
@@ -118,7 +124,8 @@ def _resume(directory, out_file, sharded):
         a.sharding.is_equivalent_to(s, a.ndim)
         for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)))
     assert placed and jax.device_count() == 8
-  params, state = _run(restored["params"], restored["opt_state"], _SECOND)
+  params, state = _run(restored["params"], restored["opt_state"], _SECOND,
+                       shardings=shardings)
   leaves = jax.tree.leaves(jax.device_get({"params": params, "state": state}))
   np.savez(out_file, *leaves)
 
@@ -268,7 +275,7 @@ def _train_sharded_and_save(directory, out_file):
   shardings = _mesh_shardings()
   params = jax.device_put(_params(), shardings["params"])
   state = jax.device_put(_TX.init(params), shardings["opt_state"])
-  params, state = _run(params, state, _FIRST)
+  params, state = _run(params, state, _FIRST, shardings=shardings)
   tree = jax.device_put({"params": params, "opt_state": state}, shardings)
   # The factor stacks really are split: one block of each stack per device.
   is_factor = lambda x: isinstance(x, fo.FactorStack)
@@ -281,7 +288,8 @@ def _train_sharded_and_save(directory, out_file):
   checkpointer.save(directory, tree)
   checkpointer.wait_until_finished()
   saved = jax.tree.leaves(jax.device_get(tree))
-  params, state = _run(tree["params"], tree["opt_state"], _SECOND)
+  params, state = _run(tree["params"], tree["opt_state"], _SECOND,
+                       shardings=shardings)
   final = jax.tree.leaves(jax.device_get({"params": params, "state": state}))
   np.savez(out_file, *saved, *final)
   return len(saved)
@@ -346,7 +354,7 @@ def _resume_uneven_on_8(directory, out_file):
   state = jax.device_put(fo.relayout(restored["opt_state"], target),
                          shardings["opt_state"])
   params = jax.device_put(restored["params"], shardings["params"])
-  params, state = _run(params, state, _SECOND, _step_uneven)
+  params, state = _run(params, state, _SECOND, _step_uneven, shardings)
   np.savez(out_file, *jax.tree.leaves(jax.device_get(params)))
 
 
