@@ -2,8 +2,9 @@
 
 This module doubles as the restoring program: one new process on 8 forced
 CPU devices imports it and runs every check that needs a new process or a
-mesh (`_CHECKS`), so both processes run the very same jitted step and the
-8-device process starts JAX and compiles each shared program once.
+mesh (the `new_process` fixture), so both processes run the very same
+jitted step and the new process starts JAX and compiles each shared program
+once. The unsharded resume runs there on the first device alone.
 """
 
 import json
