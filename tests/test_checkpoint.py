@@ -1,12 +1,18 @@
 """Orbax checkpoints of the optimizer state, restored in a new process.
 
-This module doubles as the restoring program: the subprocess imports it and
-calls `_resume`, so both processes run the very same jitted step.
+This module doubles as the restoring program: one new process on 8 forced
+CPU devices imports it and runs every check that needs a new process or a
+mesh (the `new_process` fixture), so both processes run the very same
+jitted step and the new process starts JAX and compiles each shared program
+once. The unsharded resume runs there on the first device alone.
 """
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +66,16 @@ def _params_uneven():
           "b": jnp.zeros((8,))}
 
 
-def _run(params, state, steps, step=_step):
+def _run(params, state, steps, step=_step, shardings=None):
+  """`steps` steps; with `shardings` (as `_mesh_shardings` gives them), the
+  results are placed back after each step (XLA may return some split
+  otherwise, e.g. the bias), so that every step runs the first's program."""
   for _ in range(steps):
     # Each step completes before the next (host devices' collectives).
     params, state = jax.block_until_ready(step(params, state))
+    if shardings is not None:
+      params, state = jax.block_until_ready(jax.device_put(
+          (params, state), (shardings["params"], shardings["opt_state"])))
   return params, state
 
 
@@ -113,7 +125,8 @@ def _resume(directory, out_file, sharded):
         a.sharding.is_equivalent_to(s, a.ndim)
         for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)))
     assert placed and jax.device_count() == 8
-  params, state = _run(restored["params"], restored["opt_state"], _SECOND)
+  params, state = _run(restored["params"], restored["opt_state"], _SECOND,
+                       shardings=shardings)
   leaves = jax.tree.leaves(jax.device_get({"params": params, "state": state}))
   np.savez(out_file, *leaves)
 
@@ -123,7 +136,9 @@ def saved(tmp_path_factory):
   """A checkpoint after `_FIRST` steps and the uninterrupted trajectory."""
   directory = tmp_path_factory.mktemp("ckpt") / "state"
   params = _params()
-  params, state = _run(params, _TX.init(params), _FIRST)
+  # Committed to the device, like the arrays restored on it: one program.
+  params, state = _run(*jax.device_put((params, _TX.init(params)),
+                                       jax.devices()[0]), _FIRST)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory, {"params": params, "opt_state": state})
   checkpointer.wait_until_finished()
@@ -132,39 +147,116 @@ def saved(tmp_path_factory):
   return directory, jax.tree.leaves({"params": params, "state": state})
 
 
-def _in_subprocess(call, out_file, eight_devices):
-  """Runs `test_checkpoint.<call>` in a new process (on 8 forced CPU devices
-  if asked); returns the arrays it saved to `out_file`."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if eight_devices:
-    env = host_devices.env(8)
+def _checks_in_this_process(calls):
+  """The 8-device process's program: each `(name, function, args)` of
+  `calls` in turn, printing a JSON line as each starts and ends (with the
+  traceback of a failure), so that a timeout or crash names its check."""
+  for name, function, args in calls:
+    print(json.dumps({"start": name}), flush=True)
+    try:
+      globals()[function](*args)
+      print(json.dumps({"done": name}), flush=True)
+    except Exception:   # reported to the check's own test
+      print(json.dumps({"failed": name, "error": traceback.format_exc()}),
+            flush=True)
+
+
+def _checks_on_8_devices(calls, timeout=300):
+  """Runs `calls` (see `_checks_in_this_process`) in one new process on 8
+  forced CPU devices, under `timeout` seconds for all of them (a deadlocked
+  collective fails instead of stalling). Returns `{name: None}` for each
+  check that finished, else the reason it did not."""
   code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-          f"import test_checkpoint as t; t.{call}")
-  out = subprocess.run([sys.executable, "-c", code], env=env,
-                       capture_output=True, text=True, timeout=180)
-  assert out.returncode == 0, out.stderr[-3000:]
-  with np.load(out_file) as data:
-    return [data[f"arr_{i}"] for i in range(len(data.files))]
+          f"import test_checkpoint as t; t._checks_in_this_process({calls!r})")
+  try:
+    out = subprocess.run([sys.executable, "-c", code],
+                         env=host_devices.env(8), capture_output=True,
+                         text=True, timeout=timeout)
+    stdout = out.stdout
+    ended = (None if out.returncode == 0 else
+             f"the process exited {out.returncode}: {out.stderr[-3000:]}")
+  except subprocess.TimeoutExpired as e:
+    decode = lambda b: b.decode() if isinstance(b, bytes) else (b or "")
+    stdout = decode(e.stdout)
+    ended = f"timed out after {timeout} s: {decode(e.stderr)[-3000:]}"
+  events = [json.loads(line) for line in stdout.splitlines()
+            if line.startswith("{")]
+  started = {e["start"] for e in events if "start" in e}
+  done = {e["done"] for e in events if "done" in e}
+  failed = {e["failed"]: e["error"] for e in events if "failed" in e}
+  reasons = {}
+  for name, _, _ in calls:
+    if name in done and ended is None:
+      reasons[name] = None
+    elif name in done or name in failed:
+      reasons[name] = failed.get(name) or f"finished, but {ended}"
+    elif name in started:
+      reasons[name] = f"it was running when {ended}"
+    else:
+      reasons[name] = f"not run: {ended}"
+  return reasons
 
 
-def _resume_in_subprocess(directory, tmp_path, sharded):
-  out_file = tmp_path / "resumed.npz"
-  return _in_subprocess(
-      f"_resume({str(directory)!r}, {str(out_file)!r}, {sharded})", out_file,
-      sharded)
+@pytest.fixture(scope="module")
+def saved_uneven(tmp_path_factory):
+  """A checkpoint of uneven stacks after `_FIRST` steps on one device and
+  the parameters `_SECOND` steps later."""
+  directory = tmp_path_factory.mktemp("uneven") / "state"
+  params = _params_uneven()
+  params, state = _run(params, _TX_UNEVEN.init(params), _FIRST, _step_uneven)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory, {"params": params, "opt_state": state})
+  checkpointer.wait_until_finished()
+  expected, _ = _run(params, state, _SECOND, _step_uneven)
+  return directory, expected
 
 
-def test_resume_in_new_process_is_bitwise_identical(saved, tmp_path):
-  directory, expected = saved
-  resumed = _resume_in_subprocess(directory, tmp_path, sharded=False)
+@pytest.fixture(scope="module")
+def new_process(saved, saved_uneven, tmp_path_factory):
+  """Every check of this module that runs in the new 8-device process;
+  returns a function of a check's name giving its saved arrays (failing
+  the calling test with the check's own error if it failed)."""
+  out = tmp_path_factory.mktemp("new_process")
+  path = lambda name: str(out / name)
+  calls = [
+      ("resume", "_resume", [str(saved[0]), path("resume.npz"), False]),
+      ("resume_sharded", "_resume",
+       [str(saved[0]), path("resume_sharded.npz"), True]),
+      ("train_sharded", "_train_sharded_and_save",
+       [path("sharded_state"), path("train_sharded.npz")]),
+      ("resume_uneven", "_resume_uneven_on_8",
+       [str(saved_uneven[0]), path("resume_uneven.npz")]),
+  ]
+  try:
+    import flax  # noqa: F401
+    calls.append(("nnx_previous_layout", "_nnx_previous_layout",
+                  [path("nnx"), path("nnx_previous_layout.npz")]))
+  except ImportError:
+    pass
+  reasons = _checks_on_8_devices(calls)
+
+  def arrays(name):
+    if reasons[name] is not None:
+      pytest.fail(f"check {name!r} in the 8-device process: {reasons[name]}",
+                  pytrace=False)
+    with np.load(out / f"{name}.npz") as data:
+      return [data[f"arr_{i}"] for i in range(len(data.files))]
+  arrays.directory = out
+  return arrays
+
+
+def test_resume_in_new_process_is_bitwise_identical(saved, new_process):
+  _, expected = saved
+  resumed = new_process("resume")
   assert len(resumed) == len(expected)
   for a, b in zip(resumed, expected):
     assert a.dtype == b.dtype and np.array_equal(a, np.asarray(b))
 
 
-def test_unsharded_checkpoint_restores_sharded_on_8_devices(saved, tmp_path):
-  directory, expected = saved
-  resumed = _resume_in_subprocess(directory, tmp_path, sharded=True)
+def test_unsharded_checkpoint_restores_sharded_on_8_devices(saved,
+                                                            new_process):
+  _, expected = saved
+  resumed = new_process("resume_sharded")
   assert len(resumed) == len(expected)
   for a, b in zip(resumed, expected):
     assert a.shape == b.shape and a.dtype == b.dtype
@@ -184,7 +276,7 @@ def _train_sharded_and_save(directory, out_file):
   shardings = _mesh_shardings()
   params = jax.device_put(_params(), shardings["params"])
   state = jax.device_put(_TX.init(params), shardings["opt_state"])
-  params, state = _run(params, state, _FIRST)
+  params, state = _run(params, state, _FIRST, shardings=shardings)
   tree = jax.device_put({"params": params, "opt_state": state}, shardings)
   # The factor stacks really are split: one block of each stack per device.
   is_factor = lambda x: isinstance(x, fo.FactorStack)
@@ -197,17 +289,16 @@ def _train_sharded_and_save(directory, out_file):
   checkpointer.save(directory, tree)
   checkpointer.wait_until_finished()
   saved = jax.tree.leaves(jax.device_get(tree))
-  params, state = _run(tree["params"], tree["opt_state"], _SECOND)
+  params, state = _run(tree["params"], tree["opt_state"], _SECOND,
+                       shardings=shardings)
   final = jax.tree.leaves(jax.device_get({"params": params, "state": state}))
   np.savez(out_file, *saved, *final)
   return len(saved)
 
 
-def test_sharded_checkpoint_restores_on_one_device(tmp_path):
-  directory, out_file = tmp_path / "state", tmp_path / "sharded.npz"
-  arrays = _in_subprocess(
-      f"_train_sharded_and_save({str(directory)!r}, {str(out_file)!r})",
-      out_file, eight_devices=True)
+def test_sharded_checkpoint_restores_on_one_device(new_process):
+  arrays = new_process("train_sharded")
+  directory = new_process.directory / "sharded_state"
   saved, sharded_final = arrays[:len(arrays) // 2], arrays[len(arrays) // 2:]
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -228,7 +319,7 @@ def test_sharded_checkpoint_restores_on_one_device(tmp_path):
   resumed = jax.tree.leaves(jax.device_get({"params": params, "state": state}))
   # Continued on one device from the saved arrays: bitwise the same run.
   again = jax.tree.unflatten(jax.tree.structure(abstract),
-                             [jnp.asarray(x) for x in saved])
+                             [jax.device_put(x, device) for x in saved])
   again = jax.tree.leaves(jax.device_get(
       _run(again["params"], again["opt_state"], _SECOND)))
   assert len(resumed) == len(again) == len(sharded_final)
@@ -264,21 +355,14 @@ def _resume_uneven_on_8(directory, out_file):
   state = jax.device_put(fo.relayout(restored["opt_state"], target),
                          shardings["opt_state"])
   params = jax.device_put(restored["params"], shardings["params"])
-  params, state = _run(params, state, _SECOND, _step_uneven)
+  params, state = _run(params, state, _SECOND, _step_uneven, shardings)
   np.savez(out_file, *jax.tree.leaves(jax.device_get(params)))
 
 
-def test_uneven_checkpoint_moves_to_8_devices_with_relayout(tmp_path):
-  directory, out_file = tmp_path / "uneven", tmp_path / "uneven.npz"
-  params = _params_uneven()
-  params, state = _run(params, _TX_UNEVEN.init(params), _FIRST, _step_uneven)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory, {"params": params, "opt_state": state})
-  checkpointer.wait_until_finished()
-  expected, _ = _run(params, state, _SECOND, _step_uneven)
-  resumed = _in_subprocess(
-      f"_resume_uneven_on_8({str(directory)!r}, {str(out_file)!r})",
-      out_file, eight_devices=True)
+def test_uneven_checkpoint_moves_to_8_devices_with_relayout(saved_uneven,
+                                                            new_process):
+  _, expected = saved_uneven
+  resumed = new_process("resume_uneven")
   moved = np.max(np.abs(np.asarray(expected["w"]) - _params_uneven()["w"]))
   assert moved > 0.1
   for a, b in zip(resumed, jax.tree.leaves(expected)):
@@ -324,6 +408,7 @@ def _nnx_previous_layout(directory, out_file):
     for _ in range(steps):
       jax.block_until_ready(train_step(model, optimizer))
 
+  directory = pathlib.Path(directory)
   flags = []
   with jax.set_mesh(mesh):
     model, optimizer = create()
@@ -360,13 +445,9 @@ def _nnx_previous_layout(directory, out_file):
   np.savez(out_file, np.array(flags))
 
 
-def test_nnx_states_of_the_previous_layout_restore_on_a_mesh(tmp_path):
+def test_nnx_states_of_the_previous_layout_restore_on_a_mesh(new_process):
   pytest.importorskip("flax")
-  out_file = tmp_path / "nnx.npz"
-  (flags,) = _in_subprocess(
-      f"_nnx_previous_layout(__import__('pathlib').Path("
-      f"{str(tmp_path)!r}), {str(out_file)!r})", out_file,
-      eight_devices=True)
+  (flags,) = new_process("nnx_previous_layout")
   # Structure, values and shardings restored; the same next steps; the
   # functional state restored in its plain form.
   assert flags.tolist() == [True] * 6

@@ -32,7 +32,11 @@ def test_example_loss_decreases(example, capsys):
 
 
 @pytest.mark.parametrize("optimizer", ["shampoo", "soap"])
-@pytest.mark.parametrize("example", [nnx_mlp, linen_cnn],
+@pytest.mark.parametrize("example", [
+    nnx_mlp,
+    # Slow: the flag goes through the same `common` code as nnx_mlp's, and
+    # the Linen loop is the one test_example_loss_decreases trains.
+    pytest.param(linen_cnn, marks=pytest.mark.slow)],
                          ids=["nnx_mlp", "linen_cnn"])
 def test_example_runs_with_shampoo_and_soap(example, optimizer, capsys):
   """A short run per baseline optimizer through the same entry point: the
