@@ -45,7 +45,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 import optax
 
 import foam_optax as fo
@@ -82,11 +81,9 @@ FAST_COMPILE = dict(xla_backend_optimization_level=0,
                     xla_llvm_disable_expensive_passes=True)
 
 
-def _spd(seed, shape):
-  """A random symmetric positive semi-definite matrix (a stack of them),
-  drawn with NumPy: no kernels compiled for inputs."""
-  g = np.random.default_rng(seed).standard_normal(shape, np.float32)
-  return jnp.asarray(g @ np.swapaxes(g, -1, -2) / np.float32(shape[-1]))
+def _spd(key, shape):
+  g = jax.random.normal(key, shape)
+  return g @ jnp.swapaxes(g, -1, -2) / shape[-1]
 
 
 # ---------------------------------------------------------- 1. eigh vs matmul
@@ -101,8 +98,8 @@ def eigh_vs_matmul(sizes: Sizes):
   matmul_default = jax.jit(jnp.matmul)
   rows = []
   for m in sizes.matrix_sizes:
-    one = _spd(m, (m, m))
-    many = _spd(m + 1, (sizes.batch, m, m))
+    one = _spd(jax.random.key(m), (m, m))
+    many = _spd(jax.random.key(m + 1), (sizes.batch, m, m))
     row = {"m": m, "batch": sizes.batch,
            "eigh_ms": 1e3 * measure.timed(eigh, one, repeats=sizes.repeats),
            "matmul_ms": 1e3 * measure.timed(matmul, one, one, repeats=sizes.repeats),
@@ -137,7 +134,7 @@ def cond_cost(sizes: Sizes):
   no_cond = jax.jit(lambda stack: lax.map(lambda a: a + 0.0, stack))
   always = jax.jit(lambda stack: lax.map(refresh, stack))
   n = sizes.cond_count
-  stack = _spd(7, (n, sizes.cond_size, sizes.cond_size))
+  stack = _spd(jax.random.key(7), (n, sizes.cond_size, sizes.cond_size))
   per = lambda seconds: 1e3 * seconds / n
   r = sizes.repeats
   return {
@@ -154,27 +151,22 @@ def cond_cost(sizes: Sizes):
 # ---------------------------------------------------------- 3. GPT-2-shaped
 
 
-def init_gpt(seed, sizes: Sizes):
-  """GPT-2 initial weights, drawn with NumPy (JAX's random numbers drawn op
-  by op would compile kernels for every weight shape)."""
+def init_gpt(key, sizes: Sizes):
   d, v = sizes.d_model, sizes.vocab
-  rng = np.random.default_rng(seed)
-  normal = lambda shape: np.float32(0.02) * rng.standard_normal(shape,
-                                                                np.float32)
-  ones, zeros = (lambda n: np.ones((n,), np.float32),
-                 lambda n: np.zeros((n,), np.float32))
+  keys = iter(jax.random.split(key, 4 + 4 * sizes.layers))
+  normal = lambda shape, scale=0.02: scale * jax.random.normal(next(keys),
+                                                               shape)
   layer = lambda: {
-      "ln1": {"g": ones(d), "b": zeros(d)},
-      "qkv": {"w": normal((d, 3 * d)), "b": zeros(3 * d)},
-      "proj": {"w": normal((d, d)), "b": zeros(d)},
-      "ln2": {"g": ones(d), "b": zeros(d)},
-      "fc": {"w": normal((d, 4 * d)), "b": zeros(4 * d)},
-      "out": {"w": normal((4 * d, d)), "b": zeros(d)},
+      "ln1": {"g": jnp.ones((d,)), "b": jnp.zeros((d,))},
+      "qkv": {"w": normal((d, 3 * d)), "b": jnp.zeros((3 * d,))},
+      "proj": {"w": normal((d, d)), "b": jnp.zeros((d,))},
+      "ln2": {"g": jnp.ones((d,)), "b": jnp.zeros((d,))},
+      "fc": {"w": normal((d, 4 * d)), "b": jnp.zeros((4 * d,))},
+      "out": {"w": normal((4 * d, d)), "b": jnp.zeros((d,))},
   }
-  params = {"wte": normal((v, d)), "wpe": normal((sizes.seq_len, d)),
-            "layers": [layer() for _ in range(sizes.layers)],
-            "ln_f": {"g": ones(d), "b": zeros(d)}}
-  return jax.tree.map(jnp.asarray, params)
+  return {"wte": normal((v, d)), "wpe": normal((sizes.seq_len, d)),
+          "layers": [layer() for _ in range(sizes.layers)],
+          "ln_f": {"g": jnp.ones((d,)), "b": jnp.zeros((d,))}}
 
 
 def _layer_norm(x, p):
@@ -223,9 +215,10 @@ def step_costs(sizes: Sizes, compiler_options=None, into=None,
   """Fills `into` (``param_bytes`` and ``optimizers``) one optimizer at a
   time, calling `on_result` after each; returns it."""
   into = {"optimizers": {}} if into is None else into
-  params = init_gpt(0, sizes)
-  tokens = jnp.asarray(np.random.default_rng(1).integers(
-      0, sizes.vocab, (sizes.batch_size, sizes.seq_len + 1), np.int32))
+  params = init_gpt(jax.random.key(0), sizes)
+  tokens = jax.random.randint(jax.random.key(1),
+                              (sizes.batch_size, sizes.seq_len + 1), 0,
+                              sizes.vocab)
   into["param_bytes"] = measure.tree_bytes(params)
   results = into["optimizers"]
   for name, steps in sizes.steps:
