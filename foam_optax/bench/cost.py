@@ -82,7 +82,7 @@ class CostConfig:
 
 
 FULL = CostConfig()
-QUICK = CostConfig(d_model=16, layers=1, sweep=(1,),
+QUICK = CostConfig(d_model=16, layers=1, sweep=(2,),
                    optimizers=("muon", "foam"), repeats=1, train_step=False,
                    step_layers=1, check_frequency=2, sequence=4,
                    warm_up=False, persistent_cache=False)
@@ -91,20 +91,26 @@ QUICK = CostConfig(d_model=16, layers=1, sweep=(1,),
 # --- the model ------------------------------------------------------------
 
 def init_params(layers: int, d: int, scanned: bool = False, seed: int = 0):
-  """GPT-2-style block weights; `scanned` stacks each over the layers."""
+  """GPT-2-style block weights; `scanned` stacks each over the layers.
+
+  Drawn with NumPy: only the shapes matter here, and JAX's random numbers
+  drawn op by op would compile kernels for every weight shape."""
   shapes = dict(qkv=(d, 3 * d), proj=(d, d), fc=(d, 4 * d), out=(4 * d, d))
-  key = jax.random.PRNGKey(seed)
+  rng = np.random.default_rng(seed)
 
-  def layer(key):
-    keys = jax.random.split(key, len(shapes))
-    weights = {name: jax.random.normal(k, shape) / math.sqrt(shape[0])
-               for k, (name, shape) in zip(keys, shapes.items())}
-    return dict(weights, ln1=jnp.ones((d,)), ln2=jnp.ones((d,)))
+  def layer():
+    weights = {name: rng.standard_normal(shape, np.float32)
+               / np.float32(math.sqrt(shape[0]))
+               for name, shape in shapes.items()}
+    return dict(weights, ln1=np.ones((d,), np.float32),
+                ln2=np.ones((d,), np.float32))
 
-  keys = jax.random.split(key, layers)
+  per_layer = [layer() for _ in range(layers)]
   if scanned:
-    return jax.vmap(layer)(keys)
-  return {f"layer{i}": layer(k) for i, k in enumerate(keys)}
+    tree = jax.tree.map(lambda *leaves: np.stack(leaves), *per_layer)
+  else:
+    tree = {f"layer{i}": p for i, p in enumerate(per_layer)}
+  return jax.tree.map(jnp.asarray, tree)
 
 
 def dimension_numbers(params):
@@ -140,10 +146,16 @@ def loss_fn(params, batch, scanned: bool):
   return jnp.mean((x - target) ** 2)
 
 
+# One compiled program (op by op, every primitive of the model and its
+# gradient would compile its own).
+_gradient = jax.jit(jax.grad(loss_fn), static_argnums=2)
+
+
 def make_batch(cfg: CostConfig, seed: int = 1):
   shape = (cfg.batch, cfg.sequence, cfg.d_model)
-  kx, ky = jax.random.split(jax.random.PRNGKey(seed))
-  return jax.random.normal(kx, shape), jax.random.normal(ky, shape)
+  x, target = np.random.default_rng(seed).standard_normal((2, *shape),
+                                                          np.float32)
+  return jnp.asarray(x), jnp.asarray(target)
 
 
 def optimizer(name: str, params, scanned: bool, **options):
@@ -239,8 +251,8 @@ def step_times(name: str, cfg: CostConfig, params, scanned: bool,
   options = {"check_frequency": cfg.check_frequency} if package and (
       name != "asgo") else {}
   tx = optimizer(name, params, scanned, **options)
-  grads = jax.grad(loss_fn)(params, batch, scanned)
-  state = jax.block_until_ready(tx.init(params))
+  grads = _gradient(params, batch, scanned)
+  state = jax.block_until_ready(jax.jit(tx.init)(params))
   # Gradients and parameters are arguments: closed over, they would be
   # constants that XLA folds through the update's products for minutes.
   step = jax.jit(lambda state, grads, params: tx.update(grads, state,

@@ -191,10 +191,15 @@ def foam_settings(check_frequency: int = 20, epsilon: float = 1e-9,
 
 
 class Trainers:
-  """One compiled `trainer.Trainer` per distinct optimizer configuration."""
+  """One compiled `trainer.Trainer` per distinct optimizer configuration,
+  kept in `cache` (its own by default; `run` passes one shared by the runs
+  of a process on the same workload). `compile_seconds` has, per
+  configuration asked for, the seconds its step took to compile."""
 
-  def __init__(self, workload: workloads.Workload):
-    self.workload, self._cache = workload, {}
+  def __init__(self, workload: workloads.Workload,
+               cache: Optional[dict] = None):
+    self.workload = workload
+    self._cache = {} if cache is None else cache
     self.compile_seconds = {}
 
   def get(self, method: str, settings: Optional[dict] = None
@@ -211,8 +216,14 @@ class Trainers:
             method, fo.foam if method == "foam" else fo.shampoo, settings,
             grid=())
       self._cache[key] = trainer.Trainer(self.workload, spec)
-      self.compile_seconds[key] = self._cache[key].compile_seconds
+    self.compile_seconds[key] = self._cache[key].compile_seconds
     return self._cache[key]
+
+
+# Per workload factory, its workload and the compiled steps on it: a second
+# run in the same process (a part after the whole suite) compiles only the
+# configurations the first did not. The factories are deterministic.
+_COMPILED: dict = {}
 
 
 def _main_run(trainers, method, settings, cfg, progress, seed=0,
@@ -632,11 +643,15 @@ def _main_runs(trainers: Trainers, cfg: ScaleConfig, progress) -> dict:
 
 def run(cfg: ScaleConfig, context: harness.Context) -> dict:
   """Runs the six experiments, or the part `cfg.only`; returns the
-  workload, runs, claims and targets."""
+  workload, runs, claims and targets. Runs in one process with the same
+  `cfg.make_workload` share their compiled steps (`compile_seconds` counts
+  each step's compilation, whichever run paid it)."""
   deadline = (math.inf if cfg.time_limit is None
               else time.perf_counter() + cfg.time_limit)
-  workload = cfg.make_workload()
-  trainers = Trainers(workload)
+  if cfg.make_workload not in _COMPILED:
+    _COMPILED[cfg.make_workload] = (cfg.make_workload(), {})
+  workload, cache = _COMPILED[cfg.make_workload]
+  trainers = Trainers(workload, cache)
   record = {"workload": _workload_record(workload, cfg), "only": cfg.only}
   if cfg.only == "wallclock":
     runs = _wallclock_runs(trainers, cfg, context, deadline, record)

@@ -1,4 +1,6 @@
-"""`foam-bench --suite cost`: its measurements on a tiny tree."""
+"""`foam-bench --suite cost`: its measurements on a tiny tree (the compiled
+updates' control flow and step kinds are read from the suite's quick run in
+tests/bench/test_harness.py)."""
 
 import pytest
 
@@ -17,16 +19,6 @@ def test_hlo_size_counts_each_kind():
       "}"])
   assert cost.hlo_size(text) == {"instructions": 4, "fusions": 1,
                                  "conditionals": 1, "loops": 1}
-
-
-def test_update_cost_sees_the_control_flow():
-  # Two layers: a stack of one factor would need no loop.
-  params = cost.init_params(2, 16)
-  foam = cost.update_cost("foam", params, scanned=False)
-  adamw = cost.update_cost("adamw", params, scanned=False)
-  assert foam["hlo"]["conditionals"] > 0 and foam["hlo"]["loops"] > 0
-  assert adamw["hlo"]["conditionals"] == 0 and adamw["hlo"]["loops"] == 0
-  assert foam["total_s"] >= foam["compile_s"] > 0
 
 
 def test_state_bytes_of_adamw_are_two_parameter_copies():

@@ -379,11 +379,20 @@ def test_quick_bias_suite(quick):
 
 
 def test_quick_cost_suite(quick):
-  """The step-time part on the quick run: FOAM's steps 1 to 5, with a check
-  every 2 steps and one gradient repeated."""
+  """The compiled updates' control flow, and the step-time part on the quick
+  run: FOAM's steps 1 to 5, with a check every 2 steps and one gradient
+  repeated."""
   raw = quick("cost").raw
   cfg = cost.QUICK
   assert (cfg.d_model, cfg.step_layers, cfg.check_frequency) == (16, 1, 2)
+  # The optimized HLO's control flow, on the two-layer tree of the sweep (a
+  # stack of one factor would need no loop): FOAM guards its refreshes with
+  # conditionals and maps over its stacks of factors; Muon has neither.
+  assert cfg.sweep == (2,)
+  foam, muon = (raw["update"]["sweep_2"][name] for name in ("foam", "muon"))
+  assert foam["hlo"]["conditionals"] > 0 and foam["hlo"]["loops"] > 0
+  assert muon["hlo"]["conditionals"] == 0 and muon["hlo"]["loops"] == 0
+  assert foam["total_s"] >= foam["compile_s"] > 0
   times = raw["step_times"]["foam"]
   # Step 2 is the first check (every factor refreshes), step 4 a check of
   # bases that a repeated gradient keeps exact; 1, 3 and 5 check nothing.
