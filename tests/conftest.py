@@ -27,9 +27,9 @@ def pytest_addoption(parser):
 # workers), run first: `--dist loadfile` hands each worker one file at a
 # time, so a long file started last would leave the other worker idle.
 LONGEST_FIRST = {
-    "tests/test_multi_device.py": 130,
-    "tests/bench/test_harness.py": 140,
-    "tests/test_reliability.py": 109,
+    "tests/bench/test_harness.py": 114,
+    "tests/test_multi_device.py": 107,
+    "tests/test_reliability.py": 90,
 }
 
 
