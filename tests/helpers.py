@@ -27,6 +27,14 @@ def gaussian_like(tree, seed, scale=1.0, draw_dtype=None):
           x.dtype) for k, x in zip(keys, leaves)])
 
 
+def all_finite(tree):
+  """Every floating leaf of `tree` is finite. Checked in NumPy: an eager
+  jnp check would compile a program per shape and dtype."""
+  return all(bool(np.all(np.isfinite(np.asarray(x, np.float64))))
+             for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
 def core_state(state):
   """The one `ScaleByFoamState` inside an alias or wrapper state."""
   found = fo.find_states(state)

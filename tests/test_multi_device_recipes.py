@@ -133,21 +133,16 @@ def test_docs_nnx_recipe_runs_as_pasted():
   assert _run(["-c", code], 300).strip().splitlines()[-1] == "0.13"
 
 
-def test_nnx_fsdp_recipe_divides_the_optimizer_state(tmp_path):
+@pytest.mark.parametrize("optimizers", [
+    ("fo.soap", "fo.asgo"),
+    # FOAM's state under this recipe is divided in
+    # test_docs_nnx_recipe_runs_as_pasted and agrees with one device in
+    # test_nnx_functional_state_on_a_mesh (the same annotated state).
+    pytest.param(("fo.foam",), marks=pytest.mark.slow)],
+                         ids=["soap-asgo", "foam"])
+def test_nnx_fsdp_recipe_divides_the_optimizer_state(tmp_path, optimizers):
   """`nnx.Optimizer` built under `nnx.jit` and `jax.set_mesh`, its state
-  constrained to `nnx.get_partition_spec` of itself (Auto axes), for SOAP
-  and ASGO. FOAM's state under this recipe is divided in
-  test_docs_nnx_recipe_runs_as_pasted and agrees with one device in
-  test_nnx_functional_state_on_a_mesh (the same annotated state); its run
-  here is the slow variant below."""
-  optimizers = ("fo.soap", "fo.asgo")
-  _check_divided_and_agreeing(_nnx_fsdp(tmp_path, ["auto"], optimizers),
-                              optimizers)
-
-
-@pytest.mark.slow
-def test_nnx_fsdp_recipe_divides_the_optimizer_state_foam(tmp_path):
-  optimizers = ("fo.foam",)
+  constrained to `nnx.get_partition_spec` of itself (Auto axes)."""
   _check_divided_and_agreeing(_nnx_fsdp(tmp_path, ["auto"], optimizers),
                               optimizers)
 

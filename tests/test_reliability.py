@@ -11,7 +11,7 @@ import pytest
 
 import foam_optax as fo
 from foam_optax._src import linalg
-from helpers import core_state, gaussian_like, leaf_states
+from helpers import all_finite, core_state, gaussian_like, leaf_states
 
 EPS, MAX_EPS = 1e-9, 3e-7
 # Small settings: preconditioning from step 1, a check every 2 steps.
@@ -47,13 +47,6 @@ def _same(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   return all(x.dtype == y.dtype and np.array_equal(
       np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(la, lb))
-
-
-def _all_finite(tree):
-  # Checked in NumPy: eager jnp ops would compile one program per shape.
-  return all(bool(np.all(np.isfinite(np.asarray(x))))
-             for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def _all_zero(tree):
@@ -155,7 +148,7 @@ def _check_skipped_step(tx, bad, step=None, params=None):
   assert _same(faulty[0], clean[0])
   assert _same(_without_skips(faulty[1]), clean[1])
   assert int(fo.stats(faulty[1])["step"]) == 7
-  assert _all_finite(faulty)
+  assert all_finite(faulty)
 
 
 def _mixed_params():
@@ -253,7 +246,7 @@ def test_composes_with_apply_if_finite(name):
     carry = step(*carry, _grads(i, params))[:2]
   assert int(carry[1].notfinite_count) == 0
   assert int(fo.stats(carry[1])["step"]) == 4
-  assert _all_finite(carry)
+  assert all_finite(carry)
 
 
 def test_skip_nonfinite_false_propagates():
@@ -328,7 +321,7 @@ def test_failed_eigendecomposition_keeps_basis_and_recovers(
     assert bool(np.all(np.where(
         failed, np.asarray(f.damping) >= np.maximum(
             MAX_EPS, np.asarray(damping)) * (1 - 1e-6), True)))
-  assert _all_finite(carry)
+  assert all_finite(carry)
 
   monkeypatch.undo()
   for i in range(6, 12):   # `healthy` was compiled before the hook
@@ -338,7 +331,7 @@ def test_failed_eigendecomposition_keeps_basis_and_recovers(
   assert int(after["eigendecompositions"]) > int(bad["eigendecompositions"])
   assert float(after["damping_max"]) <= MAX_EPS * (1 + 1e-6)
   assert all(_orthonormal(f.basis) for f in _factors(carry[1]))
-  assert _all_finite(carry)
+  assert all_finite(carry)
 
 
 @pytest.mark.parametrize("name", ["foam", "shampoo", "soap"])
@@ -360,13 +353,13 @@ def test_first_eigendecomposition_fails(name, monkeypatch):
                           np.broadcast_to(np.eye(f.basis.shape[-1]),
                                           f.basis.shape))
     assert bool(np.all(np.asarray(f.damping) >= MAX_EPS * (1 - 1e-6)))
-  assert _all_finite(carry)
+  assert all_finite(carry)
   monkeypatch.undo()
   _, step = _shared_stepper(name)   # this optimizer's step, traced unhooked
   for i in range(3, 9):
     carry = step(*carry, _grads(i))[:2]
   assert int(fo.stats(carry[1])["eigendecompositions"]) > 0
-  assert _all_finite(carry)
+  assert all_finite(carry)
 
 
 @pytest.mark.parametrize("controller", ["foam", "residual"])
@@ -386,7 +379,7 @@ def test_gradient_at_the_float32_limit(controller):
   st = fo.stats(state)
   assert int(st["nonfinite_skips"]) == 0 and int(st["step"]) == 1
   assert int(st["eigendecomposition_failures"]) == 0
-  assert _all_finite((updates, state))
+  assert all_finite((updates, state))
   assert 0 < float(np.abs(np.asarray(updates["w"])).max()) < 10
   before = state
   updates, state = step({"w": jnp.full((2, 3), 8e18, jnp.float32)},
@@ -395,7 +388,7 @@ def test_gradient_at_the_float32_limit(controller):
   assert _same(_without_skips(state), before)
   for i in range(1, 8):
     updates, state = step(_grads(i, {"w": jnp.zeros((2, 3))}), state)
-    assert _all_finite((updates, _without_proxy(state)))
+    assert all_finite((updates, _without_proxy(state)))
     assert 0 < float(np.abs(np.asarray(updates["w"])).max()) < 10
   assert int(fo.stats(state)["step"]) == 8
 
@@ -420,7 +413,7 @@ def test_zero_gradients_for_many_steps(name):
   norms = [float(np.linalg.norm(np.asarray(u)))
            for u in jax.tree.leaves(updates)]
   assert all(0 < n < 1e3 for n in norms), norms
-  assert _all_finite(state)
+  assert all_finite(state)
 
 
 def _adam_norm(grads_seq, b1, b2, eps):
@@ -466,7 +459,7 @@ def test_grafted_norm_at_extreme_magnitudes(name):
     np.testing.assert_allclose(_norm64(updates["w"]), expected, rtol=1e-4,
                                err_msg=f"scale={scale}")
     assert int(fo.stats(state)["nonfinite_skips"]) == 0
-    assert _all_finite(state)
+    assert all_finite(state)
 
 
 @pytest.mark.parametrize("name", ["scale_by_foam", "scale_by_shampoo",
@@ -505,7 +498,7 @@ def test_rank_deficient_factors(name):
   for f in _factors(carry[1]):
     assert bool(np.all(np.asarray(f.eigvals) >= 0))
     assert _orthonormal(f.basis)
-  assert _all_finite(carry)
+  assert all_finite(carry)
   assert 0 < float(np.abs(np.asarray(carry[0]["w"])).max()) < 1e3
 
 
@@ -528,7 +521,7 @@ def test_awkward_shapes(name):
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
       assert u.shape == p.shape and u.dtype == p.dtype
     carry = (carry_params, new_state)
-  assert _all_finite(carry)
+  assert all_finite(carry)
   for key in ("scalar", "row", "col", "w", "one"):
     assert not np.array_equal(np.asarray(carry[0][key]),
                               np.asarray(params[key])), key
@@ -568,7 +561,7 @@ def test_embedding_65536_by_4(name):
     g = jnp.where((rows % 97 == i)[:, None],
                   jax.random.normal(jax.random.PRNGKey(i), (65536, 4)), 0.0)
     carry = step(*carry, {"emb": g})[:2]
-  assert _all_finite(carry)
+  assert all_finite(carry)
   assert int(fo.stats(carry[1])["eigendecompositions"]) >= 1
   touched = np.any(np.asarray(carry[0]["emb"]) != 0, axis=1)
   rows = np.asarray(rows)
@@ -611,7 +604,7 @@ def test_low_precision_parameters(name, dtype):
   for _ in range(30):
     params, state = step(params, state)
   assert all(p.dtype == dtype for p in jax.tree.leaves(params))
-  assert _all_finite((params, state))
+  assert all_finite((params, state))
   assert float(loss(params)) < 0.8 * start
 
 
