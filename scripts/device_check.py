@@ -76,9 +76,6 @@ TINY = Sizes(matrix_sizes=(16, 32), batch=2, cond_size=16, cond_count=4,
                     ("foam", 4), ("soap", 4)))
 
 LR = 1e-3
-# Tiny shapes time nothing of interest: spend less time optimising them.
-FAST_COMPILE = dict(xla_backend_optimization_level=0,
-                    xla_llvm_disable_expensive_passes=True)
 
 
 def _spd(key, shape):
@@ -362,7 +359,7 @@ def main(argv=None):
     save()
   if "steps" in args.sections:
     report["steps"] = {"optimizers": {}}
-    step_costs(sizes, FAST_COMPILE if args.tiny else None, report["steps"],
+    step_costs(sizes, measure.compiler_options(args.tiny), report["steps"],
                save)
   save()
   text = markdown(report)

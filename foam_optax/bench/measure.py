@@ -14,6 +14,17 @@ from typing import Any, Callable, Optional
 
 import jax
 
+# XLA settings for programs of a smoke run (the suites' quick presets,
+# `scripts/device_check.py --tiny`): tiny shapes time nothing of interest,
+# so less time goes into optimising their machine code.
+FAST_COMPILE = dict(xla_backend_optimization_level=0,
+                    xla_llvm_disable_expensive_passes=True)
+
+
+def compiler_options(fast: bool) -> Optional[dict]:
+  """`FAST_COMPILE` if `fast`, else None (XLA's defaults)."""
+  return FAST_COMPILE if fast else None
+
 
 def call_timed(fn: Callable, *args) -> tuple[Any, float]:
   """``(fn(*args), seconds)``, the seconds up to the result being ready."""
