@@ -22,7 +22,7 @@ Three measurements, written to ``--out`` as ``device_check.json`` and
    process).
 
 ``--tiny`` shrinks every shape and compiles with XLA's cheap settings
-(`foam_optax.bench.measure.FAST_COMPILE`) so the whole script runs in well
+(`foam_optax.bench.measure.fast_compile`) so the whole script runs in well
 under a minute on a CPU (the CI smoke test); the full run is sized for about
 five minutes on one GPU.
 

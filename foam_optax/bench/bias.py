@@ -133,7 +133,7 @@ class BiasConfig:
       the best rate sits there.
     num_microbatches: microbatches per step of the corrected methods.
     timing_repeats: alternated repeats of the gradient-cost timing.
-    fast_compile: compile with `measure.FAST_COMPILE` (a smoke run's
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
       timings mean nothing).
   """
 

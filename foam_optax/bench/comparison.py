@@ -41,7 +41,7 @@ class ComparisonConfig:
     steps: training steps of every workload (None: each workload's own).
     sweep_steps: steps of each sweep run (None: a third of the steps, at
       least 10).
-    fast_compile: compile with `measure.FAST_COMPILE` (a smoke run's
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
       timings mean nothing).
   """
 

@@ -64,7 +64,7 @@ LEARNING_RATE = 1e-3
 @dataclasses.dataclass(frozen=True)
 class CostConfig:
   """What `run_suite` measures (`fast_compile`: every program compiled with
-  `measure.FAST_COMPILE`, so that a smoke run's compile seconds are that
+  `measure.fast_compile()`, so that a smoke run's compile seconds are that
   setting's, not XLA's defaults')."""
 
   d_model: int = 768
@@ -447,7 +447,7 @@ def markdown(raw: dict) -> str:
   lines = [
       f"GPT-2-small-shaped tree, {cfg['layers']} layers of d = "
       f"{cfg['d_model']}; `jax.jit(tx.update)` lowered and compiled ahead of "
-      "time" + (" with `measure.FAST_COMPILE`" if cfg.get("fast_compile")
+      "time" + (" with `measure.fast_compile()`" if cfg.get("fast_compile")
                 else "")
       + f"; medians of {cfg['repeats']} interleaved repeats. Seconds are "
       "wall (process CPU in brackets).", "",

@@ -107,7 +107,7 @@ class ScaleConfig:
     time_limit: seconds from the start after which no run starts and a run
       in progress stops between two steps (``'wallclock'`` part; None: no
       limit).
-    fast_compile: compile with `measure.FAST_COMPILE` (a smoke run's
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
       timings mean nothing).
   """
 

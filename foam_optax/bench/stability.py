@@ -340,7 +340,7 @@ class StabilityConfig:
     ladder: Shampoo's fixed check frequencies.
     policy: the policy candidates.
     curve_every: the stored loss curves keep every this many steps.
-    fast_compile: compile with `measure.FAST_COMPILE` (a smoke run's
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
       timings mean nothing).
   """
 

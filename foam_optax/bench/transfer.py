@@ -70,7 +70,7 @@ class TransferConfig:
     delta_h_steps: steps of the weight change of the ‖Δh‖ check, from step
       ``steps // 2`` on.
     eval_size: held-out examples of the final loss.
-    fast_compile: compile with `measure.FAST_COMPILE` (a smoke run's
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
       timings mean nothing).
   """
 

@@ -60,7 +60,7 @@ def test_asgo_family_updates_are_linear_in_the_learning_rate(name):
   unit, scaled = build(optax.constant_schedule(1.0)), build(lr)
   unit_state, scaled_state = unit.init(params), scaled.init(params)
   unit_update, scaled_update = (
-      jax.jit(tx.update, compiler_options=measure.FAST_COMPILE)
+      jax.jit(tx.update, compiler_options=measure.fast_compile())
       for tx in (unit, scaled))
   for _ in range(3):
     grads = jax.tree.map(lambda p: normal(p.shape), params)

@@ -41,7 +41,7 @@ def test_scheduled_evds_count_the_check_steps():
 def test_stale_factor_null_space_diverges_where_every_step_refresh_does_not():
   """The switch workload's purpose: no grafting, p = 4, eps0 = 1e-12."""
   sim = stability.Simulator(stability.regression_family(), 200, 10,
-                            measure.FAST_COMPILE)
+                            measure.fast_compile())
   setting = stability.Setting("s", "none", 4, 1e-12, (3e-2,))
   diverged = {f: sim.run(stability.shampoo("s", "ladder", f), setting, 3e-2,
                          0, 150)["diverged"] for f in (1, 100)}
