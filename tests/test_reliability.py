@@ -92,14 +92,18 @@ def _replace_core(state, new_core):
 @pytest.mark.parametrize("name,bad", [
     ("foam", math.nan), ("foam", 1e20), ("shampoo", math.inf),
     ("soap", -math.inf), ("soap", 1e30), ("scale_by_foam", -math.inf),
-    ("scale_by_foam", 3e19), ("scale_by_shampoo", math.nan),
-    ("scale_by_soap", math.inf)])
+    ("scale_by_foam", 3e19),
+    # A core's own check (as "scale_by_foam") keeping these preconditioners'
+    # states (as "shampoo" and "soap" through their alias): slow variants.
+    pytest.param("scale_by_shampoo", math.nan, marks=pytest.mark.slow),
+    pytest.param("scale_by_soap", math.inf, marks=pytest.mark.slow)])
 def test_nonfinite_gradient_skips_whole_update(name, bad):
   """A bad value in one leaf: zero update, state bit-for-bit kept, counted.
 
   The later trajectory equals the one that never saw the bad gradient.
   1e20 is finite but its square overflows float32 statistics, so it is
-  treated like an infinity.
+  treated like an infinity. The aliases check in their `skip_nonfinite`
+  wrapper, the cores (``scale_by_*``) on their own.
   """
   tx, step = _shared_stepper(name)
   _check_skipped_step(tx, bad, step)
@@ -265,9 +269,29 @@ def test_skip_nonfinite_false_propagates():
 # Failed eigendecompositions.
 
 
-def _nan_eigh(matrix):
+# Whether the eigendecompositions fail: read when a compiled step runs, so
+# that one compiled step per configuration serves its healthy and its
+# failing steps.
+_EIGH_FAILS = [False]
+
+
+def _switchable_eigh(matrix):
+  """`jnp.linalg.eigh`, or NaN while ``_EIGH_FAILS[0]`` is set."""
   vals, vecs = jnp.linalg.eigh(matrix)
-  return jnp.full_like(vals, jnp.nan), jnp.full_like(vecs, jnp.nan)
+  fails = jax.pure_callback(lambda: np.bool_(_EIGH_FAILS[0]),
+                            jax.ShapeDtypeStruct((), jnp.bool_),
+                            vmap_method="broadcast_all")
+  return jnp.where(fails, jnp.nan, vals), jnp.where(fails, jnp.nan, vecs)
+
+
+@pytest.fixture
+def eigh_fails():
+  """Sets whether the steps of `_failing_stepper` fail their
+  eigendecompositions; healthy again after the test."""
+  def set_fails(value):
+    _EIGH_FAILS[0] = value
+  yield set_fails
+  _EIGH_FAILS[0] = False
 
 
 FAILING = {
@@ -279,7 +303,21 @@ FAILING = {
     "shampoo": lambda **k: fo.shampoo(1e-2, **FAST, **k),
     "soap_eigh": lambda **k: fo.soap(1e-2, check_frequency=2,
                                      refresh_method="eigh", **k),
+    "soap": lambda **k: fo.soap(1e-2, check_frequency=2, **k),   # power-QR
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _failing_stepper(name, refresh_batching):
+  """The optimizer and its jitted step, traced with `_switchable_eigh`; one
+  per configuration, shared by the tests of failed eigendecompositions."""
+  tx = FAILING[name](stagger=False, refresh_batching=refresh_batching)
+  step = _stepper(tx)
+
+  def run(*args):
+    with linalg.using_eigh(_switchable_eigh):   # in place for the trace
+      return step(*args)
+  return tx, run
 
 
 def _orthonormal(basis):
@@ -294,22 +332,20 @@ def _orthonormal(basis):
     pytest.param("foam_fixed_damping", "bucket", marks=pytest.mark.slow),
     pytest.param("residual", "map", marks=pytest.mark.slow)])
 def test_failed_eigendecomposition_keeps_basis_and_recovers(
-    name, refresh_batching, monkeypatch):
-  tx = FAILING[name](stagger=False, refresh_batching=refresh_batching)
+    name, refresh_batching, eigh_fails):
+  tx, step = _failing_stepper(name, refresh_batching)
   params = _params()
   carry = (params, tx.init(params))
-  healthy = _stepper(tx)
   for i in range(2):   # step 1: first EVD succeeds; step 2: a check
-    carry = healthy(*carry, _grads(i))[:2]
+    carry = step(*carry, _grads(i))[:2]
   good = fo.stats(carry[1])
   assert int(good["eigendecomposition_failures"]) == 0
   bases = [f.basis for f in _factors(carry[1])]
   dampings = [f.damping for f in _factors(carry[1])]
 
-  monkeypatch.setattr(linalg, "eigh", _nan_eigh)
-  failing = _stepper(tx)   # traced with the hook in place
+  eigh_fails(True)
   for i in range(2, 6):
-    carry = failing(*carry, _grads(i))[:2]
+    carry = step(*carry, _grads(i))[:2]
   bad = fo.stats(carry[1])
   failures = int(bad["eigendecomposition_failures"])
   assert failures > 0
@@ -323,9 +359,9 @@ def test_failed_eigendecomposition_keeps_basis_and_recovers(
             MAX_EPS, np.asarray(damping)) * (1 - 1e-6), True)))
   assert all_finite(carry)
 
-  monkeypatch.undo()
-  for i in range(6, 12):   # `healthy` was compiled before the hook
-    carry = healthy(*carry, _grads(i))[:2]
+  eigh_fails(False)
+  for i in range(6, 12):
+    carry = step(*carry, _grads(i))[:2]
   after = fo.stats(carry[1])
   assert int(after["eigendecomposition_failures"]) == failures
   assert int(after["eigendecompositions"]) > int(bad["eigendecompositions"])
@@ -334,14 +370,16 @@ def test_failed_eigendecomposition_keeps_basis_and_recovers(
   assert all_finite(carry)
 
 
-@pytest.mark.parametrize("name", ["foam", "shampoo", "soap"])
-def test_first_eigendecomposition_fails(name, monkeypatch):
+# FOAM and Shampoo on the configurations above (their compiled steps), SOAP
+# with its default power-QR refresh.
+@pytest.mark.parametrize("name,refresh_batching", [
+    ("foam", "map"), ("shampoo", "bucket"), ("soap", "map")])
+def test_first_eigendecomposition_fails(name, refresh_batching, eigh_fails):
   """Failing from the very first check: identity basis, damping at the cap."""
-  monkeypatch.setattr(linalg, "eigh", _nan_eigh)
-  tx = OPTIMIZERS[name]()
+  tx, step = _failing_stepper(name, refresh_batching)
   params = _params()
   carry = (params, tx.init(params))
-  step = _stepper(tx)
+  eigh_fails(True)
   for i in range(3):
     carry = step(*carry, _grads(i))[:2]
   st = fo.stats(carry[1])
@@ -354,8 +392,7 @@ def test_first_eigendecomposition_fails(name, monkeypatch):
                                           f.basis.shape))
     assert bool(np.all(np.asarray(f.damping) >= MAX_EPS * (1 - 1e-6)))
   assert all_finite(carry)
-  monkeypatch.undo()
-  _, step = _shared_stepper(name)   # this optimizer's step, traced unhooked
+  eigh_fails(False)
   for i in range(3, 9):
     carry = step(*carry, _grads(i))[:2]
   assert int(fo.stats(carry[1])["eigendecompositions"]) > 0
@@ -397,7 +434,10 @@ def test_gradient_at_the_float32_limit(controller):
 # Degenerate inputs.
 
 
-@pytest.mark.parametrize("name", ["foam", "scale_by_shampoo", "soap"])
+@pytest.mark.parametrize("name", [
+    "foam", "shampoo", "soap",
+    # Shampoo's factors as for "shampoo", without the alias: slow.
+    pytest.param("scale_by_shampoo", marks=pytest.mark.slow)])
 def test_zero_gradients_for_many_steps(name):
   tx, step = _shared_stepper(name)
   params = jax.tree.map(jnp.zeros_like, _params())
@@ -482,16 +522,22 @@ def test_scale_invariance(name):
   assert 0 < norms[1] <= 2 * math.sqrt(20)
 
 
-@pytest.mark.parametrize("name", ["scale_by_foam", "shampoo", "scale_by_soap"])
+def _rank_one_grads(scale):
+  """Gradients of rank one in every matricization (`_params()`'s shapes)."""
+  u, v = np.arange(5.0) - 2.0, np.array([1.0, -1.0, 0.0, 2.0])
+  a, b, c = np.array([1.0, -2.0]), np.arange(3.0) - 1.0, np.ones(3)
+  grads = {"w": np.outer(u, v), "b": v, "k": np.einsum("i,j,k->ijk", a, b, c)}
+  return {k: jnp.asarray(scale * g, jnp.float32) for k, g in grads.items()}
+
+
+@pytest.mark.parametrize("name", ["scale_by_foam", "shampoo", "soap"])
 def test_rank_deficient_factors(name):
   """Rank-1 gradients: singular factors, finite steps with the graft norm."""
-  tx = OPTIMIZERS[name]()
-  params = {"w": jnp.zeros((6, 4))}
+  tx, step = _shared_stepper(name)   # the non-finite tests' compiled step
+  params = jax.tree.map(jnp.zeros_like, _params())
   carry = (params, tx.init(params))
-  step = _stepper(tx)
-  u, v = jnp.arange(6.0) - 2.0, jnp.array([1.0, -1.0, 0.0, 2.0])
   for i in range(12):
-    carry = step(*carry, {"w": (1.0 + 0.1 * i) * jnp.outer(u, v)})[:2]
+    carry = step(*carry, _rank_one_grads(1.0 + 0.1 * i))[:2]
   st = fo.stats(carry[1])
   assert int(st["eigendecomposition_failures"]) == 0
   assert float(st["damping_max"]) <= MAX_EPS * (1 + 1e-6)
@@ -502,7 +548,10 @@ def test_rank_deficient_factors(name):
   assert 0 < float(np.abs(np.asarray(carry[0]["w"])).max()) < 1e3
 
 
-@pytest.mark.parametrize("name", ["foam", "scale_by_shampoo", "soap"])
+@pytest.mark.parametrize("name", [
+    "foam", "soap",
+    # The layout of "foam" (Shampoo's factors are laid out alike): slow.
+    pytest.param("scale_by_shampoo", marks=pytest.mark.slow)])
 def test_awkward_shapes(name):
   params = {
       "scalar": jnp.ones(()), "row": jnp.ones((1, 7)), "col": jnp.ones((7, 1)),
@@ -543,7 +592,10 @@ def test_empty_pytree(name):
     assert int(st["num_factors"]) == 0 and int(st["step"]) == 1
 
 
-@pytest.mark.parametrize("name", ["foam", "shampoo", "soap"])
+@pytest.mark.parametrize("name", [
+    "foam", "soap",
+    # The layout and blocks of "foam" (the same max_precond_dim): slow.
+    pytest.param("shampoo", marks=pytest.mark.slow)])
 def test_embedding_65536_by_4(name):
   """A tall embedding with max_precond_dim: only the 4 x 4 side is kept."""
   kwargs = {"max_precond_dim": 1024} if name != "soap" else {}
@@ -573,8 +625,11 @@ def test_embedding_65536_by_4(name):
 
 @pytest.mark.parametrize("name,dtype", [
     ("foam", jnp.bfloat16), ("shampoo", jnp.bfloat16), ("soap", jnp.bfloat16),
-    ("scale_by_foam", jnp.float16), ("scale_by_shampoo", jnp.float16),
-    ("scale_by_soap", jnp.float16)])
+    ("scale_by_foam", jnp.float16),
+    # float16 parameters as for "scale_by_foam", these optimizers' buffers
+    # in a low-precision model as for their bfloat16 alias: slow variants.
+    pytest.param("scale_by_shampoo", jnp.float16, marks=pytest.mark.slow),
+    pytest.param("scale_by_soap", jnp.float16, marks=pytest.mark.slow)])
 def test_low_precision_parameters(name, dtype):
   """Updates and momentum in the parameter dtype (optax's ``mu_dtype=None``),
   every other buffer in float32, loss decreases."""
@@ -615,15 +670,18 @@ def test_float16_update_saturates_instead_of_overflowing():
   # Rank one, exactly representable in float16: singular value s ~ 5.8e-7,
   # so the direction's scale s / (s^2 + eps) ~ 4e5 exceeds float16's 65504.
   g32 = jnp.full((2, 3), 4 * 2.0 ** -24, jnp.float32)
-  reference, _ = tx.update({"w": g32}, tx.init({"w": g32}))
-  big = np.abs(np.asarray(reference["w"])) > 65504.0
+  # Jitted: an eager update compiles its operations one by one.
+  update = jax.jit(tx.update)
+  reference, _ = update({"w": g32}, tx.init({"w": g32}))
+  reference = np.asarray(reference["w"])
+  big = np.abs(reference) > 65504.0
   assert bool(np.any(big)), "the float32 direction must exceed float16's range"
   g16 = g32.astype(jnp.float16)
-  updates, _ = tx.update({"w": g16}, tx.init({"w": g16}))
+  updates, _ = update({"w": g16}, tx.init({"w": g16}))
   assert updates["w"].dtype == jnp.float16
   assert bool(np.all(np.isfinite(np.asarray(updates["w"]))))
-  expected = jnp.clip(reference["w"], -65504.0, 65504.0).astype(jnp.float16)
-  np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(expected))
+  expected = np.clip(reference, -65504.0, 65504.0).astype(np.float16)
+  np.testing.assert_array_equal(np.asarray(updates["w"]), expected)
 
 
 @pytest.mark.slow
