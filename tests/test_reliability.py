@@ -399,6 +399,17 @@ def test_first_eigendecomposition_fails(name, refresh_batching, eigh_fails):
   assert all_finite(carry)
 
 
+# b1 = 0.9 and one block: the grafting test's Adam reference; the float32
+# limit and scale invariance tests run the same compiled update.
+UNBLOCKED = ("scale_by_foam", "scale_by_shampoo")
+
+
+@functools.lru_cache(maxsize=None)
+def _unblocked_update(name):
+  tx = OPTIMIZERS[name](b1=0.9, block_size=None)
+  return tx, jax.jit(tx.update)
+
+
 @pytest.mark.parametrize("controller", ["foam", "residual"])
 def test_gradient_at_the_float32_limit(controller):
   """‖G‖² just below the float32 maximum is applied (Gram entries ~1e38,
@@ -407,11 +418,15 @@ def test_gradient_at_the_float32_limit(controller):
   Only the diagnostic `proxy` may be non-finite here (the drift norm
   overflows, which asks for a fresh basis); nothing that feeds a step is.
   """
-  tx = fo.scale_by_foam(controller=controller, **FAST)
-  step = jax.jit(tx.update)
-  state = tx.init({"w": jnp.zeros((2, 3))})
+  if controller == "foam":
+    tx, step = _unblocked_update("scale_by_foam")
+  else:
+    tx = fo.scale_by_foam(controller=controller, **FAST)
+    step = jax.jit(tx.update)
+  shape = (5, 4)
+  state = tx.init({"w": jnp.zeros(shape)})
   # float32, not weakly typed: the same compiled step as the later grads.
-  updates, state = step({"w": jnp.full((2, 3), 7e18, jnp.float32)},
+  updates, state = step({"w": jnp.full(shape, 3.8e18, jnp.float32)},
                         state)   # 2.9e38
   st = fo.stats(state)
   assert int(st["nonfinite_skips"]) == 0 and int(st["step"]) == 1
@@ -419,12 +434,12 @@ def test_gradient_at_the_float32_limit(controller):
   assert all_finite((updates, state))
   assert 0 < float(np.abs(np.asarray(updates["w"])).max()) < 10
   before = state
-  updates, state = step({"w": jnp.full((2, 3), 8e18, jnp.float32)},
-                        state)   # 3.8e38
+  updates, state = step({"w": jnp.full(shape, 4.4e18, jnp.float32)},
+                        state)   # 3.9e38
   assert int(fo.stats(state)["nonfinite_skips"]) == 1
   assert _same(_without_skips(state), before)
   for i in range(1, 8):
-    updates, state = step(_grads(i, {"w": jnp.zeros((2, 3))}), state)
+    updates, state = step(_grads(i, {"w": jnp.zeros(shape)}), state)
     assert all_finite((updates, _without_proxy(state)))
     assert 0 < float(np.abs(np.asarray(updates["w"])).max()) < 10
   assert int(fo.stats(state)["step"]) == 8
@@ -466,17 +481,6 @@ def _adam_norm(grads_seq, b1, b2, eps):
 
 def _norm64(x):
   return np.linalg.norm(np.asarray(x, np.float64))
-
-
-# b1 = 0.9 and one block: the grafting test's Adam reference; the scale
-# invariance test runs the same compiled update.
-UNBLOCKED = ("scale_by_foam", "scale_by_shampoo")
-
-
-@functools.lru_cache(maxsize=None)
-def _unblocked_update(name):
-  tx = OPTIMIZERS[name](b1=0.9, block_size=None)
-  return tx, jax.jit(tx.update)
 
 
 @pytest.mark.parametrize("name", UNBLOCKED)
