@@ -176,7 +176,8 @@ def test_different_microbatch_counts_per_leaf_raise():
 
 def test_microbatch_grads_under_jit():
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
-  x = jax.random.normal(jax.random.key(0), (16, 4))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 4)),
+                  jnp.float32)
   loss_fn = lambda p, b: jnp.mean((b @ p["w"] + p["b"]) ** 2)
   loss, grads, micro = jax.jit(
       lambda p, b: fo.microbatch_grads(loss_fn, p, b, 4))(params, x)
