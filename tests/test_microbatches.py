@@ -66,10 +66,16 @@ def _alone(corrected):
 
 @pytest.mark.parametrize("wrap", [
     lambda matrix, diagonal: fo.partition(matrix, diagonal),
-    lambda matrix, diagonal: optax.partition(
+    # fo.partition is skip_nonfinite around optax.partition, which routes
+    # the microbatches to each part as it does here: slow, covered by
+    # "fo.partition".
+    pytest.param(lambda matrix, diagonal: optax.partition(
         {"precondition": matrix, "diagonal": diagonal}, fo.precondition_labels),
-    lambda matrix, diagonal: optax.multi_transform(
+                 marks=pytest.mark.slow),
+    # optax's other name of optax.partition (the same function): slow too.
+    pytest.param(lambda matrix, diagonal: optax.multi_transform(
         {"precondition": matrix, "diagonal": diagonal}, fo.precondition_labels),
+                 marks=pytest.mark.slow),
 ], ids=["fo.partition", "optax.partition", "optax.multi_transform"])
 @pytest.mark.parametrize("corrected", sorted(_PARTS))
 def test_partitioned_optimizers_get_their_part_of_the_microbatches(
@@ -170,17 +176,19 @@ def test_different_microbatch_counts_per_leaf_raise():
 
 def test_microbatch_grads_under_jit():
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
-  x = jax.random.normal(jax.random.key(0), (16, 4))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 4)),
+                  jnp.float32)
   loss_fn = lambda p, b: jnp.mean((b @ p["w"] + p["b"]) ** 2)
   loss, grads, micro = jax.jit(
       lambda p, b: fo.microbatch_grads(loss_fn, p, b, 4))(params, x)
-  full_loss, full_grads = jax.value_and_grad(loss_fn)(params, x)
+  # The references jitted too: eagerly, every operation compiles apart.
+  full_loss, full_grads = jax.jit(jax.value_and_grad(loss_fn))(params, x)
   np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
   for g, f, m in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads),
                      jax.tree.leaves(micro)):
     np.testing.assert_allclose(g, f, rtol=1e-5, atol=1e-6)
     assert m.shape == (4,) + f.shape
-  first = jax.grad(loss_fn)(params, x[:4])
+  first = jax.jit(jax.grad(loss_fn))(params, x[:4])
   np.testing.assert_allclose(micro["w"][0], first["w"], rtol=1e-5)
   with pytest.raises(ValueError, match="does not split"):
     fo.microbatch_grads(loss_fn, params, x, 5)

@@ -17,8 +17,12 @@ the convergence tests those runs are marked slow. So are the runs that repeat
 another: optax's alias tests of extra arguments, `inject_hyperparams`,
 dtypes, `MultiSteps` and state stability check what the contrib tests of the
 same names check, on the same problems and at least as tightly, for an
-optimizer without a wrapper; and without a wrapper, the contrib
-``wrap=True`` run is the ``wrap=False`` one.
+optimizer without a wrapper; without a wrapper, the contrib ``wrap=True`` run
+is the ``wrap=False`` one; Shampoo on a vector without ``precondition_1d``
+compiles FOAM's program (one such run per test function is kept); and of the
+convergence runs, those on the lone matrix repeat the mixed target's matrix
+leaf, and those on a vector problem with ``precondition_1d`` the alias
+suite's run on the Rosenbrock function.
 """
 
 import types
@@ -113,6 +117,21 @@ def _slow(cases, where=lambda kwargs: True):
           if where(c.values[0]) else c for c in cases]
 
 
+def _compiles_foams_program(kwargs):
+  """Shampoo's runs on the suites' vector problems without
+  `precondition_1d`: no factor, so Shampoo steps by its grafting Adam as
+  FOAM does, and the compiled program is FOAM's run's."""
+  return (kwargs["opt_name"] == "shampoo"
+          and "precondition_1d" not in kwargs["opt_kwargs"])
+
+
+def _but_one_of_shampoos(kept):
+  """Shampoo's runs of FOAM's programs, but the one `kept` (so that every
+  optimizer runs each test function): slow."""
+  return lambda kwargs: (_compiles_foams_program(kwargs)
+                         and not kept(kwargs))
+
+
 _TARGETS = (contrib_suite._setup_parabola, contrib_suite._setup_rosenbrock,
             contrib_suite._setup_matrix_parabola,
             contrib_suite._setup_mixed_tensor_target)
@@ -129,9 +148,23 @@ def test_contrib_accept_extra_args(kwargs):
        **NO_WRAPPER, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases(
+def _contrib_convergence_repeated(kwargs):
+  """The contrib convergence runs that another run repeats (slow): on the
+  lone matrix, the mixed target's (its matrix leaf, the same path); on a
+  vector with `precondition_1d`, test_alias_optimization's (the same
+  preconditioned vector, in a third of the steps); and Shampoo's on a
+  vector without it, FOAM's (`_compiles_foams_program`)."""
+  if kwargs["target"] is contrib_suite._setup_matrix_parabola:
+    return True
+  if kwargs["target"] is contrib_suite._setup_mixed_tensor_target:
+    return False
+  return ("precondition_1d" in kwargs["opt_kwargs"]
+          or _compiles_foams_program(kwargs))
+
+
+@pytest.mark.parametrize("kwargs", _slow(_cases(
     ("target", _TARGETS), ("dtype", ("float32",)),
-    vectors_preconditioned_in_ci=True))
+    vectors_preconditioned_in_ci=True), where=_contrib_convergence_repeated))
 def test_contrib_optimizers(kwargs):
   """map_params, 30 000 scanned steps, convergence to 3e-2."""
   _run(contrib_suite, _CONTRIB, "test_optimizers", **NO_WRAPPER, **kwargs)
@@ -143,18 +176,23 @@ def test_contrib_inject_hyperparams(kwargs):
        "test_optimizers_can_be_wrapped_in_inject_hyperparams", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+@pytest.mark.parametrize("kwargs", _slow(
+    _cases(("dtype", ("bfloat16", "float32"))),
+    where=_but_one_of_shampoos(lambda kwargs: kwargs["dtype"] == "bfloat16")))
 def test_contrib_preserve_dtype(kwargs):
   _run(contrib_suite, _CONTRIB, "test_preserve_dtype", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases(("dtype", ("bfloat16", "float32"))))
+@pytest.mark.parametrize("kwargs", _slow(
+    _cases(("dtype", ("bfloat16", "float32"))),
+    where=_but_one_of_shampoos(lambda kwargs: kwargs["dtype"] == "bfloat16")))
 def test_contrib_gradient_accumulation(kwargs):
   _run(contrib_suite, _CONTRIB, "test_gradient_accumulation", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", _cases(
-    ("dtype", (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))))
+@pytest.mark.parametrize("kwargs", _slow(_cases(
+    ("dtype", (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))),
+    where=_but_one_of_shampoos(lambda kwargs: kwargs["dtype"] == jnp.float32)))
 def test_contrib_state_shape_dtype_shard_stability(kwargs):
   _run(contrib_suite, _CONTRIB, "test_state_shape_dtype_shard_stability",
        **NO_WRAPPER, **kwargs)
@@ -176,9 +214,20 @@ def test_contrib_learning_rate_schedule(kwargs):
 _ALIAS = "AliasTest"
 
 
-@pytest.mark.parametrize("kwargs", _cases(
+def _alias_convergence_repeated(kwargs):
+  """The alias convergence runs on the parabola that another run repeats
+  (slow): with `precondition_1d`, the Rosenbrock function's (the same
+  preconditioned vector, on the harder problem); Shampoo's without it,
+  FOAM's (`_compiles_foams_program`)."""
+  return kwargs["target"] is alias_suite._setup_parabola and (
+      "precondition_1d" in kwargs["opt_kwargs"]
+      or _compiles_foams_program(kwargs))
+
+
+@pytest.mark.parametrize("kwargs", _slow(_cases(
     ("target", (alias_suite._setup_parabola, alias_suite._setup_rosenbrock)),
-    ("dtype", (jnp.float32,)), vectors_preconditioned_in_ci=True))
+    ("dtype", (jnp.float32,)), vectors_preconditioned_in_ci=True),
+    where=_alias_convergence_repeated))
 def test_alias_optimization(kwargs):
   """map_params, 10 000 steps, no recompilation, convergence to 3e-2."""
   _run(alias_suite, _ALIAS, "test_optimization", **kwargs)

@@ -86,5 +86,5 @@ def test_skip_wrapper_traces_inner_update_once():
 
   tx = fo.skip_nonfinite(optax.GradientTransformation(core.init, update))
   params = {"w": jnp.ones((4, 3))}
-  jax.jit(tx.update)(params, tx.init(params), params)
+  jax.jit(tx.update).trace(params, tx.init(params), params)   # not compiled
   assert len(traces) == 1
