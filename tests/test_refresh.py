@@ -2,6 +2,7 @@
 on a mesh, and behaviour under `jax.jit`: EVDs only behind conditionals,
 skipped EVDs not executed, no recompilation, stable state shapes and dtypes."""
 
+import functools
 import json
 import re
 import subprocess
@@ -118,12 +119,19 @@ def test_compiled_program_no_retrace_stable_state(refresh_batching):
   assert jitted._cache_size() == 1
 
 
-def test_soap_power_qr_behind_conditionals():
+@functools.lru_cache
+def _soap_power_qr_hlo(refresh_batching):
+  """The compiled text of a power-QR SOAP update (compiled once for the
+  tests that read it)."""
   tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
-                        refresh_method="power_qr", refresh_batching="bucket")
-  state = tx.init(PARAMS)
-  hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
-                                 state).compile().as_text()
+                        refresh_method="power_qr",
+                        refresh_batching=refresh_batching)
+  return jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
+                                  tx.init(PARAMS)).compile().as_text()
+
+
+def test_soap_power_qr_behind_conditionals():
+  hlo = _soap_power_qr_hlo("bucket")
   calls, unconditional = _unconditional_expensive_calls(hlo)
   assert "syevd" in hlo and "geqrf" in hlo
   assert len(calls) >= 2 and not unconditional, unconditional
@@ -242,11 +250,7 @@ def test_soap_power_qr_eigh_and_qr_in_separate_branches(refresh_batching):
   also runs the QR for the other members; its sibling, the branch of
   ordinary checks, runs the QR alone.
   """
-  tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
-                        refresh_method="power_qr",
-                        refresh_batching=refresh_batching)
-  hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
-                                 tx.init(PARAMS)).compile().as_text()
+  hlo = _soap_power_qr_hlo(refresh_batching)
   eigh, qr = EXPENSIVE
   conds = _branch_calls(hlo)
   with_eigh = [(names, calls) for names, calls in conds
