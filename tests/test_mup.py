@@ -268,16 +268,21 @@ def test_blocked_shampoo_update_of_a_low_rank_gradient_has_the_block_norm():
   widths, ranks = (64, 128, 256), (1, 4)
   # One update of all widths and ranks: each leaf has its own factors, and
   # every block is 32 x 32, so one program serves them all.
-  grads = {}
-  for width, rank in itertools.product(widths, ranks):
-    keys = jax.random.split(jax.random.PRNGKey(width + rank))
-    grads[f"{width}-{rank}"] = (jax.random.normal(keys[0], (width, rank))
-                                @ jax.random.normal(keys[1], (rank, 2 * width)))
+  @jax.jit   # one program, not one per operation and shape
+  def draw():
+    grads = {}
+    for width, rank in itertools.product(widths, ranks):
+      keys = jax.random.split(jax.random.PRNGKey(width + rank))
+      grads[f"{width}-{rank}"] = (
+          jax.random.normal(keys[0], (width, rank))
+          @ jax.random.normal(keys[1], (rank, 2 * width)))
+    return grads
+
   tx = fo.scale_by_shampoo(grafting="none", exponent=4, b1=0.0,
                            block_size=block, check_frequency=1,
                            start_preconditioning_step=1,
                            pseudo_inverse_rtol=1e-6)
-  updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  updates, _ = jax.jit(lambda g: tx.update(g, tx.init(g)))(draw())
   ratios, unblocked = [], []
   for width in widths:
     d_in, d_out = width, 2 * width
@@ -379,7 +384,7 @@ def test_soap_rule_under_foams_controller_keeps_the_feature_change_flat():
   for width in WIDTHS:
     inputs[width], g = _minibatch(width)
     grads[width] = {n: jnp.asarray(v, jnp.float32) for n, v in g.items()}
-  state = tx.init(grads)
+  state = jax.jit(tx.init)(grads)   # one program, not one per operation
   update = jax.jit(tx.update)
   _, state = update(grads, state)
   updates, _ = update(grads, state)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import foam_optax as fo
-from foam_optax._src import linalg
 from helpers import leaf_states, run_steps
 
 
