@@ -9,7 +9,12 @@ import foam_optax as fo
 
 
 @pytest.mark.parametrize("make", [
-    lambda: fo.foam(1e-3), lambda: fo.shampoo(1e-3), lambda: fo.soap(1e-3),
+    lambda: fo.foam(1e-3),
+    # Slow: the alias of the same transformation as fo.foam, another
+    # controller with a state of the same structure, shapes and dtypes,
+    # which [foam] donates.
+    pytest.param(lambda: fo.shampoo(1e-3), marks=pytest.mark.slow),
+    lambda: fo.soap(1e-3),
     lambda: fo.partition(fo.foam(1e-3), optax.adamw(1e-3))],
     ids=["foam", "shampoo", "soap", "partition"])
 def test_initial_state_can_be_donated(make):
