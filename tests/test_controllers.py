@@ -30,7 +30,7 @@ from foam_optax._src import linalg
 from foam_optax._src.config import Config
 from foam_optax._src.controllers import (sketched_staleness_proxy,
                                          staleness_proxy)
-from helpers import all_finite, run_steps
+from helpers import FAST_COMPILE, all_finite, run_steps
 import host_devices
 import reference
 
@@ -131,7 +131,8 @@ def test_a_registered_controller_works_end_to_end(make):
   controllers.register("test_never")(never)
   try:
     params = {"w": jnp.ones((6, 4)), "k": jnp.ones((2, 3, 4))}
-    updates, state = run_steps(make("test_never"), params, 6)
+    updates, state = run_steps(make("test_never"), params, 6,
+                               compiler_options=FAST_COMPILE)
     s = fo.stats(state)
     # Only the first check of each factor decomposes; the later ones ask
     # the new controller, which never refreshes.
@@ -276,7 +277,8 @@ def _run(tx, steps=16, seed=0):
   """Final state and trace of `_scan` on `_inputs`."""
   grads, params = _inputs(steps, seed)
   with jax.enable_x64(True):
-    final, trace = jax.jit(_scan(tx))(tx.init(params), grads)
+    final, trace = jax.jit(_scan(tx), compiler_options=FAST_COMPILE)(
+        tx.init(params), grads)
     return final, jax.tree.map(np.asarray, trace)
 
 
@@ -314,7 +316,8 @@ def test_sketch_run_is_deterministic_and_close_to_exact():
   with jax.enable_x64(True):
     state = sketch.init(params)
     # Traced and lowered twice, compiled once: the programs are one.
-    lowered = [jax.jit(_scan(sketch)).lower(state, grads) for _ in range(2)]
+    lowered = [jax.jit(_scan(sketch), compiler_options=FAST_COMPILE).lower(
+        state, grads) for _ in range(2)]
     assert lowered[0].as_text() == lowered[1].as_text()
     run = lowered[0].compile()
     (final_a, trace_a), (final_b, _) = run(state, grads), run(state, grads)
@@ -335,7 +338,7 @@ def test_sketch_drives_soap():
   tx = fo.scale_by_soap(controller="foam", proxy="sketch", proxy_probes=4)
   params = {"w": jnp.ones((5, 3))}
   state = tx.init(params)
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   for i in range(12):
     g = {"w": jnp.sin(jnp.arange(15.0).reshape(5, 3) * (i + 1))}
     updates, state = step(g, state, params)
@@ -354,7 +357,8 @@ def test_sketch_keys_follow_the_factor_not_the_schedule():
     tx = fo.scale_by_foam(proxy="sketch", proxy_probes=4,
                           refresh_batching=refresh_batching,
                           check_frequency=2, start_preconditioning_step=2)
-    state, update = tx.init(params), jax.jit(tx.update)
+    state, update = tx.init(params), jax.jit(tx.update,
+                                             compiler_options=FAST_COMPILE)
     for i in range(6):
       grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1) * jnp.arange(5.0)),
                            params)
@@ -365,7 +369,7 @@ def test_sketch_keys_follow_the_factor_not_the_schedule():
 
 
 _MESH_SCRIPT = textwrap.dedent("""
-    import json
+    import functools, json
     import jax, jax.numpy as jnp, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import foam_optax as fo
@@ -377,7 +381,10 @@ _MESH_SCRIPT = textwrap.dedent("""
     loss = lambda p: jnp.sum(jnp.tanh(p["w"] + p["b"]) ** 2)
     tx = fo.foam(1e-2, block_size=4, check_frequency=2, proxy="sketch",
                  proxy_probes=2, max_epsilon=1e-6, epsilon=1e-7)
-    @jax.jit
+    # Nine steps per program: less time spent optimising machine code.
+    @functools.partial(jax.jit, compiler_options=dict(
+        xla_backend_optimization_level=0,
+        xla_llvm_disable_expensive_passes=True))
     def step(p, s):
       updates, s = tx.update(jax.grad(loss)(p), s, p)
       return optax.apply_updates(p, updates), s
@@ -421,9 +428,6 @@ def test_sketch_gives_the_same_decisions_on_a_mesh():
 
 
 M, N, STEPS, FREQ = 8, 6, 400, 10
-# Programs that run once: less time spent optimising their machine code.
-FAST_COMPILE = dict(xla_backend_optimization_level=0,
-                    xla_llvm_disable_expensive_passes=True)
 
 
 def _drifting_gradients(omega=0.005, seed=0):

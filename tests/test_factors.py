@@ -70,7 +70,7 @@ def test_check_phase_and_schedule(make, phase, refresh_steps):
   state = tx.init(params)
   assert all(np.all(np.asarray(v.stack.phase) == phase)
              for v in fo.factor_stacks(state))
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   rng = np.random.default_rng(0)
   seen, before = [], 0
   for t in range(1, 8):

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from helpers import FAST_COMPILE
 
 
 @pytest.mark.parametrize("make", [
@@ -25,7 +26,8 @@ def test_initial_state_can_be_donated(make):
   state = tx.init(params)
   pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
   assert len(set(pointers)) == len(pointers)
-  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,),
+                 compiler_options=FAST_COMPILE)
   _, new_state = step(params, state, params)
   assert jax.tree.structure(new_state) == jax.tree.structure(
       jax.eval_shape(tx.init, params))

@@ -16,7 +16,7 @@ import pytest
 import foam_optax as fo
 from foam_optax._src import layout as layout_lib
 from foam_optax._src.state import block_classes
-from helpers import leaf_states
+from helpers import FAST_COMPILE, leaf_states
 
 
 SLICE_OPTS = dict(check_frequency=3, stagger=False, block_size=4)
@@ -27,14 +27,14 @@ def _single(name):
   """`name`'s optimizer with SLICE_OPTS and its jitted update: one for the
   tests below, so that slices of one shape compile one program."""
   tx = getattr(fo, name)(**SLICE_OPTS)
-  return tx, jax.jit(tx.update)
+  return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
 
 
 def _independent(tx_batched, single_name, full_shape, to_slices, steps):
   """Updates of one batched leaf and of each slice optimized on its own."""
   grads = jax.random.normal(jax.random.PRNGKey(4), (steps,) + full_shape)
   tx_single, update_s = _single(single_name)
-  update_b = jax.jit(tx_batched.update)
+  update_b = jax.jit(tx_batched.update, compiler_options=FAST_COMPILE)
   state = tx_batched.init({"w": jnp.zeros(full_shape)})
   single = [tx_single.init({"w": s}) for s in to_slices(jnp.zeros(full_shape))]
   for g in grads:
@@ -225,7 +225,8 @@ def test_each_block_lands_in_its_class_stack_at_its_members_offset():
                                "a": None, "b": fo.DimensionNumbers(1, 2),
                                "c": None, "d": None, "e": None})
   # Init and update in one program, not one per operation of an eager init.
-  state = jax.jit(lambda g: tx.update(g, tx.init(g))[1])(grads)
+  state = jax.jit(lambda g: tx.update(g, tx.init(g))[1],
+                  compiler_options=FAST_COMPILE)(grads)
   (core,) = fo.find_states(state)
   leaves = jax.tree.leaves(grads)
   classes = block_classes(core)

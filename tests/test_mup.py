@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from helpers import FAST_COMPILE
 from official_mup import official_multiplier
 
 BASE, WIDE = 64, 512
@@ -282,7 +283,8 @@ def test_blocked_shampoo_update_of_a_low_rank_gradient_has_the_block_norm():
                            block_size=block, check_frequency=1,
                            start_preconditioning_step=1,
                            pseudo_inverse_rtol=1e-6)
-  updates, _ = jax.jit(lambda g: tx.update(g, tx.init(g)))(draw())
+  updates, _ = jax.jit(lambda g: tx.update(g, tx.init(g)),
+                       compiler_options=FAST_COMPILE)(draw())
   ratios, unblocked = [], []
   for width in widths:
     d_in, d_out = width, 2 * width
@@ -385,7 +387,7 @@ def test_soap_rule_under_foams_controller_keeps_the_feature_change_flat():
     inputs[width], g = _minibatch(width)
     grads[width] = {n: jnp.asarray(v, jnp.float32) for n, v in g.items()}
   state = jax.jit(tx.init)(grads)   # one program, not one per operation
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   _, state = update(grads, state)
   updates, _ = update(grads, state)
   base = {n: jnp.zeros(s) for n, s in _layers(WIDTHS[0]).items()}

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from helpers import FAST_COMPILE
 from readme_blocks import recipe as _recipe
 from readme_blocks import run as _run
 
@@ -42,7 +43,7 @@ def _injected(block_size):
   state's values, so one program per block size serves them."""
   tx = optax.inject_hyperparams(fo.foam)(1e-3, block_size=block_size,
                                          max_precond_dim=8)
-  return tx, jax.jit(tx.update)
+  return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
 
 
 @pytest.mark.parametrize("name,block_size,edited", [
@@ -72,7 +73,7 @@ def test_structural_edit_with_the_same_layout_is_accepted():
 def test_injected_check_frequency_takes_effect():
   tx = optax.inject_hyperparams(fo.foam)(
       1e-3, check_frequency=100, start_preconditioning_step=1, stagger=False)
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
 
   def checks(frequency):
     state = tx.init(_W)

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import foam_optax as fo
-from helpers import BASE, branches, compare, run_steps
+from helpers import BASE, FAST_COMPILE, branches, compare, run_steps
 
 
 # Fewer leaves than the root-inverse suite: (4,4) square, (2,3,4) -> (6,4)
@@ -74,7 +74,8 @@ def test_no_factors_is_adam():
   s_soap, s_adam = soap.init(params), adam.init(params)
   assert not fo.find_states(s_soap, fo.FactorStack)
   rng = np.random.default_rng(1)
-  step = jax.jit(lambda g, s1, s2: (soap.update(g, s1), adam.update(g, s2)))
+  step = jax.jit(lambda g, s1, s2: (soap.update(g, s1), adam.update(g, s2)),
+                 compiler_options=FAST_COMPILE)
   for _ in range(6):
     grads = jax.tree.map(
         lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
@@ -196,7 +197,8 @@ def test_eigenvalue_corrected_leaves_without_a_factor_decay_with_b2():
   v = np.arange(1.0, 5.0, dtype=np.float32)
   grads = {"v": jnp.asarray(v), "w": jnp.ones((3, 3))}
   # One program for init and the first update, not one per eager operation.
-  updates, state = jax.jit(lambda g: tx.update(g, tx.init(params)))(grads)
+  updates, state = jax.jit(lambda g: tx.update(g, tx.init(params)),
+                           compiler_options=FAST_COMPILE)(grads)
   np.testing.assert_allclose(state.nu["v"], 0.5 * v ** 2, rtol=1e-6)
   # SOAP's step of such a leaf: m·sqrt(1 - b2^t) / (sqrt(v) + eps).
   np.testing.assert_allclose(
@@ -212,9 +214,11 @@ def test_uncached_inverse_root_matches_cached(name):
   """X applied through Q and D equals the cached X, with no (m, m) X kept."""
   params = {"w": jnp.ones((6, 4)), "k": jnp.ones((2, 3, 4))}
   opts = dict(check_frequency=2, pseudo_inverse_rtol=1e-6)
-  cached, _ = run_steps(getattr(fo, name)(**opts), params, 5)
-  uncached, state = run_steps(getattr(fo, name)(cache_inverse_root=False, **opts),
-                         params, 5)
+  cached, _ = run_steps(getattr(fo, name)(**opts), params, 5,
+                        compiler_options=FAST_COMPILE)
+  uncached, state = run_steps(
+      getattr(fo, name)(cache_inverse_root=False, **opts), params, 5,
+      compiler_options=FAST_COMPILE)
   for key in params:
     np.testing.assert_allclose(uncached[key], cached[key], rtol=2e-4,
                                atol=1e-6)
@@ -237,7 +241,7 @@ def test_root_damping_epsilon_keeps_decisions_and_builds_x_with_epsilon0():
   for root_damping in ("controller", "epsilon"):
     tx = fo.scale_by_foam(root_damping=root_damping, **options)
     state = tx.init(jnp.zeros((6, 5)))
-    step = jax.jit(tx.update)
+    step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
     dampings, updates = [], []
     for g in grads:
       u, state = step(jnp.asarray(g, jnp.float32), state)
@@ -276,7 +280,7 @@ def test_one_sided_shampoo_matches_a_dense_reference(shape, side):
   assert [v.side for v in fo.factor_stacks(state)] == [side]
   rng = np.random.default_rng(0)
   statistic = 0.0
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   for t in range(1, steps + 1):
     g = rng.standard_normal(shape)
     gram = g @ g.T if side == "left" else g.T @ g
@@ -296,5 +300,6 @@ def test_one_sided_with_max_precond_dim_under_inject_hyperparams():
           learning_rate=1e-3, one_sided=True, max_precond_dim=1000)
   params = {"w": jnp.ones((8, 3))}
   state = tx.init(params)
-  _, state = jax.jit(tx.update)({"w": jnp.ones((8, 3))}, state, params)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
+  _, state = step({"w": jnp.ones((8, 3))}, state, params)
   assert int(fo.stats(state)["num_factors"]) == 1

@@ -19,6 +19,7 @@ import foam_optax as fo
 from foam_optax._src import layout
 from foam_optax._src import linalg
 from foam_optax._src import refresh
+from helpers import FAST_COMPILE
 import host_devices
 
 # f32 (6,4) blocked 4+2; bf16 rank 3 (2,3,4) -> (6,4); bf16 vector; f32 scalar.
@@ -169,8 +170,8 @@ def test_skipped_eigendecompositions_are_not_executed(refresh_batching,
     _, s = tx.update(g, s)
     return s, fo.stats(s)
 
-  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g))(tx.init(PARAMS),
-                                                        grads)
+  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g),
+                     compiler_options=FAST_COMPILE)(tx.init(PARAMS), grads)
   jax.effects_barrier()
   evds, checks = (int(stats["eigendecompositions"][-1]),
                   int(stats["checks"][-1]))
@@ -302,7 +303,8 @@ def test_soap_power_qr_executes_eigh_only_for_first_bases(refresh_batching,
     return s, fo.stats(s)
 
   state = tx.init(PARAMS)
-  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g))(state, grads)
+  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g),
+                     compiler_options=FAST_COMPILE)(state, grads)
   jax.effects_barrier()
   num_factors = int(stats["num_factors"][-1])
   stacks = len([f for f in jax.tree.leaves(
@@ -337,7 +339,7 @@ def test_factors_check_on_their_phase_and_refresh_only_there(
             block_size=4, precondition_1d=True, stagger=True)
   params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((7,)), "k": jnp.zeros(
       (3, 3))}
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   state = tx.init(params)
   checks, refreshes, phase = _factor_counters(state)
   assert len(set(phase.tolist())) == frequency     # stagger spreads them

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import foam_optax as fo
-from helpers import leaf_states, run_steps
+from helpers import FAST_COMPILE, leaf_states, run_steps
 
 
 MIXED = {"w": jnp.ones((6, 4)), "h": jnp.ones((4, 3), jnp.bfloat16),
@@ -20,7 +20,7 @@ MIXED = {"w": jnp.ones((6, 4)), "h": jnp.ones((4, 3), jnp.bfloat16),
     ("scale_by_soap", None), ("scale_by_soap", jnp.float32)])
 def test_mu_dtype(name, mu_dtype):
   tx = getattr(fo, name)(mu_dtype=mu_dtype, check_frequency=2)
-  updates, state = run_steps(tx, MIXED, 3)
+  updates, state = run_steps(tx, MIXED, 3, compiler_options=FAST_COMPILE)
   for (key, p), ls in zip(sorted(MIXED.items()), leaf_states(state)):
     want = p.dtype if mu_dtype is None else jnp.dtype(mu_dtype)
     assert ls.momentum.dtype == want, key
@@ -43,7 +43,7 @@ def _float32_updates(name):
   """The updates of `name` with its default (float32) storage after 6 steps
   on STORAGE_PARAMS: the reference of the tests below, run once."""
   updates, _ = run_steps(getattr(fo, name)(check_frequency=2),
-                         STORAGE_PARAMS, 6)
+                         STORAGE_PARAMS, 6, compiler_options=FAST_COMPILE)
   return updates
 
 
@@ -58,7 +58,7 @@ def test_storage_dtypes(name, options):
   tx = getattr(fo, name)(check_frequency=2, **options)
   state = tx.init(params)
   before = [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
-  updates, state = run_steps(tx, params, 6)
+  updates, state = run_steps(tx, params, 6, compiler_options=FAST_COMPILE)
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == before
   (group,) = state.classes
   for fs in (group.left, group.right):
@@ -84,7 +84,7 @@ def test_float32_storage_is_the_default_exactly():
              factor_matrix_eigenvectors_dtype=jnp.float32,
              inv_factor_matrix_dtype=jnp.float32)
   a, _ = run_steps(fo.scale_by_foam(check_frequency=2, **f32),
-                   STORAGE_PARAMS, 6)
+                   STORAGE_PARAMS, 6, compiler_options=FAST_COMPILE)
   b = _float32_updates("scale_by_foam")
   for key in STORAGE_PARAMS:
     np.testing.assert_array_equal(a[key], b[key])
