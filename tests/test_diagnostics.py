@@ -58,7 +58,9 @@ def test_step_counters_with_a_skipped_step():
   schedule = optax.linear_schedule(1.0, 0.0, 10)
 
   model = _Model()
-  optimizer = nnx.Optimizer(model, fo.foam(schedule), wrt=nnx.Param)
+  # Built under nnx.jit: one program, not one per operation of an eager init.
+  optimizer = nnx.jit(lambda model: nnx.Optimizer(
+      model, fo.foam(schedule), wrt=nnx.Param))(model)
 
   @nnx.jit
   def nnx_step(model, optimizer, g):

@@ -228,7 +228,8 @@ def test_nnx_dimension_numbers_of_the_common_layers():
                                                        jax.random.split(
                                                            rngs(), 3))
 
-  model = Model(16, nnx.Rngs(0))
+  # Built under nnx.jit: one program, not one per operation.
+  model = nnx.jit(lambda: Model(16, nnx.Rngs(0)))()
   dims = fo.nnx_dimension_numbers(model)
   D = fo.DimensionNumbers
   assert dims["attention"]["query"]["kernel"] == D((0,), (1, 2))
@@ -248,8 +249,9 @@ def test_nnx_dimension_numbers_of_the_common_layers():
   assert multipliers["conv"]["kernel"] == pytest.approx(2.0)
   assert multipliers["stack"]["kernel"] == 1.0
   assert multipliers["attention"]["query"]["bias"] == 1.0
-  optimizer = nnx.Optimizer(model, fo.foam(1e-3, weight_dimension_numbers=dims),
-                            wrt=nnx.Param)
+  optimizer = nnx.jit(lambda model: nnx.Optimizer(
+      model, fo.foam(1e-3, weight_dimension_numbers=dims), wrt=nnx.Param))(
+          model)
   # A factor pair per kernel and per stacked layer, none for the biases,
   # stacked (3, 32) or (heads, head_dim).
   assert int(fo.stats(optimizer.opt_state)["num_factors"]) == 2 * (
