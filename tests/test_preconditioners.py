@@ -107,13 +107,13 @@ SOAP_CASES = [
      {"first_step": "init_only", "start_preconditioning_step": 1,
       "rotation_basis": "previous", "block_size": None}),
     # Slow: foam-power_qr-bucket (power-QR under 'bucket') and
-    # stale-power_qr-map-b1=0 (stale).
+    # stale-power_qr-map-b1=0.0 (stale).
     pytest.param("stale", "power_qr", "bucket", {}, marks=pytest.mark.slow),
     # Slow: residual-eigh-bucket-rotation_basis=previous (residual, eigh)
     # and foam_no_refresh-eigh-map (eigh under 'map').
     pytest.param("residual", "eigh", "map", {}, marks=pytest.mark.slow),
     # Slow: foam_no_refresh-eigh-map (eigh under 'map') and
-    # stale-power_qr-map-b1=0 (stale).
+    # stale-power_qr-map-b1=0.0 (stale).
     pytest.param("stale", "eigh", "map", {}, marks=pytest.mark.slow),
     # Slow: residual-eigh-bucket-rotation_basis=previous (residual) and
     # foam_fixed_damping-power_qr-map (power-QR under 'map').

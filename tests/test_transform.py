@@ -15,8 +15,8 @@ import pytest
 
 import foam_optax as fo
 import reference
-from helpers import (BASE, SHAPES, branches, compare, factor_arrays,
-                     factor_keys)
+from helpers import (BASE, SHAPES, branches, compare, defaults,
+                     factor_arrays, factor_keys)
 
 # The leaves split in two halves to keep compile time low: every controller
 # and every refresh_batching meets both halves (with --runslow).
@@ -110,12 +110,14 @@ def test_default_cases_cover_every_controller_without_grafting_and_momentum():
     extras = [e for c, _, _, e in DEFAULT_CASES if c == controller]
     assert any(e["grafting"] == "none" for e in extras), controller
     assert any(e.get("b1", BASE["b1"]) == 0 for e in extras), controller
-  # Both refresh_batchings, both halves, and (with 'adam', the default of
-  # the tests below) every grafting type.
+  # Both refresh_batchings, both halves, and every grafting type with
+  # 'adam', the default that the tests below run.
   assert {b for _, b, _, _ in DEFAULT_CASES} == {"map", "bucket"}
   assert {h for _, _, h, _ in DEFAULT_CASES} == set(HALVES)
   assert {e["grafting"] for *_, e in DEFAULT_CASES} == {"none", "sgd",
                                                          "rmsprop"}
+  assert "grafting" not in BASE
+  assert defaults(fo.scale_by_foam)["grafting"] == "adam"
 
 
 @pytest.mark.parametrize("controller,refresh_batching,half,extra", CASES,
