@@ -42,10 +42,11 @@ def core_state(state):
   return found[0]
 
 
-def run_steps(tx, params, steps, seed=0):
+def run_steps(tx, params, steps, seed=0, compiler_options=None):
   """Jitted updates on random gradients (`gaussian_like`, drawn in float32);
-  the last updates and the state."""
-  update = jax.jit(tx.update)
+  the last updates and the state. `compiler_options` go to `jax.jit` (e.g.
+  `FAST_COMPILE`)."""
+  update = jax.jit(tx.update, compiler_options=compiler_options)
   state = tx.init(params)
   for i in range(steps):
     updates, state = update(
@@ -146,7 +147,8 @@ def factor_arrays(core):
   return keys, arrays
 
 
-# These programs run once: spend less time optimising their machine code.
+# For programs that run once or a few steps on small arrays: less time spent
+# optimising their machine code.
 FAST_COMPILE = dict(xla_backend_optimization_level=0,
                     xla_llvm_disable_expensive_passes=True)
 

@@ -30,7 +30,7 @@ from foam_optax._src import linalg
 from foam_optax._src.config import Config
 from foam_optax._src.controllers import (sketched_staleness_proxy,
                                          staleness_proxy)
-from helpers import run_steps
+from helpers import FAST_COMPILE, all_finite, run_steps
 import host_devices
 import reference
 
@@ -109,7 +109,16 @@ def test_controller_literal_names_the_builtin_controllers():
   assert set(typing.get_args(controllers.Controller)) == builtin
 
 
-def test_a_registered_controller_works_end_to_end():
+@pytest.mark.parametrize("make", [
+    lambda name: fo.scale_by_foam(controller=name, check_frequency=2),
+    lambda name: fo.soap(1e-2, controller=name, check_frequency=2),
+    # Slow: the registry is read where a check decides, before and whatever
+    # the refresh_batching; [scale_by_foam] runs it.
+    pytest.param(lambda name: fo.scale_by_foam(
+        controller=name, check_frequency=2, refresh_batching="bucket"),
+                 marks=pytest.mark.slow)],
+                         ids=["scale_by_foam", "soap", "scale_by_foam-bucket"])
+def test_a_registered_controller_works_end_to_end(make):
   """One registration: validation accepts it, every transformation runs it."""
   from foam_optax._src import controllers
   assert "test_never" not in controllers.CONTROLLERS
@@ -122,18 +131,14 @@ def test_a_registered_controller_works_end_to_end():
   controllers.register("test_never")(never)
   try:
     params = {"w": jnp.ones((6, 4)), "k": jnp.ones((2, 3, 4))}
-    for tx in (fo.scale_by_foam(controller="test_never", check_frequency=2),
-               fo.soap(1e-2, controller="test_never", check_frequency=2),
-               fo.scale_by_foam(controller="test_never", check_frequency=2,
-                                refresh_batching="bucket")):
-      updates, state = run_steps(tx, params, 6)
-      s = fo.stats(state)
-      # Only the first check of each factor decomposes; the later ones ask
-      # the new controller, which never refreshes.
-      assert int(s["eigendecompositions"]) == int(s["num_factors"]) > 0
-      assert int(s["checks"]) > int(s["num_factors"])
-      assert all(bool(jnp.all(jnp.isfinite(u)))
-                 for u in jax.tree.leaves(updates))
+    updates, state = run_steps(make("test_never"), params, 6,
+                               compiler_options=FAST_COMPILE)
+    s = fo.stats(state)
+    # Only the first check of each factor decomposes; the later ones ask
+    # the new controller, which never refreshes.
+    assert int(s["eigendecompositions"]) == int(s["num_factors"]) > 0
+    assert int(s["checks"]) > int(s["num_factors"])
+    assert all_finite(updates)
   finally:
     del controllers.CONTROLLERS["test_never"]
 
@@ -235,15 +240,20 @@ KW = dict(block_size=6, b1=0.9, b2=0.9, epsilon=1e-3, max_epsilon=3e-3,
           stagger=False)
 
 
-def _run(tx, steps=16, seed=0):
-  """Final state and, per step, every factor stack's (proxy, refreshes,
-  damping, X error): X's largest deviation from Q diag((D+ε)^(-1/p)) Qᵀ."""
+def _inputs(steps, seed):
+  """(gradients stacked over `steps`, parameters) of the runs below."""
   rng = np.random.default_rng(seed)
   means = [rng.standard_normal(s) for s in SHAPES]
   grads = [jnp.asarray(np.stack([
       means[i] * (1 + (t >= 9)) + 0.3 * rng.standard_normal(s)
       for t in range(steps)])) for i, s in enumerate(SHAPES)]
-  params = [jnp.zeros(s) for s in SHAPES]
+  return grads, [jnp.zeros(s) for s in SHAPES]
+
+
+def _scan(tx):
+  """(state, stacked gradients) -> (final state, per step, every factor
+  stack's (proxy, refreshes, damping, X error)): X's largest deviation from
+  Q diag((D+ε)^(-1/p)) Qᵀ."""
 
   def stacks(state):
     return [fs for gs in state.classes for fs in (gs.left, gs.right)
@@ -260,15 +270,23 @@ def _run(tx, steps=16, seed=0):
                   / jnp.max(jnp.abs(rebuilt))))
     return state, out
 
+  return lambda s, g: lax.scan(body, s, g)
+
+
+def _run(tx, steps=16, seed=0):
+  """Final state and trace of `_scan` on `_inputs`."""
+  grads, params = _inputs(steps, seed)
   with jax.enable_x64(True):
-    state = tx.init(params)
-    final, trace = jax.jit(lambda s, g: lax.scan(body, s, g))(state, grads)
+    final, trace = jax.jit(_scan(tx), compiler_options=FAST_COMPILE)(
+        tx.init(params), grads)
     return final, jax.tree.map(np.asarray, trace)
 
 
 @pytest.mark.parametrize("controller,refresh_batching", [
     ("foam", "map"), ("foam", "bucket"), ("residual", "map"),
-    ("stale", "map")])
+    # Slow: X is rebuilt after a refresh by the same code whatever the
+    # controller; [foam-map] has refreshes (and checks that keep or raise).
+    pytest.param("stale", "map", marks=pytest.mark.slow)])
 def test_cached_inverse_root_matches_its_factors(controller, refresh_batching):
   """After every step, X = Q diag((D+ε)^(-1/p)) Qᵀ for every factor, across
   checks that keep the damping, raise it, refresh, or (residual) replace D;
@@ -289,12 +307,21 @@ def test_cached_inverse_root_matches_its_factors(controller, refresh_batching):
 
 
 def test_sketch_run_is_deterministic_and_close_to_exact():
-  """Two sketched runs agree bit for bit; with many probes the first
-  proxies after s0 (same trajectory until then) are within 15% of the
-  exact ones."""
+  """Two sketched runs agree bit for bit: two traces give the same program
+  (no probe is drawn while tracing) and its two runs the same results; with
+  many probes the first proxies after s0 (same trajectory until then) are
+  within 15% of the exact ones."""
   sketch = fo.scale_by_foam(proxy="sketch", proxy_probes=512, **KW)
-  final_a, trace_a = _run(sketch, steps=4)
-  final_b, trace_b = _run(sketch, steps=4)
+  grads, params = _inputs(4, 0)
+  with jax.enable_x64(True):
+    state = sketch.init(params)
+    # Traced and lowered twice, compiled once: the programs are one.
+    lowered = [jax.jit(_scan(sketch), compiler_options=FAST_COMPILE).lower(
+        state, grads) for _ in range(2)]
+    assert lowered[0].as_text() == lowered[1].as_text()
+    run = lowered[0].compile()
+    (final_a, trace_a), (final_b, _) = run(state, grads), run(state, grads)
+    trace_a = jax.tree.map(np.asarray, trace_a)
   for x, y in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_b)):
     np.testing.assert_array_equal(x, y)
   _, trace_exact = _run(fo.scale_by_foam(**KW), steps=4)
@@ -311,7 +338,7 @@ def test_sketch_drives_soap():
   tx = fo.scale_by_soap(controller="foam", proxy="sketch", proxy_probes=4)
   params = {"w": jnp.ones((5, 3))}
   state = tx.init(params)
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   for i in range(12):
     g = {"w": jnp.sin(jnp.arange(15.0).reshape(5, 3) * (i + 1))}
     updates, state = step(g, state, params)
@@ -330,7 +357,8 @@ def test_sketch_keys_follow_the_factor_not_the_schedule():
     tx = fo.scale_by_foam(proxy="sketch", proxy_probes=4,
                           refresh_batching=refresh_batching,
                           check_frequency=2, start_preconditioning_step=2)
-    state, update = tx.init(params), jax.jit(tx.update)
+    state, update = tx.init(params), jax.jit(tx.update,
+                                             compiler_options=FAST_COMPILE)
     for i in range(6):
       grads = jax.tree.map(lambda x: jnp.sin(x * (i + 1) * jnp.arange(5.0)),
                            params)
@@ -341,7 +369,7 @@ def test_sketch_keys_follow_the_factor_not_the_schedule():
 
 
 _MESH_SCRIPT = textwrap.dedent("""
-    import json
+    import functools, json
     import jax, jax.numpy as jnp, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import foam_optax as fo
@@ -353,7 +381,10 @@ _MESH_SCRIPT = textwrap.dedent("""
     loss = lambda p: jnp.sum(jnp.tanh(p["w"] + p["b"]) ** 2)
     tx = fo.foam(1e-2, block_size=4, check_frequency=2, proxy="sketch",
                  proxy_probes=2, max_epsilon=1e-6, epsilon=1e-7)
-    @jax.jit
+    # Nine steps per program: less time spent optimising machine code.
+    @functools.partial(jax.jit, compiler_options=dict(
+        xla_backend_optimization_level=0,
+        xla_llvm_disable_expensive_passes=True))
     def step(p, s):
       updates, s = tx.update(jax.grad(loss)(p), s, p)
       return optax.apply_updates(p, updates), s
@@ -397,9 +428,6 @@ def test_sketch_gives_the_same_decisions_on_a_mesh():
 
 
 M, N, STEPS, FREQ = 8, 6, 400, 10
-# Programs that run once: less time spent optimising their machine code.
-FAST_COMPILE = dict(xla_backend_optimization_level=0,
-                    xla_llvm_disable_expensive_passes=True)
 
 
 def _drifting_gradients(omega=0.005, seed=0):

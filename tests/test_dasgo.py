@@ -9,6 +9,7 @@ import pytest
 
 import foam_optax as fo
 import official_asgo
+from helpers import FAST_COMPILE
 
 STEPS = 50
 LR = 1e-2
@@ -44,7 +45,8 @@ def _run_library(tx, shapes, grads, stacked=False):
   with jax.enable_x64(True):
     params = to_jax(start)
     state = tx.init(params)
-    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p),
+                   compiler_options=FAST_COMPILE)
     trajectory = []
     for g in grads:
       updates, state = step(params, state, to_jax(g))
@@ -92,7 +94,8 @@ def test_stacked_layers_match_the_official_code_slice_by_slice(make, official):
   with jax.enable_x64(True):
     params = {"w": jnp.asarray(start)}
     state = tx.init(params)
-    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p),
+                   compiler_options=FAST_COMPILE)
     ours = []
     for g in grads:
       stacked = {"w": jnp.asarray(np.stack([g[f"l{i}"].T
@@ -126,7 +129,7 @@ def test_muon_identity(shape):
   rng = np.random.default_rng(0)
   g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   tx = fo.scale_by_asgo(b1=0.0, b2=0.0, epsilon=1e-12, root_method="eigh")
-  update, _ = jax.jit(tx.update)(g, tx.init(g))
+  update, _ = jax.jit(tx.update, compiler_options=FAST_COMPILE)(g, tx.init(g))
   u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
   polar = u @ vt
   # 60 iterations given as 60 rows of coefficients: optax scans them
@@ -134,7 +137,8 @@ def test_muon_identity(shape):
   muon_tx = optax.contrib.scale_by_muon(ns_coeffs=((1.5, -0.5, 0.0),) * 60,
                                         ns_steps=60, beta=0.0,
                                         nesterov=False)
-  muon, _ = jax.jit(muon_tx.update)(g, muon_tx.init(g))
+  muon, _ = jax.jit(muon_tx.update,
+                    compiler_options=FAST_COMPILE)(g, muon_tx.init(g))
   normalized = lambda x: np.asarray(x, np.float64) / np.linalg.norm(x)
   np.testing.assert_allclose(normalized(update), normalized(polar),
                              atol=2e-5)
@@ -148,7 +152,7 @@ def test_zero_and_rank_deficient_statistics_give_finite_updates():
   state = tx.init(params)
   dead = np.random.default_rng(0).standard_normal((6, 4))
   dead[2:] = 0.0   # four dead input rows: a rank-2 statistic
-  update_fn = jax.jit(tx.update)
+  update_fn = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   for g in (jnp.zeros((6, 4)), jnp.asarray(dead, jnp.float32)):
     updates, state = update_fn({"w": g}, state, params)
     assert bool(np.all(np.isfinite(np.asarray(updates["w"]))))
@@ -172,7 +176,8 @@ def test_a_non_finite_root_falls_back_to_the_identity(monkeypatch):
   g = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)),
                   jnp.float32)
   state = tx.init(g)
-  update, state = jax.jit(tx.update)(g, state)  # traced once: both calls below
+  # Traced once: both calls below.
+  update, state = jax.jit(tx.update, compiler_options=FAST_COMPILE)(g, state)
   identity_step = np.asarray(g) * 0.2 * np.sqrt(24) / np.linalg.norm(g)
   np.testing.assert_allclose(update, identity_step, rtol=1e-5)
   assert int(fo.stats(state)["eigendecomposition_failures"]) == 1
@@ -187,7 +192,8 @@ def test_one_sided_foam_is_asgo_with_foams_refresh():
                check_frequency=5)
   params = {"w": jnp.zeros((16, 24))}
   state = tx.init(params)
-  step = jax.jit(lambda s, g: tx.update({"w": g}, s, params))
+  step = jax.jit(lambda s, g: tx.update({"w": g}, s, params),
+                 compiler_options=FAST_COMPILE)
   for _ in range(40):
     g = jnp.asarray(mean + 0.1 * rng.standard_normal((16, 24)), jnp.float32)
     updates, state = step(state, g)
@@ -227,7 +233,8 @@ def test_shampoo_with_polar_express_roots_matches_eigh_roots():
                              start_preconditioning_step=1, epsilon=1e-6,
                              grafting="none", b1=0.0)
     state = tx.init(grads[0])
-    update_fn = jax.jit(tx.update)   # one program, not one per eager cond
+    # One program, not one per eager cond.
+    update_fn = jax.jit(tx.update, compiler_options=FAST_COMPILE)
     for g in grads:
       update, state = update_fn(g, state)
     steps[method] = np.asarray(update)

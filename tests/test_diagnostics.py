@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import foam_optax as fo
-from helpers import MB_PARAMS, microbatched
+from helpers import FAST_COMPILE, MB_PARAMS, microbatched
 
 
 def test_eigendecompositions_by_side_are_exact_counts():
@@ -21,7 +21,7 @@ def test_eigendecompositions_by_side_are_exact_counts():
                            start_preconditioning_step=2)
   state = tx.init(params)
   rng = np.random.default_rng(0)
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   for _ in range(6):   # check steps 2, 4, 6
     grads = jax.tree.map(
         lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
@@ -36,7 +36,8 @@ def test_eigendecompositions_by_side_are_exact_counts():
 def test_damping_mean_never_above_max():
   # 12 factors at damping 1e-9: a float32 mean rounds to 1.0000001e-9.
   params = {f"m{i}": jnp.ones((3 + i, 2)) for i in range(6)}
-  state = fo.foam(1e-3).init(params)
+  # Jitted: one program, not one per operation of an eager init.
+  state = jax.jit(fo.foam(1e-3).init)(params)
   raw = jnp.mean(jnp.full((12,), 1e-9, jnp.float32))
   assert raw > jnp.float32(1e-9)       # the rounding this guards against
   stats = fo.stats(state)
@@ -57,7 +58,9 @@ def test_step_counters_with_a_skipped_step():
   schedule = optax.linear_schedule(1.0, 0.0, 10)
 
   model = _Model()
-  optimizer = nnx.Optimizer(model, fo.foam(schedule), wrt=nnx.Param)
+  # Built under nnx.jit: one program, not one per operation of an eager init.
+  optimizer = nnx.jit(lambda model: nnx.Optimizer(
+      model, fo.foam(schedule), wrt=nnx.Param))(model)
 
   @nnx.jit
   def nnx_step(model, optimizer, g):
@@ -77,7 +80,7 @@ def test_step_counters_with_a_skipped_step():
   tx = optax.inject_hyperparams(fo.foam)(learning_rate=schedule)
   params = {"w": jnp.ones((4, 3))}
   state = tx.init(params)
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   for g in grads:
     _, state = step(g, state, params)
   stats = fo.stats(state)
@@ -129,7 +132,17 @@ _EVERY_OPTIMIZER = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(_EVERY_OPTIMIZER))
+# Slow: bare transformations that a default case runs inside a chain (the
+# case named here: a user's chain, or the alias's own), with the same
+# figures; test_eigendecompositions_by_side_are_exact_counts reads the
+# state of a bare transformation.
+_IN_A_CHAIN = {"scale_by_foam": "mup_chain", "scale_by_asgo": "asgo",
+               "scale_by_soap": "spectral_norm_chain"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name in _IN_A_CHAIN
+    else name for name in sorted(_EVERY_OPTIMIZER)])
 def test_stats_reports_every_optimizer_of_the_package(name):
   """A good step, a NaN step, a good step: two applied updates and one
   skipped (or, without a skipping wrapper, three applied)."""
@@ -138,7 +151,8 @@ def test_stats_reports_every_optimizer_of_the_package(name):
   state = tx.init(MB_PARAMS)
   step = jax.jit(lambda g, s, m: tx.update(g, s, MB_PARAMS,
                                            **({"microbatch_grads": m}
-                                              if micro else {})))
+                                              if micro else {})),
+                 compiler_options=FAST_COMPILE)
   for i, scale in enumerate((1.0, jnp.nan, 1.0)):
     grads, microbatches = microbatched(i)
     grads = jax.tree.map(lambda g: g * scale, grads)
@@ -170,7 +184,7 @@ def test_asgo_counts_polar_express_roots_as_inverse_roots():
   for method in ("polar_express", "eigh"):
     tx = fo.asgo(1e-2, root_method=method)
     state = tx.init(params)
-    step = jax.jit(tx.update)
+    step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
     for i in range(5):
       grads = jax.tree.map(
           lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)

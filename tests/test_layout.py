@@ -3,6 +3,7 @@ attention heads), the default reshaping, the block layout (leaf -> matrix ->
 blocks) and where the blocks land in the block-class stacks (on a mesh plan:
 test_mesh.py)."""
 
+import functools
 import itertools
 import math
 
@@ -15,13 +16,25 @@ import pytest
 import foam_optax as fo
 from foam_optax._src import layout as layout_lib
 from foam_optax._src.state import block_classes
-from helpers import leaf_states
+from helpers import FAST_COMPILE, leaf_states
 
 
-def _independent(tx_batched, tx_single, full_shape, slices, to_slices, steps):
+SLICE_OPTS = dict(check_frequency=3, stagger=False, block_size=4)
+
+
+@functools.lru_cache
+def _single(name):
+  """`name`'s optimizer with SLICE_OPTS and its jitted update: one for the
+  tests below, so that slices of one shape compile one program."""
+  tx = getattr(fo, name)(**SLICE_OPTS)
+  return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
+
+
+def _independent(tx_batched, single_name, full_shape, to_slices, steps):
   """Updates of one batched leaf and of each slice optimized on its own."""
   grads = jax.random.normal(jax.random.PRNGKey(4), (steps,) + full_shape)
-  update_b, update_s = jax.jit(tx_batched.update), jax.jit(tx_single.update)
+  tx_single, update_s = _single(single_name)
+  update_b = jax.jit(tx_batched.update, compiler_options=FAST_COMPILE)
   state = tx_batched.init({"w": jnp.zeros(full_shape)})
   single = [tx_single.init({"w": s}) for s in to_slices(jnp.zeros(full_shape))]
   for g in grads:
@@ -33,9 +46,6 @@ def _independent(tx_batched, tx_single, full_shape, slices, to_slices, steps):
   return batched["w"], outs, state
 
 
-SLICE_OPTS = dict(check_frequency=3, stagger=False, block_size=4)
-
-
 @pytest.mark.parametrize("name,numbers", [
     ("scale_by_foam", fo.DimensionNumbers(1, 2)),
     ("scale_by_soap", optax.contrib.MuonDimensionNumbers(
@@ -45,8 +55,7 @@ def test_stacked_layers_equal_independent_layers(name, numbers):
   L, m, n = 3, 6, 5   # block_size 4: two row and two column block groups
   make = getattr(fo, name)
   batched = make(weight_dimension_numbers={"w": numbers}, **SLICE_OPTS)
-  single = make(**SLICE_OPTS)
-  out, slices, state = _independent(batched, single, (L, m, n), L,
+  out, slices, state = _independent(batched, name, (L, m, n),
                                     lambda x: list(x), 7)
   np.testing.assert_allclose(out, jnp.stack(slices), rtol=2e-5, atol=2e-6)
   assert sum(int(fs.refreshes.sum()) for g in state.classes
@@ -55,13 +64,13 @@ def test_stacked_layers_equal_independent_layers(name, numbers):
 
 def test_attention_kernel_heads_are_independent():
   """(d, heads, head_dim): rows d, columns head_dim, one matrix per head;
-  given as a callable of the params."""
-  d, heads, head_dim = 5, 3, 4
+  given as a callable of the params. Heads of the stacked layers' (6, 5):
+  the single heads' update is the one compiled there."""
+  d, heads, head_dim = 6, 3, 5
   numbers = lambda params: {"w": fo.DimensionNumbers(0, 2)}
   batched = fo.scale_by_foam(weight_dimension_numbers=numbers, **SLICE_OPTS)
-  single = fo.scale_by_foam(**SLICE_OPTS)
   out, slices, _ = _independent(
-      batched, single, (d, heads, head_dim), heads,
+      batched, "scale_by_foam", (d, heads, head_dim),
       lambda x: [x[:, h, :] for h in range(heads)], 7)
   np.testing.assert_allclose(out, jnp.stack(slices, axis=1), rtol=2e-5,
                              atol=2e-6)
@@ -72,7 +81,7 @@ def test_default_reshaping_merges_layers():
   (the behaviour the option fixes): updates differ from independent ones."""
   L, m, n = 3, 6, 5
   out, slices, _ = _independent(fo.scale_by_foam(**SLICE_OPTS),
-                                fo.scale_by_foam(**SLICE_OPTS), (L, m, n), L,
+                                "scale_by_foam", (L, m, n),
                                 lambda x: list(x), 4)
   assert float(jnp.max(jnp.abs(out - jnp.stack(slices)))) > 1e-2
 
@@ -83,7 +92,9 @@ def test_dimension_numbers_layouts_and_errors():
   tx = fo.scale_by_foam(weight_dimension_numbers={
       "k": fo.DimensionNumbers((1,), (3, 2)), "b": fo.DimensionNumbers((), ()),
       "m": None})
-  leaves = {ls.layout.shape: ls.layout for ls in leaf_states(tx.init(params))}
+  # Jitted: one program, not one per operation of an eager init.
+  leaves = {ls.layout.shape: ls.layout
+            for ls in leaf_states(jax.jit(tx.init)(params))}
   kernel = leaves[(2, 8, 3, 4)]
   # Columns merge the output axes in the given order: (4, 3) -> 12.
   assert (kernel.batch, kernel.matrix_shape, kernel.transpose) == (
@@ -180,15 +191,22 @@ def _numpy_blocks(leaf, layout, group):
     ((5, 2, 3), fo.DimensionNumbers(0, (2, 1))),    # columns merge (3, 2)
 ])
 def test_extract_is_numpy_slicing_and_assemble_inverts_it(shape, numbers):
-  leaf = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape)
+  leaf = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
   layout = layout_lib.leaf_layout(shape, 3, None, False, numbers)
-  matrices = layout_lib.to_matrices(leaf, layout)
-  stacks = [layout_lib.extract(matrices, g) for g in layout.groups]
+
+  # Jitted: one program, not one per operation of eager calls.
+  @jax.jit
+  def extract_and_assemble(leaf):
+    matrices = layout_lib.to_matrices(leaf, layout)
+    stacks = [layout_lib.extract(matrices, g) for g in layout.groups]
+    return stacks, layout_lib.assemble(stacks, layout)
+
+  stacks, assembled = extract_and_assemble(leaf)
   for stack, g in zip(stacks, layout.groups):
     want = _numpy_blocks(leaf, layout, g)
     assert stack.shape == (len(want), g.rows, g.cols)
     np.testing.assert_array_equal(stack, np.stack(want))
-  np.testing.assert_array_equal(layout_lib.assemble(stacks, layout), leaf)
+  np.testing.assert_array_equal(assembled, leaf)
 
 
 # --- slot placement: where each leaf's blocks land in the class stacks ---
@@ -199,13 +217,16 @@ def test_each_block_lands_in_its_class_stack_at_its_members_offset():
   left and ``Bᵀ B`` on the right, up to one common factor, for every block
   of every leaf, computed here from the gradient by NumPy slicing."""
   grads = {"a": (5, 7), "b": (3, 7, 4), "c": (6,), "d": (4, 3), "e": (2, 3, 4)}
-  grads = {k: jax.random.normal(jax.random.PRNGKey(i), s)
-           for i, (k, s) in enumerate(sorted(grads.items()))}
+  rng = np.random.default_rng(0)
+  grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+           for k, s in sorted(grads.items())}
   tx = fo.scale_by_shampoo(block_size=3, precondition_1d=True, stagger=False,
                            weight_dimension_numbers={
                                "a": None, "b": fo.DimensionNumbers(1, 2),
                                "c": None, "d": None, "e": None})
-  state = jax.jit(tx.update)(grads, tx.init(grads))[1]
+  # Init and update in one program, not one per operation of an eager init.
+  state = jax.jit(lambda g: tx.update(g, tx.init(g))[1],
+                  compiler_options=FAST_COMPILE)(grads)
   (core,) = fo.find_states(state)
   leaves = jax.tree.leaves(grads)
   classes = block_classes(core)

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from helpers import FAST_COMPILE
 from official_mup import official_multiplier
 
 BASE, WIDE = 64, 512
@@ -227,7 +228,8 @@ def test_nnx_dimension_numbers_of_the_common_layers():
                                                        jax.random.split(
                                                            rngs(), 3))
 
-  model = Model(16, nnx.Rngs(0))
+  # Built under nnx.jit: one program, not one per operation.
+  model = nnx.jit(lambda: Model(16, nnx.Rngs(0)))()
   dims = fo.nnx_dimension_numbers(model)
   D = fo.DimensionNumbers
   assert dims["attention"]["query"]["kernel"] == D((0,), (1, 2))
@@ -247,8 +249,9 @@ def test_nnx_dimension_numbers_of_the_common_layers():
   assert multipliers["conv"]["kernel"] == pytest.approx(2.0)
   assert multipliers["stack"]["kernel"] == 1.0
   assert multipliers["attention"]["query"]["bias"] == 1.0
-  optimizer = nnx.Optimizer(model, fo.foam(1e-3, weight_dimension_numbers=dims),
-                            wrt=nnx.Param)
+  optimizer = nnx.jit(lambda model: nnx.Optimizer(
+      model, fo.foam(1e-3, weight_dimension_numbers=dims), wrt=nnx.Param))(
+          model)
   # A factor pair per kernel and per stacked layer, none for the biases,
   # stacked (3, 32) or (heads, head_dim).
   assert int(fo.stats(optimizer.opt_state)["num_factors"]) == 2 * (
@@ -268,16 +271,22 @@ def test_blocked_shampoo_update_of_a_low_rank_gradient_has_the_block_norm():
   widths, ranks = (64, 128, 256), (1, 4)
   # One update of all widths and ranks: each leaf has its own factors, and
   # every block is 32 x 32, so one program serves them all.
-  grads = {}
-  for width, rank in itertools.product(widths, ranks):
-    keys = jax.random.split(jax.random.PRNGKey(width + rank))
-    grads[f"{width}-{rank}"] = (jax.random.normal(keys[0], (width, rank))
-                                @ jax.random.normal(keys[1], (rank, 2 * width)))
+  @jax.jit   # one program, not one per operation and shape
+  def draw():
+    grads = {}
+    for width, rank in itertools.product(widths, ranks):
+      keys = jax.random.split(jax.random.PRNGKey(width + rank))
+      grads[f"{width}-{rank}"] = (
+          jax.random.normal(keys[0], (width, rank))
+          @ jax.random.normal(keys[1], (rank, 2 * width)))
+    return grads
+
   tx = fo.scale_by_shampoo(grafting="none", exponent=4, b1=0.0,
                            block_size=block, check_frequency=1,
                            start_preconditioning_step=1,
                            pseudo_inverse_rtol=1e-6)
-  updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  updates, _ = jax.jit(lambda g: tx.update(g, tx.init(g)),
+                       compiler_options=FAST_COMPILE)(draw())
   ratios, unblocked = [], []
   for width in widths:
     d_in, d_out = width, 2 * width
@@ -379,8 +388,8 @@ def test_soap_rule_under_foams_controller_keeps_the_feature_change_flat():
   for width in WIDTHS:
     inputs[width], g = _minibatch(width)
     grads[width] = {n: jnp.asarray(v, jnp.float32) for n, v in g.items()}
-  state = tx.init(grads)
-  update = jax.jit(tx.update)
+  state = jax.jit(tx.init)(grads)   # one program, not one per operation
+  update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   _, state = update(grads, state)
   updates, _ = update(grads, state)
   base = {n: jnp.zeros(s) for n, s in _layers(WIDTHS[0]).items()}

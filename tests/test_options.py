@@ -2,6 +2,8 @@
 (the README recipe, the check frequency) and what it may not (the options that
 decide the layout)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from helpers import FAST_COMPILE
 from readme_blocks import recipe as _recipe
 from readme_blocks import run as _run
 
@@ -33,35 +36,44 @@ def _grads(i):
           "v": jax.random.normal(keys[1], (6, 6))}
 
 
-@pytest.mark.parametrize("name,initial,edited", [
+@functools.lru_cache
+def _injected(block_size):
+  """FOAM under inject_hyperparams with `block_size` and max_precond_dim=8
+  (above every side), and its jitted update: the tests below edit one
+  state's values, so one program per block size serves them."""
+  tx = optax.inject_hyperparams(fo.foam)(1e-3, block_size=block_size,
+                                         max_precond_dim=8)
+  return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
+
+
+@pytest.mark.parametrize("name,block_size,edited", [
     ("block_size", 4, 3), ("block_size", 1024, 5),
-    ("max_precond_dim", 8, 4)])
-def test_structural_edit_raises(name, initial, edited):
-  tx = optax.inject_hyperparams(fo.foam)(1e-3, **{name: initial})
+    ("max_precond_dim", 1024, 4)])
+def test_structural_edit_raises(name, block_size, edited):
+  tx, update = _injected(block_size)
   state = tx.init(_W)
   state.hyperparams[name] = jnp.asarray(edited)
   with pytest.raises(ValueError, match=f"{name}={edited} does not match"):
     tx.update(_grads(0), state, _W)
   with pytest.raises(jax.errors.JaxRuntimeError,
                      match=f"{name}={edited} does not match"):
-    jax.block_until_ready(jax.jit(tx.update)(_grads(0), state, _W))
+    jax.block_until_ready(update(_grads(0), state, _W))
 
 
 def test_structural_edit_with_the_same_layout_is_accepted():
-  tx = optax.inject_hyperparams(fo.foam)(1e-3, block_size=1024,
-                                         max_precond_dim=8)
+  tx, update = _injected(1024)
   state = tx.init(_W)
   # Every side is at most 6: these give the layout the state already has.
   state.hyperparams["block_size"] = jnp.asarray(6)
   state.hyperparams["max_precond_dim"] = jnp.asarray(100)
-  _, state = jax.jit(tx.update)(_grads(0), state, _W)
+  _, state = update(_grads(0), state, _W)
   assert int(fo.stats(state)["step"]) == 1
 
 
 def test_injected_check_frequency_takes_effect():
   tx = optax.inject_hyperparams(fo.foam)(
       1e-3, check_frequency=100, start_preconditioning_step=1, stagger=False)
-  step = jax.jit(tx.update)
+  step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
 
   def checks(frequency):
     state = tx.init(_W)

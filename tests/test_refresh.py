@@ -2,6 +2,7 @@
 on a mesh, and behaviour under `jax.jit`: EVDs only behind conditionals,
 skipped EVDs not executed, no recompilation, stable state shapes and dtypes."""
 
+import functools
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ import foam_optax as fo
 from foam_optax._src import layout
 from foam_optax._src import linalg
 from foam_optax._src import refresh
+from helpers import FAST_COMPILE
 import host_devices
 
 # f32 (6,4) blocked 4+2; bf16 rank 3 (2,3,4) -> (6,4); bf16 vector; f32 scalar.
@@ -118,12 +120,19 @@ def test_compiled_program_no_retrace_stable_state(refresh_batching):
   assert jitted._cache_size() == 1
 
 
-def test_soap_power_qr_behind_conditionals():
+@functools.lru_cache
+def _soap_power_qr_hlo(refresh_batching):
+  """The compiled text of a power-QR SOAP update (compiled once for the
+  tests that read it)."""
   tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
-                        refresh_method="power_qr", refresh_batching="bucket")
-  state = tx.init(PARAMS)
-  hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
-                                 state).compile().as_text()
+                        refresh_method="power_qr",
+                        refresh_batching=refresh_batching)
+  return jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
+                                  tx.init(PARAMS)).compile().as_text()
+
+
+def test_soap_power_qr_behind_conditionals():
+  hlo = _soap_power_qr_hlo("bucket")
   calls, unconditional = _unconditional_expensive_calls(hlo)
   assert "syevd" in hlo and "geqrf" in hlo
   assert len(calls) >= 2 and not unconditional, unconditional
@@ -161,8 +170,8 @@ def test_skipped_eigendecompositions_are_not_executed(refresh_batching,
     _, s = tx.update(g, s)
     return s, fo.stats(s)
 
-  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g))(tx.init(PARAMS),
-                                                        grads)
+  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g),
+                     compiler_options=FAST_COMPILE)(tx.init(PARAMS), grads)
   jax.effects_barrier()
   evds, checks = (int(stats["eigendecompositions"][-1]),
                   int(stats["checks"][-1]))
@@ -242,11 +251,7 @@ def test_soap_power_qr_eigh_and_qr_in_separate_branches(refresh_batching):
   also runs the QR for the other members; its sibling, the branch of
   ordinary checks, runs the QR alone.
   """
-  tx = fo.scale_by_soap(check_frequency=2, block_size=4, stagger=False,
-                        refresh_method="power_qr",
-                        refresh_batching=refresh_batching)
-  hlo = jax.jit(tx.update).lower(_grads(np.random.default_rng(0)),
-                                 tx.init(PARAMS)).compile().as_text()
+  hlo = _soap_power_qr_hlo(refresh_batching)
   eigh, qr = EXPENSIVE
   conds = _branch_calls(hlo)
   with_eigh = [(names, calls) for names, calls in conds
@@ -298,7 +303,8 @@ def test_soap_power_qr_executes_eigh_only_for_first_bases(refresh_batching,
     return s, fo.stats(s)
 
   state = tx.init(PARAMS)
-  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g))(state, grads)
+  _, stats = jax.jit(lambda s, g: lax.scan(body, s, g),
+                     compiler_options=FAST_COMPILE)(state, grads)
   jax.effects_barrier()
   num_factors = int(stats["num_factors"][-1])
   stacks = len([f for f in jax.tree.leaves(
@@ -333,7 +339,7 @@ def test_factors_check_on_their_phase_and_refresh_only_there(
             block_size=4, precondition_1d=True, stagger=True)
   params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((7,)), "k": jnp.zeros(
       (3, 3))}
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   state = tx.init(params)
   checks, refreshes, phase = _factor_counters(state)
   assert len(set(phase.tolist())) == frequency     # stagger spreads them

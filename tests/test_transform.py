@@ -15,39 +15,88 @@ import pytest
 
 import foam_optax as fo
 import reference
-from helpers import (BASE, SHAPES, branches, compare, factor_arrays,
-                     factor_keys)
+from helpers import (BASE, SHAPES, branches, compare, defaults,
+                     factor_arrays, factor_keys)
 
 # The leaves split in two halves to keep compile time low: every controller
-# and every refresh_batching meets both halves.
+# and every refresh_batching meets both halves (with --runslow).
 HALVES = {"A": [(4, 4), (2, 3, 4), (1, 5), ()],
           "B": [(2, 1, 2, 2, 3), (3, 5), (7,), ()]}
 
 # Each case: controller x refresh_batching, with grafting / momentum /
-# precondition_1d
-# spread over the cases so that every option meets every refresh_batching.
+# precondition_1d spread over the cases. The default cases give every
+# controller one case without grafting and without momentum (b1=0), where
+# the preconditioned step is compared as it is; they meet both
+# refresh_batchings ('bucket' with controllers that refresh every factor,
+# some factors, or none after the first), every grafting type (the default
+# 'adam' in the tests below), b1 in {0, 0.5, 0.9} and both halves. The slow
+# cases pair the options otherwise; each names the default cases that cover
+# its path.
 CASES = [
-    ("stale", "map", "A", dict(grafting="adam", precondition_1d=True)),
     ("stale", "bucket", "B", dict(grafting="rmsprop", b1=0.0)),
-    ("foam", "map", "B", dict(grafting="none", precondition_1d=True)),
-    ("foam", "bucket", "A", dict(grafting="sgd", b1=0.5)),
-    ("foam_fixed_damping", "map", "A", dict(grafting="none", b1=0.0)),
-    ("foam_fixed_damping", "bucket", "B",
-     dict(grafting="adam", precondition_1d=True)),
-    ("foam_no_refresh", "map", "B", dict(grafting="rmsprop")),
-    ("foam_no_refresh", "bucket", "A",
-     dict(grafting="adam", precondition_1d=True)),
-    ("residual", "map", "A", dict(grafting="sgd", b1=0.0,
-                                  precondition_1d=True)),
-    ("residual", "bucket", "B", dict(grafting="adam", precondition_1d=True)),
-    # With those above, every controller meets grafting='none' and b1=0
-    # (no momentum) at least once; map refresh_batching only, to stay cheap.
     ("stale", "map", "B", dict(grafting="none")),
-    ("foam", "map", "A", dict(grafting="adam", b1=0.0)),
+    ("foam", "bucket", "A", dict(grafting="sgd", b1=0.5)),
+    ("foam", "bucket", "B", dict(grafting="none", b1=0.0,
+                                 precondition_1d=True)),
+    ("foam_fixed_damping", "map", "A", dict(grafting="none", b1=0.0)),
     ("foam_no_refresh", "map", "A", dict(grafting="none", b1=0.0,
                                          precondition_1d=True)),
-    ("residual", "map", "B", dict(grafting="none", precondition_1d=True)),
+    ("residual", "bucket", "A", dict(grafting="none", b1=0.0,
+                                     precondition_1d=True)),
+    # Slow: stale-map-B-none (stale, map) and test_float32_default_precision
+    # (adam).
+    pytest.param("stale", "map", "A",
+                 dict(grafting="adam", precondition_1d=True),
+                 marks=pytest.mark.slow),
+    # Slow: foam-bucket-B-none-b1=0 (foam, half B, no grafting) and
+    # foam_fixed_damping-map-A-none-b1=0 (map).
+    pytest.param("foam", "map", "B",
+                 dict(grafting="none", precondition_1d=True),
+                 marks=pytest.mark.slow),
+    # Slow: foam_fixed_damping-map-A-none-b1=0 (foam_fixed_damping),
+    # foam-bucket-B-none-b1=0 (bucket with some factors refreshed, half B)
+    # and test_float32_default_precision (adam).
+    pytest.param("foam_fixed_damping", "bucket", "B",
+                 dict(grafting="adam", precondition_1d=True),
+                 marks=pytest.mark.slow),
+    # Slow: foam_no_refresh-map-A-none-b1=0 (foam_no_refresh, map) and
+    # stale-bucket-B-rmsprop-b1=0 (rmsprop, half B).
+    pytest.param("foam_no_refresh", "map", "B", dict(grafting="rmsprop"),
+                 marks=pytest.mark.slow),
+    # Slow: foam_no_refresh-map-A-none-b1=0 (foam_no_refresh, half A),
+    # foam-bucket-B-none-b1=0 (bucket) and test_float32_default_precision.
+    pytest.param("foam_no_refresh", "bucket", "A",
+                 dict(grafting="adam", precondition_1d=True),
+                 marks=pytest.mark.slow),
+    # Slow: residual-bucket-A-none-b1=0 (residual, half A, b1=0),
+    # foam-bucket-A-sgd (sgd) and stale-map-B-none (map).
+    pytest.param("residual", "map", "A",
+                 dict(grafting="sgd", b1=0.0, precondition_1d=True),
+                 marks=pytest.mark.slow),
+    # Slow: residual-bucket-A-none-b1=0 (residual, bucket),
+    # foam-bucket-B-none-b1=0 (half B) and test_float32_default_precision.
+    pytest.param("residual", "bucket", "B",
+                 dict(grafting="adam", precondition_1d=True),
+                 marks=pytest.mark.slow),
+    # Slow: foam-bucket-B-none-b1=0 (foam, b1=0), stale-map-B-none (map)
+    # and test_float32_default_precision (adam).
+    pytest.param("foam", "map", "A", dict(grafting="adam", b1=0.0),
+                 marks=pytest.mark.slow),
+    # Slow: residual-bucket-A-none-b1=0 (residual, no grafting),
+    # foam-bucket-B-none-b1=0 (half B) and stale-map-B-none (map).
+    pytest.param("residual", "map", "B",
+                 dict(grafting="none", precondition_1d=True),
+                 marks=pytest.mark.slow),
 ]
+
+
+def _values(case):
+  """A case's (controller, refresh_batching, half, extra)."""
+  return tuple(case.values) if hasattr(case, "values") else case
+
+
+DEFAULT_CASES = [_values(c) for c in CASES
+                 if not any(m.name == "slow" for m in getattr(c, "marks", ()))]
 
 
 def _case_id(controller, refresh_batching, half, extra):
@@ -55,16 +104,24 @@ def _case_id(controller, refresh_batching, half, extra):
   return f"{controller}-{refresh_batching}-{half}-{extra['grafting']}{momentum}"
 
 
-def test_cases_cover_every_controller_without_grafting_and_momentum():
+def test_default_cases_cover_every_controller_without_grafting_and_momentum():
   for controller in ("stale", "foam", "foam_fixed_damping", "foam_no_refresh",
                      "residual"):
-    extras = [e for c, _, _, e in CASES if c == controller]
+    extras = [e for c, _, _, e in DEFAULT_CASES if c == controller]
     assert any(e["grafting"] == "none" for e in extras), controller
     assert any(e.get("b1", BASE["b1"]) == 0 for e in extras), controller
+  # Both refresh_batchings, both halves, and every grafting type with
+  # 'adam', the default that the tests below run.
+  assert {b for _, b, _, _ in DEFAULT_CASES} == {"map", "bucket"}
+  assert {h for _, _, h, _ in DEFAULT_CASES} == set(HALVES)
+  assert {e["grafting"] for *_, e in DEFAULT_CASES} == {"none", "sgd",
+                                                         "rmsprop"}
+  assert "grafting" not in BASE
+  assert defaults(fo.scale_by_foam)["grafting"] == "adam"
 
 
 @pytest.mark.parametrize("controller,refresh_batching,half,extra", CASES,
-                         ids=[_case_id(*case) for case in CASES])
+                         ids=[_case_id(*_values(case)) for case in CASES])
 def test_matches_reference(controller, refresh_batching, half, extra):
   kwargs = dict(BASE, controller=controller, **extra)
   _, ref_f, _ = compare(HALVES[half], kwargs, refresh_batching=refresh_batching)
@@ -114,7 +171,11 @@ def test_start_step_and_exponent():
   assert np.all(ref_f["checks"][3] == 0) and np.all(ref_f["checks"][4] == 1)
 
 
-@pytest.mark.parametrize("controller", ["foam", "stale"])
+@pytest.mark.parametrize("controller", [
+    "foam",
+    # Slow: the statistics' schedule is the controller's input, the same for
+    # both; [foam] checks it, and both branches of the checks that read it.
+    pytest.param("stale", marks=pytest.mark.slow)])
 def test_statistics_compute_steps(controller):
   # Statistics from steps 1, 4, 7, ... only; checks at 3, 4, 6, ...: some
   # checks see statistics last updated one or two steps before.
