@@ -46,6 +46,15 @@ def run(args, timeout: int, count: int = 8) -> str:
   return out.stdout
 
 
+def printed(code: str) -> str:
+  """The last line that `code`, run as a program (in a namespace of its
+  own), prints."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(code, "<program>", "exec"), {"__name__": "__main__"})
+  return out.getvalue().strip().splitlines()[-1]
+
+
 def checks_in_this_process(module: str, calls) -> None:
   """The checks' process: each `(name, function, args)` of `calls` in turn,
   `function` a name in the test module `module`. Prints a JSON line as each

@@ -4,8 +4,6 @@ Flax NNX (docs/multi_device.md, scripts/nnx_fsdp.py). All of them run in one
 new process (the `recipes` fixture, see host_devices.py), each in a namespace
 of its own."""
 
-import contextlib
-import io
 import json
 import sys
 import tempfile
@@ -18,29 +16,21 @@ import host_devices
 _ROOT = host_devices.ROOT
 
 
-def _printed(code: str) -> str:
-  """The last line that `code`, run as a program, prints."""
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    exec(compile(code, "<recipe>", "exec"), {"__name__": "__main__"})
-  return out.getvalue().strip().splitlines()[-1]
-
-
 def _readme_recipe() -> str:
   readme = (_ROOT / "README.md").read_text()
   block = readme.split("<!-- multi-device recipe -->")[1]
-  return _printed(block.split("```python")[1].split("```")[0])
+  return host_devices.printed(block.split("```python")[1].split("```")[0])
 
 
 def _docs_nnx_recipe() -> str:
   doc = (_ROOT / "docs" / "multi_device.md").read_text()
   section = doc.split("\n## Flax NNX")[1]
-  return _printed(section.split("```python")[1].split("```")[0])
+  return host_devices.printed(section.split("```python")[1].split("```")[0])
 
 
 def _script(name: str) -> dict:
   """The JSON that the script `name` of this module prints."""
-  return json.loads(_printed(globals()[name]))
+  return json.loads(host_devices.printed(globals()[name]))
 
 
 def _nnx_fsdp(meshes, optimizers) -> list:
