@@ -68,7 +68,7 @@ def checks_in_this_process(module: str, calls) -> None:
       with contextlib.redirect_stdout(io.StringIO()):
         value = getattr(functions, function)(*args)
       print(json.dumps({"done": name, "result": value}), flush=True)
-    except Exception:   # reported to the check's own test
+    except (Exception, SystemExit):   # reported to the check's own test
       print(json.dumps({"failed": name, "error": traceback.format_exc()}),
             flush=True)
 

@@ -4,8 +4,8 @@ The main pytest process has one device; a mesh needs
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is imported,
 so the checks run in one new process (the `new_process` fixture, under a
 timeout: a collective that deadlocks fails the test instead of stalling the
-suite; see host_devices.py), and the two-process check in processes of its
-own. The documented recipes on such a mesh are in
+suite; see host_devices.py), which also starts the two processes of the
+two-process check. The documented recipes on such a mesh are in
 test_multi_device_recipes.py.
 """
 
@@ -19,13 +19,14 @@ import pytest
 import host_devices
 
 
-def _bench_quick() -> dict:
-  """The figures `scripts/bench_devices.py --quick` writes."""
+def _written(script: str, *args) -> dict:
+  """The JSON that `scripts/<script>.py args... --json PATH` writes, run in
+  this process."""
   sys.path.insert(0, str(host_devices.ROOT / "scripts"))
-  import bench_devices
+  main = __import__(script).main
   with tempfile.TemporaryDirectory() as tmp:
-    path = f"{tmp}/devices.json"
-    bench_devices.main(["--quick", "--json", path])
+    path = f"{tmp}/{script}.json"
+    main([*args, "--json", path])
     with open(path) as f:
       return json.load(f)
 
@@ -40,8 +41,13 @@ def new_process():
   a function of a check's name giving its result (failing the calling test
   with the check's own error if it failed)."""
   outcomes = host_devices.run_checks(
-      "test_multi_device", [("bench", "_bench_quick", []),
-                            ("checks", "_checks", [])], 900)
+      "test_multi_device",
+      [("bench", "_written", ["bench_devices", "--quick"]),
+       ("checks", "_checks", []),
+       # 2 processes x 4 CPU devices in one jax.distributed cluster
+       # (localhost), against one device of this process.
+       ("processes", "_written", ["multi_process", "--timeout", "240"])],
+      900)
   return lambda name: host_devices.result(outcomes, name)
 
 
@@ -194,12 +200,8 @@ def test_batched_refresh_is_refused_on_a_mesh(checks):
   assert checks["bucket_refused"]
 
 
-def test_two_processes_match_one(tmp_path):
-  # 2 processes x 4 CPU devices in one jax.distributed cluster (localhost).
-  path = tmp_path / "processes.json"
-  host_devices.run(["scripts/multi_process.py", "--json", str(path),
-                    "--timeout", "240"], 300)
-  result = json.loads(path.read_text())
+def test_two_processes_match_one(new_process):
+  result = new_process("processes")
   assert result["processes"] * result["devices_per_process"] == 8
   assert result["moved"] > 0.05
   assert result["max_abs_diff"] < 1e-3 * result["moved"]
