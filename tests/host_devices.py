@@ -30,11 +30,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TESTS = pathlib.Path(__file__).resolve().parent
 
 
-def env(count: int = 8, **extra) -> dict:
-  """`os.environ` with `count` CPU devices."""
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
-              **extra)
+# These processes run each program for a few steps, and compare results
+# computed in the same process: XLA's backend optimisation of the machine
+# code costs more than it saves (a third of their seconds). Not for a
+# process whose results must match this one's bit for bit.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0 "
+                 "--xla_llvm_disable_expensive_passes=true")
+
+
+def env(count: int = 8, fast_compile: bool = True, **extra) -> dict:
+  """`os.environ` with `count` CPU devices (and with `fast_compile`, XLA's
+  backend optimisations off)."""
+  flags = f"--xla_force_host_platform_device_count={count}"
+  if fast_compile:
+    flags = f"{flags} {_FAST_COMPILE}"
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
 def run(args, timeout: int, count: int = 8) -> str:
@@ -73,19 +83,21 @@ def checks_in_this_process(module: str, calls) -> None:
             flush=True)
 
 
-def run_checks(module: str, calls, timeout: int, count: int = 8) -> dict:
+def run_checks(module: str, calls, timeout: int, count: int = 8,
+               fast_compile: bool = True) -> dict:
   """Runs `calls` (see `checks_in_this_process`) in one new process on
-  `count` CPU devices, from the repository root, under `timeout` seconds for
-  all of them (a deadlocked collective fails instead of stalling). Returns
+  `count` CPU devices (`env`), from the repository root, under `timeout`
+  seconds for all of them (a deadlocked collective fails instead of
+  stalling). Returns
   `{name: ("done", result)}` for each check that finished, else
   `{name: ("failed", reason)}`."""
   code = (f"import sys; sys.path.insert(0, {str(_TESTS)!r}); "
           "import host_devices; "
           f"host_devices.checks_in_this_process({module!r}, {calls!r})")
   try:
-    out = subprocess.run([sys.executable, "-c", code], env=env(count),
-                         cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run([sys.executable, "-c", code],
+                         env=env(count, fast_compile), cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout)
     stdout = out.stdout
     ended = (None if out.returncode == 0 else
              f"the process exited {out.returncode}: {out.stderr[-3000:]}")

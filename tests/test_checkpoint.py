@@ -178,7 +178,10 @@ def new_process(saved, saved_uneven, tmp_path_factory):
                   [path("nnx"), path("nnx_previous_layout.npz")]))
   except ImportError:
     pass
-  outcomes = host_devices.run_checks("test_checkpoint", calls, 300)
+  # Compiled as in this process: the resumed trajectory must match this
+  # process's bit for bit.
+  outcomes = host_devices.run_checks("test_checkpoint", calls, 300,
+                                     fast_compile=False)
 
   def arrays(name):
     host_devices.result(outcomes, name)
