@@ -21,9 +21,10 @@ Three measurements, written to ``--out`` as ``device_check.json`` and
    bytes in use after the optimizer's runs (a running maximum over the
    process).
 
-``--tiny`` shrinks every shape so the whole script runs in well under a
-minute on a CPU (the CI smoke test); the full run is sized for about five
-minutes on one GPU.
+``--tiny`` shrinks every shape and compiles with XLA's cheap settings
+(`foam_optax.bench.measure.fast_compile`) so the whole script runs in well
+under a minute on a CPU (the CI smoke test); the full run is sized for about
+five minutes on one GPU.
 
     python scripts/device_check.py --out /tmp/device_check
     python scripts/device_check.py --tiny --out /tmp/device_check_tiny
@@ -45,6 +46,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 
 import foam_optax as fo
@@ -69,37 +71,38 @@ class Sizes:
                   ("foam", 20), ("soap", 10))
 
 
+# The embeddings of the tiny model are d_model x d_model, as the attention
+# projection: fewer distinct block shapes and factor sizes to compile.
 TINY = Sizes(matrix_sizes=(16, 32), batch=2, cond_size=16, cond_count=4,
-             layers=1, d_model=32, heads=2, vocab=64, seq_len=8,
+             layers=1, d_model=32, heads=2, vocab=32, seq_len=32,
              batch_size=2, repeats=3,
              steps=(("adamw", 4), ("shampoo_f1", 2), ("shampoo_f20", 4),
                     ("foam", 4), ("soap", 4)))
 
 LR = 1e-3
-# Tiny shapes time nothing of interest: spend less time optimising them.
-FAST_COMPILE = dict(xla_backend_optimization_level=0,
-                    xla_llvm_disable_expensive_passes=True)
 
 
-def _spd(key, shape):
-  g = jax.random.normal(key, shape)
-  return g @ jnp.swapaxes(g, -1, -2) / shape[-1]
+def _spd(seed, shape):
+  """Symmetric positive semi-definite matrices of `shape` (drawn with NumPy:
+  JAX's random numbers drawn op by op compile a program per shape)."""
+  g = np.random.default_rng(seed).standard_normal(shape, np.float32)
+  return jnp.asarray(g @ np.swapaxes(g, -1, -2) / np.float32(shape[-1]))
 
 
 # ---------------------------------------------------------- 1. eigh vs matmul
 
 
-def eigh_vs_matmul(sizes: Sizes):
-  eigh = jax.jit(lambda a: jnp.linalg.eigh(a))
-  matmul = jax.jit(lambda a, b: jnp.matmul(a, b,
-                                           precision=lax.Precision.HIGHEST))
+def eigh_vs_matmul(sizes: Sizes, compiler_options=None):
+  jit = lambda fn: jax.jit(fn, compiler_options=compiler_options)
+  eigh = jit(lambda a: jnp.linalg.eigh(a))
+  matmul = jit(lambda a, b: jnp.matmul(a, b, precision=lax.Precision.HIGHEST))
   # The backend's default precision: TF32 on recent NVIDIA GPUs, one bf16
   # pass on TPU, float32 on CPU.
-  matmul_default = jax.jit(jnp.matmul)
+  matmul_default = jit(jnp.matmul)
   rows = []
   for m in sizes.matrix_sizes:
-    one = _spd(jax.random.key(m), (m, m))
-    many = _spd(jax.random.key(m + 1), (sizes.batch, m, m))
+    one = _spd(m, (m, m))
+    many = _spd(m + 1, (sizes.batch, m, m))
     row = {"m": m, "batch": sizes.batch,
            "eigh_ms": 1e3 * measure.timed(eigh, one, repeats=sizes.repeats),
            "matmul_ms": 1e3 * measure.timed(matmul, one, one, repeats=sizes.repeats),
@@ -118,10 +121,10 @@ def eigh_vs_matmul(sizes: Sizes):
 # ---------------------------------------------------------- 2. per-factor cond
 
 
-def cond_cost(sizes: Sizes):
+def cond_cost(sizes: Sizes, compiler_options=None):
   """Per factor: a `lax.map` over the stack with a cond whose taken branch
   runs `eigh` and rebuilds the factor, all skipped / all taken, against the
-  map without a cond (returning the factor)."""
+  map without a cond (returning the factor); `compiler_options` go to XLA."""
   def refresh(a):
     d, q = jnp.linalg.eigh(a)
     return (q * d) @ q.T
@@ -130,20 +133,21 @@ def cond_cost(sizes: Sizes):
     return lax.map(lambda x: lax.cond(x[1], lambda: refresh(x[0]),
                                       lambda: x[0]), (stack, flags))
 
-  with_cond = jax.jit(with_cond)
-  no_cond = jax.jit(lambda stack: lax.map(lambda a: a + 0.0, stack))
-  always = jax.jit(lambda stack: lax.map(refresh, stack))
+  jit = lambda fn: jax.jit(fn, compiler_options=compiler_options)
+  with_cond = jit(with_cond)
+  no_cond = jit(lambda stack: lax.map(lambda a: a + 0.0, stack))
+  always = jit(lambda stack: lax.map(refresh, stack))
   n = sizes.cond_count
-  stack = _spd(jax.random.key(7), (n, sizes.cond_size, sizes.cond_size))
+  stack = _spd(7, (n, sizes.cond_size, sizes.cond_size))
   per = lambda seconds: 1e3 * seconds / n
   r = sizes.repeats
   return {
       "m": sizes.cond_size, "factors": n,
       "no_cond_ms_per_factor": per(measure.timed(no_cond, stack, repeats=r)),
       "skipped_ms_per_factor": per(measure.timed(
-          with_cond, stack, jnp.zeros((n,), bool), repeats=r)),
+          with_cond, stack, np.zeros((n,), bool), repeats=r)),
       "taken_ms_per_factor": per(measure.timed(
-          with_cond, stack, jnp.ones((n,), bool), repeats=r)),
+          with_cond, stack, np.ones((n,), bool), repeats=r)),
       "unconditional_ms_per_factor": per(measure.timed(always, stack, repeats=r)),
   }
 
@@ -151,22 +155,26 @@ def cond_cost(sizes: Sizes):
 # ---------------------------------------------------------- 3. GPT-2-shaped
 
 
-def init_gpt(key, sizes: Sizes):
+def init_gpt(seed, sizes: Sizes):
+  """GPT-2-style parameters (drawn with NumPy, as `_spd`)."""
   d, v = sizes.d_model, sizes.vocab
-  keys = iter(jax.random.split(key, 4 + 4 * sizes.layers))
-  normal = lambda shape, scale=0.02: scale * jax.random.normal(next(keys),
-                                                               shape)
+  rng = np.random.default_rng(seed)
+  normal = lambda shape: np.float32(0.02) * rng.standard_normal(shape,
+                                                                np.float32)
+  ones, zeros = (lambda n: np.ones((n,), np.float32),
+                 lambda n: np.zeros((n,), np.float32))
   layer = lambda: {
-      "ln1": {"g": jnp.ones((d,)), "b": jnp.zeros((d,))},
-      "qkv": {"w": normal((d, 3 * d)), "b": jnp.zeros((3 * d,))},
-      "proj": {"w": normal((d, d)), "b": jnp.zeros((d,))},
-      "ln2": {"g": jnp.ones((d,)), "b": jnp.zeros((d,))},
-      "fc": {"w": normal((d, 4 * d)), "b": jnp.zeros((4 * d,))},
-      "out": {"w": normal((4 * d, d)), "b": jnp.zeros((d,))},
+      "ln1": {"g": ones(d), "b": zeros(d)},
+      "qkv": {"w": normal((d, 3 * d)), "b": zeros(3 * d)},
+      "proj": {"w": normal((d, d)), "b": zeros(d)},
+      "ln2": {"g": ones(d), "b": zeros(d)},
+      "fc": {"w": normal((d, 4 * d)), "b": zeros(4 * d)},
+      "out": {"w": normal((4 * d, d)), "b": zeros(d)},
   }
-  return {"wte": normal((v, d)), "wpe": normal((sizes.seq_len, d)),
-          "layers": [layer() for _ in range(sizes.layers)],
-          "ln_f": {"g": jnp.ones((d,)), "b": jnp.zeros((d,))}}
+  return jax.tree.map(jnp.asarray, {
+      "wte": normal((v, d)), "wpe": normal((sizes.seq_len, d)),
+      "layers": [layer() for _ in range(sizes.layers)],
+      "ln_f": {"g": ones(d), "b": zeros(d)}})
 
 
 def _layer_norm(x, p):
@@ -215,10 +223,9 @@ def step_costs(sizes: Sizes, compiler_options=None, into=None,
   """Fills `into` (``param_bytes`` and ``optimizers``) one optimizer at a
   time, calling `on_result` after each; returns it."""
   into = {"optimizers": {}} if into is None else into
-  params = init_gpt(jax.random.key(0), sizes)
-  tokens = jax.random.randint(jax.random.key(1),
-                              (sizes.batch_size, sizes.seq_len + 1), 0,
-                              sizes.vocab)
+  params = init_gpt(0, sizes)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(
+      0, sizes.vocab, (sizes.batch_size, sizes.seq_len + 1), np.int32))
   into["param_bytes"] = measure.tree_bytes(params)
   results = into["optimizers"]
   for name, steps in sizes.steps:
@@ -334,6 +341,7 @@ def main(argv=None):
     sizes = dataclasses.replace(sizes, steps=tuple(
         (name, n) for name, n in sizes.steps if name in args.optimizers))
   start = time.perf_counter()
+  options = measure.compiler_options(args.tiny)
   device = jax.devices()[0]
   report = {
       "device": getattr(device, "device_kind", str(device)),
@@ -355,15 +363,14 @@ def main(argv=None):
     (out / "device_check.md").write_text(markdown(report))
 
   if "eigh" in args.sections:
-    report["eigh_vs_matmul"] = eigh_vs_matmul(sizes)
+    report["eigh_vs_matmul"] = eigh_vs_matmul(sizes, options)
     save()
   if "cond" in args.sections:
-    report["cond"] = cond_cost(sizes)
+    report["cond"] = cond_cost(sizes, options)
     save()
   if "steps" in args.sections:
     report["steps"] = {"optimizers": {}}
-    step_costs(sizes, FAST_COMPILE if args.tiny else None, report["steps"],
-               save)
+    step_costs(sizes, options, report["steps"], save)
   save()
   text = markdown(report)
   print(text)

@@ -57,11 +57,12 @@ def state_finite(state):
 
 
 def nonfinite_fields(state):
-  """Names of the state's arrays holding a non-finite value (host side)."""
+  """Names of the state's arrays holding a non-finite value (host side, in
+  NumPy: op by op, JAX would compile a program per shape)."""
   return [jax.tree_util.keystr(path)
           for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
           if jnp.issubdtype(x.dtype, jnp.inexact)
-          and not bool(jnp.all(jnp.isfinite(x)))]
+          and not np.isfinite(np.asarray(x)).all()]
 
 
 def run(tx, steps, chunk=1000, lr=1e-2, seed=0):

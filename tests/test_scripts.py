@@ -215,16 +215,17 @@ def test_asgo_comparison_one_sided_foam_computes_fewer_roots(capsys):
 def test_profile_step_stacks_blocks_as_the_library():
   """Blocks of one shape across leaves form one stack, in tree order."""
   import profile_step
-  params = {"a": jnp.ones((4, 3)), "b": jnp.ones((6, 2)), "c": jnp.ones((4, 3)),
-            "v": jnp.ones(3)}
+  # NumPy inputs: made op by op with jnp, each would compile its own program.
+  params = {"a": np.ones((4, 3), np.float32), "b": np.ones((6, 2), np.float32),
+            "c": np.ones((4, 3), np.float32), "v": np.ones(3, np.float32)}
   grads = jax.tree.map(
-      lambda x: jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) + x.size,
+      lambda x: np.arange(x.size, dtype=np.float32).reshape(x.shape) + x.size,
       params)
   stacks = {(cls.rows, cls.cols): stack
             for cls, stack in profile_step.block_stacks(params, grads)}
   assert set(stacks) == {(4, 3), (6, 2)}
   np.testing.assert_array_equal(stacks[(4, 3)],
-                                jnp.stack([grads["a"], grads["c"]]))
+                                np.stack([grads["a"], grads["c"]]))
   np.testing.assert_array_equal(stacks[(6, 2)], grads["b"][None])
 
 

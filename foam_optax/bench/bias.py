@@ -133,6 +133,8 @@ class BiasConfig:
       the best rate sits there.
     num_microbatches: microbatches per step of the corrected methods.
     timing_repeats: alternated repeats of the gradient-cost timing.
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
+      timings mean nothing).
   """
 
   make_workload: Callable[[], workloads.Workload]
@@ -144,6 +146,7 @@ class BiasConfig:
   max_grid_extensions: int = 2
   num_microbatches: int = 8
   timing_repeats: int = 30
+  fast_compile: bool = False
 
 
 def bias_workload() -> workloads.Workload:
@@ -171,7 +174,7 @@ FULL = BiasConfig(make_workload=bias_workload, steps=200,
 QUICK = BiasConfig(make_workload=lambda: digits_linear(steps=24), steps=24,
                    seeds=(0, 1), sweep_seed=100, sweep_steps=24,
                    lr_grid=(1e-2, 3e-2), max_grid_extensions=0,
-                   timing_repeats=5)
+                   timing_repeats=5, fast_compile=True)
 
 
 def unit_learning_rates(steps: int) -> np.ndarray:
@@ -195,15 +198,17 @@ def _first_half(batch):
 
 
 def compile_method(workload: workloads.Workload, method: Method,
-                   num_microbatches: int, evaluate) -> trainer.Trainer:
+                   num_microbatches: int, evaluate,
+                   compiler_options: Optional[dict] = None) -> trainer.Trainer:
   """`method`'s compiled train step: at a unit learning rate, its updates
   multiplied by the step's rate (`trainer.Trainer`); a corrected method
-  gets `num_microbatches` microbatch gradients; `evaluate` is shared."""
+  gets `num_microbatches` microbatch gradients; `evaluate` is shared;
+  `compiler_options` go to XLA."""
   return trainer.Trainer(
       workload, method.spec, unit_learning_rate=1.0,
       microbatches=num_microbatches if method.corrected else None,
       batch_transform=_first_half if method.first_half_only else None,
-      trace_stats=False, evaluate=evaluate)
+      trace_stats=False, evaluate=evaluate, compiler_options=compiler_options)
 
 
 def train(compiled: trainer.Trainer, seed: int, steps: int, peak_lr: float,
@@ -229,17 +234,20 @@ def train(compiled: trainer.Trainer, seed: int, steps: int, peak_lr: float,
 
 
 def gradient_cost(workload: workloads.Workload, num_microbatches: int,
-                  repeats: int) -> dict:
+                  repeats: int, compiler_options: Optional[dict] = None
+                  ) -> dict:
   """The full-batch gradient against the per-microbatch ones, alone:
   median milliseconds over `repeats` alternated calls, and XLA's buffer
-  sizes (the outputs hold the `num_microbatches` gradients)."""
+  sizes (the outputs hold the `num_microbatches` gradients);
+  `compiler_options` go to XLA."""
   params = workload.init_params(0)
   batch = jax.tree.map(lambda b: b[0], workload.sample_batches(0, 1))
   functions = {
       "value_and_grad": jax.value_and_grad(workload.loss_fn),
       "microbatch_grads": lambda p, b: fo.microbatch_grads(
           workload.loss_fn, p, b, num_microbatches)}
-  compiled = {name: measure.lower_and_compile(f, params, batch)[0]
+  compiled = {name: measure.lower_and_compile(f, params, batch,
+                                              **(compiler_options or {}))[0]
               for name, f in functions.items()}
   for f in compiled.values():
     jax.block_until_ready(f(params, batch))
@@ -348,10 +356,11 @@ def run(cfg: BiasConfig, context: harness.Context) -> dict:
   on every method alike). Returns the workload, the gradient cost, the
   sweeps, each method's runs and summary, the pairs and the targets."""
   workload = cfg.make_workload()
-  evaluate = jax.jit(workload.evaluate)
+  options = measure.compiler_options(cfg.fast_compile)
+  evaluate = jax.jit(workload.evaluate, compiler_options=options)
   suite = methods()
   trainers = {m.name: compile_method(workload, m, cfg.num_microbatches,
-                                     evaluate)
+                                     evaluate, options)
               for m in suite}
   sweeps = {m.family: sweep(trainers[m.name], cfg, context.progress)
             for m in suite if m.baseline is None}
@@ -377,7 +386,7 @@ def run(cfg: BiasConfig, context: harness.Context) -> dict:
                        "num_microbatches": cfg.num_microbatches,
                        "seeds": list(cfg.seeds)},
           "gradient_cost": gradient_cost(workload, cfg.num_microbatches,
-                                         cfg.timing_repeats),
+                                         cfg.timing_repeats, options),
           "compile_seconds": sum(t.compile_seconds
                                  for t in trainers.values()),
           "monte_carlo": monte_carlo(),

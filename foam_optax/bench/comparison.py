@@ -20,7 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from foam_optax.bench import harness, optimizers, report, trainer, workloads
+from foam_optax.bench import harness, measure, optimizers, report, trainer
+from foam_optax.bench import workloads
 
 BLOCK = harness.Block("## Optimizer comparison (`foam-bench`)",
                       "<!-- bench:start -->", "<!-- bench:end -->")
@@ -40,6 +41,8 @@ class ComparisonConfig:
     steps: training steps of every workload (None: each workload's own).
     sweep_steps: steps of each sweep run (None: a third of the steps, at
       least 10).
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
+      timings mean nothing).
   """
 
   workloads: tuple = tuple(workloads.WORKLOADS)
@@ -47,21 +50,23 @@ class ComparisonConfig:
   seeds: int = 3
   steps: Optional[int] = None
   sweep_steps: Optional[int] = None
+  fast_compile: bool = False
 
 
 FULL = ComparisonConfig()
 QUICK = ComparisonConfig(workloads=("quadratic_k1e2", "digits_mlp"),
                          optimizers=("adamw", "shampoo_f20", "foam"), seeds=2,
-                         steps=40)
+                         steps=40, fast_compile=True)
 
 
 def benchmark_pair(workload: workloads.Workload,
                    spec: optimizers.OptimizerSpec, seeds, steps: int,
-                   sweep_steps: int, progress: trainer.Progress = None) -> dict:
+                   sweep_steps: int, progress: trainer.Progress = None,
+                   compiler_options: Optional[dict] = None) -> dict:
   """Learning-rate sweep (seed `seeds[0]`, `sweep_steps`, `trainer.sweep`)
   then one run per seed at the chosen rate, evaluated
-  `trainer.EVAL_POINTS` times."""
-  run = trainer.Trainer(workload, spec)
+  `trainer.EVAL_POINTS` times; `compiler_options` go to XLA."""
+  run = trainer.Trainer(workload, spec, compiler_options=compiler_options)
   lr, sweep = trainer.sweep(
       lambda lr: run.train(seeds[0], sweep_steps, lr, progress=progress)[
           "curve"]["train_loss"][-1],
@@ -111,8 +116,9 @@ def run(cfg: ComparisonConfig, context: harness.Context) -> dict:
     results = {}
     for name in _names(cfg):
       context.describe(f"{w} {name}")
-      results[name] = benchmark_pair(wl, specs[name], seeds, wl.steps,
-                                     _sweep_steps(cfg, wl), context.progress)
+      results[name] = benchmark_pair(
+          wl, specs[name], seeds, wl.steps, _sweep_steps(cfg, wl),
+          context.progress, measure.compiler_options(cfg.fast_compile))
     target = summarize(results["adamw"], math.inf)["final_train_loss"]
     raw["workloads"][w] = {
         "description": wl.description, "steps": wl.steps,

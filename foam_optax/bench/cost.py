@@ -52,8 +52,7 @@ import numpy as np
 import optax
 
 import foam_optax as fo
-from foam_optax.bench import harness
-from foam_optax.bench import report
+from foam_optax.bench import harness, measure, report
 
 BLOCK = harness.Block("## Cost of adoption (`foam-bench --suite cost`)",
                       "<!-- bench-cost:start -->", "<!-- bench-cost:end -->")
@@ -64,7 +63,9 @@ LEARNING_RATE = 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class CostConfig:
-  """What `run_suite` measures."""
+  """What `run_suite` measures (`fast_compile`: every program compiled with
+  `measure.fast_compile()`, so that a smoke run's compile seconds are that
+  setting's, not XLA's defaults')."""
 
   d_model: int = 768
   layers: int = 12                       # the unscanned and scanned trees
@@ -79,13 +80,14 @@ class CostConfig:
   check_frequency: int = 4               # of the step-time part
   batch: int = 2
   sequence: int = 64
+  fast_compile: bool = False
 
 
 FULL = CostConfig()
 QUICK = CostConfig(d_model=16, layers=1, sweep=(2,),
                    optimizers=("muon", "foam"), repeats=1, train_step=False,
                    step_layers=1, check_frequency=2, sequence=4,
-                   warm_up=False, persistent_cache=False)
+                   warm_up=False, persistent_cache=False, fast_compile=True)
 
 
 # --- the model ------------------------------------------------------------
@@ -193,13 +195,15 @@ def _timed(fn):
   return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compile_cost(fn, *args) -> dict:
+def compile_cost(fn, *args, compiler_options: Optional[dict] = None
+                 ) -> dict:
   """Trace + lower and compile seconds of ``jax.jit(fn)`` ahead of time, and
-  the compiled program's HLO size."""
+  the compiled program's HLO size; `compiler_options` go to XLA."""
   jitted = jax.jit(fn)
   lowered, lower_wall, lower_cpu = _timed(
       lambda: jitted.trace(*args).lower())
-  compiled, compile_wall, compile_cpu = _timed(lowered.compile)
+  compiled, compile_wall, compile_cpu = _timed(
+      lambda: lowered.compile(compiler_options))
   return {"trace_lower_s": lower_wall, "compile_s": compile_wall,
           "total_s": lower_wall + compile_wall,
           "trace_lower_cpu_s": lower_cpu, "compile_cpu_s": compile_cpu,
@@ -207,13 +211,16 @@ def compile_cost(fn, *args) -> dict:
           "hlo": hlo_size(compiled.as_text() or "")}
 
 
-def update_cost(name: str, params, scanned: bool) -> dict:
+def update_cost(name: str, params, scanned: bool,
+                compiler_options: Optional[dict] = None) -> dict:
   tx = optimizer(name, params, scanned)
   state = jax.eval_shape(tx.init, params)
-  return compile_cost(tx.update, params, state, params)
+  return compile_cost(tx.update, params, state, params,
+                      compiler_options=compiler_options)
 
 
-def train_step_cost(name: str, params, scanned: bool, batch) -> dict:
+def train_step_cost(name: str, params, scanned: bool, batch,
+                    compiler_options: Optional[dict] = None) -> dict:
   tx = optimizer(name, params, scanned)
   state = jax.eval_shape(tx.init, params)
 
@@ -222,7 +229,8 @@ def train_step_cost(name: str, params, scanned: bool, batch) -> dict:
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  return compile_cost(step, params, state, batch)
+  return compile_cost(step, params, state, batch,
+                      compiler_options=compiler_options)
 
 
 def state_bytes_ratio(name: str, params, scanned: bool) -> float:
@@ -251,13 +259,16 @@ def step_times(name: str, cfg: CostConfig, params, scanned: bool,
   options = {"check_frequency": cfg.check_frequency} if package and (
       name != "asgo") else {}
   tx = optimizer(name, params, scanned, **options)
+  compiler_options = measure.compiler_options(cfg.fast_compile)
   grads = _gradient(params, batch, scanned)
-  state = jax.block_until_ready(jax.jit(tx.init)(params))
+  state = jax.block_until_ready(
+      jax.jit(tx.init, compiler_options=compiler_options)(params))
   # Gradients and parameters are arguments: closed over, they would be
   # constants that XLA folds through the update's products for minutes.
   step = jax.jit(lambda state, grads, params: tx.update(grads, state,
                                                         params)[1],
-                 donate_argnums=0).lower(state, grads, params).compile()
+                 donate_argnums=0).lower(state, grads, params).compile(
+                     compiler_options)
   keys = ("checks", "eigendecompositions", "inverse_roots")
   counters = lambda state: ({k: int(v) for k, v in fo.stats(state).items()
                              if k in keys} if package else {})
@@ -325,12 +336,14 @@ def _warm_up(cfg: CostConfig) -> None:
   first-use costs fall on none of the measurements."""
   params = init_params(1, 8)
   for name in cfg.optimizers:
-    update_cost(name, params, scanned=False)
+    update_cost(name, params, scanned=False,
+                compiler_options=measure.compiler_options(cfg.fast_compile))
 
 
 def run(cfg: CostConfig, context: harness.Context = harness.Context()
         ) -> dict:
   progress = context.progress
+  options = measure.compiler_options(cfg.fast_compile)
   if cfg.warm_up:
     _warm_up(cfg)
   batch = make_batch(cfg)
@@ -343,7 +356,7 @@ def run(cfg: CostConfig, context: harness.Context = harness.Context()
       params = init_params(layers, cfg.d_model, scanned)
       for name in cfg.optimizers:
         context.describe(f"compile {name}, {tree}")
-        runs[tree][name].append(update_cost(name, params, scanned))
+        runs[tree][name].append(update_cost(name, params, scanned, options))
         gc.collect()
         progress(1)
     if cfg.train_step:
@@ -351,7 +364,8 @@ def run(cfg: CostConfig, context: harness.Context = harness.Context()
         params = init_params(cfg.layers, cfg.d_model, scanned)
         for name in cfg.optimizers:
           steps[name].append(
-              (scanned, train_step_cost(name, params, scanned, batch)))
+              (scanned, train_step_cost(name, params, scanned, batch,
+                                        options)))
           progress(1)
   result = {"config": dataclasses.asdict(cfg), "update": {}, "train_step": {},
             "state_bytes_per_param_byte": {}, "step_times": {},
@@ -433,7 +447,9 @@ def markdown(raw: dict) -> str:
   lines = [
       f"GPT-2-small-shaped tree, {cfg['layers']} layers of d = "
       f"{cfg['d_model']}; `jax.jit(tx.update)` lowered and compiled ahead of "
-      f"time; medians of {cfg['repeats']} interleaved repeats. Seconds are "
+      "time" + (" with `measure.fast_compile()`" if cfg.get("fast_compile")
+                else "")
+      + f"; medians of {cfg['repeats']} interleaved repeats. Seconds are "
       "wall (process CPU in brackets).", "",
       "| optimizer | trace + lower | compile | total | x Muon (CPU) | HLO "
       "instructions | fusions | conditionals | loops | state / params |",

@@ -8,11 +8,34 @@ benchmark's own dependencies are not installed.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable, Optional
 
 import jax
+
+
+@functools.cache
+def fast_compile() -> dict:
+  """XLA options for the programs of a smoke run (the suites' quick
+  presets, `scripts/device_check.py --tiny`), whose tiny shapes time nothing
+  of interest: no optimisation of the machine code and, where this jaxlib
+  still has them, XLA's older CPU fusion emitters (unoptimised, they compile
+  in half the time of the newer ones)."""
+  options: dict[str, Any] = dict(xla_backend_optimization_level=0,
+                                 xla_llvm_disable_expensive_passes=True)
+  older = dict(options, xla_cpu_use_fusion_emitters=False)
+  try:
+    jax.jit(lambda x: x).lower(0.0).compile(older)
+  except RuntimeError:   # "No such compile option"
+    return options
+  return older
+
+
+def compiler_options(fast: bool) -> Optional[dict]:
+  """`fast_compile()` if `fast`, else None (XLA's defaults)."""
+  return fast_compile() if fast else None
 
 
 def call_timed(fn: Callable, *args) -> tuple[Any, float]:

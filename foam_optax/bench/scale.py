@@ -54,8 +54,8 @@ import numpy as np
 
 import foam_optax as fo
 from foam_optax.controllers import staleness_proxy
-from foam_optax.bench import harness, metrics, optimizers, report, trainer
-from foam_optax.bench import workloads
+from foam_optax.bench import harness, measure, metrics, optimizers, report
+from foam_optax.bench import trainer, workloads
 
 BLOCKS = {
     None: harness.Block(
@@ -107,6 +107,8 @@ class ScaleConfig:
     time_limit: seconds from the start after which no run starts and a run
       in progress stops between two steps (``'wallclock'`` part; None: no
       limit).
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
+      timings mean nothing).
   """
 
   make_workload: Callable[[], workloads.Workload]
@@ -132,6 +134,7 @@ class ScaleConfig:
   references: tuple = ()
   only: Optional[str] = None
   time_limit: Optional[float] = None
+  fast_compile: bool = False
 
 
 def scale_workload(steps: int = 1000) -> workloads.Workload:
@@ -142,15 +145,18 @@ def scale_workload(steps: int = 1000) -> workloads.Workload:
 
 
 FULL = ScaleConfig(make_workload=scale_workload, steps=1000, lr=3e-3)
-# Smoke run: a tiny quadratic, a few steps, one point per grid axis but f.
+# Smoke run: a tiny quadratic, a few steps, one point per grid axis but f;
+# every optimizer configuration it needs more than once (f = 1 and 20, FOAM
+# at f = 1 for the Pareto point and the grid) is compiled once.
 QUICK = ScaleConfig(
     make_workload=lambda: workloads.kronecker_quadratic(
         kappa=1e2, rows=16, cols=8, steps=30),
     steps=30, lr=3e-2, frequencies=(1, 20), robustness_steps=25,
-    robustness_lrs=(3e-2,), robustness_frequencies=(5, 20),
+    robustness_lrs=(3e-2,), robustness_frequencies=(1, 20),
     robustness_epsilons=(1e-9,), proxy_steps=30, snapshot_every=5,
-    factors_per_size=1, eval_points=10, pareto_points=((5, 0.75, "exact"),),
-    line_frequencies=(5,), spread_seeds=(1,), spread_frequency=20)
+    factors_per_size=1, eval_points=10, pareto_points=((1, 0.75, "exact"),),
+    line_frequencies=(), spread_seeds=(1,), spread_frequency=20,
+    fast_compile=True)
 
 
 def gpu_workload(steps: int = 600) -> workloads.Workload:
@@ -184,22 +190,27 @@ def shampoo_settings(check_frequency: int, epsilon: float = 1e-9) -> dict:
 
 def foam_settings(check_frequency: int = 20, epsilon: float = 1e-9,
                   **overrides) -> dict:
-  """The paper's configuration (`optimizers.FOAM_PAPER`) at f and eps0."""
-  return dict(optimizers.FOAM_PAPER, check_frequency=check_frequency,
-              epsilon=epsilon, max_epsilon=MAX_EPSILON_RATIO * epsilon,
-              **overrides)
+  """The paper's configuration (`optimizers.FOAM_PAPER`, its exact proxy
+  stated, so that equal configurations share a compiled step) at f and
+  eps0."""
+  return {**optimizers.FOAM_PAPER, "proxy": "exact",
+          "check_frequency": check_frequency, "epsilon": epsilon,
+          "max_epsilon": MAX_EPSILON_RATIO * epsilon, **overrides}
 
 
 class Trainers:
   """One compiled `trainer.Trainer` per distinct optimizer configuration,
   kept in `cache` (its own by default; `run` passes one shared by the runs
   of a process on the same workload). `compile_seconds` has, per
-  configuration asked for, the seconds its step took to compile."""
+  configuration asked for, the seconds its step took to compile.
+  `compiler_options` go to XLA."""
 
   def __init__(self, workload: workloads.Workload,
-               cache: Optional[dict] = None):
+               cache: Optional[dict] = None,
+               compiler_options: Optional[dict] = None):
     self.workload = workload
     self._cache = {} if cache is None else cache
+    self._compiler_options = compiler_options
     self.compile_seconds = {}
 
   def get(self, method: str, settings: Optional[dict] = None
@@ -215,14 +226,16 @@ class Trainers:
         spec = optimizers.make_spec(
             method, fo.foam if method == "foam" else fo.shampoo, settings,
             grid=())
-      self._cache[key] = trainer.Trainer(self.workload, spec)
+      self._cache[key] = trainer.Trainer(
+          self.workload, spec, compiler_options=self._compiler_options)
     self.compile_seconds[key] = self._cache[key].compile_seconds
     return self._cache[key]
 
 
-# Per workload factory, its workload and the compiled steps on it: a second
-# run in the same process (a part after the whole suite) compiles only the
-# configurations the first did not. The factories are deterministic.
+# Per workload factory (and `fast_compile`), its workload and the compiled
+# steps on it: a second run in the same process (a part after the whole
+# suite) compiles only the configurations the first did not. The factories
+# are deterministic.
 _COMPILED: dict = {}
 
 
@@ -427,7 +440,8 @@ def true_relative_error(factor, basis, eigvals, damping, exponent) -> float:
 
 
 def record_snapshots(recorder: trainer.Trainer, steps: int, every: int,
-                     per_size: int, lr: float, progress) -> list:
+                     per_size: int, lr: float, progress,
+                     compiler_options: Optional[dict] = None) -> list:
   """Trains and, every `every` steps, pairs each recorded factor's current
   bias-corrected statistic A_t with its cached (Q, D, ε).
 
@@ -436,7 +450,7 @@ def record_snapshots(recorder: trainer.Trainer, steps: int, every: int,
   Returns dicts with the proxy h (library `staleness_proxy`,
   computed as the optimizer does, in the statistic's dtype), the float64 true
   relative error, the factor's size, side, and the steps since its cache was
-  refreshed.
+  refreshed. `compiler_options` go to XLA (the proxy's program).
   """
   settings = recorder.spec.settings
   b2, exponent = settings["b2"], settings["exponent"]
@@ -447,7 +461,8 @@ def record_snapshots(recorder: trainer.Trainer, steps: int, every: int,
   chosen = _recorded_factors(opt_state, per_size)
   last_refresh = {key: 0 for key in chosen}
   refreshes = {key: 0 for key in chosen}
-  proxy = jax.jit(staleness_proxy, static_argnums=4)
+  proxy = jax.jit(staleness_proxy, static_argnums=4,
+                  compiler_options=compiler_options)
   pairs = []
   for i in range(steps):
     batch = jax.tree.map(lambda b: b[i], batches)
@@ -648,10 +663,12 @@ def run(cfg: ScaleConfig, context: harness.Context) -> dict:
   each step's compilation, whichever run paid it)."""
   deadline = (math.inf if cfg.time_limit is None
               else time.perf_counter() + cfg.time_limit)
-  if cfg.make_workload not in _COMPILED:
-    _COMPILED[cfg.make_workload] = (cfg.make_workload(), {})
-  workload, cache = _COMPILED[cfg.make_workload]
-  trainers = Trainers(workload, cache)
+  options = measure.compiler_options(cfg.fast_compile)
+  compiled = (cfg.make_workload, cfg.fast_compile)
+  if compiled not in _COMPILED:
+    _COMPILED[compiled] = (cfg.make_workload(), {})
+  workload, cache = _COMPILED[compiled]
+  trainers = Trainers(workload, cache, options)
   record = {"workload": _workload_record(workload, cfg), "only": cfg.only}
   if cfg.only == "wallclock":
     runs = _wallclock_runs(trainers, cfg, context, deadline, record)
@@ -686,7 +703,7 @@ def run(cfg: ScaleConfig, context: harness.Context) -> dict:
     for source, recorder in recordings.items():
       for pair in record_snapshots(recorder, cfg.proxy_steps,
                                    cfg.snapshot_every, cfg.factors_per_size,
-                                   cfg.lr, context.progress):
+                                   cfg.lr, context.progress, options):
         pairs.append({"source": source, **pair})
     claims["proxy"] = {**proxy_utility(pairs, cfg.taus),
                        "steps": cfg.proxy_steps, "sources": list(recordings),

@@ -60,7 +60,7 @@ import optax
 
 import foam_optax as fo
 from foam_optax import controllers
-from foam_optax.bench import harness, report
+from foam_optax.bench import harness, measure, report
 
 BLOCK = harness.Block(
     "### Stability under a data switch (`foam-bench --suite stability`)",
@@ -340,6 +340,8 @@ class StabilityConfig:
     ladder: Shampoo's fixed check frequencies.
     policy: the policy candidates.
     curve_every: the stored loss curves keep every this many steps.
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
+      timings mean nothing).
   """
 
   steps: int
@@ -349,6 +351,7 @@ class StabilityConfig:
   ladder: tuple = LADDER
   policy: tuple = POLICY
   curve_every: int = 5
+  fast_compile: bool = False
 
 
 FULL = StabilityConfig(steps=600, switch_window=(250, 350), seeds=3,
@@ -358,7 +361,8 @@ QUICK = StabilityConfig(
     workloads=default_workloads(
         (Setting("no_graft_p4_eps1e-09", "none", 4, 1e-9, (3e-2,)),), ())[:2],
     ladder=(1, 20), curve_every=4,
-    policy=tuple(m for m in POLICY if m.name in ("policy_hold", "policy_f1")))
+    policy=tuple(m for m in POLICY if m.name in ("policy_hold", "policy_f1")),
+    fast_compile=True)
 
 
 def switch_step(seed: int, window: tuple) -> int:
@@ -370,10 +374,13 @@ def families() -> dict:
 
 
 class Simulator:
-  """One jitted whole-run function per (controller, proxy, grafting, p)."""
+  """One jitted whole-run function per (controller, proxy, grafting, p);
+  `compiler_options` go to XLA."""
 
-  def __init__(self, family: Family, steps: int, curve_every: int):
+  def __init__(self, family: Family, steps: int, curve_every: int,
+               compiler_options: Optional[dict] = None):
     self.family, self.steps, self.curve_every = family, steps, curve_every
+    self._compiler_options = compiler_options
     self._cache = {}
 
   def _build(self, method: Method, setting: Setting):
@@ -413,7 +420,7 @@ class Simulator:
               "eigendecompositions": stats["eigendecompositions"],
               "checks": stats["checks"], "num_factors": stats["num_factors"]}
 
-    return jax.jit(simulate)
+    return jax.jit(simulate, compiler_options=self._compiler_options)
 
   def run(self, method: Method, setting: Setting, lr: float, seed: int,
           switch: Optional[int]) -> dict:
@@ -495,7 +502,8 @@ def units_of_work(cfg: StabilityConfig) -> int:
 def run(cfg: StabilityConfig, context: harness.Context) -> dict:
   """Runs every workload, setting and method; returns the results with the
   policy study and the targets."""
-  simulators = {name: Simulator(make(), cfg.steps, cfg.curve_every)
+  options = measure.compiler_options(cfg.fast_compile)
+  simulators = {name: Simulator(make(), cfg.steps, cfg.curve_every, options)
                 for name, make in families().items()
                 if any(w.family == name for w in cfg.workloads)}
   result = {"config": {"steps": cfg.steps, "switch_window": cfg.switch_window,

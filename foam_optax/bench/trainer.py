@@ -55,6 +55,8 @@ class Trainer:
     evaluate: a jitted evaluation to share between trainers (compiled once);
       by default the trainer compiles the workload's own, and its
       compilation counts in `compile_seconds`.
+    compiler_options: XLA options of the step and of its own evaluation
+      (`measure.compiler_options`); None: XLA's defaults.
 
   Attributes:
     compile_seconds: seconds to trace and compile the step (and the
@@ -66,8 +68,10 @@ class Trainer:
                unit_learning_rate=None, microbatches: Optional[int] = None,
                batch_transform: Optional[Callable] = None,
                trace_stats: Optional[bool] = None,
-               evaluate: Optional[Callable] = None):
+               evaluate: Optional[Callable] = None,
+               compiler_options: Optional[dict] = None):
     self.workload, self.spec = workload, spec
+    self._compiler_options = compiler_options or {}
     # Any: the optimizers of the suites take extra `update` arguments.
     self.tx: Any = spec.build(unit_schedule() if unit_learning_rate is None
                               else unit_learning_rate)
@@ -95,7 +99,8 @@ class Trainer:
     params, opt_state = self.init(0)
     batch = jax.tree.map(lambda b: b[0], workload.sample_batches(0, 1))
     self.step, trace_seconds, compile_seconds = measure.lower_and_compile(
-        train_step, params, opt_state, batch, jnp.float32(0))
+        train_step, params, opt_state, batch, jnp.float32(0),
+        **self._compiler_options)
     self.compile_seconds = trace_seconds + compile_seconds
     self.memory = measure.memory(self.step)
     self.evaluate: Callable = evaluate if evaluate is not None else (
@@ -104,8 +109,8 @@ class Trainer:
   def _compile_evaluation(self, params) -> Callable:
     """The workload's evaluation, compiled; its seconds count in
     `compile_seconds`."""
-    compiled, *seconds = measure.lower_and_compile(self.workload.evaluate,
-                                                   params)
+    compiled, *seconds = measure.lower_and_compile(
+        self.workload.evaluate, params, **self._compiler_options)
     self.compile_seconds += sum(seconds)
     return compiled
 

@@ -70,6 +70,8 @@ class TransferConfig:
     delta_h_steps: steps of the weight change of the ‖Δh‖ check, from step
       ``steps // 2`` on.
     eval_size: held-out examples of the final loss.
+    fast_compile: compile with `measure.fast_compile()` (a smoke run's
+      timings mean nothing).
   """
 
   widths: tuple
@@ -80,6 +82,7 @@ class TransferConfig:
   context: int = 4
   eval_size: int = 4096
   optimizers: tuple = OPTIMIZERS
+  fast_compile: bool = False
 
 
 def _grid(low: int, high: int) -> tuple:
@@ -100,7 +103,8 @@ FULL = TransferConfig(
 QUICK = TransferConfig(
     widths=(8, 16), steps=8, batch_size=8, delta_h_steps=2, context=1,
     eval_size=128, optimizers=("adamw", "soap"),
-    lr_grids={"adamw": _grid(-7, -6), "soap": _grid(-7, -6)})
+    lr_grids={"adamw": _grid(-7, -6), "soap": _grid(-7, -6)},
+    fast_compile=True)
 
 
 # ------------------------------------------------------------------ model
@@ -249,7 +253,8 @@ class Runner:
               "delta_h": own_change("hidden2"),
               "delta_f": own_change("readout")}
 
-    self._run = jax.jit(run)
+    self._run = jax.jit(run, compiler_options=measure.compiler_options(
+        cfg.fast_compile))
 
   def train(self, learning_rate: float, mults, weight_decay: float) -> dict:
     out = self._run(self.params, jnp.float32(learning_rate),

@@ -1,12 +1,12 @@
 """The stability suite's measures, the switch workload's purpose and the
 hold controller (its quick run: tests/bench/test_harness.py)."""
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
 from foam_optax import controllers
-from foam_optax.bench import stability
+from foam_optax.bench import measure, stability
 
 
 def test_spike_is_the_largest_rise_within_a_phase():
@@ -40,7 +40,8 @@ def test_scheduled_evds_count_the_check_steps():
 
 def test_stale_factor_null_space_diverges_where_every_step_refresh_does_not():
   """The switch workload's purpose: no grafting, p = 4, eps0 = 1e-12."""
-  sim = stability.Simulator(stability.regression_family(), 200, 10)
+  sim = stability.Simulator(stability.regression_family(), 200, 10,
+                            measure.fast_compile())
   setting = stability.Setting("s", "none", 4, 1e-12, (3e-2,))
   diverged = {f: sim.run(stability.shampoo("s", "ladder", f), setting, 3e-2,
                          0, 150)["diverged"] for f in (1, 100)}
@@ -51,12 +52,16 @@ def test_hold_keeps_the_damping_that_foam_lowers():
   class Cfg:
     epsilon, threshold, max_epsilon, exponent, proxy = 1e-9, 0.75, 3e-7, 2, "exact"
 
-  basis = jnp.eye(3)
-  eigvals = jnp.array([3.0, 2.0, 1.0])
-  factor = jnp.diag(eigvals) + 1e-3   # slightly stale: h well below tau
-  damping = jnp.asarray(1e-7)
-  foam = controllers.foam(factor, basis, eigvals, damping, Cfg, None)
-  hold = stability.foam_hold(factor, basis, eigvals, damping, Cfg, None)
+  basis = np.eye(3, dtype=np.float32)
+  eigvals = np.array([3.0, 2.0, 1.0], np.float32)
+  factor = np.diag(eigvals) + np.float32(1e-3)   # slightly stale: h << tau
+  damping = np.float32(1e-7)
+  # Each decision one program (op by op, every operation compiles its own).
+  decide = lambda controller: jax.jit(
+      lambda *arrays: controller(*arrays, Cfg, None))(factor, basis, eigvals,
+                                                      damping)
+  foam = decide(controllers.foam)
+  hold = decide(stability.foam_hold)
   assert float(foam.damping) < 1e-7
   assert float(hold.damping) == pytest.approx(1e-7)
   assert not bool(hold.refresh)
