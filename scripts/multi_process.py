@@ -71,8 +71,11 @@ def _train(params, data, tx, shardings=None):
 
 
 def worker(process_id, port, out):
-  os.environ["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+  # The parent's other XLA flags kept.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(
+      [*flags, f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"])
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", num_processes=PROCESSES,

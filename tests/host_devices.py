@@ -30,20 +30,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TESTS = pathlib.Path(__file__).resolve().parent
 
 
-# These processes run each program for a few steps, and compare results
-# computed in the same process: XLA's backend optimisation of the machine
-# code costs more than it saves (a third of their seconds). Not for a
-# process whose results must match this one's bit for bit.
-_FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                 "--xla_llvm_disable_expensive_passes=true")
+def _fast_compile_flags() -> str:
+  """`measure.fast_compile()`'s options as XLA flags. These processes run
+  each program for a few steps and compare results computed in the same
+  process: optimising the machine code would cost most of their seconds."""
+  from foam_optax.bench import measure
+  return " ".join(f"--{name}={str(value).lower()}"
+                  for name, value in measure.fast_compile().items())
 
 
 def env(count: int = 8, fast_compile: bool = True, **extra) -> dict:
-  """`os.environ` with `count` CPU devices (and with `fast_compile`, XLA's
-  backend optimisations off)."""
+  """`os.environ` with `count` CPU devices and, with `fast_compile`, XLA's
+  cheap compile settings (not for a process whose results must match this
+  one's bit for bit)."""
   flags = f"--xla_force_host_platform_device_count={count}"
   if fast_compile:
-    flags = f"{flags} {_FAST_COMPILE}"
+    flags = f"{flags} {_fast_compile_flags()}"
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
