@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from foam_optax.bench import measure
 import host_devices
 
 ocp = pytest.importorskip("orbax.checkpoint")
@@ -41,11 +42,11 @@ def _loss(p):
 
 
 def _make_step(tx):
-  @jax.jit
   def step(params, state):
     updates, state = tx.update(jax.grad(_loss)(params), state, params)
     return optax.apply_updates(params, updates), state
-  return step
+  # XLA's cheap settings, the same in both processes (a few steps each).
+  return jax.jit(step, compiler_options=measure.fast_compile())
 
 
 _step = _make_step(_TX)
@@ -178,10 +179,7 @@ def new_process(saved, saved_uneven, tmp_path_factory):
                   [path("nnx"), path("nnx_previous_layout.npz")]))
   except ImportError:
     pass
-  # Compiled as in this process: the resumed trajectory must match this
-  # process's bit for bit.
-  outcomes = host_devices.run_checks("test_checkpoint", calls, 300,
-                                     fast_compile=False)
+  outcomes = host_devices.run_checks("test_checkpoint", calls, 300)
 
   def arrays(name):
     host_devices.result(outcomes, name)
