@@ -8,9 +8,10 @@ with ``--json PATH``, writes the figures.
     python scripts/bench_devices.py                 # the full report
     python scripts/bench_devices.py --quick         # the checks only (CI)
 
-``--quick`` runs agreement, work and memory only, in 12 steps, and agreement
-on five (optimizer, mesh, parameter layout) rows that together cover every
-optimizer, every mesh and both layouts (`QUICK`).
+``--quick`` runs agreement, work, relayout and memory only, in 12 steps, and
+agreement on five (optimizer, mesh, parameter layout) rows that together
+cover every optimizer, every mesh and both layouts: four of `QUICK` and the
+work section's run.
 
 Sections:
 
@@ -24,7 +25,10 @@ Sections:
   1e-6 relative, at ε0 = 1e-9 (the paper's) and 1e-5: the scale of
   disagreement that reordered float32 sums alone can cause;
 * **work**: `eigh` calls executed on each device at every check step of a
-  FOAM run, against the number of factors that needed one;
+  FOAM run, against the number of factors that needed one; the run's
+  agreement with one device is the agreement row `foam_low_cap`;
+* **relayout**: that run's one-device state moved onto the mesh with
+  `fo.relayout` (and back), then 5 more steps on the mesh and on one device;
 * **memory**: optimizer-state bytes per device against one device, for a
   model whose stacks divide by the device count;
 * **speed**: step time of Shampoo with ``check_frequency=1`` (every factor
@@ -41,7 +45,7 @@ import os
 import sys
 
 
-def _parse():
+def _parse(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--devices", type=int, default=8,
                       help="host devices to ask for on CPU (default 8)")
@@ -55,7 +59,7 @@ def _parse():
   parser.add_argument("--speed-only", action="store_true",
                       help="the step-time section alone")
   parser.add_argument("--json", help="write the figures to this file")
-  return parser.parse_args()
+  return parser.parse_args(argv)
 
 
 ARGS = _parse() if __name__ == "__main__" else None
@@ -79,13 +83,19 @@ from foam_optax.bench import measure  # noqa: E402
 # ---------------------------------------------------------------- the model
 
 
+def _normal(key, shape):
+  """`jax.random.normal(key, shape)`, the same values drawn flat: XLA
+  compiles a draw of three or four axes several times slower."""
+  return jax.random.normal(key, (math.prod(shape),)).reshape(shape)
+
+
 def small_params(key):
   """Stacks of 18, 5 and 1 blocks at block_size 16: none divides by 8."""
   k = jax.random.split(key, 3)
   return {"w0": jax.random.normal(k[0], (64, 48)) / 8,
           "b0": jnp.zeros((48,)),
           "w1": jax.random.normal(k[1], (48, 40)) / 7,
-          "conv": jax.random.normal(k[2], (3, 3, 4, 8)) / 6}
+          "conv": _normal(k[2], (3, 3, 4, 8)) / 6}
 
 
 def small_loss(p, batch):
@@ -96,8 +106,8 @@ def small_loss(p, batch):
 
 
 def small_batches(steps):
-  xs = jax.random.normal(jax.random.PRNGKey(1), (steps, 32, 64))
-  ys = jax.random.normal(jax.random.PRNGKey(2), (steps, 32, 40))
+  xs = _normal(jax.random.PRNGKey(1), (steps, 32, 64))
+  ys = _normal(jax.random.PRNGKey(2), (steps, 32, 40))
   return xs, ys
 
 
@@ -141,7 +151,8 @@ def _param_shardings(params, mesh, layout):
 
 def run_sharded(tx, loss, params, batches, mesh, layout, use_set_mesh):
   """Trains on `mesh` following the documented recipe; returns the final
-  parameters and state (on host) and the compiled step."""
+  parameters (on host), the state's counters and whether the state kept its
+  shardings."""
   import contextlib
   context = jax.set_mesh(mesh) if use_set_mesh else contextlib.nullcontext()
   with context:
@@ -152,33 +163,66 @@ def run_sharded(tx, loss, params, batches, mesh, layout, use_set_mesh):
     state = jax.jit(tx.init, out_shardings=s_shard)(params)
     step = jax.jit(make_step(tx, loss), in_shardings=(p_shard, s_shard, None),
                    out_shardings=(p_shard, s_shard))
-    for i in range(batches[0].shape[0]):
-      # Each step completes before the next: see docs/multi_device.md.
-      params, state = jax.block_until_ready(
-          step(params, state, (batches[0][i], batches[1][i])))
-    kept = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
-        jax.tree.leaves(state), jax.tree.leaves(s_shard)))
-    stats = {k: float(v) for k, v in jax.jit(fo.stats)(state).items()}
+    params, state = train(step, params, state, batches)
+    kept = _kept(state, s_shard)
+    stats = _counters(state)
   return jax.device_get(params), stats, kept
 
 
-def run_single(tx, loss, params, batches):
+def on_one_device(tx, params):
+  """`params` and `tx`'s initial state, committed to the first device."""
   device = jax.devices()[0]
   params = jax.device_put(params, device)
-  state = jax.device_put(tx.init(params), device)
-  step = jax.jit(make_step(tx, loss))
-  for i in range(batches[0].shape[0]):
-    params, state = step(params, state, (batches[0][i], batches[1][i]))
-  return jax.device_get(params), {
-      k: float(v) for k, v in fo.stats(state).items()}
+  # Jitted: one program instead of dozens of eager operations; committed,
+  # like the step's results, so that the step compiles once.
+  return params, jax.device_put(jax.jit(tx.init)(params), device)
+
+
+def run_single(tx, loss, params, batches):
+  params, state = train(jax.jit(make_step(tx, loss)),
+                        *on_one_device(tx, params), batches)
+  return jax.device_get(params), _counters(state)
+
+
+def train(step, params, state, batches, steps=None):
+  """`steps` steps (default: one per batch) of `step`, on `batches`."""
+  for i in range(batches[0].shape[0] if steps is None else steps):
+    # Each step completes before the next: see docs/multi_device.md.
+    params, state = jax.block_until_ready(
+        step(params, state, (batches[0][i], batches[1][i])))
+  return params, state
+
+
+def _counters(state):
+  return {k: float(v) for k, v in jax.jit(fo.stats)(state).items()}
+
+
+def _kept(state, shardings):
+  """Whether every array of `state` is placed as `shardings` says."""
+  return all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
+      jax.tree.leaves(state), jax.tree.leaves(shardings)))
 
 
 def _max_relative(a, b, start):
-  moved = max(float(jnp.max(jnp.abs(x - s))) for x, s in zip(
-      jax.tree.leaves(a), jax.tree.leaves(start)))
-  diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
-      jax.tree.leaves(a), jax.tree.leaves(b)))
+  moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(s))))
+              for x, s in zip(jax.tree.leaves(a), jax.tree.leaves(start)))
+  diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   return diff, moved
+
+
+def _row(name, mesh_name, layout, final, stats, kept, single, single_stats,
+         start):
+  """A row of the agreement table: the run on the mesh (`final`, `stats`)
+  against the one on one device (`single`, `single_stats`)."""
+  diff, moved = _max_relative(final, single, start)
+  return {"optimizer": name, "mesh": mesh_name, "params": layout,
+          "max_abs_diff": diff, "moved": moved, "relative_diff": diff / moved,
+          # ASGO's roots are iterated, counted as inverse roots.
+          "refreshes": stats["eigendecompositions"] + stats["inverse_roots"],
+          "refreshes_1": single_stats["eigendecompositions"]
+                         + single_stats["inverse_roots"],
+          "sharding_kept": kept}
 
 
 # Unstaggered checks: staggered check phases depend on the layout (they are
@@ -198,10 +242,10 @@ OPTIMIZERS = {
     "asgo": lambda eps: fo.asgo(2e-2, block_size=16),
 }
 
-# (optimizer, mesh, parameter layout) run by --quick: each optimizer once,
+# (optimizer, mesh, parameter layout) run by --quick: with the work
+# section's run (`foam_low_cap`, make_mesh, replicated), each optimizer once,
 # each mesh and each layout at least once (every compiled step costs seconds).
-QUICK = {("foam", "make_mesh_no_set_mesh", "fsdp"),
-         ("shampoo", "make_mesh", "fsdp"),
+QUICK = {("shampoo", "make_mesh_no_set_mesh", "fsdp"),
          ("soap", "make_mesh", "replicated"),
          ("foam_one_sided", "make_mesh_2d", "replicated"),
          ("asgo", "Mesh_auto", "replicated")}
@@ -224,25 +268,19 @@ def agreement(steps, quick, epsilon=1e-5):
   rows = []
   n = jax.device_count()
   for name, make in OPTIMIZERS.items():
+    runs = [(mesh_name, mesh, use_set_mesh, layout)
+            for mesh_name, (mesh, use_set_mesh) in meshes(n).items()
+            for layout in ("replicated", "fsdp")
+            if not quick or (name, mesh_name, layout) in QUICK]
+    if not runs:
+      continue
     single, single_stats = run_single(make(epsilon), small_loss, params,
                                       batches)
-    for mesh_name, (mesh, use_set_mesh) in meshes(n).items():
-      for layout in ("replicated", "fsdp"):
-        if quick and (name, mesh_name, layout) not in QUICK:
-          continue
-        final, stats, kept = run_sharded(make(epsilon), small_loss, params,
-                                         batches, mesh, layout, use_set_mesh)
-        diff, moved = _max_relative(final, single, params)
-        rows.append({
-            "optimizer": name, "mesh": mesh_name, "params": layout,
-            "max_abs_diff": diff, "moved": moved,
-            "relative_diff": diff / moved,
-            # ASGO's roots are iterated, counted as inverse roots.
-            "refreshes": stats["eigendecompositions"]
-                         + stats["inverse_roots"],
-            "refreshes_1": single_stats["eigendecompositions"]
-                           + single_stats["inverse_roots"],
-            "sharding_kept": kept})
+    for mesh_name, mesh, use_set_mesh, layout in runs:
+      final, stats, kept = run_sharded(make(epsilon), small_loss, params,
+                                       batches, mesh, layout, use_set_mesh)
+      rows.append(_row(name, mesh_name, layout, final, stats, kept, single,
+                       single_stats, params))
   return rows
 
 
@@ -272,8 +310,23 @@ def sensitivity(steps):
 # ------------------------------------------------------------------ work
 
 
-def work_per_device(steps):
-  """Executed `eigh` calls per device on each step of a FOAM run."""
+def low_cap_foam():
+  """FOAM with a low cap on ε, so that later checks refresh some factors and
+  keep others."""
+  return fo.foam(2e-2, epsilon=1e-5, max_epsilon=2e-5, block_size=16,
+                 check_frequency=3, stagger=False)
+
+
+def work_per_device(steps, continued=5):
+  """A run of `low_cap_foam` on the mesh as in the plain recipe
+  (`jax.make_mesh` under `jax.set_mesh`, replicated parameters, the step
+  jitted without shardings) and on one device, by the same jitted step.
+
+  Returns the `eigh` calls executed on each device at each step that needed
+  some, the run's agreement row, and the relayout figures: the one-device
+  state moved onto the mesh with `fo.relayout` (and back), then `continued`
+  more steps on the mesh and on one device.
+  """
   n = jax.device_count()
   mesh = jax.make_mesh((n,), ("data",))
   calls = []
@@ -283,26 +336,26 @@ def work_per_device(steps):
     jax.debug.callback(lambda d: calls.append(int(d)), device)
     return jnp.linalg.eigh(matrix)
 
-  params = small_params(jax.random.PRNGKey(0))
+  start = small_params(jax.random.PRNGKey(0))
   batches = small_batches(steps)
-  # A low cap, so that later checks refresh some factors and keep others.
-  tx = fo.foam(2e-2, epsilon=1e-5, max_epsilon=2e-5, block_size=16,
-               check_frequency=3, stagger=False)
+  tx = low_cap_foam()
+  step = jax.jit(make_step(tx, small_loss))
+  p1, s1 = train(step, *on_one_device(tx, start), batches)
+  one_stats = _counters(s1)
   with fo.kernels.using_eigh(counting_eigh):
     with jax.set_mesh(mesh):
-      p_shard = _param_shardings(params, mesh, "replicated")
-      params = jax.device_put(params, p_shard)
+      p_shard = _param_shardings(start, mesh, "replicated")
+      params = jax.device_put(start, p_shard)
       s_shard = fo.state_sharding(jax.eval_shape(tx.init, params), params,
                                   p_shard)
       state = jax.jit(tx.init, out_shardings=s_shard)(params)
-      step = jax.jit(make_step(tx, small_loss))
       stats = jax.jit(fo.stats)
       rows = []
       for i in range(steps):
         before = int(stats(state)["eigendecompositions"])
         calls.clear()
-        params, state = step(params, state, (batches[0][i], batches[1][i]))
-        jax.block_until_ready(state)
+        params, state = jax.block_until_ready(
+            step(params, state, (batches[0][i], batches[1][i])))
         jax.effects_barrier()
         needed = int(stats(state)["eigendecompositions"]) - before
         per_device = np.bincount(np.asarray(calls, int), minlength=n)
@@ -310,7 +363,31 @@ def work_per_device(steps):
           rows.append({"step": i + 1, "needed": needed,
                        "per_device": per_device.tolist(),
                        "bound": -(-needed // n)})
-  return rows
+      row = _row("foam_low_cap", "make_mesh", "replicated",
+                 jax.device_get(params), _counters(state),
+                 _kept(state, s_shard), jax.device_get(p1), one_stats, start)
+      # The one-device state on the mesh, placed as documented.
+      moved = jax.device_put(fo.relayout(s1, state), s_shard)
+      moved_stats = _counters(moved)
+      p8, s8 = train(step, jax.device_put(p1, p_shard), moved, batches,
+                     continued)
+      kept = _kept(s8, s_shard)
+  is_stack = lambda x: isinstance(x, fo.FactorStack)
+  relayout = {
+      "padded_stacks": [f.statistic.shape[0] for f in jax.tree.leaves(
+          state, is_leaf=is_stack) if is_stack(f)],
+      "roundtrip_exact": all(
+          np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+              jax.tree.leaves(fo.relayout(moved, s1)), jax.tree.leaves(s1))),
+      # Counts exactly; means to rounding (sums over padded stacks add in
+      # another order).
+      "stats_equal": all(abs(moved_stats[k] - one_stats[k])
+                         <= 1e-6 * abs(one_stats[k]) for k in one_stats),
+      "kept_without_out_shardings": kept, "steps": continued}
+  p1, _ = train(step, p1, s1, batches, continued)
+  relayout["continued_diff"], relayout["continued_moved"] = _max_relative(
+      jax.device_get(p8), jax.device_get(p1), start)
+  return rows, row, relayout
 
 
 # ---------------------------------------------------------------- memory
@@ -341,7 +418,9 @@ def memory():
   out = {}
   for name, tx in (("foam", fo.foam(1e-3, block_size=64)),
                    ("soap", fo.soap(1e-3, block_size=64))):
-    single = jax.device_put(tx.init(params), jax.devices()[0])
+    # On one device: every byte of the state.
+    single = sum(x.size * x.dtype.itemsize
+                 for x in jax.tree.leaves(jax.eval_shape(tx.init, params)))
     with jax.set_mesh(mesh):
       p_shard = _param_shardings(params, mesh, "replicated")
       placed = jax.device_put(params, p_shard)
@@ -349,10 +428,8 @@ def memory():
                                   p_shard)
       sharded = jax.jit(tx.init, out_shardings=s_shard)(placed)
     per_device = [_bytes_on(sharded, d) for d in jax.devices()]
-    out[name] = {"bytes_1": _bytes_on(single, jax.devices()[0]),
-                 "bytes_per_device": per_device,
-                 "ratio": max(per_device) / _bytes_on(single,
-                                                      jax.devices()[0])}
+    out[name] = {"bytes_1": single, "bytes_per_device": per_device,
+                 "ratio": max(per_device) / single}
   return out
 
 
@@ -400,25 +477,29 @@ def speed(repeats):
 # ---------------------------------------------------------------- report
 
 
-def main():
+def main(argv=None):
+  """The command line `argv` (default: the program's arguments)."""
+  args = ARGS if argv is None else _parse(argv)
   n = jax.device_count()
   results = {"devices": n, "platform": jax.devices()[0].platform,
              "jax": jax.__version__}
-  steps = ARGS.steps or (12 if ARGS.quick else 25)
-  if not ARGS.speed_only:
-    results["agreement"] = agreement(steps, ARGS.quick)
-    results["work"] = work_per_device(steps)
+  steps = args.steps or (12 if args.quick else 25)
+  if not args.speed_only:
+    results["agreement"] = agreement(steps, args.quick)
+    results["work"], row, results["relayout"] = work_per_device(steps)
+    results["agreement"].append(row)
     results["memory"] = memory()
-  if not ARGS.quick:
+  if not args.quick:
     results["sensitivity"] = sensitivity(steps)
-    results["speed"] = speed(ARGS.repeats)
-  if ARGS.speed_only:
-    results["speed"] = speed(ARGS.repeats)
+    results["speed"] = speed(args.repeats)
+  if args.speed_only:
+    results["speed"] = speed(args.repeats)
 
   print(f"# foam_optax on {n} {results['platform']} devices "
         f"(JAX {jax.__version__})\n")
-  if ARGS.speed_only:
+  if args.speed_only:
     results["agreement"], results["work"], results["memory"] = [], [], {}
+    results["relayout"] = None
   print("## Agreement with one device after", steps, "steps\n")
   print("| optimizer | mesh | params | max abs diff | moved | relative |"
         " refreshes (mesh / one) | sharding kept |")
@@ -434,6 +515,15 @@ def main():
   for r in results["work"]:
     print(f"| {r['step']} | {r['needed']} | {r['per_device']} | "
           f"{r['bound']} |")
+  if results["relayout"]:
+    r = results["relayout"]
+    print("\n## A one-device state moved onto the mesh (`fo.relayout`)\n")
+    print(f"Stacks of {r['padded_stacks']} slots; back on one device "
+          f"bit-identical: {r['roundtrip_exact']}; counters equal: "
+          f"{r['stats_equal']}. After {r['steps']} more steps the mesh run is "
+          f"{r['continued_diff']:.2e} from one device's (parameters moved "
+          f"{r['continued_moved']:.3f}); shardings kept: "
+          f"{r['kept_without_out_shardings']}.")
   print("\n## Optimizer-state memory\n")
   print("| optimizer | one device (bytes) | per device on the mesh | ratio |")
   print("|---|---|---|---|")
@@ -453,8 +543,8 @@ def main():
     for name, r in results["speed"].items():
       print(f"| {name} | {r['ms_1']:.1f} | {r[f'ms_{n}']:.1f} | "
             f"{r['ratio']:.2f} |")
-  if ARGS.json:
-    with open(ARGS.json, "w") as f:
+  if args.json:
+    with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
 
 

@@ -186,14 +186,15 @@ def run(name, make_tx, mesh) -> dict:
   return row
 
 
-def main() -> None:
+def main(argv=None) -> None:
+  """The command line `argv` (default: the program's arguments)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--mesh", nargs="+", choices=("auto", "explicit"),
                       default=["auto"], help="mesh axis types to run on")
   parser.add_argument("--optimizers", nargs="+", choices=list(optimizers()),
                       default=list(optimizers()))
   parser.add_argument("--json", help="write the rows to this file")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   rows = []
   for kind in args.mesh:
     axis_type = AxisType.Auto if kind == "auto" else AxisType.Explicit

@@ -7,12 +7,7 @@ jitted step and the new process starts JAX and compiles each shared program
 once. The unsharded resume runs there on the first device alone.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +16,7 @@ import optax
 import pytest
 
 import foam_optax as fo
+from foam_optax.bench import measure
 import host_devices
 
 ocp = pytest.importorskip("orbax.checkpoint")
@@ -46,11 +42,11 @@ def _loss(p):
 
 
 def _make_step(tx):
-  @jax.jit
   def step(params, state):
     updates, state = tx.update(jax.grad(_loss)(params), state, params)
     return optax.apply_updates(params, updates), state
-  return step
+  # XLA's cheap settings, the same in both processes (a few steps each).
+  return jax.jit(step, compiler_options=measure.fast_compile())
 
 
 _step = _make_step(_TX)
@@ -147,56 +143,6 @@ def saved(tmp_path_factory):
   return directory, jax.tree.leaves({"params": params, "state": state})
 
 
-def _checks_in_this_process(calls):
-  """The 8-device process's program: each `(name, function, args)` of
-  `calls` in turn, printing a JSON line as each starts and ends (with the
-  traceback of a failure), so that a timeout or crash names its check."""
-  for name, function, args in calls:
-    print(json.dumps({"start": name}), flush=True)
-    try:
-      globals()[function](*args)
-      print(json.dumps({"done": name}), flush=True)
-    except Exception:   # reported to the check's own test
-      print(json.dumps({"failed": name, "error": traceback.format_exc()}),
-            flush=True)
-
-
-def _checks_on_8_devices(calls, timeout=300):
-  """Runs `calls` (see `_checks_in_this_process`) in one new process on 8
-  forced CPU devices, under `timeout` seconds for all of them (a deadlocked
-  collective fails instead of stalling). Returns `{name: None}` for each
-  check that finished, else the reason it did not."""
-  code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-          f"import test_checkpoint as t; t._checks_in_this_process({calls!r})")
-  try:
-    out = subprocess.run([sys.executable, "-c", code],
-                         env=host_devices.env(8), capture_output=True,
-                         text=True, timeout=timeout)
-    stdout = out.stdout
-    ended = (None if out.returncode == 0 else
-             f"the process exited {out.returncode}: {out.stderr[-3000:]}")
-  except subprocess.TimeoutExpired as e:
-    decode = lambda b: b.decode() if isinstance(b, bytes) else (b or "")
-    stdout = decode(e.stdout)
-    ended = f"timed out after {timeout} s: {decode(e.stderr)[-3000:]}"
-  events = [json.loads(line) for line in stdout.splitlines()
-            if line.startswith("{")]
-  started = {e["start"] for e in events if "start" in e}
-  done = {e["done"] for e in events if "done" in e}
-  failed = {e["failed"]: e["error"] for e in events if "failed" in e}
-  reasons = {}
-  for name, _, _ in calls:
-    if name in done and ended is None:
-      reasons[name] = None
-    elif name in done or name in failed:
-      reasons[name] = failed.get(name) or f"finished, but {ended}"
-    elif name in started:
-      reasons[name] = f"it was running when {ended}"
-    else:
-      reasons[name] = f"not run: {ended}"
-  return reasons
-
-
 @pytest.fixture(scope="module")
 def saved_uneven(tmp_path_factory):
   """A checkpoint of uneven stacks after `_FIRST` steps on one device and
@@ -233,12 +179,10 @@ def new_process(saved, saved_uneven, tmp_path_factory):
                   [path("nnx"), path("nnx_previous_layout.npz")]))
   except ImportError:
     pass
-  reasons = _checks_on_8_devices(calls)
+  outcomes = host_devices.run_checks("test_checkpoint", calls, 300)
 
   def arrays(name):
-    if reasons[name] is not None:
-      pytest.fail(f"check {name!r} in the 8-device process: {reasons[name]}",
-                  pytrace=False)
+    host_devices.result(outcomes, name)
     with np.load(out / f"{name}.npz") as data:
       return [data[f"arr_{i}"] for i in range(len(data.files))]
   arrays.directory = out

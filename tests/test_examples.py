@@ -61,17 +61,10 @@ def test_example_runs_with_shampoo_and_soap(example, optimizer, capsys):
 def test_mesh_2d_example_trains_on_8_devices():
   """The data x model example in its own process (it needs 8 devices, which
   XLA creates only before JAX starts), under a timeout."""
-  import subprocess
-  script = os.path.join(os.path.dirname(__file__), "..", "examples",
-                        "mesh_2d.py")
   import host_devices
-  env = host_devices.env(8)
-  out = subprocess.run(
-      [sys.executable, script, "--steps", "30", "--learning-rate", "1e-2",
-       "--check-frequency", "5", "--log-every", "10"],
-      env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  lines = out.stdout.splitlines()
+  lines = host_devices.run(
+      ["examples/mesh_2d.py", "--steps", "30", "--learning-rate", "1e-2",
+       "--check-frequency", "5", "--log-every", "10"], 300).splitlines()
   losses = [float(l.split("loss ")[1].split()[0]) for l in lines
             if l.startswith("step")]
   assert len(losses) == 3 and losses[-1] < 0.6 * losses[0]

@@ -2,26 +2,58 @@
 
 The main pytest process has one device; a mesh needs
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is imported,
-so the checks run in fresh interpreters (under a timeout: a collective that
-deadlocks fails the test instead of stalling the suite) and report JSON. The
-documented recipes on such a mesh are in test_multi_device_recipes.py.
+so the checks run in one new process (the `new_process` fixture, under a
+timeout: a collective that deadlocks fails the test instead of stalling the
+suite; see host_devices.py), which also starts the two processes of the
+two-process check. The documented recipes on such a mesh are in
+test_multi_device_recipes.py.
 """
 
 import json
+import sys
+import tempfile
 import textwrap
 
 import pytest
 
 import host_devices
 
-_run = host_devices.run
+
+def _written(script: str, *args) -> dict:
+  """The JSON that `scripts/<script>.py args... --json PATH` writes, run in
+  this process."""
+  sys.path.insert(0, str(host_devices.ROOT / "scripts"))
+  main = __import__(script).main
+  with tempfile.TemporaryDirectory() as tmp:
+    path = f"{tmp}/{script}.json"
+    main([*args, "--json", path])
+    with open(path) as f:
+      return json.load(f)
+
+
+def _checks() -> dict:
+  return json.loads(host_devices.printed(_SCRIPT))
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-  path = tmp_path_factory.mktemp("devices") / "devices.json"
-  _run(["scripts/bench_devices.py", "--quick", "--json", str(path)], 900)
-  return json.loads(path.read_text())
+def new_process():
+  """The checks of this module that run on 8 devices, in one new process;
+  a function of a check's name giving its result (failing the calling test
+  with the check's own error if it failed)."""
+  outcomes = host_devices.run_checks(
+      "test_multi_device",
+      [("bench", "_written", ["bench_devices", "--quick"]),
+       ("checks", "_checks", []),
+       # 2 processes x 4 CPU devices in one jax.distributed cluster
+       # (localhost), against one device of this process.
+       ("processes", "_written", ["multi_process", "--timeout", "240"])],
+      900)
+  return lambda name: host_devices.result(outcomes, name)
+
+
+@pytest.fixture(scope="module")
+def bench(new_process):
+  return new_process("bench")
 
 
 def test_every_mesh_and_layout_matches_one_device(bench):
@@ -30,7 +62,8 @@ def test_every_mesh_and_layout_matches_one_device(bench):
   assert {"make_mesh", "make_mesh_no_set_mesh", "Mesh_auto",
           "make_mesh_2d"} <= meshes
   assert {r["params"] for r in rows} == {"replicated", "fsdp"}
-  assert {r["optimizer"] for r in rows} == {"foam", "shampoo", "soap",
+  # FOAM's row is the work section's run (bench_devices.work_per_device).
+  assert {r["optimizer"] for r in rows} == {"foam_low_cap", "shampoo", "soap",
                                             "foam_one_sided", "asgo"}
   for r in rows:
     assert r["moved"] > 0.05, r
@@ -45,6 +78,20 @@ def test_each_device_computes_its_share_of_the_eigendecompositions(bench):
   for r in rows:
     assert sum(r["per_device"]) == r["needed"], r
     assert max(r["per_device"]) <= r["bound"], r
+
+
+def test_uneven_stacks_are_padded_and_relayout_round_trips(bench):
+  """The work section's one-device state moved onto the mesh by
+  `fo.relayout` (stacks of 18, 5 and 1 blocks padded for 8 devices) and
+  back; both go on and agree; the step, jitted without out_shardings, keeps
+  the state's shardings."""
+  r = bench["relayout"]
+  assert r["padded_stacks"] and all(s % 8 == 0 for s in r["padded_stacks"])
+  assert r["roundtrip_exact"]
+  assert r["stats_equal"]
+  assert r["continued_moved"] > 0.05
+  assert r["continued_diff"] < 1e-3 * r["continued_moved"]
+  assert r["kept_without_out_shardings"]
 
 
 def test_state_memory_is_divided(bench):
@@ -67,7 +114,8 @@ _SCRIPT = textwrap.dedent("""
 
     # 1. Requests concentrated on one device are dealt round-robin.
     k, m = 16, 6
-    a = jax.random.normal(jax.random.PRNGKey(0), (k, m, m))
+    # Drawn flat (the same values): a 3-D draw compiles several times slower.
+    a = jax.random.normal(jax.random.PRNGKey(0), (k * m * m,)).reshape(k, m, m)
     stats = jnp.einsum("kij,klj->kil", a, a)
     fs = factors.init_stack(k, m, jnp.zeros(k, jnp.int32), config.Config())
     fs = fs._replace(statistic=stats)
@@ -90,63 +138,25 @@ _SCRIPT = textwrap.dedent("""
     fresh = run(fs, need)
     jax.effects_barrier()
     linalg.eigh = original
-    want = jax.vmap(lambda s: linalg.fresh_eigendecomposition(s)[1])(stats)
+    want = jax.jit(jax.vmap(
+        lambda s: linalg.fresh_eigendecomposition(s)[1]))(stats)
     out["rebalance_calls"] = np.bincount(calls, minlength=8).tolist()
     out["rebalance_eigvals_err"] = float(jnp.max(jnp.abs(
         fresh.eigvals[need] - want[need])))
     out["rebalance_ok"] = bool(jnp.all(fresh.ok[need]))
 
-    # 2. Uneven stacks: padded, and relayout moves states between layouts.
+    # 2. A state initialised without the mesh is refused, not silently
+    # replicated; updating it under a mesh warns (when the step is traced:
+    # tracing it is enough, compiling would add seconds).
     params = {"w": jax.random.normal(jax.random.PRNGKey(1), (20, 8)),
               "b": jnp.zeros((8,))}
     loss = lambda p: jnp.sum(jnp.tanh(p["w"] + p["b"]) ** 2)
     tx = fo.foam(1e-2, block_size=4, check_frequency=2)
-    @jax.jit
     def step(p, s):
       updates, s = tx.update(jax.grad(loss)(p), s, p)
       return optax.apply_updates(p, updates), s
-    one = tx.init(params)
-    p1, s1 = params, one
-    for _ in range(5):
-      p1, s1 = jax.block_until_ready(step(p1, s1))
+    one = jax.jit(tx.init)(params)
     p_shard = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
-    with jax.set_mesh(mesh):
-      shard = fo.state_sharding(jax.eval_shape(tx.init, params), params,
-                                p_shard)
-      eight = jax.jit(tx.init, out_shardings=shard)(params)
-    stacks = [f.statistic.shape[0] for f in jax.tree.leaves(
-        eight, is_leaf=lambda x: isinstance(x, fo.FactorStack))
-        if isinstance(f, fo.FactorStack)]
-    out["padded_stacks"] = stacks
-    moved = fo.relayout(s1, eight)
-    back = fo.relayout(moved, one)
-    out["roundtrip_exact"] = all(
-        bool(jnp.array_equal(x, y))
-        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(s1)))
-    # Counts exactly; means to rounding (sums over padded stacks add in
-    # another order).
-    out["stats_equal"] = all(
-        abs(float(fo.stats(moved)[key]) - float(fo.stats(s1)[key]))
-        <= 1e-6 * abs(float(fo.stats(s1)[key]))
-        for key in fo.stats(s1))
-    # Continue on 8 devices from the moved state; compare with one device.
-    with jax.set_mesh(mesh):
-      p8, s8 = jax.device_put(p1, p_shard), jax.device_put(moved, shard)
-      for _ in range(5):
-        p8, s8 = jax.block_until_ready(step(p8, s8))
-    for _ in range(5):
-      p1, s1 = jax.block_until_ready(step(p1, s1))
-    out["continued_diff"] = float(jnp.max(jnp.abs(p8["w"] - p1["w"])))
-    out["continued_moved"] = float(jnp.max(jnp.abs(p1["w"] - params["w"])))
-    # Without out_shardings, update returns the state with its shardings.
-    p8n, s8n = step(p8, s8)
-    out["kept_without_out_shardings"] = all(
-        a.sharding.is_equivalent_to(b.sharding, a.ndim)
-        for a, b in zip(jax.tree.leaves(s8n), jax.tree.leaves(s8)))
-
-    # 3. A state initialised without the mesh is refused, not silently
-    # replicated; updating it under a mesh warns (when the step is traced:
-    # lowering it is enough, compiling would add seconds).
     try:
       fo.state_sharding(one, params, p_shard)
       out["unplanned_refused"] = False
@@ -155,7 +165,7 @@ _SCRIPT = textwrap.dedent("""
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       with jax.set_mesh(mesh):
-        step.lower(jax.device_put(params, p_shard), jax.device_put(
+        jax.eval_shape(step, jax.device_put(params, p_shard), jax.device_put(
             one, jax.tree.map(lambda _: NamedSharding(mesh, P()), one)))
     out["unplanned_warned"] = any("initialised without" in str(w.message)
                                   for w in caught)
@@ -170,8 +180,8 @@ _SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def checks():
-  return json.loads(_run(["-c", _SCRIPT], 600).strip().splitlines()[-1])
+def checks(new_process):
+  return new_process("checks")
 
 
 def test_concentrated_requests_are_rebalanced(checks):
@@ -179,16 +189,6 @@ def test_concentrated_requests_are_rebalanced(checks):
   assert sorted(checks["rebalance_calls"]) == [0] * 5 + [1] * 3
   assert checks["rebalance_ok"]
   assert checks["rebalance_eigvals_err"] < 1e-4
-
-
-def test_uneven_stacks_are_padded_and_relayout_round_trips(checks):
-  assert checks["padded_stacks"] and all(
-      s % 8 == 0 for s in checks["padded_stacks"])
-  assert checks["roundtrip_exact"]
-  assert checks["stats_equal"]
-  assert checks["continued_moved"] > 0.05
-  assert checks["continued_diff"] < 1e-3 * checks["continued_moved"]
-  assert checks["kept_without_out_shardings"]
 
 
 def test_state_without_mesh_is_refused_or_warned(checks):
@@ -200,12 +200,8 @@ def test_batched_refresh_is_refused_on_a_mesh(checks):
   assert checks["bucket_refused"]
 
 
-def test_two_processes_match_one(tmp_path):
-  # 2 processes x 4 CPU devices in one jax.distributed cluster (localhost).
-  path = tmp_path / "processes.json"
-  _run(["scripts/multi_process.py", "--json", str(path), "--timeout", "240"],
-       300)
-  result = json.loads(path.read_text())
+def test_two_processes_match_one(new_process):
+  result = new_process("processes")
   assert result["processes"] * result["devices_per_process"] == 8
   assert result["moved"] > 0.05
   assert result["max_abs_diff"] < 1e-3 * result["moved"]

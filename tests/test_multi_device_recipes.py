@@ -1,9 +1,12 @@
 """The documented multi-device recipes, run as pasted on an 8-device CPU
 mesh: the README's, the bias-corrected FOAM with microbatch gradients, and
-Flax NNX (docs/multi_device.md, scripts/nnx_fsdp.py), each in a fresh
-interpreter (see test_multi_device.py)."""
+Flax NNX (docs/multi_device.md, scripts/nnx_fsdp.py). All of them run in one
+new process (the `recipes` fixture, see host_devices.py), each in a namespace
+of its own."""
 
 import json
+import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -11,17 +14,70 @@ import pytest
 import host_devices
 
 _ROOT = host_devices.ROOT
-_run = host_devices.run
 
 
-def test_readme_recipe_runs_as_pasted():
+def _readme_recipe() -> str:
   readme = (_ROOT / "README.md").read_text()
   block = readme.split("<!-- multi-device recipe -->")[1]
-  code = block.split("```python")[1].split("```")[0]
-  out = _run(["-c", code], 300)
+  return host_devices.printed(block.split("```python")[1].split("```")[0])
+
+
+def _docs_nnx_recipe() -> str:
+  doc = (_ROOT / "docs" / "multi_device.md").read_text()
+  section = doc.split("\n## Flax NNX")[1]
+  return host_devices.printed(section.split("```python")[1].split("```")[0])
+
+
+def _script(name: str) -> dict:
+  """The JSON that the script `name` of this module prints."""
+  return json.loads(host_devices.printed(globals()[name]))
+
+
+def _nnx_fsdp(meshes, optimizers) -> list:
+  """The rows scripts/nnx_fsdp.py writes for `meshes` and `optimizers`."""
+  sys.path.insert(0, str(_ROOT / "scripts"))
+  import nnx_fsdp
+  with tempfile.TemporaryDirectory() as tmp:
+    path = f"{tmp}/nnx_fsdp.json"
+    nnx_fsdp.main(["--mesh", *meshes, "--optimizers", *optimizers, "--json",
+                   path])
+    with open(path) as f:
+      return json.load(f)
+
+
+_NNX_OPTIMIZERS = ("fo.foam", "fo.soap", "fo.asgo")
+# The NNX FSDP recipe's checks: meshes, optimizers, and whether the check
+# is a slow one (run with --runslow only).
+_NNX_FSDP = {"soap-asgo": (["auto"], ["fo.soap", "fo.asgo"], False),
+             "foam": (["auto"], ["fo.foam"], True),
+             "explicit": (["explicit"], list(_NNX_OPTIMIZERS), True)}
+
+
+@pytest.fixture(scope="module")
+def recipes(request):
+  """Every recipe of this module, run in one new 8-device process; a
+  function of a check's name giving its result (failing the calling test
+  with the check's own error if it failed)."""
+  calls = [("readme", "_readme_recipe", []),
+           ("microbatch", "_script", ["_MICROBATCH_SCRIPT"])]
+  try:
+    import flax  # noqa: F401
+    calls += [("nnx_functional", "_script", ["_NNX_FUNCTIONAL_SCRIPT"]),
+              ("docs_nnx", "_docs_nnx_recipe", [])]
+    runslow = request.config.getoption("--runslow")
+    calls += [(f"nnx_fsdp {name}", "_nnx_fsdp", [meshes, optimizers])
+              for name, (meshes, optimizers, slow) in _NNX_FSDP.items()
+              if runslow or not slow]
+  except ImportError:
+    pass
+  outcomes = host_devices.run_checks("test_multi_device_recipes", calls, 900)
+  return lambda name: host_devices.result(outcomes, name)
+
+
+def test_readme_recipe_runs_as_pasted(recipes):
   # 256x128 in 64x64 blocks: 8 blocks, 16 factors, all decomposed at the
   # first check (step 20).
-  assert int(out.strip().splitlines()[-1]) == 16
+  assert int(recipes("readme")) == 16
 
 
 _MICROBATCH_SCRIPT = textwrap.dedent("""
@@ -50,7 +106,10 @@ _MICROBATCH_SCRIPT = textwrap.dedent("""
             params, state, jax.device_put(x, x_sharding)))
       return params, state, micro
 
-    p1, s1, micro1 = run(params, tx.init(params), jax.devices()[0])
+    # Committed to the device, like the batches: the step compiles once.
+    device = jax.devices()[0]
+    p1, s1, micro1 = run(*jax.device_put((params, tx.init(params)), device),
+                         device)
     out = {}
     with jax.set_mesh(mesh):
       p_shard = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
@@ -73,12 +132,11 @@ _MICROBATCH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_bias_corrected_foam_with_microbatch_grads_on_a_mesh():
+def test_bias_corrected_foam_with_microbatch_grads_on_a_mesh(recipes):
   """`fo.microbatch_grads` and a cross-fitted, variance-corrected FOAM on 8
   devices with the batch (and so the microbatch axis) sharded: the same
   gradients, refreshes and parameters as on one device."""
-  out = json.loads(_run(["-c", _MICROBATCH_SCRIPT], 600).strip()
-                   .splitlines()[-1])
+  out = recipes("microbatch")
   assert out["micro_sharded"]
   assert out["micro_diff"] < 1e-5
   assert out["moved"] > 1e-3
@@ -89,17 +147,6 @@ def test_bias_corrected_foam_with_microbatch_grads_on_a_mesh():
 # ---------------------------------------------------------------------------
 # Flax NNX on a (data 4, model 2) mesh: the Flax sharding recipe divides the
 # optimizer state (scripts/nnx_fsdp.py is the client of the Flax GSPMD guide).
-
-
-_NNX_OPTIMIZERS = ("fo.foam", "fo.soap", "fo.asgo")
-
-
-def _nnx_fsdp(tmp_path, meshes, optimizers=_NNX_OPTIMIZERS):
-  pytest.importorskip("flax")
-  path = tmp_path / "nnx_fsdp.json"
-  _run(["scripts/nnx_fsdp.py", "--mesh", *meshes, "--optimizers",
-        *optimizers, "--json", str(path)], 600)
-  return json.loads(path.read_text())
 
 
 def _check_divided_and_agreeing(rows, optimizers=_NNX_OPTIMIZERS):
@@ -124,32 +171,30 @@ def _check_divided_and_agreeing(rows, optimizers=_NNX_OPTIMIZERS):
              if r["optimizer"] != "fo.asgo")
 
 
-def test_docs_nnx_recipe_runs_as_pasted():
+def test_docs_nnx_recipe_runs_as_pasted(recipes):
   pytest.importorskip("flax")
-  doc = (_ROOT / "docs" / "multi_device.md").read_text()
-  section = doc.split("\n## Flax NNX")[1]
-  code = section.split("```python")[1].split("```")[0]
   # One device holds 0.13 of the optimizer state after 30 steps.
-  assert _run(["-c", code], 300).strip().splitlines()[-1] == "0.13"
+  assert recipes("docs_nnx") == "0.13"
 
 
-@pytest.mark.parametrize("optimizers", [
-    ("fo.soap", "fo.asgo"),
+@pytest.mark.parametrize("check", [
+    "soap-asgo",
     # FOAM's state under this recipe is divided in
     # test_docs_nnx_recipe_runs_as_pasted and agrees with one device in
     # test_nnx_functional_state_on_a_mesh (the same annotated state).
-    pytest.param(("fo.foam",), marks=pytest.mark.slow)],
-                         ids=["soap-asgo", "foam"])
-def test_nnx_fsdp_recipe_divides_the_optimizer_state(tmp_path, optimizers):
+    pytest.param("foam", marks=pytest.mark.slow)])
+def test_nnx_fsdp_recipe_divides_the_optimizer_state(recipes, check):
   """`nnx.Optimizer` built under `nnx.jit` and `jax.set_mesh`, its state
   constrained to `nnx.get_partition_spec` of itself (Auto axes)."""
-  _check_divided_and_agreeing(_nnx_fsdp(tmp_path, ["auto"], optimizers),
-                              optimizers)
+  pytest.importorskip("flax")
+  _check_divided_and_agreeing(recipes(f"nnx_fsdp {check}"),
+                              _NNX_FSDP[check][1])
 
 
 @pytest.mark.slow
-def test_nnx_fsdp_recipe_divides_the_optimizer_state_explicit_axes(tmp_path):
-  _check_divided_and_agreeing(_nnx_fsdp(tmp_path, ["explicit"]))
+def test_nnx_fsdp_recipe_divides_the_optimizer_state_explicit_axes(recipes):
+  pytest.importorskip("flax")
+  _check_divided_and_agreeing(recipes("nnx_fsdp explicit"))
 
 
 _NNX_FUNCTIONAL_SCRIPT = textwrap.dedent("""
@@ -235,7 +280,13 @@ _NNX_FUNCTIONAL_SCRIPT = textwrap.dedent("""
       moved = fo.relayout(s1, state)
       out["relayout_structure"] = (jax.tree.structure(moved)
                                    == jax.tree.structure(state))
-      p8, _ = run(p1, moved, 3)
+      # Placed as documented, and the parameters as the mesh model's: the
+      # step compiled for `pw` goes on.
+      moved = jax.device_put(moved, nnx.get_named_sharding(state, mesh))
+      p8 = jax.device_put(jax.tree.unflatten(jax.tree.structure(params),
+                                             jax.tree.leaves(p1)),
+                          nnx.get_named_sharding(params, mesh))
+      p8, _ = run(p8, moved, 3)
     out["roundtrip_exact"] = all(np.array_equal(a, b) for a, b in
                                  zip(host(fo.relayout(moved, one)), host(s1)))
     p1, _ = run(p1, s1, 3)
@@ -247,13 +298,12 @@ _NNX_FUNCTIONAL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_nnx_functional_state_on_a_mesh():
+def test_nnx_functional_state_on_a_mesh(recipes):
   """`tx.init(nnx.split(model, nnx.Param)[1])` under a mesh: annotated
   state, divided by its own partition specs; `update`, `state_sharding` and
   `relayout` keep working on it, and its plain form trains the same."""
   pytest.importorskip("flax")
-  out = json.loads(_run(["-c", _NNX_FUNCTIONAL_SCRIPT], 600).strip()
-                   .splitlines()[-1])
+  out = recipes("nnx_functional")
   assert out["one_device_plain"]
   assert out["mu_specs"] == ["P('model',)", "P('data', 'model')"]
   assert out["stack_specs"] and all(s.startswith("P(('data', 'model')")
