@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 
 import foam_optax as fo
+from foam_optax.bench import measure
 from foam_optax._src.state import block_classes
 import reference
 
@@ -149,8 +150,7 @@ def factor_arrays(core):
 
 # For programs that run once or a few steps on small arrays: less time spent
 # optimising their machine code.
-FAST_COMPILE = dict(xla_backend_optimization_level=0,
-                    xla_llvm_disable_expensive_passes=True)
+FAST_COMPILE = measure.fast_compile()
 
 
 def run_library(tx, grads, dtype):
