@@ -90,9 +90,8 @@ def run_checks(module: str, calls, timeout: int, count: int = 8,
   """Runs `calls` (see `checks_in_this_process`) in one new process on
   `count` CPU devices (`env`), from the repository root, under `timeout`
   seconds for all of them (a deadlocked collective fails instead of
-  stalling). Returns
-  `{name: ("done", result)}` for each check that finished, else
-  `{name: ("failed", reason)}`."""
+  stalling). Returns `{name: ("done", result)}` for each check that
+  finished, else `{name: ("failed", reason)}`."""
   code = (f"import sys; sys.path.insert(0, {str(_TESTS)!r}); "
           "import host_devices; "
           f"host_devices.checks_in_this_process({module!r}, {calls!r})")
