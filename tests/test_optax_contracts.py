@@ -67,11 +67,14 @@ def _train(tx, loss, params, steps):
 # vector without precondition_1d has no factor: it steps by the grafting
 # optimizer (the same program for FOAM and Shampoo) or, in SOAP, by Adam in
 # the identity basis, as the mixed target's vector and scalar do. Shampoo's
-# leaves of the mixed target are laid out and stacked as FOAM's and
-# preconditioned as its matrix parabola.
+# leaves (the mixed target's, the preconditioned vector of the Rosenbrock
+# function) are laid out and stacked as FOAM's and preconditioned as its
+# matrix parabola.
 REPEATED = {("foam", "parabola"): "foam-mixed",
             ("shampoo", "parabola"): "foam-mixed",
             ("soap", "parabola"): "soap-mixed",
+            ("shampoo", "rosenbrock"):
+                "foam-rosenbrock, shampoo-matrix_parabola",
             ("shampoo", "mixed"): "foam-mixed, shampoo-matrix_parabola"}
 
 

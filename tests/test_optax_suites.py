@@ -19,10 +19,12 @@ dtypes, `MultiSteps` and state stability check what the contrib tests of the
 same names check, on the same problems and at least as tightly, for an
 optimizer without a wrapper; without a wrapper, the contrib ``wrap=True`` run
 is the ``wrap=False`` one; Shampoo on a vector without ``precondition_1d``
-compiles FOAM's program (one such run per test function is kept); and of the
-convergence runs, those on the lone matrix repeat the mixed target's matrix
-leaf, and those on a vector problem with ``precondition_1d`` the alias
-suite's run on the Rosenbrock function.
+compiles FOAM's program (one such run per test function is kept); float32
+parameters take bfloat16's path without its casts, and bfloat16 float16's;
+and of the convergence runs, those on the parabola repeat the path of those
+on the Rosenbrock function, those on the lone matrix the mixed target's
+matrix leaf, and the contrib ones on the Rosenbrock function with
+``precondition_1d`` the alias suite's.
 """
 
 import types
@@ -132,6 +134,20 @@ def _but_one_of_shampoos(kept):
                          and not kept(kwargs))
 
 
+def _float32_as_bfloat16(kwargs):
+  """float32 parameters take the bfloat16 run's path, without its casts
+  (`to_dtype` clips and casts only below float32): slow."""
+  return kwargs["dtype"] == "float32"
+
+
+def _on_the_parabola(kwargs):
+  """A convergence run on the parabola: the same vector's path as the run
+  on the Rosenbrock function (with or without `precondition_1d`), the harder
+  problem: slow."""
+  return kwargs["target"] in (contrib_suite._setup_parabola,
+                              alias_suite._setup_parabola)
+
+
 _TARGETS = (contrib_suite._setup_parabola, contrib_suite._setup_rosenbrock,
             contrib_suite._setup_matrix_parabola,
             contrib_suite._setup_mixed_tensor_target)
@@ -150,15 +166,17 @@ def test_contrib_accept_extra_args(kwargs):
 
 def _contrib_convergence_repeated(kwargs):
   """The contrib convergence runs that another run repeats (slow): on the
-  lone matrix, the mixed target's (its matrix leaf, the same path); on a
-  vector with `precondition_1d`, test_alias_optimization's (the same
-  preconditioned vector, in a third of the steps); and Shampoo's on a
-  vector without it, FOAM's (`_compiles_foams_program`)."""
+  lone matrix, the mixed target's (its matrix leaf, the same path); on the
+  parabola, `_on_the_parabola`; on the Rosenbrock function with
+  `precondition_1d`, test_alias_optimization's (the same problem, in a
+  third of the steps); and Shampoo's on a vector without it, FOAM's
+  (`_compiles_foams_program`)."""
   if kwargs["target"] is contrib_suite._setup_matrix_parabola:
     return True
   if kwargs["target"] is contrib_suite._setup_mixed_tensor_target:
     return False
-  return ("precondition_1d" in kwargs["opt_kwargs"]
+  return (_on_the_parabola(kwargs)
+          or "precondition_1d" in kwargs["opt_kwargs"]
           or _compiles_foams_program(kwargs))
 
 
@@ -177,22 +195,27 @@ def test_contrib_inject_hyperparams(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", _slow(
-    _cases(("dtype", ("bfloat16", "float32"))),
-    where=_but_one_of_shampoos(lambda kwargs: kwargs["dtype"] == "bfloat16")))
+    _cases(("dtype", ("bfloat16", "float32"))), where=_float32_as_bfloat16))
 def test_contrib_preserve_dtype(kwargs):
   _run(contrib_suite, _CONTRIB, "test_preserve_dtype", **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", _slow(
-    _cases(("dtype", ("bfloat16", "float32"))),
-    where=_but_one_of_shampoos(lambda kwargs: kwargs["dtype"] == "bfloat16")))
+    _cases(("dtype", ("bfloat16", "float32"))), where=_float32_as_bfloat16))
 def test_contrib_gradient_accumulation(kwargs):
   _run(contrib_suite, _CONTRIB, "test_gradient_accumulation", **kwargs)
 
 
+def _state_stability_repeated(kwargs):
+  """bfloat16 as float16 (the same low-precision storage and casts), and
+  Shampoo's runs of FOAM's programs but float32's: slow."""
+  return kwargs["dtype"] == jnp.bfloat16 or _but_one_of_shampoos(
+      lambda kwargs: kwargs["dtype"] == jnp.float32)(kwargs)
+
+
 @pytest.mark.parametrize("kwargs", _slow(_cases(
     ("dtype", (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))),
-    where=_but_one_of_shampoos(lambda kwargs: kwargs["dtype"] == jnp.float32)))
+    where=_state_stability_repeated))
 def test_contrib_state_shape_dtype_shard_stability(kwargs):
   _run(contrib_suite, _CONTRIB, "test_state_shape_dtype_shard_stability",
        **NO_WRAPPER, **kwargs)
@@ -214,20 +237,10 @@ def test_contrib_learning_rate_schedule(kwargs):
 _ALIAS = "AliasTest"
 
 
-def _alias_convergence_repeated(kwargs):
-  """The alias convergence runs on the parabola that another run repeats
-  (slow): with `precondition_1d`, the Rosenbrock function's (the same
-  preconditioned vector, on the harder problem); Shampoo's without it,
-  FOAM's (`_compiles_foams_program`)."""
-  return kwargs["target"] is alias_suite._setup_parabola and (
-      "precondition_1d" in kwargs["opt_kwargs"]
-      or _compiles_foams_program(kwargs))
-
-
 @pytest.mark.parametrize("kwargs", _slow(_cases(
     ("target", (alias_suite._setup_parabola, alias_suite._setup_rosenbrock)),
     ("dtype", (jnp.float32,)), vectors_preconditioned_in_ci=True),
-    where=_alias_convergence_repeated))
+    where=_on_the_parabola))
 def test_alias_optimization(kwargs):
   """map_params, 10 000 steps, no recompilation, convergence to 3e-2."""
   _run(alias_suite, _ALIAS, "test_optimization", **kwargs)
