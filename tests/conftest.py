@@ -27,9 +27,12 @@ def pytest_addoption(parser):
 # workers), run first: `--dist loadfile` hands each worker one file at a
 # time, so a long file started last would leave the other worker idle.
 LONGEST_FIRST = {
-    "tests/bench/test_harness.py": 114,
-    "tests/test_multi_device.py": 107,
-    "tests/test_reliability.py": 90,
+    "tests/test_reliability.py": 60,
+    "tests/bench/test_harness.py": 49,
+    "tests/test_optax_suites.py": 45,
+    "tests/test_examples.py": 38,
+    "tests/test_multi_device.py": 37,
+    "tests/test_optax_contracts.py": 35,
 }
 
 
