@@ -22,6 +22,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import traceback
 
 import pytest
@@ -56,6 +57,20 @@ def run(args, timeout: int, count: int = 8) -> str:
                        capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-4000:]
   return out.stdout
+
+
+def script_json(script: str, *args):
+  """The JSON that ``scripts/<script>.py args... --json PATH`` writes, its
+  `main` run in this process."""
+  scripts = str(ROOT / "scripts")
+  if scripts not in sys.path:
+    sys.path.insert(0, scripts)
+  main = importlib.import_module(script).main
+  with tempfile.TemporaryDirectory() as tmp:
+    path = f"{tmp}/{script}.json"
+    main([*args, "--json", path])
+    with open(path) as f:
+      return json.load(f)
 
 
 def printed(code: str) -> str:

@@ -10,25 +10,12 @@ test_multi_device_recipes.py.
 """
 
 import json
-import sys
-import tempfile
 import textwrap
 
 import pytest
 
 import host_devices
-
-
-def _written(script: str, *args) -> dict:
-  """The JSON that `scripts/<script>.py args... --json PATH` writes, run in
-  this process."""
-  sys.path.insert(0, str(host_devices.ROOT / "scripts"))
-  main = __import__(script).main
-  with tempfile.TemporaryDirectory() as tmp:
-    path = f"{tmp}/{script}.json"
-    main([*args, "--json", path])
-    with open(path) as f:
-      return json.load(f)
+from host_devices import script_json  # noqa: F401 (run by name)
 
 
 def _checks() -> dict:
@@ -42,11 +29,11 @@ def new_process():
   with the check's own error if it failed)."""
   outcomes = host_devices.run_checks(
       "test_multi_device",
-      [("bench", "_written", ["bench_devices", "--quick"]),
+      [("bench", "script_json", ["bench_devices", "--quick"]),
        ("checks", "_checks", []),
        # 2 processes x 4 CPU devices in one jax.distributed cluster
        # (localhost), against one device of this process.
-       ("processes", "_written", ["multi_process", "--timeout", "240"])],
+       ("processes", "script_json", ["multi_process", "--timeout", "240"])],
       900)
   return lambda name: host_devices.result(outcomes, name)
 

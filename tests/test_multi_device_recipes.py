@@ -5,8 +5,6 @@ new process (the `recipes` fixture, see host_devices.py), each in a namespace
 of its own."""
 
 import json
-import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -35,14 +33,8 @@ def _script(name: str) -> dict:
 
 def _nnx_fsdp(meshes, optimizers) -> list:
   """The rows scripts/nnx_fsdp.py writes for `meshes` and `optimizers`."""
-  sys.path.insert(0, str(_ROOT / "scripts"))
-  import nnx_fsdp
-  with tempfile.TemporaryDirectory() as tmp:
-    path = f"{tmp}/nnx_fsdp.json"
-    nnx_fsdp.main(["--mesh", *meshes, "--optimizers", *optimizers, "--json",
-                   path])
-    with open(path) as f:
-      return json.load(f)
+  return host_devices.script_json("nnx_fsdp", "--mesh", *meshes,
+                                  "--optimizers", *optimizers)
 
 
 _NNX_OPTIMIZERS = ("fo.foam", "fo.soap", "fo.asgo")
