@@ -40,14 +40,13 @@ def _fast_compile_flags() -> str:
                   for name, value in measure.fast_compile().items())
 
 
-def env(count: int = 8, fast_compile: bool = True, **extra) -> dict:
-  """`os.environ` with `count` CPU devices and, with `fast_compile`, XLA's
-  cheap compile settings (not for a process whose results must match this
-  one's bit for bit)."""
+def env(count: int = 8, **extra) -> dict:
+  """`os.environ` with `count` CPU devices and XLA's cheap compile settings
+  (a process whose results must match the caller's bit for bit compiles
+  with the same options: test_checkpoint.py)."""
   flags = f"--xla_force_host_platform_device_count={count}"
-  if fast_compile:
-    flags = f"{flags} {_fast_compile_flags()}"
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"{flags} {_fast_compile_flags()}", **extra)
 
 
 def run(args, timeout: int, count: int = 8) -> str:
@@ -100,8 +99,7 @@ def checks_in_this_process(module: str, calls) -> None:
             flush=True)
 
 
-def run_checks(module: str, calls, timeout: int, count: int = 8,
-               fast_compile: bool = True) -> dict:
+def run_checks(module: str, calls, timeout: int, count: int = 8) -> dict:
   """Runs `calls` (see `checks_in_this_process`) in one new process on
   `count` CPU devices (`env`), from the repository root, under `timeout`
   seconds for all of them (a deadlocked collective fails instead of
@@ -112,7 +110,7 @@ def run_checks(module: str, calls, timeout: int, count: int = 8,
           f"host_devices.checks_in_this_process({module!r}, {calls!r})")
   try:
     out = subprocess.run([sys.executable, "-c", code],
-                         env=env(count, fast_compile), cwd=ROOT,
+                         env=env(count), cwd=ROOT,
                          capture_output=True, text=True, timeout=timeout)
     stdout = out.stdout
     ended = (None if out.returncode == 0 else

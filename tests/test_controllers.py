@@ -366,7 +366,7 @@ def test_sketch_keys_follow_the_factor_not_the_schedule():
 
 
 _MESH_SCRIPT = textwrap.dedent("""
-    import functools, json
+    import json
     import jax, jax.numpy as jnp, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import foam_optax as fo
@@ -378,10 +378,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     loss = lambda p: jnp.sum(jnp.tanh(p["w"] + p["b"]) ** 2)
     tx = fo.foam(1e-2, block_size=4, check_frequency=2, proxy="sketch",
                  proxy_probes=2, max_epsilon=1e-6, epsilon=1e-7)
-    # Nine steps per program: less time spent optimising machine code.
-    @functools.partial(jax.jit, compiler_options=dict(
-        xla_backend_optimization_level=0,
-        xla_llvm_disable_expensive_passes=True))
+    @jax.jit
     def step(p, s):
       updates, s = tx.update(jax.grad(loss)(p), s, p)
       return optax.apply_updates(p, updates), s
