@@ -28,6 +28,16 @@ def gaussian_like(tree, seed, scale=1.0, draw_dtype=None):
           x.dtype) for k, x in zip(keys, leaves)])
 
 
+def normal_like(tree, seed, scale=1.0):
+  """Leaves shaped like `tree`'s: standard normal times `scale`, in each
+  leaf's dtype, drawn in NumPy (`jax.random` would compile a program per
+  shape and dtype)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray((scale * rng.standard_normal(x.shape))
+                            .astype(x.dtype)), tree)
+
+
 def all_finite(tree):
   """Every floating leaf of `tree` is finite. Checked in NumPy: an eager
   jnp check would compile a program per shape and dtype."""

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import foam_optax as fo
-from helpers import leaf_states
+from helpers import leaf_states, normal_like
 
 
 OPTIMIZERS = {
@@ -99,7 +99,7 @@ _W = {"m": jnp.ones((6, 4)), "v": jnp.ones((4,))}
 
 
 def _grads(seed):
-  return _like(_W, seed)
+  return normal_like(_W, seed)
 
 
 def test_inject_hyperparams_default_foam_injects_block_size_and_changes():
@@ -154,15 +154,6 @@ _MIXED_DTYPES = {"m": jnp.ones((6, 4)), "v": jnp.ones((4,)),
                  "t": jnp.ones((2, 3, 2, 2), jnp.bfloat16)}
 
 
-def _like(tree, seed):
-  """Standard normal leaves shaped like `tree`'s, in their dtypes; drawn in
-  NumPy (`jax.random` would compile a program per shape and dtype)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(x.dtype)),
-      tree)
-
-
 def _signature(tree):
   return [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree)]
 
@@ -195,7 +186,7 @@ def test_update_contracts(name):
 
   before = _signature(state)
   for i in range(6):   # past the first check step of every optimizer
-    updates, state = step(_like(params, i), state, jnp.float32(0.1))
+    updates, state = step(normal_like(params, i), state, jnp.float32(0.1))
     assert _signature(state) == before
   # A float32 learning rate promotes bfloat16 updates (as for optax.adam);
   # applying them keeps each parameter's dtype.
@@ -209,7 +200,7 @@ def test_update_contracts(name):
                  and not any(x is m for m in jax.tree.leaves(momenta))}
   assert stat_dtypes == {jnp.dtype(jnp.float32)}
   # The learning rate is the last factor of the chain.
-  grads = _like(params, 6)
+  grads = normal_like(params, 6)
   small, _ = step(grads, state, jnp.float32(0.05))
   large, _ = step(grads, state, jnp.float32(0.1))
   for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(large)):
@@ -243,7 +234,7 @@ def _equal(a, b):
 
 def test_multi_steps_applies_every_k_calls():
   tx = optax.MultiSteps(fo.foam(0.1, check_frequency=1), every_k_schedule=3)
-  history = _loop(tx, [_like(_P, i) for i in range(6)])
+  history = _loop(tx, [normal_like(_P, i) for i in range(6)])
   params = [p for p, _ in history]
   assert _equal(params[0], _P) and _equal(params[1], _P)
   assert not _equal(params[2], _P)
@@ -254,7 +245,7 @@ def test_multi_steps_applies_every_k_calls():
 
 def test_masked_leaves_pass_through():
   tx = optax.masked(fo.scale_by_foam(check_frequency=1), {"m": True, "v": False})
-  grads = _like(_P, 0)
+  grads = normal_like(_P, 0)
   updates, state = jax.jit(tx.update)(grads, tx.init(_P), _P)
   assert _equal(updates["v"], grads["v"])
   assert not _equal(updates["m"], grads["m"])
@@ -270,7 +261,7 @@ def test_partition_sends_vectors_and_embeddings_to_adamw():
                     "v": "diagonal"}
   foam, adamw = fo.foam(0.1, check_frequency=1), optax.adamw(0.1)
   tx = fo.partition(foam, adamw)
-  grads = _like(params, 0)
+  grads = normal_like(params, 0)
   updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
   diag = {k: params[k] for k in ("embed", "v")}
   matrix = {"m": params["m"]}
@@ -291,7 +282,7 @@ def test_apply_if_finite_skips_nonfinite_steps():
   tx = optax.apply_if_finite(fo.foam(0.1, check_frequency=1), 3)
   # float32, not weakly typed: the same compiled step as the clean grads.
   bad = {"m": jnp.full((4, 3), jnp.nan, jnp.float32), "v": jnp.ones((3,))}
-  history = _loop(tx, [_like(_P, 0), bad, _like(_P, 1)])
+  history = _loop(tx, [normal_like(_P, 0), bad, normal_like(_P, 1)])
   (p0, s0), (p1, s1), (p2, s2) = history
   assert _equal(p1, p0) and int(s1.notfinite_count) == 1
   assert _equal(s1.inner_state, s0.inner_state)
@@ -302,7 +293,7 @@ def test_apply_if_finite_skips_nonfinite_steps():
 def test_learning_rate_schedule_scales_updates():
   schedule = optax.linear_schedule(0.1, 0.0, transition_steps=2)
   history = _loop(fo.foam(schedule, check_frequency=1),
-                  [_like(_P, i) for i in range(4)])
+                  [normal_like(_P, i) for i in range(4)])
   params = [_P] + [p for p, _ in history]
   assert not _equal(params[1], params[0]) and not _equal(params[2], params[1])
   # The schedule is 0 from step 3 on: no movement, while statistics advance.
@@ -329,7 +320,7 @@ def test_weight_decay_mask_decays_only_masked_leaves():
 
   states = [tx.init(params) for tx in txs + [core]]
   for i in range(3):   # past the first check step
-    (*updates, u_core), states = step(states, _like(params, i))
+    (*updates, u_core), states = step(states, normal_like(params, i))
     for u in updates:
       for k, p in params.items():
         expected = -lr * (np.asarray(u_core[k])

@@ -11,7 +11,7 @@ import pytest
 
 import foam_optax as fo
 from foam_optax._src import linalg
-from helpers import all_finite, core_state, leaf_states
+from helpers import all_finite, core_state, leaf_states, normal_like
 
 EPS, MAX_EPS = 1e-9, 3e-7
 # Small settings: preconditioning from step 1, a check every 2 steps.
@@ -38,13 +38,8 @@ def _normal(seed, shape, dtype=np.float32):
 
 
 def _grads(seed, params=None, scale=1.0):
-  """Gradients shaped like `params` (default `_params()`): standard normal
-  times `scale`, in each leaf's dtype."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda p: jnp.asarray((scale * rng.standard_normal(p.shape))
-                            .astype(p.dtype)),
-      _params() if params is None else params)
+  """Gradients shaped like `params` (default `_params()`)."""
+  return normal_like(_params() if params is None else params, seed, scale)
 
 
 def _factors(state):
